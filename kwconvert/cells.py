@@ -1,0 +1,154 @@
+"""The arithmetic of KernelWarehouse, shared by the planner and the layers.
+
+KernelWarehouse (Li & Yao, ICML 2024, arXiv 2308.08361) cuts every static kernel into
+``m`` cells of one shape, lets the layers of a stage share a warehouse of ``n`` cells,
+and rebuilds each cell per input as a linear mixture of the warehouse.  The planner
+needs these numbers to *predict* a converted model and the layers need them to *build*
+one; keeping the formulas here means the prediction and the module cannot drift apart.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+from typing import Sequence
+
+#: Layer kinds the method converts (paper Sec. 3: "convolutional and linear layers").
+KINDS = ("conv1d", "conv2d", "conv3d", "linear")
+
+
+def cell_shape(weight_shapes: Sequence[Sequence[int]], budget: float) -> tuple[int, ...]:
+    """Cell shape ``(f_e, c_e, 1, ...)`` for the layers sharing one warehouse.
+
+    Paper Sec. 3.2 / App. "common dimension divisors": ``c_e`` is the GCD of the
+    layers' input channels per group, ``f_e`` the GCD of their output channels, cells are
+    1 x 1 spatially.  For b < 1 both are halved (at least 1), so m quadruples and the
+    warehouse can hold fewer cells than there are mixtures.
+    """
+    if not weight_shapes:
+        raise ValueError("a warehouse needs at least one layer")
+    f_e = reduce(math.gcd, (int(s[0]) for s in weight_shapes))
+    c_e = reduce(math.gcd, (int(s[1]) for s in weight_shapes))
+    if budget < 1:
+        f_e, c_e = max(f_e // 2, 1), max(c_e // 2, 1)
+    spatial = max(len(s) for s in weight_shapes) - 2
+    return (f_e, c_e) + (1,) * spatial
+
+
+def cells_in(weight_shape: Sequence[int], cell: Sequence[int]) -> int:
+    """Number of cells ``m`` that tile one kernel ``(C_out, C_in/groups, *k)`` exactly.
+
+    Raises ValueError when the cell does not divide the kernel: a tiling that leaves a
+    remainder cannot be rebuilt from the warehouse.
+    """
+    if len(weight_shape) != len(cell):
+        raise ValueError(f"kernel {tuple(weight_shape)} and cell {tuple(cell)} have different ranks")
+    count = 1
+    for size, part in zip(weight_shape, cell):
+        if part < 1 or size % part:
+            raise ValueError(f"cell {'x'.join(map(str, cell))} does not divide kernel "
+                             f"{'x'.join(map(str, weight_shape))}")
+        count *= size // part
+    return count
+
+
+def warehouse_size(total_cells: int, budget: float) -> int:
+    """``n = max(int(b * m_t), 1)``: the budget is the ratio of warehouse cells to mixtures."""
+    if not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"budget must be a positive finite number, got {budget}")
+    return max(int(budget * total_cells), 1)
+
+
+def hidden_size(in_channels: int, reduction: float = 1 / 16, min_hidden: int = 16) -> int:
+    """Attention hidden width: ``max(int(c_in * reduction), min_hidden)`` as in the reference."""
+    return max(int(in_channels * reduction), min_hidden)
+
+
+def local_cells(cells: int, budget: float) -> int:
+    """Cells a layer calls its own under the parameter saver: ``int(b * m)``."""
+    return int(budget * cells)
+
+
+def saver_basis(cells: int, n: int, budget: float, basis_ratio: float) -> int:
+    """Basis size of the parameter saver: ``max(int((n - local) * r), 16)``."""
+    return max(int((n - local_cells(cells, budget)) * basis_ratio), 16)
+
+
+def attention_params(in_channels: int, hidden: int, cells: int, n: int, *, norm: str = "batchnorm",
+                     budget: float = 1.0, basis_ratio: float | None = None) -> int:
+    """Parameters of one layer's attention module (fc1, norm, fc2, and fc3 with the saver).
+
+    fc1 ``c_in x hidden`` (a bias only when the norm is not BatchNorm1d), norm ``2 x hidden``,
+    fc2 ``(hidden + 1) x m x (n + 1)``; with the parameter saver (b < 1) fc2 is
+    ``hidden x (local + basis + 1) x m`` without bias, fc3 ``basis x nonlocal`` and a bias of
+    ``m x (n + 1)``.
+    """
+    fc1 = in_channels * hidden + (hidden if norm != "batchnorm" else 0)
+    norm_params = 2 * hidden
+    if basis_ratio is None:
+        fc2 = (hidden + 1) * cells * (n + 1)
+    else:
+        local = local_cells(cells, budget)
+        basis = saver_basis(cells, n, budget, basis_ratio)
+        fc2 = hidden * (local + basis + 1) * cells + basis * (n - local) + cells * (n + 1)
+    return fc1 + norm_params + fc2
+
+
+def one_to_one_cells(cells: int, offset: int, budget: float) -> list[int | None]:
+    """The cell each mixture of a layer starts on (beta, paper Sec. 3.3), ``None`` for e_z.
+
+    Mixtures are walked in order from the layer's ``offset`` (the cells already handed
+    out in the warehouse).  For b >= 1 each mixture takes the next cell and the walk
+    advances ``int(b)`` cells per mixture, as the reference implementation does.  For
+    b < 1 with ``k = int(1/b)`` one mixture in every k, mixture i with
+    ``i mod k == (i div k) mod k``, takes the next cell and the others start on e_z.
+    """
+    if budget >= 1:
+        step = int(budget)
+        return [offset + i * step for i in range(cells)]
+    k = int(1 / budget)
+    assigned: list[int | None] = []
+    next_cell = offset
+    for i in range(cells):
+        if i % k == (i // k) % k:
+            assigned.append(next_cell)
+            next_cell += 1
+        else:
+            assigned.append(None)
+    return assigned
+
+
+def cells_handed_out(cells: int, budget: float) -> int:
+    """How far one layer advances the warehouse's one-to-one walk."""
+    if budget >= 1:
+        return cells * int(budget)
+    return sum(c is not None for c in one_to_one_cells(cells, 0, budget))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a kernel ``(C_out, C_in/g, *k)`` is cut into cells ``(f_e, c_e, 1, ...)``.
+
+    Mixture index order follows the reference implementation: the spatial position is
+    the slowest index, then the output block, then the input block
+    (``i = (s * blocks_out + o) * blocks_in + c``).  Cells are 1 x 1 spatially in every
+    published configuration; whole kernels (vanilla dynamic convolution) give m = 1.
+    """
+    weight_shape: tuple[int, ...]
+    cell: tuple[int, ...]
+
+    @property
+    def blocks_out(self) -> int:
+        return self.weight_shape[0] // self.cell[0]
+
+    @property
+    def blocks_in(self) -> int:
+        return self.weight_shape[1] // self.cell[1]
+
+    @property
+    def spatial(self) -> int:
+        return math.prod(w // c for w, c in zip(self.weight_shape[2:], self.cell[2:]))
+
+    @property
+    def cells(self) -> int:
+        return cells_in(self.weight_shape, self.cell)

@@ -1,0 +1,653 @@
+"""KernelWarehouse layers: warehouses, the attention module with CAF, and KW Conv/Linear.
+
+KernelWarehouse (Chao Li and Anbang Yao, "KernelWarehouse: Rethinking the Design of
+Dynamic Convolution", ICML 2024, arXiv 2308.08361) cuts every static kernel W into m
+cells of one shape (Sec. 3.2), lets the layers of a stage share a warehouse E of n cells,
+and rebuilds each cell per input as a linear mixture ``w_i = sum_j alpha_ij e_j`` whose
+attentions come from a small attention module with the contrasting-driven attention
+function, CAF (Sec. 3.3).
+
+This file holds the modules a converted model is made of:
+
+* ``Warehouse``: the n learnable cells one stage shares;
+* ``KWAttention``: pool -> fc1 -> norm -> ReLU -> fc2 (-> parameter saver) -> CAF;
+* ``KWConv1d/2d/3d`` and ``KWLinear``: drop-in replacements for the torch layers that
+  rebuild their kernel per sample from the warehouse;
+* ``kernel_to_blocks`` / ``blocks_to_kernel``: the tiling between a kernel and its cells,
+  which weight-preserving conversion uses in reverse;
+* ``set_temperature`` / ``temperature_at``: the temperature schedule of Sec. 3.3.
+
+The arithmetic (cell counts, beta, saver sizes) lives in ``kwconvert.cells`` so that the
+planner's predictions and these modules cannot drift apart.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .cells import Tiling, cells_handed_out, cells_in, local_cells, one_to_one_cells, saver_basis
+
+__all__ = [
+    "CAF_EPS", "ATTENTION_NORMS", "PADDING_MODES", "Warehouse", "KWAttention", "KWConv1d",
+    "KWConv2d", "KWConv3d", "KWLinear", "KW_LAYER_TYPES", "blocks_to_kernel",
+    "contrasting_attention", "is_kw_layer", "kernel_to_blocks", "one_to_one_beta",
+    "set_temperature", "temperature_at",
+]
+
+#: The eps of CAF's normalisation, as in the reference implementation.
+CAF_EPS = 1e-3
+#: Norms the attention module accepts between fc1 and the ReLU.
+ATTENTION_NORMS = ("batchnorm", "layernorm")
+#: Padding modes of torch's convolutions, all supported.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(int(size)) for size in shape)
+
+
+def _kaiming_fan_out(weight: Tensor) -> None:
+    """Kaiming normal (fan_out, relu): the reference's init for cells and attention FCs."""
+    if weight.numel():  # torch warns on empty tensors (a saver with no nonlocal cells)
+        nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+
+
+# --- warehouse ---------------------------------------------------------------------------
+
+
+class Warehouse(nn.Module):
+    """The n kernel cells ``e_1..e_n`` shared by the layers of one stage (Sec. 3.2).
+
+    The cells are the only convolution weights a converted stage has: every layer of the
+    stage rebuilds its kernel from them.  A cell is ``(f_e, c_e, 1, ...)`` in every
+    published configuration, or a whole kernel for vanilla dynamic convolution (m = 1).
+    The rewriter registers each warehouse once on the model; the layers only hold a
+    reference, so ``state_dict`` and DDP see every cell once.
+    """
+
+    def __init__(self, n: int, cell: Sequence[int], name: str = "", device=None, dtype=None) -> None:
+        super().__init__()
+        label = f"warehouse {name}" if name else "warehouse"
+        n = operator.index(n)
+        cell = tuple(operator.index(size) for size in cell)
+        if n < 1:
+            raise ValueError(f"{label}: needs at least 1 cell, got n={n}")
+        if len(cell) < 2 or any(size < 1 for size in cell):
+            raise ValueError(f"{label}: cell {cell} needs at least 2 dimensions, all positive")
+        self.name = name
+        self.cells = nn.Parameter(torch.empty((n, *cell), device=device, dtype=dtype))
+        self.reset_cells(0, n)
+
+    @property
+    def n(self) -> int:
+        return self.cells.shape[0]
+
+    @property
+    def cell(self) -> tuple[int, ...]:
+        return tuple(self.cells.shape[1:])
+
+    def reset_cells(self, start: int, end: int) -> None:
+        """Re-initialise cells ``[start, end)`` as the reference does, one layer at a time.
+
+        The reference draws each layer's range as one ``(-1, c_e, *k)`` tensor with kaiming
+        normal (fan_out, relu), so the spread depends on how many cells a layer owns; doing
+        the same keeps a from-scratch model statistically identical to the reference.
+        """
+        if not 0 <= start <= end <= self.n:
+            raise ValueError(f"warehouse {self.name}: cell range [{start}, {end}) "
+                             f"is not inside [0, {self.n})")
+        with torch.no_grad():
+            _kaiming_fan_out(self.cells[start:end].view(-1, *self.cell[1:]))
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, cell={_dims(self.cell)}" + (f", name={self.name!r}" if self.name else "")
+
+
+# --- tiling between a kernel and its cells ------------------------------------------------
+
+
+def _grid(tiling: Tiling) -> tuple[tuple[int, ...], int, int]:
+    """Blocks per spatial dim, output blocks and input blocks of a tiling (validating it)."""
+    cells_in(tiling.weight_shape, tiling.cell)
+    spatial = tuple(k // c for k, c in zip(tiling.weight_shape[2:], tiling.cell[2:]))
+    return spatial, tiling.blocks_out, tiling.blocks_in
+
+
+def blocks_to_kernel(tiling: Tiling, blocks: Tensor) -> Tensor:
+    """Put m cell-shaped blocks ``(..., m, cell numel)`` back into kernels ``(..., C_out, C_in/g, *k)``.
+
+    Mixture order is that of ``Tiling``: spatial block slowest (row-major over the spatial
+    grid), then output block, then input block.  Spatial cells of any size that divides
+    the kernel work, not just 1 x 1 and whole kernels.
+    """
+    spatial, blocks_out, blocks_in = _grid(tiling)
+    lead = blocks.shape[:-2]
+    if tuple(blocks.shape[-2:]) != (tiling.cells, math.prod(tiling.cell)):
+        raise ValueError(f"blocks {_dims(blocks.shape)} do not fit "
+                         f"{tiling.cells} cells of {_dims(tiling.cell)}")
+    f_e, c_e, *cell_spatial = tiling.cell
+    grid = blocks.reshape(*lead, *spatial, blocks_out, blocks_in, f_e, c_e, *cell_spatial)
+    # grid axes after the lead: S_1..S_d, O, I, f_e, c_e, c_1..c_d
+    first, d = len(lead), len(spatial)
+    out_axes = (first + d, first + d + 2, first + d + 1, first + d + 3)
+    spatial_axes = tuple(axis for j in range(d) for axis in (first + j, first + d + 4 + j))
+    kernel = grid.permute(*range(first), *out_axes, *spatial_axes)
+    return kernel.reshape(*lead, *tiling.weight_shape)
+
+
+def kernel_to_blocks(tiling: Tiling, weight: Tensor) -> Tensor:
+    """Cut kernels ``(..., C_out, C_in/g, *k)`` into their m blocks ``(..., m, cell numel)``.
+
+    The inverse of ``blocks_to_kernel``; weight-preserving conversion writes these blocks
+    into the cells the one-to-one beta assigns (Sec. 3.3).
+    """
+    spatial, blocks_out, blocks_in = _grid(tiling)
+    d = len(spatial)
+    lead = weight.shape[: weight.dim() - len(tiling.weight_shape)]
+    if tuple(weight.shape[len(lead):]) != tiling.weight_shape:
+        raise ValueError(f"kernel {_dims(weight.shape)} is not {_dims(tiling.weight_shape)}")
+    f_e, c_e, *cell_spatial = tiling.cell
+    per_dim = [size for pair in zip(spatial, cell_spatial) for size in pair]
+    grid = weight.reshape(*lead, blocks_out, f_e, blocks_in, c_e, *per_dim)
+    # grid axes after the lead: O, f_e, I, c_e, then (S_j, c_j) pairs
+    first = len(lead)
+    spatial_blocks = tuple(first + 4 + 2 * j for j in range(d))
+    cell_axes = tuple(first + 5 + 2 * j for j in range(d))
+    blocks = grid.permute(*range(first), *spatial_blocks, first, first + 2, first + 1, first + 3, *cell_axes)
+    return blocks.reshape(*lead, tiling.cells, math.prod(tiling.cell))
+
+
+# --- attention and CAF --------------------------------------------------------------------
+
+
+def contrasting_attention(logits: Tensor, beta: Tensor, tau: float, eps: float = CAF_EPS) -> Tensor:
+    """CAF (Sec. 3.3): ``alpha_ij = tau * beta_ij + (1 - tau) * z_ij / (sum_p |z_ip| + eps)``.
+
+    The normalisation runs over the n + 1 logits of one mixture (e_z included) and keeps
+    their signs: negative attentions let mixtures contrast cells, which is why CAF beats
+    softmax and sigmoid.  At tau = 1 the result is exactly beta.
+    """
+    normalised = logits / (logits.abs().sum(dim=-1, keepdim=True) + eps)
+    return tau * beta + (1.0 - tau) * normalised
+
+
+def one_to_one_beta(cells: int, n: int, offset: int, budget: float, *, device=None, dtype=None) -> Tensor:
+    """Beta ``(m, n + 1)`` of the one-to-one initialisation (Sec. 3.3); column n is e_z."""
+    beta = torch.zeros(cells, n + 1, device=device, dtype=dtype)
+    for mixture, cell in enumerate(one_to_one_cells(cells, offset, budget)):
+        if cell is not None and not 0 <= cell < n:
+            raise ValueError(f"mixture {mixture} starts on cell {cell}, outside the warehouse of n={n}")
+        beta[mixture, n if cell is None else cell] = 1
+    return beta
+
+
+class KWAttention(nn.Module):
+    """Attention of one KW layer: alpha ``(B, m, n)`` from its input (Sec. 3.3).
+
+    Global average pool -> fc1 (c_in -> hidden) -> norm -> ReLU -> fc2 (hidden ->
+    m * (n + 1)) -> CAF per mixture.  The (n + 1)-th logit of each mixture belongs to e_z,
+    the always-zero cell: it only takes part in the normalisation, so it is dropped from
+    the returned alpha.  ``tau`` is the CAF temperature, 1.0 (= beta) on construction.
+
+    With ``basis_ratio`` (the reference's ``nonlocal_basis_ratio``, used for b < 1) fc2
+    only produces each mixture's logits for its ``local`` own cells, ``basis`` shared
+    basis logits and e_z; a bias-free fc3 (shared by the layer's mixtures) maps the basis
+    to the ``n - local`` nonlocal cells, and a bias of ``m * (n + 1)`` is added once the
+    logits are back in cell order.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, cells: int, n: int, *, offset: int = 0,
+                 budget: float = 1.0, norm: str = "batchnorm", basis_ratio: float | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if norm not in ATTENTION_NORMS:
+            raise ValueError(f"attention norm must be one of {ATTENTION_NORMS}, got {norm!r}")
+        if min(in_channels, hidden, cells, n) < 1:
+            raise ValueError(f"attention needs positive sizes, got in_channels={in_channels}, "
+                             f"hidden={hidden}, cells={cells}, n={n}")
+        factory = {"device": device, "dtype": dtype}
+        self.cells, self.n, self.offset, self.budget = cells, n, offset, budget
+        self.basis_ratio = basis_ratio
+        self.tau = 1.0
+        self.fc1 = nn.Linear(in_channels, hidden, bias=norm != "batchnorm", **factory)
+        norm_type = nn.BatchNorm1d if norm == "batchnorm" else nn.LayerNorm
+        self.norm = norm_type(hidden, **factory)
+        if basis_ratio is None:
+            self.fc2 = nn.Linear(hidden, cells * (n + 1), **factory)
+        else:
+            self._build_saver(hidden, factory)
+        # Persistent: a weight-preserving conversion at b < 1 replaces the one-to-one beta
+        # by fitted coefficients, which a saved model must keep.
+        self.register_buffer("beta", one_to_one_beta(cells, n, offset, budget, **factory))
+        self.reset_parameters()
+
+    def _build_saver(self, hidden: int, factory: dict) -> None:
+        """The parameter saver's fc2 / fc3 / bias (reference impl. ``nonlocal_basis_ratio``)."""
+        if not self.basis_ratio > 0:
+            raise ValueError(f"basis_ratio must be positive, got {self.basis_ratio}")
+        self.local = local_cells(self.cells, self.budget)
+        self.basis = saver_basis(self.cells, self.n, self.budget, self.basis_ratio)
+        nonlocal_cells = self.n - self.local
+        if nonlocal_cells < 0:
+            raise ValueError(f"parameter saver: {self.local} local cells exceed the warehouse of n={self.n}")
+        self.fc2 = nn.Linear(hidden, (self.local + self.basis + 1) * self.cells, bias=False, **factory)
+        self.fc3 = nn.Linear(self.basis, nonlocal_cells, bias=False, **factory)
+        self.saver_bias = nn.Parameter(torch.zeros(self.cells * (self.n + 1), **factory))
+
+    def set_beta(self, coefficients: Tensor) -> None:
+        """Start each mixture on a given combination of cells ``(m, n)`` instead of one cell.
+
+        Used by the weight-preserving fit for b < 1, where no one-to-one copy exists; e_z
+        gets no weight.
+        """
+        if tuple(coefficients.shape) != (self.cells, self.n):
+            raise ValueError(f"beta must be {self.cells}x{self.n}, got {_dims(coefficients.shape)}")
+        with torch.no_grad():
+            self.beta.zero_()
+            self.beta[:, :self.n] = coefficients.to(self.beta)
+
+    def reset_parameters(self) -> None:
+        """Linear: kaiming normal (fan_out, relu) and zero bias; norm: weight 1, bias 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                _kaiming_fan_out(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.norm.reset_parameters()
+        if self.basis_ratio is not None:
+            nn.init.zeros_(self.saver_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """alpha ``(B, m, n)`` for features ``x`` of shape ``(B, C_in, *spatial)``."""
+        alpha = contrasting_attention(self.logits(x), self.beta, self.tau)
+        return alpha[..., :-1]
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The logits z ``(B, m, n + 1)`` before CAF, in cell order with e_z last."""
+        pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        hidden = F.relu(self._normalise(self.fc1(pooled)))
+        if self.basis_ratio is None:
+            return self.fc2(hidden).view(-1, self.cells, self.n + 1)
+        return self._saver_logits(hidden)
+
+    def _normalise(self, hidden: Tensor) -> Tensor:
+        """The norm, with running statistics for a single sample in training mode.
+
+        BatchNorm cannot estimate a variance from one sample (torch raises); a batch of one
+        happens in detection heads, gradient accumulation and export traces, so it is
+        normalised like in evaluation, and the running statistics are left untouched.
+        """
+        norm = self.norm
+        if isinstance(norm, _BatchNorm) and norm.training and hidden.shape[0] == 1 \
+                and norm.running_mean is not None:
+            return F.batch_norm(hidden, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                training=False, eps=norm.eps)
+        return norm(hidden)
+
+    def _saver_logits(self, hidden: Tensor) -> Tensor:
+        """Saver logits in cell order: [nonlocal before offset, local, nonlocal after, e_z]."""
+        per_mixture = self.fc2(hidden).view(-1, self.local + self.basis + 1)
+        local, basis, zero = per_mixture.split([self.local, self.basis, 1], dim=1)
+        nonlocal_logits = self.fc3(basis)
+        before, after = nonlocal_logits[:, :self.offset], nonlocal_logits[:, self.offset:]
+        ordered = torch.cat([before, local, after, zero], dim=1)
+        return ordered.view(-1, self.cells, self.n + 1) + self.saver_bias.view(self.cells, self.n + 1)
+
+    def extra_repr(self) -> str:
+        saver = f", basis_ratio={self.basis_ratio}" if self.basis_ratio is not None else ""
+        return f"cells={self.cells}, n={self.n}, offset={self.offset}, tau={self.tau}{saver}"
+
+
+# --- layers -------------------------------------------------------------------------------
+
+
+def _place_layer(label: str, weight_shape: tuple[int, ...], warehouse: Warehouse, offset: int,
+                 budget: float) -> int:
+    """Check that a layer's kernel tiles into the warehouse's cells and fits in it; return m."""
+    if not isinstance(warehouse, Warehouse):
+        raise TypeError(f"{label}: warehouse must be a Warehouse, got {type(warehouse).__name__}")
+    if not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"{label}: budget must be a positive finite number, got {budget}")
+    n, cell = warehouse.n, warehouse.cell
+    if n < 1:
+        raise ValueError(f"{label}: warehouse {warehouse.name} has n={n} cells, needs at least 1")
+    if len(cell) != len(weight_shape):
+        raise ValueError(f"{label}: cell {_dims(cell)} has rank {len(cell)}, "
+                         f"kernel {_dims(weight_shape)} has rank {len(weight_shape)}")
+    try:
+        cells = cells_in(weight_shape, cell)
+    except ValueError as error:
+        raise ValueError(f"{label}: {error}") from None
+    handed_out = cells_handed_out(cells, budget)
+    if offset < 0 or offset + handed_out > n:
+        raise ValueError(f"{label}: offset {offset} + {handed_out} cells handed out ({cells} mixtures at "
+                         f"b={budget}) = {offset + handed_out} does not fit warehouse {warehouse.name} "
+                         f"of n={n} cells")
+    return cells
+
+
+class _KWLayer(nn.Module):
+    """What KW Conv and Linear share: the warehouse reference, attention, assembly, bias."""
+
+    _static_type: type[nn.Module]
+
+    def __init__(self, weight_shape: tuple[int, ...], in_channels: int, out_channels: int, bias: bool, *,
+                 warehouse: Warehouse, offset: int, budget: float, hidden: int, attention_norm: str,
+                 basis_ratio: float | None, name: str, device, dtype) -> None:
+        super().__init__()
+        self.name = name
+        self.weight_shape = tuple(weight_shape)
+        self.cells = _place_layer(self._label, self.weight_shape, warehouse, offset, budget)
+        self.offset, self.budget = offset, float(budget)
+        self.tiling = Tiling(self.weight_shape, warehouse.cell)
+        # A tuple keeps the shared warehouse out of this layer's submodules (it is registered
+        # once on the model) while deepcopy / pickle still follow the reference.
+        self._warehouse = (warehouse,)
+        self.attention = KWAttention(in_channels, hidden, self.cells, warehouse.n, offset=offset,
+                                     budget=budget, norm=attention_norm, basis_ratio=basis_ratio,
+                                     device=device, dtype=dtype)
+        if bias:
+            # Zero like the reference; from_module copies the static layer's bias over it.
+            self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def _label(self) -> str:
+        return f"layer {self.name}" if self.name else f"layer {type(self).__name__}"
+
+    @property
+    def warehouse(self) -> Warehouse:
+        return self._warehouse[0]
+
+    @property
+    def tau(self) -> float:
+        return self.attention.tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self.attention.tau = _checked_tau(value)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, warehouse: Warehouse, offset: int, budget: float, hidden: int,
+                    attention_norm: str = "batchnorm", basis_ratio: float | None = None, name: str = ""):
+        """A KW layer with every hyper-parameter and the bias of ``module`` (not its weight).
+
+        The weight is not copied here: for b >= 1 ``load_static_weight`` writes it into the
+        warehouse, for b < 1 the rewriter fits the warehouse to all layers at once.
+        """
+        if not isinstance(module, cls._static_type):
+            raise TypeError(f"{cls.__name__}.from_module needs a {cls._static_type.__name__}, "
+                            f"got {type(module).__name__}")
+        weight = module.weight
+        layer = cls(*cls._static_arguments(module), warehouse=warehouse, offset=offset, budget=budget,
+                    hidden=hidden, attention_norm=attention_norm, basis_ratio=basis_ratio, name=name,
+                    device=weight.device, dtype=weight.dtype)
+        if module.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(module.bias)
+        return layer
+
+    @staticmethod
+    def _static_arguments(module: nn.Module) -> tuple:
+        raise NotImplementedError
+
+    def assemble_kernels(self, alpha: Tensor) -> Tensor:
+        """Per-sample kernels ``(B, *weight_shape)`` from alpha ``(B, m, n)``.
+
+        Each mixture is ``w_i = sum_j alpha_ij e_j`` (Sec. 3.2), and the m mixtures are put
+        back in their places in the kernel.
+        """
+        cells = self.warehouse.cells
+        blocks = torch.matmul(alpha, cells.reshape(cells.shape[0], -1))
+        return blocks_to_kernel(self.tiling, blocks)
+
+    def kernel_at_beta(self) -> Tensor:
+        """The kernel the layer starts from: its cells mixed by beta (the tau = 1 point)."""
+        beta = self.attention.beta[:, :-1].unsqueeze(0)
+        return self.assemble_kernels(beta.to(self.warehouse.cells))[0]
+
+    def load_static_weight(self, weight: Tensor) -> None:
+        """Write a static kernel into the cells that beta assigns to this layer (b >= 1).
+
+        With tau = 1 the layer then computes exactly the static layer (Sec. 3.3: each
+        mixture starts on one cell).  For b < 1 several mixtures share cells or start on
+        e_z, so the kernel cannot be stored cell by cell; the rewriter fits it instead.
+        """
+        if self.budget < 1:
+            raise ValueError(f"{self._label}: b={self.budget} < 1 shares cells between mixtures; "
+                             "its warehouse needs a least-squares fit, not a copy")
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"{self._label}: weight {_dims(weight.shape)} is not {_dims(self.weight_shape)}")
+        cells = self.warehouse.cells
+        blocks = kernel_to_blocks(self.tiling, weight.detach()).reshape(self.cells, *self.warehouse.cell)
+        assigned = torch.tensor(one_to_one_cells(self.cells, self.offset, self.budget), device=cells.device)
+        with torch.no_grad():
+            cells.index_copy_(0, assigned, blocks.to(cells))
+
+    def _add_bias(self, out: Tensor, channel_dim: int) -> Tensor:
+        if self.bias is None:
+            return out
+        shape = [1] * out.dim()
+        shape[channel_dim] = -1
+        return out + self.bias.view(shape)
+
+    def _kw_repr(self) -> str:
+        return (f"cells={self.cells}, offset={self.offset}, budget={self.budget}, "
+                f"warehouse={self.warehouse.name or _dims(self.warehouse.cells.shape)}")
+
+
+def _as_tuple(value, dims: int, what: str, label: str) -> tuple[int, ...]:
+    values = tuple(value) if isinstance(value, Sequence) else (value,)
+    if len(values) == 1:
+        values = values * dims
+    if len(values) != dims:
+        raise ValueError(f"{label}: {what} {value} needs 1 or {dims} values")
+    return tuple(operator.index(v) for v in values)
+
+
+def _explicit_padding(padding: str | tuple[int, ...], kernel_size: tuple[int, ...],
+                      dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """F.pad amounts (last dim first, left then right), computed as torch's ConvNd does.
+
+    'same' puts the odd extra pixel of an even kernel on the right, like torch.
+    """
+    if padding == "valid":
+        pairs = [(0, 0)] * len(kernel_size)
+    elif padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        pairs = [(total // 2, total - total // 2) for total in totals]
+    else:
+        pairs = [(p, p) for p in padding]
+    return tuple(amount for pair in reversed(pairs) for amount in pair)
+
+
+class _KWConvNd(_KWLayer):
+    """KW convolution (any rank): kernel rebuilt per sample, then a per-sample convolution."""
+
+    _spatial_dims: int
+    _conv: Callable[..., Tensor]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, warehouse: Warehouse,
+                 offset: int, budget: float, hidden: int, attention_norm: str = "batchnorm",
+                 basis_ratio: float | None = None, name: str = "", device=None, dtype=None) -> None:
+        label = f"layer {name}" if name else f"layer {type(self).__name__}"
+        dims = self._spatial_dims
+        kernel_size = _as_tuple(kernel_size, dims, "kernel_size", label)
+        stride = _as_tuple(stride, dims, "stride", label)
+        dilation = _as_tuple(dilation, dims, "dilation", label)
+        padding = padding if isinstance(padding, str) else _as_tuple(padding, dims, "padding", label)
+        _check_conv(label, in_channels, out_channels, groups, padding, stride, padding_mode)
+        super().__init__((out_channels, in_channels // groups, *kernel_size), in_channels, out_channels, bias,
+                         warehouse=warehouse, offset=offset, budget=budget, hidden=hidden,
+                         attention_norm=attention_norm, basis_ratio=basis_ratio, name=name,
+                         device=device, dtype=dtype)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self.groups, self.padding_mode = groups, padding_mode
+        self._reversed_padding_repeated_twice = _explicit_padding(padding, kernel_size, dilation)
+
+    @staticmethod
+    def _static_arguments(module: nn.Module) -> tuple:
+        return (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                module.dilation, module.groups, module.bias is not None, module.padding_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == self._spatial_dims + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != self._spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{self._label}: expected input (B, {self.in_channels}, ...) with "
+                             f"{self._spatial_dims} spatial dims, got {tuple(x.shape)}")
+        alpha = self.attention(x)                  # (B, m, n), Sec. 3.3
+        weight = self.assemble_kernels(alpha)      # (B, C_out, C_in/g, *k), Sec. 3.2
+        out = self._add_bias(self._per_sample_conv(x, weight), channel_dim=1)
+        return out.squeeze(0) if unbatched else out
+
+    def _per_sample_conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        """Convolve each sample with its own kernel: the batch is folded into the groups."""
+        batch = x.shape[0]
+        x = x.reshape(1, batch * self.in_channels, *x.shape[2:])
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        weight = weight.reshape(batch * self.out_channels, *self.weight_shape[1:])
+        out = type(self)._conv(x, weight, None, self.stride, padding, self.dilation, batch * self.groups)
+        return out.view(batch, self.out_channels, *out.shape[2:])
+
+    def extra_repr(self) -> str:
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1,) * self._spatial_dims:
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode}"
+        return f"{text}, {self._kw_repr()}"
+
+
+def _check_conv(label: str, in_channels: int, out_channels: int, groups: int, padding, stride,
+                padding_mode: str) -> None:
+    """The argument checks torch's ConvNd makes, with the layer named."""
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(f"{label}: in_channels {in_channels} and out_channels {out_channels} "
+                         f"must be divisible by groups {groups}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{label}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"{label}: padding must be 'same', 'valid' or numbers, got {padding!r}")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise ValueError(f"{label}: padding='same' is not supported for strided convolutions "
+                             f"(stride {stride})")
+
+
+class KWConv1d(_KWConvNd):
+    """KernelWarehouse drop-in for ``nn.Conv1d``."""
+    _spatial_dims = 1
+    _conv = F.conv1d
+    _static_type = nn.Conv1d
+
+
+class KWConv2d(_KWConvNd):
+    """KernelWarehouse drop-in for ``nn.Conv2d``."""
+    _spatial_dims = 2
+    _conv = F.conv2d
+    _static_type = nn.Conv2d
+
+
+class KWConv3d(_KWConvNd):
+    """KernelWarehouse drop-in for ``nn.Conv3d``."""
+    _spatial_dims = 3
+    _conv = F.conv3d
+    _static_type = nn.Conv3d
+
+
+class KWLinear(_KWLayer):
+    """KernelWarehouse drop-in for ``nn.Linear`` (the paper applies KW to ViT projections).
+
+    Input ``(B, ..., in_features)``: dim 0 is the sample, every dim between it and the
+    last is pooled by the attention (tokens of a ViT), and each sample's rows are
+    multiplied by that sample's weight.  A 1-D input is a single sample.
+    """
+    _static_type = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, warehouse: Warehouse,
+                 offset: int, budget: float, hidden: int, attention_norm: str = "batchnorm",
+                 basis_ratio: float | None = None, name: str = "", device=None, dtype=None) -> None:
+        super().__init__((out_features, in_features), in_features, out_features, bias, warehouse=warehouse,
+                         offset=offset, budget=budget, hidden=hidden, attention_norm=attention_norm,
+                         basis_ratio=basis_ratio, name=name, device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+
+    @staticmethod
+    def _static_arguments(module: nn.Module) -> tuple:
+        return module.in_features, module.out_features, module.bias is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        single = x.dim() == 1
+        batch = x.unsqueeze(0) if single else x
+        if batch.shape[-1] != self.in_features:
+            raise ValueError(f"{self._label}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        rows = batch.reshape(batch.shape[0], -1, self.in_features)    # (B, L, in)
+        alpha = self.attention(rows.transpose(1, 2))                   # (B, m, n), pooled over L
+        weight = self.assemble_kernels(alpha)                          # (B, out, in)
+        out = self._add_bias(torch.bmm(rows, weight.transpose(1, 2)), channel_dim=2)
+        out = out.reshape(*batch.shape[:-1], self.out_features)
+        return out.squeeze(0) if single else out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._kw_repr()}")
+
+
+#: Every KernelWarehouse layer type.
+KW_LAYER_TYPES = (KWConv1d, KWConv2d, KWConv3d, KWLinear)
+
+
+def is_kw_layer(module: nn.Module) -> bool:
+    """True for the KernelWarehouse layers (the modules ``set_temperature`` reaches)."""
+    return isinstance(module, KW_LAYER_TYPES)
+
+
+# --- temperature --------------------------------------------------------------------------
+
+
+def _checked_tau(tau: float) -> float:
+    tau = float(tau)
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"temperature must lie in [0, 1], got {tau}")
+    return tau
+
+
+def set_temperature(model: nn.Module, tau: float) -> int:
+    """Set the CAF temperature of every KW layer of ``model``; return how many there are."""
+    tau = _checked_tau(tau)
+    layers = [module for module in model.modules() if is_kw_layer(module)]
+    for layer in layers:
+        layer.tau = tau
+    return len(layers)
+
+
+def temperature_at(epoch: float, warmup_epochs: float) -> float:
+    """The paper's schedule (Sec. 3.3): tau falls linearly from 1 to 0 over the warm-up.
+
+    ``epoch`` may be fractional (per-iteration updates).  With no warm-up
+    (``warmup_epochs <= 0``) the attention is fully learned from the start: 0.0.
+    """
+    if not epoch >= 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if warmup_epochs <= 0:
+        return 0.0
+    return max(0.0, 1.0 - epoch / warmup_epochs)

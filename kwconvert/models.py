@@ -1,0 +1,176 @@
+"""Resolve a model name to a freshly built module, and load a user's checkpoint into it.
+
+Sources (recorded in a saved model's ``kwconvert.json`` so it can be rebuilt):
+``resnet50`` or ``torchvision:resnet50``, ``timm:NAME``, ``pkg.module:callable``.
+Models are always built with random weights (no download: kwconvert runs offline); a
+user's trained weights come as a file, read without unpickling.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import pickle
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+class ModelSourceError(ValueError):
+    """The model name or callable cannot give a module (a usage error)."""
+
+
+class CheckpointError(ValueError):
+    """A weights file is missing, unreadable, unsafe, or does not fit the model."""
+
+
+def canonical_source(spec: str) -> str:
+    """``resnet50`` -> ``torchvision:resnet50``; other forms are returned unchanged."""
+    spec = spec.strip()
+    if ":" in spec:
+        return spec
+    return f"torchvision:{spec}"
+
+
+def build_model(spec: str) -> nn.Module:
+    """Build the model a source string names, with random weights."""
+    source = canonical_source(spec)
+    prefix, _, name = source.partition(":")
+    if prefix == "torchvision":
+        return _build_torchvision(name)
+    if prefix == "timm":
+        return _build_timm(name)
+    return _build_from_callable(prefix, name)
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _build_torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if name not in known:
+        raise ModelSourceError(
+            f"unknown torchvision model '{name}'{_suggest(name, known)} "
+            "(use a torchvision name, timm:NAME or pkg.module:callable)")
+    builder = torchvision.models.get_model_builder(name)
+    kwargs: dict[str, Any] = {"weights": None}
+    # Detection and segmentation builders fetch backbone weights unless told not to.
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None
+    return builder(**kwargs)
+
+
+def _build_timm(name: str) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ModelSourceError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
+    return timm.create_model(name, pretrained=False)
+
+
+def _build_from_callable(module_name: str, attr: str) -> nn.Module:
+    spec = f"{module_name}:{attr}"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelSourceError(f"cannot import '{module_name}' for {spec}: {err}") from None
+    factory: Callable[[], Any] | None = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelSourceError(f"'{module_name}' has no callable '{attr}' (for {spec})")
+    try:
+        model = factory()
+    except Exception as err:  # the user's code: report it, whatever it raised
+        raise ModelSourceError(f"{spec} raised {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """The input one sample of this model expects, (C, H, W); 3x224x224 unless it says."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(int(v) for v in cfg["input_size"])
+    image_size = getattr(model, "image_size", None)  # torchvision ViT
+    if isinstance(image_size, int):
+        return (3, image_size, image_size)
+    if type(model).__name__ == "Inception3":
+        return (3, 299, 299)
+    return (3, 224, 224)
+
+
+def parse_input_size(text: str) -> tuple[int, ...]:
+    """``"3,224,224"`` -> (3, 224, 224); every entry a positive integer."""
+    try:
+        size = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        size = ()
+    if not size or any(v < 1 for v in size):
+        raise ValueError(f"input size '{text}' is not a list of positive integers like 3,224,224")
+    return size
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint without running code: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read '{path}' as safetensors: {err}") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"'{path}' holds objects that are not plain tensors and was not loaded "
+            f"(kwconvert never unpickles code): {first[:200]}; save a state_dict or use .safetensors") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read '{path}' as a PyTorch state dict: {err}") from None
+    return _unwrap_state_dict(data, path)
+
+
+def _unwrap_state_dict(data: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(data, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"'{path}' is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint into the (unconverted) model strictly, naming mismatched keys."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_first(unexpected)}")
+    if wrong_shape:
+        k = wrong_shape[0]
+        problems.append(f"shape of {k} is {tuple(state[k].shape)}, model has {tuple(expected[k].shape)}")
+    if problems:
+        raise CheckpointError(f"'{path}' does not match the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _first(keys: list[str], count: int = 3) -> str:
+    more = f" and {len(keys) - count} more" if len(keys) > count else ""
+    return ", ".join(keys[:count]) + more
