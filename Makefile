@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench bench-plan install install-test clean
+.PHONY: demo test test-all bench-plan data install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test-all: $(VENV)/.installed-test
 
 bench-plan: $(VENV)/.installed
 	$(BIN)/python benchmarks/plan_speed.py
+
+# Fashion-MNIST from Debian's package (IDX files under /usr/share); never downloaded at run time.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "dataset-fashion-mnist is installed"; \
+	else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
 
 clean:
 	rm -rf $(VENV) kwconvert-out .pytest_cache

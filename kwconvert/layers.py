@@ -17,6 +17,11 @@ This file holds the modules a converted model is made of:
   which weight-preserving conversion uses in reverse;
 * ``set_temperature`` / ``temperature_at``: the temperature schedule of Sec. 3.3.
 
+The forward below is the straightforward one (assemble per-sample kernels, convolve with
+the batch folded into the groups); on CPU, Conv2d and Linear run it faster through
+``kwconvert.fast`` with the same results.  ``reference_path()`` (a context manager)
+selects the straightforward path everywhere, for comparison.
+
 The arithmetic (cell counts, beta, saver sizes) lives in ``kwconvert.cells`` so that the
 planner's predictions and these modules cannot drift apart.
 """
@@ -31,13 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import fast
 from .cells import Tiling, cells_handed_out, cells_in, local_cells, one_to_one_cells, saver_basis
+from .fast import reference_path, use_path
 
 __all__ = [
     "CAF_EPS", "ATTENTION_NORMS", "PADDING_MODES", "Warehouse", "KWAttention", "KWConv1d",
     "KWConv2d", "KWConv3d", "KWLinear", "KW_LAYER_TYPES", "blocks_to_kernel",
     "contrasting_attention", "is_kw_layer", "kernel_to_blocks", "one_to_one_beta",
-    "set_temperature", "temperature_at",
+    "reference_path", "set_temperature", "temperature_at", "use_path",
 ]
 
 #: The eps of CAF's normalisation, as in the reference implementation.
@@ -405,7 +412,11 @@ class _KWLayer(nn.Module):
         back in their places in the kernel.
         """
         cells = self.warehouse.cells
-        blocks = torch.matmul(alpha, cells.reshape(cells.shape[0], -1))
+        if fast.is_reference():
+            blocks = torch.matmul(alpha, cells.reshape(cells.shape[0], -1))
+        else:
+            batch, mixtures, n = alpha.shape
+            blocks = fast.mix(alpha.reshape(batch * mixtures, n), cells.reshape(n, -1)).view(batch, mixtures, -1)
         return blocks_to_kernel(self.tiling, blocks)
 
     def kernel_at_beta(self) -> Tensor:
@@ -507,8 +518,11 @@ class _KWConvNd(_KWLayer):
             raise ValueError(f"{self._label}: expected input (B, {self.in_channels}, ...) with "
                              f"{self._spatial_dims} spatial dims, got {tuple(x.shape)}")
         alpha = self.attention(x)                  # (B, m, n), Sec. 3.3
-        weight = self.assemble_kernels(alpha)      # (B, C_out, C_in/g, *k), Sec. 3.2
-        out = self._add_bias(self._per_sample_conv(x, weight), channel_dim=1)
+        if self._spatial_dims == 2 and not fast.is_reference():
+            out = fast.conv2d(self, x, alpha)      # the same as below, faster on CPU
+        else:
+            weight = self.assemble_kernels(alpha)  # (B, C_out, C_in/g, *k), Sec. 3.2
+            out = self._add_bias(self._per_sample_conv(x, weight), channel_dim=1)
         return out.squeeze(0) if unbatched else out
 
     def _per_sample_conv(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -602,8 +616,11 @@ class KWLinear(_KWLayer):
             raise ValueError(f"{self._label}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         rows = batch.reshape(batch.shape[0], -1, self.in_features)    # (B, L, in)
         alpha = self.attention(rows.transpose(1, 2))                   # (B, m, n), pooled over L
-        weight = self.assemble_kernels(alpha)                          # (B, out, in)
-        out = self._add_bias(torch.bmm(rows, weight.transpose(1, 2)), channel_dim=2)
+        if rows.device.type == "cpu" and not fast.is_reference():
+            out = fast.linear_layer(self, rows, alpha)                 # the same as below, faster
+        else:
+            weight = self.assemble_kernels(alpha)                      # (B, out, in)
+            out = self._add_bias(torch.bmm(rows, weight.transpose(1, 2)), channel_dim=2)
         out = out.reshape(*batch.shape[:-1], self.out_features)
         return out.squeeze(0) if single else out
 

@@ -11,6 +11,7 @@ import difflib
 import importlib
 import inspect
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,7 +121,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint without running code: safetensors, or torch.load(weights_only=True)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights file '{path}' does not exist")
+        raise CheckpointError(f"weights file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -129,15 +130,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"cannot read '{path}' as safetensors: {err}") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(
-            f"'{path}' holds objects that are not plain tensors and was not loaded "
-            f"(kwconvert never unpickles code): {first[:200]}; save a state_dict or use .safetensors") from None
+            f"'{path}' holds objects that are not plain tensors ({_unpickler_reason(err)}) and was not "
+            "loaded (kwconvert never unpickles code); save a state_dict or use .safetensors") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"cannot read '{path}' as a PyTorch state dict: {err}") from None
     return _unwrap_state_dict(data, path)
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """torch's reason for refusing a pickle ("Trying to load unsupported GLOBAL posix.system
+    ..."), without the paragraphs around it that advise loading the file unsafely."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    paragraphs = [" ".join(p.split()) for p in str(err).split("\n\n")]
+    reason = next((p for p in paragraphs if p and not p.startswith(advice)), "")
+    return reason[:200] or "refused by torch.load(weights_only=True)"
 
 
 def _unwrap_state_dict(data: Any, path: Path) -> dict[str, torch.Tensor]:

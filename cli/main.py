@@ -1,0 +1,183 @@
+"""``kwconvert`` command line: parse, call the library, render.  No logic of its own.
+
+Usage errors (bad model name, budget, input size) exit 2, other failures exit 1; each is
+one line on stderr, with the traceback only under ``--debug``.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer vendors click: its ClickException derives from TyperException
+    from typer import TyperException as ClickError
+except ImportError:  # older typer, on click itself
+    from click import ClickException as ClickError
+
+from . import render
+
+out = Console()
+err = Console(stderr=True)
+COMMANDS = ("convert", "show")
+
+
+def _print_error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+class OneLineErrors(TyperGroup):
+    """Click's own usage errors (unknown option, missing argument, malformed number) as one
+    stderr line with exit code 2, like kwconvert's errors; help prints as usual."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickError as error:
+            if type(error).__name__ == "NoArgsIsHelpError":
+                sys.exit(2)  # typer has printed the help
+            hint = f"; see '{error.ctx.command_path} --help'" if getattr(error, "ctx", None) else ""
+            _print_error(error.format_message().strip().replace("\n", " ").rstrip(".") + hint)
+            sys.exit(getattr(error, "exit_code", 2))
+        except typer.Abort:
+            _print_error("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors,
+                  help="Turn a PyTorch vision model into a KernelWarehouse dynamic-convolution model.")
+
+
+class Failure(Exception):
+    """A failure already worded for the user; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+@contextmanager
+def reported(debug: bool) -> Iterator[None]:
+    """Turn library errors into one stderr line and an exit code (traceback with --debug)."""
+    from kwconvert.models import CheckpointError, ModelSourceError
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as error:  # every failure ends here, worded for the user
+        if debug:
+            raise
+        code = 2 if isinstance(error, (ModelSourceError, UsageError)) else 1
+        if isinstance(error, Failure):
+            code = error.code
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, Failure):
+            message = f"{type(error).__name__}: {message}"
+        if isinstance(error, CheckpointError):
+            code = 1
+        _print_error(message)
+        raise typer.Exit(code) from None
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+def _budget(text: str) -> float:
+    from kwconvert.plan import parse_budget
+    try:
+        return parse_budget(text)
+    except ValueError as error:
+        raise UsageError(f"--budget: {error}") from None
+
+
+def _input_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    from kwconvert.models import parse_input_size
+    try:
+        return parse_input_size(text)
+    except ValueError as error:
+        raise UsageError(f"--input-size: {error}") from None
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="torchvision name (resnet50), timm:NAME, or pkg.module:callable")],
+    budget: Annotated[str, typer.Option("--budget", "-b", help="warehouse budget b = n / m_t: 0.5, 1/2, 1, 4")] = "1",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory [default: ./kwconvert-out/<model>-b<budget>/]")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="checkpoint for the base model: .safetensors, or a .pt/.pth state dict")] = None,
+    input_size: Annotated[Optional[str], typer.Option(help="one sample's input size C,H,W [default: the model's own, else 3,224,224]")] = None,
+    init: Annotated[str, typer.Option(help="preserve (cells from the model's kernels) or random (paper's from-scratch init)")] = "preserve",
+    max_blocks_per_stage: Annotated[Optional[int], typer.Option(min=1, help="cut long stages into warehouses of at most N residual blocks")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="glob of layer names to keep static (repeatable)")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(help="glob of layer names that may be converted (repeatable)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="plan only: print the tables, convert nothing")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print only the plan JSON on stdout")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+) -> None:
+    """Plan, convert and save MODEL (or only plan it with --dry-run)."""
+    with reported(debug):
+        from kwconvert.pipeline import Conversion
+        if init not in ("preserve", "random"):
+            raise UsageError(f"--init must be preserve or random, got '{init}'")
+        options = {"max_blocks_per_stage": max_blocks_per_stage,
+                   "exclude": tuple(exclude or ()), "include": tuple(include or ())}
+        job = Conversion(model, _budget(budget), input_size=_input_size(input_size), weights=weights,
+                         init=init, plan_options={k: v for k, v in options.items() if v not in (None, ())})
+        # A spinner only on a terminal: elsewhere rich would leave a blank line before errors.
+        with render.progress(err, enabled=not json_output and err.is_terminal) as step:
+            step("building the model")
+            job.build()
+            step("tracing and planning")
+            job.make_plan()
+            if not dry_run:
+                step("converting")
+                job.convert()
+                if init == "preserve":
+                    step("comparing outputs at tau = 1")
+                    job.compare()
+                step("saving")
+                job.save(out_dir)
+        if json_output:
+            print(job.result_plan.to_json())
+        elif dry_run:
+            out.print(job.plan.table())
+        else:
+            out.print(render.summary(job))
+
+
+@app.command()
+def show(
+    directory: Annotated[Path, typer.Argument(help="a directory written by kwconvert")],
+    json_output: Annotated[bool, typer.Option("--json", help="print only the plan JSON")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+) -> None:
+    """Print a saved model's plan tables."""
+    with reported(debug):
+        from kwconvert.io import check_saved
+        from kwconvert.plan import Plan
+        plan = Plan.from_dict(check_saved(directory)["plan"])
+        if json_output:
+            print(plan.to_json())
+        else:
+            out.print(plan.table())
+
+
+def run() -> None:
+    """Console-script entry: ``kwconvert MODEL ...`` means ``kwconvert convert MODEL ...``."""
+    args = sys.argv[1:]
+    if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h"):
+        sys.argv.insert(1, "convert")
+    app()
+
+
+if __name__ == "__main__":
+    run()

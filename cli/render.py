@@ -1,0 +1,41 @@
+"""What the command line shows: a progress display and the conversion summary."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console, Group
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+@contextmanager
+def progress(console: Console, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A transient spinner on stderr naming the current step; ``step(text)`` advances it."""
+    if not enabled:
+        yield lambda text: None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+        yield lambda text: bar.update(task, description=text)
+
+
+def summary(job) -> Group:
+    """Params before and after, warehouses, output check, where it saved, how to load it."""
+    plan = job.result_plan
+    table = Table(title=f"kwconvert {plan.model} at budget {plan.budget:g}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    ratio = plan.params_converted / plan.params_baseline
+    table.add_row("parameters", f"{plan.params_baseline:,} -> {plan.params_converted:,} ({ratio:.2f}x)")
+    table.add_row("warehouses", f"{len(plan.warehouses)} holding {len(plan.converted_layers)} layers; "
+                                f"{len(plan.plain)} layers kept static")
+    if job.max_abs_diff is not None:
+        table.add_row("max |output diff| at tau = 1", f"{job.max_abs_diff:.3g} (vs the original model)")
+    errors = [w.init_error for w in plan.warehouses if w.init_error]
+    if errors:
+        table.add_row("kernel fit error (b < 1)", f"{min(errors):.3f} .. {max(errors):.3f} relative")
+    table.add_row("saved to", str(job.saved_to))
+    load = (f"import kwconvert\nmodel = kwconvert.load({str(job.saved_to)!r})")
+    return Group(table, "Load it with:", load)

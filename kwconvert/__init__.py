@@ -1,0 +1,19 @@
+"""kwconvert: turn any PyTorch vision model into a KernelWarehouse model.
+
+Pipeline, one module per stage, data flowing one way:
+``trace`` (model -> LayerGraph) -> ``plan`` (LayerGraph + budget -> Plan) ->
+``rewrite`` (model + Plan -> converted model) -> ``io`` (save / load).
+"""
+__version__ = "0.1.0"
+
+from .layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, set_temperature,  # noqa: E402
+                     temperature_at)
+from .plan import Plan, parse_budget, plan  # noqa: E402
+from .rewrite import convert, plan_of  # noqa: E402
+from .io import load, save  # noqa: E402
+from .trace import trace  # noqa: E402
+
+__all__ = [
+    "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "Warehouse", "Plan", "convert", "load",
+    "parse_budget", "plan", "plan_of", "save", "set_temperature", "temperature_at", "trace",
+]

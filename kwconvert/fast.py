@@ -1,0 +1,498 @@
+"""Fast CPU forward and backward for the KernelWarehouse layers.
+
+A KW layer computes ``w_i = sum_j alpha_ij e_j`` for every mixture of every sample
+(paper Sec. 3.2, the "assembly") and then convolves each sample with its own kernel.
+The straightforward way, which the authors use and ``reference_path()`` keeps, is one
+matrix product for the assembly and one convolution with the batch folded into the
+groups.  On CPU both are slow: the assembly shapes (few rows, an inner size of n = 27-138
+cells, outputs of many megabytes) run far below peak in MKL, and a batch-folded grouped
+convolution is a poor fit for oneDNN once maps are small and channels many.
+
+This module keeps the same arithmetic and changes how it is executed:
+
+* the assembly and every per-sample matrix product run in oneDNN's inner-product kernels
+  (``torch.ops.mkldnn._linear_pointwise``, float32 and bfloat16; other dtypes use
+  ``F.linear``), which also accept the warehouse in its stored layout without a copy;
+* assembled kernels are laid out as ``(C_out, kh, kw, C_in)`` (OHWI), the order both
+  consumers read: oneDNN's channels-last convolution and the NHWC im2col matrix product;
+  for a 1x1 convolution whose cells span the input channels (and for Linear) this order
+  falls out of the product with no copy at all;
+* three ways to convolve each sample are timed on the real shape, once per layer
+  configuration and input shape, and the fastest is kept: ``"matmul"`` (NHWC im2col and
+  one oneDNN product per sample, best for small maps and batch 1), ``"conv"`` (one oneDNN
+  convolution per sample) and ``"grouped"`` (the batch folded into the groups, good for
+  depthwise layers);
+* for ``"matmul"`` and ``"conv"`` one autograd node covers assembly and convolution: it
+  keeps only the attention, the warehouse and the input, and assembles the kernels again
+  in backward instead of holding a batch of kernels per layer until then.
+
+Everything is pure PyTorch: no compiled extension.  Results equal the straightforward
+path to float rounding (tests/test_fast.py).
+
+Allocator: glibc returns big freed buffers to the system and page-faults them in again
+on the next forward; ``keep_freed_memory()`` tells glibc to keep them (the same effect as
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment).  It is opt-in
+because the process then keeps its peak memory for its whole life.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cells import Tiling
+
+__all__ = ["PATHS", "allocator_settings", "chosen_paths", "keep_freed_memory", "linear", "mix",
+           "reference_path", "use_path"]
+
+#: Ways a KW Conv2d can run; "reference" is the straightforward path of ``layers.py``.
+PATHS = ("reference", "grouped", "conv", "matmul")
+_forced_path: str | None = None
+#: Chosen path per layer configuration and input: (configuration, input key) -> path.
+_chosen: dict[tuple, str] = {}
+
+
+# --- selecting the path --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def use_path(path: str | None) -> Iterator[None]:
+    """Run every KW layer on ``path`` inside the block (``None``: the fastest, by timing).
+
+    A path a layer cannot take (``"matmul"`` for a grouped convolution, anything but the
+    reference for Conv1d/3d) falls back to ``"grouped"`` for that layer.
+    """
+    global _forced_path
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def reference_path() -> contextlib.AbstractContextManager:
+    """The straightforward path of the paper's reference implementation, for comparison:
+    assemble per-sample kernels with one matrix product, then one convolution with the batch
+    folded into the groups."""
+    return use_path("reference")
+
+
+def is_reference() -> bool:
+    return _forced_path == "reference"
+
+
+def chosen_paths() -> dict[tuple, str]:
+    """The timed choices made so far: (layer configuration, input key) -> path."""
+    return dict(_chosen)
+
+
+# --- allocator -----------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_allocator_applied: dict | None = None
+
+
+def keep_freed_memory(trim_threshold: int = 2**31 - 1) -> dict:
+    """Make glibc keep freed memory for reuse instead of unmapping it (opt-in, process-wide).
+
+    Every KW forward allocates per-sample kernels of tens to hundreds of megabytes; by
+    default glibc serves such blocks with mmap and unmaps them on free, so the next forward
+    page-faults every page again.  ``mallopt(M_MMAP_MAX, 0)`` serves them from the heap and
+    ``mallopt(M_TRIM_THRESHOLD, trim_threshold)`` stops glibc from giving the heap back, which
+    is what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>`` in the environment does.  The
+    price: the process keeps its peak memory.  It helps plain models too, so benchmarks must
+    run both models under the same setting.  Returns ``allocator_settings()``; does nothing
+    (and says so) where the C library is not glibc.
+    """
+    global _allocator_applied
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL("libc.so.6")
+        trim = min(int(trim_threshold), 2**31 - 1)  # mallopt takes an int
+        if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, trim) != 1:
+            raise OSError("mallopt refused M_MMAP_MAX / M_TRIM_THRESHOLD")
+        _allocator_applied = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": trim}
+    return allocator_settings()
+
+
+def allocator_settings() -> dict:
+    """What the C allocator runs with: glibc's environment variables and ``keep_freed_memory``."""
+    names = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD")
+    return {"libc": "-".join(platform.libc_ver()) or "unknown",
+            "environment": {name: os.environ[name] for name in names if name in os.environ},
+            "mallopt": _allocator_applied}
+
+
+# --- oneDNN products -------------------------------------------------------------------------
+
+
+def _onednn(x: Tensor, weight: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+            and x.numel() > 0 and weight.numel() > 0 and torch.backends.mkldnn.is_available())
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` without autograd; oneDNN for float32 / bfloat16 CPU tensors.
+
+    ``weight`` (N, K) may be row-major or the transpose view of a (K, N) matrix: oneDNN
+    reads both directly, which is what lets the warehouse enter the assembly without a copy.
+    """
+    if _onednn(x, weight) and (bias is None or bias.dtype == x.dtype):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class _Mix(torch.autograd.Function):
+    """blocks ``(M, cell)`` = alpha ``(M, n)`` @ cells ``(n, cell)``, oneDNN both ways."""
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, cells: Tensor) -> Tensor:
+        ctx.save_for_backward(alpha, cells)
+        return linear(alpha, cells.t())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        alpha, cells = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_alpha = linear(grad, cells) if ctx.needs_input_grad[0] else None
+        grad_cells = linear(alpha.t().contiguous(), grad.t()) if ctx.needs_input_grad[1] else None
+        return grad_alpha, grad_cells
+
+
+def mix(alpha: Tensor, cells: Tensor) -> Tensor:
+    """Differentiable assembly: the mixtures ``w_i = sum_j alpha_ij e_j`` as rows (Sec. 3.2).
+
+    ``alpha`` is ``(M, n)`` (samples times mixtures), ``cells`` the warehouse as ``(n, cell)``.
+    """
+    return _Mix.apply(alpha, cells)
+
+
+# --- kernel layout -------------------------------------------------------------------------
+
+
+def _kernels_ohwi(tiling: Tiling, blocks: Tensor) -> Tensor:
+    """Per-sample kernels ``(B, C_out, *k, C_in/g)`` from blocks ``(B, m, f_e * c_e)``.
+
+    Needs cells that are 1 x 1 spatially (every published configuration).  Mixture order
+    is spatial position, output block, input block (``Tiling``), so the blocks view as
+    ``(B, *k, O, I, f_e, c_e)``; OHWI is ``(B, O, f_e, *k, I, c_e)``.  The permutation
+    moves whole runs of c_e values (close to memcpy speed) and is free when the kernel has
+    one spatial position and one input block.
+    """
+    batch = blocks.shape[0]
+    kernel = tiling.weight_shape[2:]
+    f_e, c_e = tiling.cell[:2]
+    d = len(kernel)
+    grid = blocks.view(batch, *kernel, tiling.blocks_out, tiling.blocks_in, f_e, c_e)
+    order = (0, 1 + d, 3 + d, *range(1, 1 + d), 2 + d, 4 + d)
+    return grid.permute(order).contiguous().view(batch, tiling.weight_shape[0], *kernel, tiling.weight_shape[1])
+
+
+def _blocks_from_ohwi(tiling: Tiling, kernels: Tensor) -> Tensor:
+    """The inverse of ``_kernels_ohwi``: ``(B, C_out, *k, C_in/g)`` -> ``(B * m, f_e * c_e)``."""
+    batch = kernels.shape[0]
+    kernel = tiling.weight_shape[2:]
+    f_e, c_e = tiling.cell[:2]
+    d = len(kernel)
+    grid = kernels.reshape(batch, tiling.blocks_out, f_e, *kernel, tiling.blocks_in, c_e)
+    order = (0, *range(3, 3 + d), 1, 3 + d, 2, 4 + d)
+    return grid.permute(order).reshape(batch * tiling.cells, f_e * c_e)
+
+
+def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor) -> Tensor:
+    """OHWI kernels for every sample, outside autograd."""
+    batch, mixtures, n = alpha.shape
+    blocks = linear(alpha.reshape(batch * mixtures, n), cells.reshape(n, -1).t())
+    return _kernels_ohwi(tiling, blocks.view(batch, mixtures, -1))
+
+
+# --- the two per-sample convolutions --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """What a fused KW Conv2d node needs besides tensors (hashable, so it keys the path cache)."""
+    tiling: Tiling
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int, int, int]  # zeros: top, bottom, left, right
+    groups: int
+    path: str
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        top, bottom, left, right = self.padding
+        sizes = []
+        for size, pad, k, s, d in ((height, top + bottom, self.kernel[0], self.stride[0], self.dilation[0]),
+                                   (width, left + right, self.kernel[1], self.stride[1], self.dilation[1])):
+            sizes.append((size + pad - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+    @property
+    def symmetric(self) -> bool:
+        top, bottom, left, right = self.padding
+        return top == bottom and left == right
+
+
+def _per_sample(tensors: list[Tensor]) -> Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _im2col(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """NHWC im2col ``(B, OH * OW, kh * kw * C)`` of a channels-last input, in OHWI's K order.
+
+    A 1x1 stride-1 unpadded convolution needs no copy: the input is the matrix.
+    """
+    rows = x.permute(0, 2, 3, 1)
+    top, bottom, left, right = spec.padding
+    if top or bottom or left or right:
+        rows = F.pad(rows, (0, 0, left, right, top, bottom))
+    batch, height, width, channels = rows.shape
+    out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
+    s_b, s_h, s_w, s_c = rows.stride()
+    window = rows.as_strided((batch, out_h, out_w, kh, kw, channels),
+                             (s_b, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c), rows.storage_offset())
+    return window.reshape(batch, out_h * out_w, kh * kw * channels), (out_h, out_w)
+
+
+def _col2im(spec: ConvSpec, grad_cols: Tensor, shape: torch.Size) -> Tensor:
+    """The gradient of ``_im2col``: strided in-place adds, one per kernel position."""
+    batch, channels, height, width = shape
+    out_h, out_w = spec.output_size(height, width)
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
+    top, bottom, left, right = spec.padding
+    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(spec.padding):
+        return grad_cols.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    padded = grad_cols.new_zeros(batch, height + top + bottom, width + left + right, channels)
+    windows = grad_cols.view(batch, out_h, out_w, kh, kw, channels)
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
+            columns = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
+            padded[:, rows, columns].add_(windows[:, :, :, i, j])
+    grad = padded[:, top:top + height, left:left + width].permute(0, 3, 1, 2)
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
+def _matmul_forward(spec: ConvSpec, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+    cols, (out_h, out_w) = _im2col(spec, x)
+    weights = kernels.view(kernels.shape[0], kernels.shape[1], -1)
+    out = _per_sample([linear(c, w, bias) for c, w in zip(cols, weights)])
+    return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+def _matmul_backward(spec: ConvSpec, x: Tensor, kernels: Tensor, grad: Tensor, need_x: bool, need_w: bool):
+    batch, out_channels = grad.shape[:2]
+    grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, -1, out_channels)
+    weights = kernels.view(batch, out_channels, -1)
+    grad_x = grad_kernels = None
+    if need_x:
+        grad_cols = _per_sample([linear(g, w.t()) for g, w in zip(grad_rows, weights)])
+        grad_x = _col2im(spec, grad_cols, x.shape)
+    if need_w:
+        cols, _ = _im2col(spec, x)
+        grad_kernels = _per_sample([linear(g.t().contiguous(), c.t()) for g, c in zip(grad_rows, cols)])
+    return grad_x, grad_kernels
+
+
+def _conv_input(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    top, bottom, left, right = spec.padding
+    if spec.symmetric:
+        return x, (top, left)
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
+def _conv_forward(spec: ConvSpec, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+    inputs, padding = _conv_input(spec, x)
+    weights = kernels.permute(0, 1, 4, 2, 3)  # OIHW shape, channels-last strides: no copy
+    outs = [F.conv2d(inputs[i:i + 1], weights[i], bias, spec.stride, padding, spec.dilation, spec.groups)
+            for i in range(x.shape[0])]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _conv_backward(spec: ConvSpec, x: Tensor, kernels: Tensor, grad: Tensor, need_x: bool, need_w: bool):
+    inputs, padding = _conv_input(spec, x)
+    weights = kernels.permute(0, 1, 4, 2, 3)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    grads_x, grads_w = [], []
+    for i in range(x.shape[0]):
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad[i:i + 1], inputs[i:i + 1], weights[i], None, spec.stride, padding, spec.dilation, False,
+            (0, 0), spec.groups, (need_x, need_w, False))
+        grads_x.append(grad_x)
+        grads_w.append(grad_w)
+    grad_x = grad_kernels = None
+    if need_x:
+        grad_x = grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x)
+        if not spec.symmetric:
+            top, _, left, _ = spec.padding
+            grad_x = grad_x[:, :, top:top + x.shape[2], left:left + x.shape[3]]
+    if need_w:
+        grad_kernels = torch.stack([g.permute(0, 2, 3, 1) for g in grads_w])
+    return grad_x, grad_kernels
+
+
+_FORWARD = {"matmul": _matmul_forward, "conv": _conv_forward}
+_BACKWARD = {"matmul": _matmul_backward, "conv": _conv_backward}
+
+
+class _KWConv2d(torch.autograd.Function):
+    """Assembly and per-sample convolution as one autograd node.
+
+    Saves alpha, the warehouse and the input only; backward assembles the kernels again
+    (one product of alpha and the warehouse) rather than keeping a batch of kernels alive
+    from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+        ctx.spec = spec
+        ctx.save_for_backward(x, alpha, cells)
+        return _FORWARD[spec.path](spec, x, _assembled(spec.tiling, alpha, cells), bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, alpha, cells = ctx.saved_tensors
+        spec = ctx.spec
+        need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
+        kernels = _assembled(spec.tiling, alpha, cells)
+        grad_x, grad_kernels = _BACKWARD[spec.path](spec, x, kernels, grad, need_x, need_alpha or need_cells)
+        grad_alpha = grad_cells = grad_bias = None
+        if grad_kernels is not None:
+            batch, mixtures, n = alpha.shape
+            grad_blocks = _blocks_from_ohwi(spec.tiling, grad_kernels)
+            if need_alpha:
+                grad_alpha = linear(grad_blocks, cells.reshape(n, -1)).view_as(alpha)
+            if need_cells:
+                alpha_t = alpha.reshape(batch * mixtures, n).t().contiguous()
+                grad_cells = linear(alpha_t, grad_blocks.t()).view_as(cells)
+        if need_bias:
+            grad_bias = grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_alpha, grad_cells, grad_bias, None
+
+
+# --- entry points used by layers.py --------------------------------------------------------
+
+
+def _spec_for(layer, path: str) -> ConvSpec:
+    """The fused node's geometry; non-zero padding modes are applied before (see conv2d)."""
+    if layer.padding_mode == "zeros":
+        left, right, top, bottom = layer._reversed_padding_repeated_twice
+    else:
+        left = right = top = bottom = 0
+    return ConvSpec(layer.tiling, tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation),
+                    (top, bottom, left, right), layer.groups, path)
+
+
+def _available(layer, x: Tensor) -> tuple[str, ...]:
+    if x.device.type != "cpu":
+        return ("grouped",)  # the per-sample paths are tuned for oneDNN on CPU
+    if tuple(layer.warehouse.cell[2:]) != (1,) * (len(layer.warehouse.cell) - 2):
+        return ("grouped",)  # cells spanning several kernel positions: only the generic path
+    paths = ("grouped", "conv")
+    return paths + ("matmul",) if layer.groups == 1 else paths
+
+
+def _grouped(layer, x: Tensor, alpha: Tensor) -> Tensor:
+    """The reference's convolution (the batch folded into the groups) on fast-assembled kernels."""
+    return layer._add_bias(layer._per_sample_conv(x, layer.assemble_kernels(alpha)), channel_dim=1)
+
+
+def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+    spec = _spec_for(layer, path)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return _KWConv2d.apply(x, alpha, layer.warehouse.cells, layer.bias, spec)
+
+
+def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
+    return _grouped(layer, x, alpha) if path == "grouped" else _fused(layer, x, alpha, path)
+
+
+def conv2d(layer, x: Tensor, alpha: Tensor) -> Tensor:
+    """A KW Conv2d's output for a batched input ``x`` and its attention ``alpha`` (B, m, n)."""
+    available = _available(layer, x)
+    path = _forced_path if _forced_path in available else None
+    if path is None and _forced_path is not None:
+        path = "grouped"
+    if path is None:
+        path = _path_for(layer, x, alpha, available)
+    return _run(layer, x, alpha, path)
+
+
+def _configuration(layer, x: Tensor, alpha: Tensor) -> tuple:
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
+                                              or layer.warehouse.cells.requires_grad)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return (layer.weight_shape, layer.warehouse.cell, layer.warehouse.n, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, layer.groups, layer.padding_mode, layer.bias is not None,
+            tuple(x.shape), x.dtype, channels_last, needs_grad, torch.get_num_threads())
+
+
+def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> str:
+    """The fastest path for this layer configuration and input, timed once and remembered.
+
+    Keyed by configuration rather than by layer, so identical layers (a model and its
+    reloaded copy) take the same path and give bit-identical results.  Under
+    ``torch.compile`` no timing runs: a remembered choice or a rule of thumb is used.
+    """
+    key = _configuration(layer, x, alpha)
+    path = _chosen.get(key)
+    if path is not None:
+        return path
+    if torch.compiler.is_compiling():
+        return "matmul" if "matmul" in available else "grouped"
+    path = _fastest(layer, x, alpha, available, needs_grad=key[-2])
+    _chosen[key] = path
+    return path
+
+
+def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], needs_grad: bool,
+             repeats: int = 3) -> str:
+    """Time each path (forward, and backward when training) on detached copies of the inputs."""
+    if len(available) == 1:
+        return available[0]
+    x = x.detach().requires_grad_(x.requires_grad and needs_grad)
+    alpha = alpha.detach().requires_grad_(needs_grad)
+    cells = layer.warehouse.cells
+
+    def step(path: str) -> None:
+        with torch.set_grad_enabled(needs_grad):
+            out = _run(layer, x, alpha, path)
+            if needs_grad:
+                leaves = [t for t in (x, alpha, cells) if t.requires_grad]
+                torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    best = {path: math.inf for path in available}
+    for path in available:
+        step(path)  # first call: oneDNN creates its primitives
+    for _ in range(repeats):
+        for path in available:
+            start = time.perf_counter()
+            step(path)
+            best[path] = min(best[path], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
+def linear_layer(layer, rows: Tensor, alpha: Tensor) -> Tensor:
+    """A KWLinear's output ``(B, L, out)`` for rows ``(B, L, in)``: a 1x1 convolution over
+    the L rows of each sample, so the rows are the matrix and no copy is made."""
+    batch, length, features = rows.shape
+    image = rows.transpose(1, 2).unsqueeze(-1)  # (B, in, L, 1), channels-last strides
+    tiling = Tiling(layer.weight_shape + (1, 1), layer.warehouse.cell + (1, 1))
+    spec = ConvSpec(tiling, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1, "matmul")
+    image = image.contiguous(memory_format=torch.channels_last)
+    out = _KWConv2d.apply(image, alpha, layer.warehouse.cells, layer.bias, spec)
+    return out.squeeze(-1).transpose(1, 2)

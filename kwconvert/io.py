@@ -1,0 +1,240 @@
+"""Save and load converted models: safetensors for tensors, JSON for the plan, never pickle.
+
+A saved model is a directory with ``model.safetensors`` (every parameter and buffer, a
+shared tensor stored once) and ``kwconvert.json`` (plan, source, input size, versions,
+format, and the weights' SHA-256).  Loading rebuilds the base model from its source (or
+takes the user's instance), applies the plan, and loads the weights strictly.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .models import build_model
+from .plan import Plan
+from .rewrite import convert, plan_of
+
+#: Version of the saved directory's layout; bump when a field changes meaning.
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "kwconvert.json"
+
+
+class SavedModelError(ValueError):
+    """A saved directory is missing, damaged, tampered with, or does not fit the model."""
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None = None,
+         input_size: tuple[int, ...] | None = None) -> Path:
+    """Write a converted model to ``directory`` atomically; return the directory.
+
+    Everything is first written to a hidden sibling directory, then swapped in with two
+    renames, so a save killed half-way leaves the previous save (or nothing) in place;
+    ``load`` also recovers the previous save if the kill fell between the two renames.
+    """
+    plan = plan_of(model)
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_leftovers(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tensors, aliases = _unique_tensors(model.state_dict())
+        weights_path = staging / WEIGHTS_FILE
+        from safetensors.torch import save_file
+        save_file(tensors, str(weights_path), metadata={"format": str(FORMAT_VERSION)})
+        meta = _metadata(plan, source or plan.model, input_size or plan.input_size, aliases,
+                         _sha256(weights_path))
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+        _fsync_dir(staging)
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved model: base model (from its source, or ``model``) + plan + weights."""
+    path = _resolve_saved(Path(directory))
+    meta = read_metadata(path)
+    plan = Plan.from_dict(meta["plan"])
+    if model is None:
+        if not meta.get("source"):
+            raise SavedModelError(f"{path} records no model source; pass the unconverted model: "
+                                  "kwconvert.load(directory, model=...)")
+        model = build_model(meta["source"])
+    state = _read_weights(path, meta)
+    try:
+        converted = convert(model, plan, init="none")
+    except ValueError as err:
+        raise SavedModelError(f"{path}: the saved plan does not fit the model: {err}") from None
+    _load_strict(converted, state, path)
+    return converted
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The saved ``kwconvert.json``, checked for format and required fields."""
+    path = _resolve_saved(Path(directory)) / META_FILE
+    if not path.is_file():
+        raise SavedModelError(f"{path.parent} has no {META_FILE}; is it a kwconvert save?")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SavedModelError(f"{path} is not valid JSON ({err}); the save is damaged") from None
+    if not isinstance(meta, dict) or "format" not in meta or "plan" not in meta:
+        raise SavedModelError(f"{path} lacks the 'format' or 'plan' field; the save is damaged")
+    if not isinstance(meta["format"], int) or meta["format"] > FORMAT_VERSION:
+        raise SavedModelError(f"{path} has format {meta['format']}, newer than this kwconvert reads "
+                              f"({FORMAT_VERSION}); upgrade kwconvert")
+    return meta
+
+
+def check_saved(directory: str | os.PathLike) -> dict[str, Any]:
+    """``read_metadata`` plus the weights file's checksum: a save that ``kwconvert show`` trusts.
+
+    Builds no model, so it is cheap; a plan that does not fit the model is found by ``load``.
+    """
+    path = _resolve_saved(Path(directory))
+    meta = read_metadata(path)
+    _check_weights_file(path, meta)
+    return meta
+
+
+def _metadata(plan: Plan, source: str, input_size, aliases: dict[str, str], digest: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "source": source if ":" in (source or "") else None,
+        "input_size": list(input_size) if input_size else None,
+        "budget": plan.budget,
+        "options": plan.options,
+        "versions": {"kwconvert": __version__, "torch": torch.__version__},
+        "weights": {"file": WEIGHTS_FILE, "sha256": digest, "aliases": aliases},
+        "plan": plan.to_dict(),
+    }
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store each tensor once: a tensor reachable under two names becomes an alias."""
+    kept: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype) if tensor.numel() else None
+        if key is not None and key in kept:
+            aliases[name] = kept[key]
+            continue
+        if key is not None:
+            kept[key] = name
+        tensors[name] = tensor.detach().contiguous().clone() if _shares_storage(tensor) else tensor.detach().contiguous()
+    return tensors, aliases
+
+
+def _shares_storage(tensor: torch.Tensor) -> bool:
+    return tensor.numel() != tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+
+
+def _check_weights_file(path: Path, meta: dict[str, Any]) -> Path:
+    """The weights file of a save, present and matching its recorded SHA-256."""
+    record = meta.get("weights")
+    if not isinstance(record, dict) or not {"file", "sha256"} <= set(record):
+        raise SavedModelError(f"{path / META_FILE} lacks the weights' file name or checksum; the save is damaged")
+    weights = path / record["file"]
+    if not weights.is_file():
+        raise SavedModelError(f"{path} has no {weights.name}; the save is incomplete")
+    if _sha256(weights) != record["sha256"]:
+        raise SavedModelError(f"{weights} does not match the checksum in {META_FILE}: "
+                              "the file was truncated or changed; save the model again")
+    return weights
+
+
+def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    weights = _check_weights_file(path, meta)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SavedModelError(f"cannot read {weights}: {err}") from None
+    for alias, original in meta["weights"].get("aliases", {}).items():
+        state[alias] = state[original]
+    return state
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        first = (missing or unexpected or shapes)[0]
+        kind = "missing" if missing else "unexpected" if unexpected else "of another shape"
+        raise SavedModelError(f"{path}: weights do not fit the planned model ({kind}: {first}); "
+                              "the save is damaged or from another model")
+    model.load_state_dict(state, strict=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    for child in directory.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if not (target / META_FILE).is_file() and any(target.iterdir()):
+        raise SavedModelError(f"{target} exists and is not a kwconvert save; choose another --out")
+    previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    previous.rmdir()
+    os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _sweep_leftovers(target: Path) -> None:
+    """Tidy what a killed save of ``target`` left (one writer per target is assumed).
+
+    A kill between the two renames of the swap leaves only the previous save, renamed:
+    it is put back first.  Half-written staging directories are then removed.
+    """
+    if not target.exists():
+        previous = _previous_saves(target)
+        if previous:
+            os.replace(previous[-1], target)
+    for leftover in target.parent.glob(f".{target.name}.*-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _previous_saves(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+
+
+def _resolve_saved(path: Path) -> Path:
+    """The save at ``path``; or the previous one if a save was killed between its renames."""
+    if path.exists():
+        return path
+    with contextlib.suppress(OSError):
+        previous = _previous_saves(path)
+        if previous:
+            return previous[-1]
+    raise SavedModelError(f"{path} does not exist")

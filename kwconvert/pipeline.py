@@ -1,0 +1,99 @@
+"""One conversion from a model name to a saved directory: build -> plan -> convert -> save.
+
+The command line drives these steps one at a time (to show progress); Python users
+usually call ``kwconvert.plan`` / ``kwconvert.convert`` / ``kwconvert.save`` directly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import io
+from .layers import set_temperature
+from .models import build_model, canonical_source, default_input_size, load_weights
+from .plan import Plan, plan as make_plan
+from .rewrite import convert, plan_of
+
+DEFAULT_OUT = Path("kwconvert-out")
+
+
+@dataclass
+class Conversion:
+    """State of one conversion job; each step fills the fields the next one needs."""
+    source: str
+    budget: float
+    input_size: tuple[int, ...] | None = None
+    weights: Path | None = None
+    init: str = "preserve"
+    plan_options: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None
+    plan: Plan | None = None
+    converted: nn.Module | None = None
+    max_abs_diff: float | None = None
+    saved_to: Path | None = None
+
+    def build(self) -> nn.Module:
+        self.source = canonical_source(self.source)
+        self.model = build_model(self.source).eval()
+        if self.weights is not None:
+            load_weights(self.model, self.weights)
+        self.input_size = tuple(self.input_size or default_input_size(self.model))
+        return self.model
+
+    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(batch, *self.input_size, generator=generator)
+
+    def make_plan(self) -> Plan:
+        self.plan = make_plan(self.model, self.budget, (self.example_input(),),
+                              model_name=self.source, **self.plan_options)
+        return self.plan
+
+    def convert(self) -> nn.Module:
+        if not self.plan.warehouses:  # every candidate plain: a "conversion" would change nothing
+            first = self.plan.plain[0] if self.plan.plain else None
+            detail = f" ({first.layer}: {first.reason}{', ...' if len(self.plan.plain) > 1 else ''})" if first else ""
+            raise ValueError(f"the plan converts no layer: all {len(self.plan.plain)} candidate layers stay "
+                             f"plain{detail}; --dry-run lists the reasons")
+        self.converted = convert(self.model, self.plan, init=self.init, inplace=False).eval()
+        return self.converted
+
+    @torch.no_grad()
+    def compare(self) -> float:
+        """Max |converted - original| on random inputs in eval mode at tau = 1."""
+        set_temperature(self.converted, 1.0)
+        sample = self.example_input(batch=2, seed=1)
+        self.max_abs_diff = _max_abs_diff(self.model(sample), self.converted(sample))
+        return self.max_abs_diff
+
+    def save(self, directory: Path | None = None) -> Path:
+        directory = directory or default_out_dir(self.source, self.budget)
+        self.saved_to = io.save(self.converted, directory, source=self.source, input_size=self.input_size)
+        return self.saved_to
+
+    @property
+    def result_plan(self) -> Plan:
+        """The converted model's plan (with init errors) once converted, else the plan."""
+        return plan_of(self.converted) if self.converted is not None else self.plan
+
+
+def default_out_dir(source: str, budget: float) -> Path:
+    """``./kwconvert-out/<model>-b<budget>/``, the model's short name made path-safe."""
+    short = source.split(":", 1)[-1]
+    return DEFAULT_OUT / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', short)}-b{budget:g}"
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between two outputs (tensors, or nested tuples/dicts)."""
+    if isinstance(a, torch.Tensor):
+        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, dict):
+        return max((_max_abs_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (tuple, list)):
+        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0

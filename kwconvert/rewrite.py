@@ -1,0 +1,245 @@
+"""Rewriter: model + Plan -> converted model, swapping layers in place.
+
+Like PEFT's tuners, model-level code only finds the planned layers by qualified name and
+swaps them (``get_submodule`` on the parent, then ``setattr``): the model keeps its own
+class, forward, buffers and every other module.  Each warehouse is registered once, in a
+``kw_warehouses`` ModuleDict on the converted (sub)module, so state_dict, optimisers and
+DDP see every shared cell exactly once while the layers hold it by reference.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import cells as kw_cells
+from .layers import KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, kernel_to_blocks
+from .plan import LayerPlan, Plan, WarehousePlan, plan as make_plan
+
+#: Where the converted model keeps its warehouses and its plan.
+WAREHOUSES_ATTR = "kw_warehouses"
+PLAN_ATTR = "_kwconvert_plan"
+
+_KW_CLASS = {"conv1d": KWConv1d, "conv2d": KWConv2d, "conv3d": KWConv3d, "linear": KWLinear}
+_STATIC_CLASS = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "linear": nn.Linear}
+INIT_MODES = ("preserve", "random", "none")
+
+
+def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str = "preserve",
+            example_inputs=None, inplace: bool = True, **plan_options) -> nn.Module:
+    """Convert ``model`` to KernelWarehouse following a Plan (or planning one for a budget).
+
+    ``init="preserve"`` (default) builds the cells from the model's own kernels so that a
+    trained model keeps what it learned (paper Sec. 3.3's one-to-one initialisation makes
+    this exact for b >= 1 at tau = 1); ``init="random"`` is the paper's from-scratch
+    initialisation; ``init="none"`` leaves the cells as allocated and keeps the plan's
+    recorded fit errors, for loading saved weights right after.  ``inplace=False`` converts a deep copy and leaves ``model`` untouched.
+    """
+    if init not in INIT_MODES:
+        raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, got '{init}'")
+    if isinstance(budget_or_plan, Plan):
+        if plan_options:
+            raise ValueError("plan options cannot be combined with a ready Plan: "
+                             f"got {', '.join(sorted(plan_options))}")
+        plan = budget_or_plan
+    else:
+        plan = make_plan(model, budget_or_plan, example_inputs, **plan_options)
+    if hasattr(model, PLAN_ATTR):
+        raise ValueError("the model is already converted by kwconvert; convert the original model")
+    check_plan_fits(model, plan)
+    if not inplace:
+        model = copy.deepcopy(model)
+    paths = _paths_by_module(model)
+    container = nn.ModuleDict()
+    fitted = []
+    for warehouse_plan in plan.warehouses:
+        statics = [model.get_submodule(layer.name) for layer in warehouse_plan.layers]
+        warehouse = _new_warehouse(warehouse_plan, statics[0])
+        kw_layers = [_kw_layer(layer, warehouse_plan, warehouse, static)
+                     for layer, static in zip(warehouse_plan.layers, statics)]
+        error = _initialise(warehouse_plan, warehouse, kw_layers, statics, init)
+        for static, kw_layer in zip(statics, kw_layers):
+            for path in paths[id(static)]:
+                _set_submodule(model, path, kw_layer)
+        container[_key(warehouse_plan.name)] = warehouse
+        fitted.append(dataclasses.replace(warehouse_plan, init_error=error))
+    model.add_module(WAREHOUSES_ATTR, container)
+    setattr(model, PLAN_ATTR, dataclasses.replace(plan, warehouses=tuple(fitted)))
+    return model
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The Plan a converted model was built from (with init errors filled in)."""
+    plan = getattr(model, PLAN_ATTR, None)
+    if plan is None:
+        raise ValueError("this model was not converted by kwconvert (it carries no plan)")
+    return plan
+
+
+def check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """Reject a plan that does not describe this model, with the first mismatch named.
+
+    Plans are data a user may edit or load from disk, so every number the layers will
+    rely on (kernel shape, m, offsets, m_t, n) is checked against the model and the
+    method's arithmetic before anything is changed.
+    """
+    _check_plan_covers(model, plan)
+    seen: set[str] = set()
+    for warehouse in plan.warehouses:
+        expected_offset = 0
+        for layer in warehouse.layers:
+            where = f"plan warehouse {warehouse.name}, layer {layer.name}"
+            if layer.name in seen:
+                raise ValueError(f"{where}: the layer is planned twice")
+            seen.add(layer.name)
+            module = _find(model, layer.name, where)
+            _check_module_matches(module, layer, where)
+            try:
+                cells = kw_cells.cells_in(layer.weight_shape, warehouse.cell)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            if cells != layer.cells:
+                raise ValueError(f"{where}: m is {layer.cells} but cell "
+                                 f"{'x'.join(map(str, warehouse.cell))} tiles the kernel in {cells}")
+            if layer.offset != expected_offset:
+                raise ValueError(f"{where}: offset is {layer.offset}, the one-to-one walk gives {expected_offset}")
+            expected_offset += kw_cells.cells_handed_out(layer.cells, warehouse.budget)
+        m_t = sum(layer.cells for layer in warehouse.layers)
+        if m_t != warehouse.m_t:
+            raise ValueError(f"plan warehouse {warehouse.name}: m_t is {warehouse.m_t}, its layers sum to {m_t}")
+        if warehouse.n < 1 or expected_offset > warehouse.n:
+            raise ValueError(f"plan warehouse {warehouse.name}: n = {warehouse.n} cannot hold the "
+                             f"{expected_offset} cells its layers start on")
+        if plan.options.get("mode", "kernelwarehouse") == "kernelwarehouse":
+            n = kw_cells.warehouse_size(m_t, warehouse.budget)
+            if n != warehouse.n:
+                raise ValueError(f"plan warehouse {warehouse.name}: n is {warehouse.n}, "
+                                 f"budget {warehouse.budget} x m_t {m_t} gives {n}")
+
+
+def _check_plan_covers(model: nn.Module, plan: Plan) -> None:
+    """Every conv / linear layer of the model is either converted or listed as plain.
+
+    A layer the plan never mentions means the plan was made for another model (say
+    resnet18's plan applied to resnet34, whose first layers have the same names).
+    """
+    covered = set(plan.converted_layers) | {static.layer for static in plan.plain}
+    kinds = tuple(_STATIC_CLASS.values())
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and name not in covered:
+            raise ValueError(f"the plan does not mention the model's layer {name}; "
+                             f"it was made for another model (plan: {plan.model})")
+
+
+def _find(model: nn.Module, name: str, where: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{where}: the model has no module of that name") from None
+
+
+def _check_module_matches(module: nn.Module, layer: LayerPlan, where: str) -> None:
+    static_class = _STATIC_CLASS.get(layer.kind)
+    if static_class is None:
+        raise ValueError(f"{where}: unknown layer kind '{layer.kind}'")
+    if not isinstance(module, static_class):
+        raise ValueError(f"{where}: planned as {layer.kind} but the model has {type(module).__name__}")
+    shape = tuple(module.weight.shape)
+    if shape != tuple(layer.weight_shape):
+        raise ValueError(f"{where}: planned kernel {'x'.join(map(str, layer.weight_shape))} "
+                         f"but the model's is {'x'.join(map(str, shape))}")
+
+
+def _paths_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every qualified name of every module: a module used at two places is swapped at both."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _key(name: str) -> str:
+    """ModuleDict keys cannot hold dots."""
+    return name.replace(".", "_")
+
+
+def _new_warehouse(plan: WarehousePlan, first_static: nn.Module) -> Warehouse:
+    weight = first_static.weight
+    return Warehouse(plan.n, tuple(plan.cell), name=plan.name, device=weight.device, dtype=weight.dtype)
+
+
+def _kw_layer(layer: LayerPlan, warehouse_plan: WarehousePlan, warehouse: Warehouse,
+              static: nn.Module) -> nn.Module:
+    return _KW_CLASS[layer.kind].from_module(
+        static, warehouse=warehouse, offset=layer.offset, budget=warehouse_plan.budget,
+        hidden=layer.hidden, attention_norm=warehouse_plan.attention_norm,
+        basis_ratio=warehouse_plan.basis_ratio, name=layer.name)
+
+
+def _initialise(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.Module],
+                statics: list[nn.Module], init: str) -> float | None:
+    """Fill the cells; return the relative reconstruction error of the kernels (or None)."""
+    with torch.no_grad():
+        if init == "none":
+            return plan.init_error
+        if init == "random":
+            for layer in plan.layers:
+                span = kw_cells.cells_handed_out(layer.cells, plan.budget)
+                warehouse.reset_cells(layer.offset, layer.offset + span)
+            return None
+        if plan.budget >= 1:
+            for kw_layer, static in zip(kw_layers, statics):
+                kw_layer.load_static_weight(static.weight)
+            return 0.0
+        return _fit_low_rank(plan, warehouse, kw_layers, statics)
+
+
+def _fit_low_rank(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.Module],
+                  statics: list[nn.Module]) -> float:
+    """Best fit of all the warehouse's kernel blocks by n cells (b < 1).
+
+    The warehouse has fewer cells than the layers have blocks, so no one-to-one copy can
+    hold them.  Stacking the blocks of every sharing layer as rows of X (m_t x cell size),
+    the truncated SVD X ~ U_n S_n V_n^T is the least-squares optimum among all n-cell
+    reconstructions (Eckart-Young): the cells become S_n V_n^T and each mixture's
+    starting attention (beta, the tau = 1 point of the CAF, paper Sec. 3.3) becomes its
+    row of U_n, whose entries are small enough for the CAF's later |alpha| <= 1 range.
+    """
+    blocks = [kernel_to_blocks(kw_layer.tiling, static.weight.detach().to(torch.float64))
+              for static, kw_layer in zip(statics, kw_layers)]
+    stacked = torch.cat(blocks, dim=0)
+    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    rank = min(warehouse.n, s.numel())
+    cells = torch.zeros(warehouse.n, stacked.shape[1], dtype=torch.float64)
+    cells[:rank] = s[:rank, None] * vh[:rank]
+    coefficients = torch.zeros(stacked.shape[0], warehouse.n, dtype=torch.float64)
+    coefficients[:, :rank] = u[:, :rank]
+    if rank < warehouse.n:  # cells no block needs: small random ones, free to learn later
+        spare = torch.empty(warehouse.n - rank, stacked.shape[1], dtype=torch.float64)
+        nn.init.normal_(spare, std=float(s[-1]) / math.sqrt(stacked.shape[1]) if s.numel() else 0.01)
+        cells[rank:] = spare
+    warehouse.cells.copy_(cells.view_as(warehouse.cells).to(warehouse.cells))
+    start = 0
+    for kw_layer in kw_layers:
+        rows = coefficients[start:start + kw_layer.cells]
+        kw_layer.attention.set_beta(rows)
+        start += kw_layer.cells
+    norm = torch.linalg.norm(stacked)
+    residual = torch.linalg.norm(stacked - coefficients @ cells)
+    return float(residual / norm) if norm > 0 else 0.0
+
+
+def converted_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(name, layer) of every KernelWarehouse layer in the model."""
+    kw_types = tuple(_KW_CLASS.values())
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, kw_types))

@@ -1,0 +1,154 @@
+"""The command line, through typer's CliRunner and as the installed console script."""
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from kwconvert_cli.main import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def test_dry_run_prints_the_warehouse_tables():
+    result = invoke("convert", "resnet18", "--budget", "1/2", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "layer1.0.conv1" in result.stdout
+    for m_t in ("224", "188", "108"):
+        assert m_t in result.stdout
+
+
+def test_json_is_the_documented_schema_and_only_output():
+    result = invoke("convert", "resnet18", "--budget", "1", "--dry-run", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert {"model", "budget", "params", "warehouses", "plain"} <= set(data)
+    assert set(data["params"]) == {"baseline", "converted"}
+    assert [w["m_t"] for w in data["warehouses"]] == [56, 47, 47, 27]
+    assert [w["n"] for w in data["warehouses"]] == [56, 47, 47, 27]
+    assert data["model"] == "torchvision:resnet18"
+    for warehouse in data["warehouses"]:
+        assert {"name", "layers", "cell", "m", "m_t", "n"} <= set(warehouse)
+    assert all({"layer", "reason"} == set(p) for p in data["plain"])
+
+
+@pytest.mark.parametrize("args,code,pattern", [
+    (("resnet05", "--dry-run"), 2, r"unknown torchvision model 'resnet05'.*did you mean resnet50"),
+    (("resnet18", "--budget", "abc", "--dry-run"), 2, r"--budget"),
+    (("resnet18", "--budget", "0", "--dry-run"), 2, r"--budget"),
+    (("resnet18", "--budget", "-1", "--dry-run"), 2, r"--budget"),
+    (("resnet18", "--budget", "nan", "--dry-run"), 2, r"--budget"),
+    (("resnet18", "--budget", "inf", "--dry-run"), 2, r"--budget"),
+    (("resnet18", "--budget", "1/0", "--dry-run"), 2, r"--budget"),
+    (("resnet18", "--input-size", "3,x", "--dry-run"), 2, r"--input-size"),
+    (("resnet18", "--input-size", "1,64,64", "--dry-run"), 1, r"input"),
+    (("resnet18", "--init", "zeros"), 2, r"--init must be preserve or random"),
+])
+def test_bad_input_is_one_line_and_an_exit_code(args, code, pattern, tmp_path):
+    os.chdir(tmp_path)
+    result = invoke("convert", *args)
+    assert result.exit_code == code, result.output
+    assert re.search(pattern, one_line(result.stderr))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_saves_and_show_prints_it(tmp_path):
+    out = tmp_path / "out"
+    result = invoke("convert", "resnet18", "--budget", "1", "--out", str(out), "--input-size", "3,64,64")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and (out / "kwconvert.json").is_file()
+    assert "kwconvert.load(" in result.stdout
+    diff = float(re.search(r"max \|output diff\| at tau = 1\s+│?\s*([0-9.e+-]+)", result.stdout).group(1))
+    assert diff <= 1e-4
+    shown = invoke("show", str(out))
+    assert shown.exit_code == 0 and "layer4.1.conv2" in shown.stdout
+    shown_json = invoke("show", str(out), "--json")
+    assert json.loads(shown_json.stdout)["warehouses"][0]["m_t"] == 56
+
+
+def test_weights_that_do_not_match_name_the_keys(tmp_path):
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pt")
+    result = invoke("convert", "resnet18", "--weights", str(tmp_path / "r34.pt"), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 1
+    assert "unexpected layer1.2.conv1.weight" in one_line(result.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_weights_file(tmp_path):
+    result = invoke("convert", "resnet18", "--weights", str(tmp_path / "nope.pt"), "--dry-run")
+    assert result.exit_code == 1
+    assert "does not exist" in one_line(result.stderr)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pth", "wb") as handle:
+        pickle.dump({"conv1.weight": _Payload(str(marker))}, handle)
+    result = invoke("convert", "resnet18", "--weights", str(tmp_path / "evil.pth"), "--dry-run")
+    assert result.exit_code == 1
+    assert "never unpickles" in one_line(result.stderr)
+    assert not marker.exists()
+
+
+def test_unwritable_out_is_one_line_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = invoke("convert", "resnet18", "--input-size", "3,32,32", "--out", str(blocker / "sub"))
+    assert result.exit_code == 1
+    one_line(result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_show_of_a_damaged_directory(tmp_path):
+    result = invoke("show", str(tmp_path))
+    assert result.exit_code == 1
+    assert "kwconvert.json" in one_line(result.stderr)
+
+
+def test_debug_shows_the_traceback():
+    result = invoke("convert", "resnet05", "--dry-run", "--debug")
+    assert result.exit_code != 0
+    assert result.exception is not None
+
+
+def installed_script() -> str:
+    script = Path(sys.executable).parent / "kwconvert"
+    return str(script) if script.exists() else shutil.which("kwconvert")
+
+
+def test_installed_script_runs_as_a_subprocess(tmp_path):
+    result = subprocess.run([installed_script(), "resnet18", "--budget", "1/4", "--dry-run", "--json"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [w["n"] for w in json.loads(result.stdout)["warehouses"]] == [56, 47, 47, 27]
+    bad = subprocess.run([installed_script(), "resnet05"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert bad.returncode == 2
+    assert "did you mean" in one_line(bad.stderr)

@@ -1,0 +1,158 @@
+"""Save and load: safetensors + JSON, a round trip is bit-identical, damage is detected,
+and a save killed half-way leaves the previous one loadable."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors import safe_open
+
+import kwconvert
+from kwconvert.io import META_FILE, WEIGHTS_FILE, SavedModelError, read_metadata
+
+
+def converted_resnet18(budget: float = 1.0):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    return kwconvert.convert(model, budget, model_name="torchvision:resnet18")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = converted_resnet18(0.5).eval()
+    directory = tmp_path_factory.mktemp("save") / "r18"
+    kwconvert.save(model, directory)
+    return model, directory
+
+
+def test_round_trip_gives_bit_identical_outputs(saved):
+    model, directory = saved
+    loaded = kwconvert.load(directory, model=torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert kwconvert.plan_of(loaded).to_json() == kwconvert.plan_of(model).to_json()
+
+
+def test_load_rebuilds_from_the_recorded_source(tmp_path):
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None), 1.0).eval()
+    kwconvert.save(model, tmp_path / "m", source="torchvision:resnet18")
+    loaded = kwconvert.load(tmp_path / "m").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert read_metadata(tmp_path / "m")["source"] == "torchvision:resnet18"
+
+
+def test_files_and_metadata(saved):
+    model, directory = saved
+    assert sorted(p.name for p in directory.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    meta = json.loads((directory / META_FILE).read_text())
+    for key in ("format", "plan", "budget", "options", "versions", "input_size", "source"):
+        assert key in meta
+    assert meta["versions"]["torch"] == torch.__version__
+    with safe_open(str(directory / WEIGHTS_FILE), "pt") as handle:
+        keys = list(handle.keys())
+    cells = [k for k in keys if k.endswith(".cells")]
+    assert len(cells) == len(kwconvert.plan_of(model).warehouses)  # each warehouse once
+    assert set(keys) | set(meta["weights"]["aliases"]) == set(model.state_dict())
+
+
+def test_no_pickle_is_written_or_read(saved):
+    _, directory = saved
+    assert (directory / WEIGHTS_FILE).read_bytes()[:8] != b"\x80\x04\x95"[:8]
+    json.loads((directory / META_FILE).read_text())
+
+
+def copy_save(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for child in source.iterdir():
+        (target / child.name).write_bytes(child.read_bytes())
+    return target
+
+
+def test_truncated_weights_are_detected(saved, tmp_path):
+    directory = copy_save(saved[1], tmp_path / "cut")
+    data = (directory / WEIGHTS_FILE).read_bytes()
+    (directory / WEIGHTS_FILE).write_bytes(data[: len(data) // 3])
+    with pytest.raises(SavedModelError, match="truncated or changed"):
+        kwconvert.load(directory, model=torchvision.models.resnet18(weights=None, num_classes=10))
+
+
+def test_missing_files_are_detected(saved, tmp_path):
+    directory = copy_save(saved[1], tmp_path / "nometa")
+    (directory / META_FILE).unlink()
+    with pytest.raises(SavedModelError, match="has no kwconvert.json"):
+        kwconvert.load(directory)
+    directory = copy_save(saved[1], tmp_path / "noweights")
+    (directory / WEIGHTS_FILE).unlink()
+    with pytest.raises(SavedModelError, match="has no model.safetensors"):
+        kwconvert.load(directory, model=torchvision.models.resnet18(weights=None, num_classes=10))
+    with pytest.raises(SavedModelError, match="does not exist"):
+        kwconvert.load(tmp_path / "nowhere")
+
+
+def test_tampered_plan_and_newer_format_are_refused(saved, tmp_path):
+    directory = copy_save(saved[1], tmp_path / "tampered")
+    meta = json.loads((directory / META_FILE).read_text())
+    meta["plan"]["warehouses"][0]["m"][0] += 1
+    (directory / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(SavedModelError, match="plan does not fit the model"):
+        kwconvert.load(directory, model=torchvision.models.resnet18(weights=None, num_classes=10))
+    meta["format"] = 99
+    (directory / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(SavedModelError, match="newer than this kwconvert reads"):
+        kwconvert.load(directory)
+
+
+def test_plan_for_another_model_is_refused(saved):
+    with pytest.raises(SavedModelError, match="does not fit"):
+        kwconvert.load(saved[1], model=torchvision.models.resnet34(weights=None, num_classes=10))
+
+
+SAVE_FOREVER = """
+import sys, torch, torchvision, kwconvert
+model = kwconvert.convert(torchvision.models.resnet50(weights=None), 1.0, init="random")
+print("ready", flush=True)
+while True:
+    kwconvert.save(model, sys.argv[1], source="torchvision:resnet50")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 1.1, 2.3])
+def test_save_killed_half_way_leaves_the_previous_save_loadable(tmp_path, delay):
+    directory = tmp_path / "saved"
+    kwconvert.save(kwconvert.convert(torchvision.models.resnet18(weights=None), 1.0), directory,
+                   source="torchvision:resnet18")
+    process = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(directory)], stdout=subprocess.PIPE)
+    assert process.stdout.readline().strip() == b"ready"
+    time.sleep(delay)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    loaded = kwconvert.load(directory)  # the previous save or the new one, whole either way
+    assert read_metadata(directory)["source"] in ("torchvision:resnet18", "torchvision:resnet50")
+    assert kwconvert.plan_of(loaded).converted_layers
+    # The next save sweeps what the killed one left half-written.
+    kwconvert.save(loaded, directory)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    model = converted_resnet18()
+    import kwconvert.io as kio
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", explode)
+    with pytest.raises(OSError, match="disk full"):
+        kwconvert.save(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    assert kio.FORMAT_VERSION == 1

@@ -1,0 +1,400 @@
+"""The planner: the paper's Table 14 layouts and the reference parameter counts, the budget
+guard on models beyond the paper, the options, and invariants on random CNNs."""
+import functools
+import json
+import math
+import time
+
+import pytest
+import torch
+import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+from torch import nn
+
+from kwconvert import cells
+from kwconvert.plan import Plan, PlanOptions, parse_budget, plan
+from kwconvert.trace import trace
+
+
+@functools.lru_cache(maxsize=None)
+def graph_of(name: str, **kwargs):
+    return trace(torchvision.models.get_model(name, weights=None, **kwargs))
+
+
+def plan_of(name: str, budget: float, **options) -> Plan:
+    return plan(None, budget, graph=graph_of(name), model_name=name, **options)
+
+
+def conv_share(name: str, result: Plan) -> float:
+    """Share of the model's conv weights held by converted layers."""
+    graph = graph_of(name)
+    convs = [c for c in graph.candidates if c.is_conv]
+    converted = set(result.converted_layers)
+    return sum(c.weight_numel for c in convs if c.name in converted) / sum(c.weight_numel for c in convs)
+
+
+# --- Table 14 (m_t and n per warehouse, execution order) --------------------------------
+R18_B1 = [56, 47, 47, 27]
+R18_SMALL = [224, 188, 188, 108]
+R50_B1 = [87, 104, 138, 47]
+MNV2_B1 = [9, 36, 34, 78, 18, 42, 27, 102, 36, 120, 27, 58, 27]
+MNV2_B4_MT = [9, 36, 11, 1, 2, 18, 7, 3, 27, 4, 4, 36, 9, 3, 27, 11, 3, 27, 20]
+MNV2_B4_N = [36, 144, 44, 4, 8, 72, 28, 12, 108, 16, 16, 144, 36, 12, 108, 44, 12, 108, 80]
+# The paper lists ConvNeXt-Tiny as 16,4,4,4,147,24,...: the reference creates the three
+# downsample warehouses (m_t 4) first, right after the stem.  Plans list warehouses by first
+# member in execution order, so each downsample warehouse follows the stage it closes.
+CONVNEXT_16 = [16, 147, 24, 4, 147, 24, 4, 147, 24, 147, 24, 147, 24, 4, 147, 24]
+
+TABLE_14 = [
+    ("resnet18", 0.25, {}, R18_SMALL, [56, 47, 47, 27]),
+    ("resnet18", 0.5, {}, R18_SMALL, [112, 94, 94, 54]),
+    ("resnet18", 1, {}, R18_B1, R18_B1),
+    ("resnet18", 2, {}, R18_B1, [112, 94, 94, 54]),
+    ("resnet18", 4, {}, R18_B1, [224, 188, 188, 108]),
+    ("resnet50", 0.5, {}, [348, 416, 552, 188], [174, 208, 276, 94]),
+    ("resnet50", 1, {}, R50_B1, R50_B1),
+    ("resnet50", 4, {}, R50_B1, [348, 416, 552, 188]),
+    ("mobilenet_v2", 1, {}, MNV2_B1, MNV2_B1),
+    ("mobilenet_v2", 4, {}, MNV2_B4_MT, MNV2_B4_N),
+    ("convnext_tiny", 1, {"max_blocks_per_stage": 3}, CONVNEXT_16, CONVNEXT_16),
+]
+
+
+@pytest.mark.parametrize("name, budget, options, m_t, n", TABLE_14,
+                         ids=[f"{c[0]}-b{c[1]}{'-cut3' if c[2] else ''}" for c in TABLE_14])
+def test_table_14_layout(name, budget, options, m_t, n):
+    result = plan_of(name, budget, **options)
+    assert [w.m_t for w in result.warehouses] == m_t
+    assert [w.n for w in result.warehouses] == n
+    # the budget guard never touches the paper's layouts
+    assert not any(note.startswith("budget guard") for note in result.notes)
+    assert "kept static to honour the budget" not in {s.reason for s in result.plain}
+
+
+# --- parameter counts -----------------------------------------------------------------
+EXACT_COUNTS = [
+    ("resnet50", 0.5, {}, 17_638_264),
+    ("convnext_tiny", 1, {}, 39_370_674),  # the reference's public config: 12 warehouses
+]
+ROUNDED_COUNTS = [  # millions, to the 0.01 M the spec gives
+    ("resnet18", 0.25, 4.03), ("resnet18", 0.5, 7.43), ("resnet18", 1, 11.93), ("resnet18", 2, 23.24),
+    ("resnet18", 4, 45.86), ("resnet50", 1, 28.05), ("resnet50", 4, 102.02),
+    ("mobilenet_v2", 1, 5.17), ("mobilenet_v2", 4, 11.38),
+]
+
+
+@pytest.mark.parametrize("name, budget, options, expected", EXACT_COUNTS, ids=[c[0] for c in EXACT_COUNTS])
+def test_parameter_count_equals_reference_exactly(name, budget, options, expected):
+    assert plan_of(name, budget, **options).params_converted == expected
+
+
+@pytest.mark.parametrize("name, budget, millions", ROUNDED_COUNTS, ids=[f"{c[0]}-b{c[1]}" for c in ROUNDED_COUNTS])
+def test_parameter_count_matches_reference_to_rounding(name, budget, millions):
+    assert round(plan_of(name, budget).params_converted / 1e6, 2) == millions
+
+
+@pytest.mark.parametrize("budget, millions", [(1, 2.85), (4, 4.65)])
+def test_mobilenet_v2_half_width_count(budget, millions):
+    graph = graph_of("mobilenet_v2", width_mult=0.5)
+    assert round(plan(None, budget, graph=graph).params_converted / 1e6, 2) == millions
+
+
+def test_resnet18_stage1_worked_example():
+    """KERNELWAREHOUSE.md: cells 64x64, four 3x3 convs (9 cells), layer2.0.conv1 (18) and
+    its 1x1 downsample (2) handed over to stage 1: m_t = 56."""
+    stage1 = plan_of("resnet18", 1).warehouses[0]
+    assert stage1.name == "stage1.conv2d" and stage1.cell == (64, 64, 1, 1)
+    assert stage1.layer_names == ("layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2",
+                                  "layer2.0.conv1", "layer2.0.downsample.0")
+    assert [layer.cells for layer in stage1.layers] == [9, 9, 9, 9, 18, 2]
+    assert [layer.offset for layer in stage1.layers] == [0, 9, 18, 27, 36, 54]
+
+
+def test_resnet50_plain_layers_and_parameter_saver():
+    result = plan_of("resnet50", 0.5)
+    assert [(s.layer, s.reason) for s in result.plain] == [
+        ("conv1", "stem"), ("layer1.0.conv1", "stem-fed pointwise conv"),
+        ("layer1.0.downsample.0", "stem-fed pointwise conv"), ("fc", "head")]
+    assert {w.basis_ratio for w in result.warehouses} == {1 / 16}
+    assert plan_of("resnet18", 0.5).warehouses[0].basis_ratio is None  # 0.24 < 1/2: saver off
+    without = plan_of("resnet50", 0.5, param_saver=False)
+    assert without.params_converted > result.params_converted
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5, 2, 4])
+def test_offsets_follow_the_one_to_one_walk(budget):
+    for warehouse in plan_of("resnet18", budget).warehouses:
+        offset = 0
+        for layer in warehouse.layers:
+            assert layer.offset == offset
+            offset += cells.cells_handed_out(layer.cells, budget)
+        assert offset <= warehouse.n
+
+
+def test_attention_norm_and_params_follow_cells_arithmetic():
+    result = plan_of("convnext_tiny", 1)
+    assert {w.attention_norm for w in result.warehouses} == {"layernorm"}
+    assert {w.attention_norm for w in plan_of("resnet18", 1).warehouses} == {"batchnorm"}
+    for w in result.warehouses:
+        assert w.warehouse_params == w.n * math.prod(w.cell)
+        assert w.attention_params == sum(
+            cells.attention_params(l.in_channels, l.hidden, l.cells, w.n, norm="layernorm") for l in w.layers)
+        assert all(l.hidden == cells.hidden_size(l.in_channels) for l in w.layers)
+
+
+# --- budget guard on models beyond the paper ----------------------------------------------
+TRAPS = ["resnext50_32x4d", "efficientnet_b0", "mobilenet_v3_large", "regnet_y_400mf", "densenet121"]
+
+
+@pytest.mark.parametrize("name", TRAPS)
+@pytest.mark.parametrize("budget, bound", [(1, 1.5), (0.5, 1.0)])
+def test_trap_models_stay_within_budget(name, budget, bound):
+    result = plan_of(name, budget)
+    assert result.params_converted <= bound * result.params_baseline
+    assert conv_share(name, result) >= 0.5
+
+
+def test_grouped_convs_get_their_own_warehouses():
+    result = plan_of("resnext50_32x4d", 1)
+    grouped = [w for w in result.warehouses if w.name.endswith(".grouped")]
+    assert len(grouped) == 4 and all(l.groups == 32 for w in grouped for l in w.layers)
+    mixed = plan_of("resnext50_32x4d", 1, separate_grouped=False, max_params_ratio=100)
+    assert mixed.params_converted > 3 * result.params_converted  # the ResNeXt trap
+
+
+def test_guard_splits_then_keeps_layers_static_only_when_over_the_limit():
+    result = plan_of("densenet121", 1)
+    assert any(note.startswith("budget guard: split pre.conv2d") for note in result.notes)
+    assert result.warehouses[0].name == "pre.conv2d-1"
+    tight = plan_of("resnet18", 1, max_params_ratio=1.0)
+    assert tight.params_converted <= tight.params_baseline
+    assert "kept static to honour the budget" in {s.reason for s in tight.plain}
+    loose = plan_of("densenet121", 1, max_params_ratio=1e6)
+    assert [w.name for w in loose.warehouses] == ["pre.conv2d"]
+
+
+def test_squeeze_excitation_convs_get_warehouses_of_their_own_or_stay_plain():
+    result = plan_of("efficientnet_b0", 1)
+    se_warehouses = [w for w in result.warehouses if ".squeeze_excitation" in w.name]
+    members = [name for w in se_warehouses for name in w.layer_names]
+    assert len(members) == 32 and all(".fc1" in name or ".fc2" in name for name in members)
+    others = [w for w in result.warehouses if w not in se_warehouses]
+    assert not any(".fc1" in n or ".fc2" in n for w in others for n in w.layer_names)
+    plain = plan_of("efficientnet_b0", 1, squeeze_excitation="plain")
+    se = [s.layer for s in plain.plain if s.reason == "squeeze-excitation conv on a pooled map"]
+    assert sorted(se) == sorted(members)
+
+
+class Untraceable(nn.Module):
+    """A torchvision model behind data-dependent control flow: only the hook fallback works."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) if x.abs().sum() > 0 else self.model(-x)
+
+
+def test_hook_fallback_stages_by_resolution_and_says_so():
+    result = plan(Untraceable(torchvision.models.resnet18(weights=None)), 1)
+    assert any("fell back to forward hooks" in note for note in result.notes)
+    # resolution stages happen to reproduce ResNet18's reassigned stages
+    assert [(w.name, w.m_t) for w in result.warehouses] == [
+        ("stage1.conv2d", 56), ("stage2.conv2d", 47), ("stage3.conv2d", 47), ("stage4.conv2d", 27)]
+    assert [(s.layer, s.reason) for s in result.plain] == [("model.conv1", "stem"), ("model.fc", "head")]
+
+
+# --- options ----------------------------------------------------------------------------
+def test_unknown_and_invalid_options_are_rejected():
+    with pytest.raises(ValueError, match="unknown plan option.*colour.*valid options: stem"):
+        plan_of("resnet18", 1, colour="red")
+    for bad in ({"stem": "maybe"}, {"max_blocks_per_stage": 0}, {"reduction": 2}, {"mode": "condconv"},
+                {"max_params_ratio": -1}, {"include": [3]}):
+        with pytest.raises(ValueError, match="option"):
+            plan_of("resnet18", 1, **bad)
+    assert all(help_text for help_text in PlanOptions.help().values())
+
+
+def test_stem_and_stem_fed_options():
+    result = plan_of("resnet18", 1, stem="warehouse")
+    assert result.warehouses[0].name == "stem.conv2d" and result.warehouses[0].layer_names == ("conv1",)
+    assert plan_of("mobilenet_v2", 1, stem="plain").plain[0].reason == "stem"
+    result = plan_of("resnet50", 1, stem_fed_pointwise_plain=False)
+    assert result.warehouses[0].layer_names[:2] == ("layer1.0.conv1", "layer1.0.conv2")
+
+
+def test_depthwise_and_expansion_options():
+    assert not any("depthwise" in w.name for w in plan_of("mobilenet_v2", 1, separate_depthwise=False).warehouses)
+    assert len(plan_of("mobilenet_v2", 1, expansion_split=True).warehouses) == 19
+    assert len(plan_of("mobilenet_v2", 4, expansion_split=False).warehouses) == 13
+    expansion = plan_of("mobilenet_v2", 4).warehouse_of("features.2.conv.0.0")
+    assert expansion.name == "pre.expansion"
+
+
+def test_include_and_exclude_patterns():
+    result = plan_of("resnet18", 1, exclude=["layer4.*"])
+    assert not any(name.startswith("layer4") for name in result.converted_layers)
+    assert ("layer4.1.conv2", "excluded by option") in {(s.layer, s.reason) for s in result.plain}
+    result = plan_of("resnet18", 1, include="layer1.*")
+    assert set(result.converted_layers) == {"layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1",
+                                            "layer1.1.conv2"}
+
+
+def test_dynamic_conv_mode_is_whole_kernels_one_layer_each():
+    result = plan_of("resnet18", 4, mode="dynamic_conv")
+    assert len(result.warehouses) == 19
+    for w in result.warehouses:
+        (layer,) = w.layers
+        assert (w.name, w.cell, layer.cells, w.n) == (layer.name, layer.weight_shape, 1, 4)
+    assert {w.n for w in plan_of("resnet18", 2.7, mode="dynamic_conv").warehouses} == {2}
+
+
+# --- budget -----------------------------------------------------------------------------
+@pytest.mark.parametrize("text, value", [("0.5", 0.5), ("1/2", 0.5), ("4", 4.0), (" 1/4 ", 0.25), ("2x", 2.0)])
+def test_parse_budget_accepts(text, value):
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-1", "nan", "inf", "1/0", "", "1/2/3", "-1/2"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(ValueError, match="budget must be a positive finite number"):
+        parse_budget(text)
+
+
+@pytest.mark.parametrize("budget", [0, -0.5, float("nan"), float("inf")])
+def test_plan_rejects_bad_budget(budget):
+    with pytest.raises(ValueError, match="budget must be a positive finite number"):
+        plan_of("resnet18", budget)
+
+
+# --- output -----------------------------------------------------------------------------
+def test_table_renders_warehouses_summary_plain_layers_and_totals():
+    console = Console(record=True, width=160)
+    console.print(plan_of("resnet50", 0.5).table())
+    text = console.export_text()
+    for expected in ("stage1.conv2d", "layer2.0.downsample.0", "512x256x1x1", "attention params",
+                     "stem-fed pointwise conv", "17,638,264", "25,557,032", "0.690"):
+        assert expected in text
+
+
+def test_json_keeps_documented_keys():
+    data = json.loads(plan_of("resnet18", 1).to_json())
+    assert {"model", "budget", "params", "warehouses", "plain"} <= data.keys()
+    assert data["params"] == {"baseline": 11_689_512, "converted": 11_932_148}
+    assert {"name", "layers", "cell", "m", "m_t", "n"} <= data["warehouses"][0].keys()
+    assert data["plain"][0] == {"layer": "conv1", "reason": "stem"}
+
+
+def test_plan_time_resnet50_is_well_under_a_second():
+    model = torchvision.models.resnet50(weights=None)
+    plan(model, 1)  # warm-up
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        plan(model, 1)
+        times.append(time.perf_counter() - start)
+    assert sorted(times)[1] < 1.0
+
+
+# --- properties on random CNNs -------------------------------------------------------------
+class RandomCNN(nn.Module):
+    """A stem, then plain / residual / branch / depthwise-separable / grouped blocks, a head."""
+
+    def __init__(self, stem_kernel: int, blocks: list[tuple[str, int, int, int]]):
+        super().__init__()
+        width = blocks[0][1]
+        self.stem = nn.Conv2d(3, width, stem_kernel, padding=stem_kernel // 2)
+        self.blocks = nn.ModuleList()
+        self.kinds = []
+        for kind, out, kernel, stride in blocks:
+            self.blocks.append(self._block(kind, width, out, kernel, stride))
+            self.kinds.append(kind)
+            width = out if kind != "residual" else width
+        self.head = nn.Linear(width, 5)
+
+    @staticmethod
+    def _block(kind, width, out, kernel, stride) -> nn.Module:
+        pad = kernel // 2
+        if kind == "residual":
+            return nn.Sequential(nn.Conv2d(width, width, kernel, padding=pad), nn.ReLU(),
+                                 nn.Conv2d(width, width, kernel, padding=pad))
+        if kind == "branch":
+            return nn.ModuleList([nn.Conv2d(width, out // 2, 1, stride=stride),
+                                  nn.Conv2d(width, out - out // 2, kernel, stride=stride, padding=pad)])
+        if kind == "separable":
+            return nn.Sequential(nn.Conv2d(width, width, 1), nn.Conv2d(width, width, kernel, stride, pad, groups=width),
+                                 nn.BatchNorm2d(width), nn.Conv2d(width, out, 1))
+        if kind == "grouped":
+            groups = math.gcd(width, out)
+            groups = 2 if groups % 2 == 0 else 1
+            return nn.Conv2d(width, out, kernel, stride, pad, groups=groups)
+        return nn.Sequential(nn.Conv2d(width, out, kernel, stride, pad), nn.ReLU())
+
+    def forward(self, x):
+        x = self.stem(x)
+        for kind, block in zip(self.kinds, self.blocks):
+            if kind == "residual":
+                x = x + block(x)
+            elif kind == "branch":
+                x = torch.cat([branch(x) for branch in block], dim=1)
+            else:
+                x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+blocks_strategy = st.lists(
+    st.tuples(st.sampled_from(["plain", "residual", "branch", "separable", "grouped"]),
+              st.sampled_from([4, 6, 8, 12, 16, 24]), st.sampled_from([1, 3, 5]), st.sampled_from([1, 2])),
+    min_size=1, max_size=6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stem_kernel=st.sampled_from([1, 3, 7]), blocks=blocks_strategy,
+       budget=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]),
+       options=st.sampled_from([{}, {"max_blocks_per_stage": 1}, {"stem": "warehouse"},
+                                {"mode": "dynamic_conv"}, {"separate_depthwise": False}]))
+def test_random_cnn_plans_are_complete_consistent_and_deterministic(stem_kernel, blocks, budget, options):
+    torch.manual_seed(0)
+    model = RandomCNN(stem_kernel, blocks)
+    graph = trace(model, torch.randn(1, 3, 32, 32))
+    result = plan(model, budget, graph=graph, **options)
+
+    # every candidate is in exactly one warehouse or plain with a reason
+    converted = [name for w in result.warehouses for name in w.layer_names]
+    plain = [s.layer for s in result.plain]
+    assert sorted(converted + plain) == sorted([c.name for c in graph.candidates] + [u for u, _ in graph.unused])
+    assert all(s.reason for s in result.plain)
+
+    for w in result.warehouses:
+        assert w.n >= 1 and w.m_t == sum(l.cells for l in w.layers)
+        for layer in w.layers:
+            assert cells.cells_in(layer.weight_shape, w.cell) == layer.cells
+            assert layer.cells * math.prod(w.cell) == math.prod(layer.weight_shape)
+    assert result.params_converted <= PlanOptions(**options).params_ratio(budget) * result.params_baseline
+
+    again = plan(model, budget, graph=trace(model, torch.randn(1, 3, 32, 32)), **options)
+    assert again.to_json() == result.to_json()
+    assert Plan.from_json(result.to_json()) == result
+
+
+# --- every torchvision classifier ---------------------------------------------------------
+@pytest.mark.slow
+def test_every_torchvision_classifier_plans():
+    """All of torchvision.models.list_models(module=torchvision.models): about 30-50 s of
+    planning on 2 cores (benchmarks/plan_speed.py records it)."""
+    elapsed, failures = 0.0, []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        model = torchvision.models.get_model(name, weights=None)
+        start = time.perf_counter()
+        try:
+            result = plan(model, 1, model_name=name)
+            assert result.warehouses and result.params_converted <= 1.5 * result.params_baseline
+        except Exception as err:  # collect every failure, not just the first
+            failures.append(f"{name}: {type(err).__name__}: {err}")
+        elapsed += time.perf_counter() - start
+        del model
+    assert not failures, "\n".join(failures)
+    assert elapsed < 120  # target < 60 s on an idle machine; slack for a shared one

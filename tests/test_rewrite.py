@@ -1,0 +1,200 @@
+"""The rewriter: layers swapped in place, the model's own class and forward kept, and the
+trained weights preserved (exactly for b >= 1 at tau = 1, by a least-squares fit for b < 1)."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import kwconvert
+from kwconvert.layers import KW_LAYER_TYPES, set_temperature
+from kwconvert.rewrite import WAREHOUSES_ATTR, check_plan_fits
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorms non-trivial statistics, as a trained model has."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model
+
+
+def outputs_match(name: str, budget: float, size: int = 224, trained_bn: bool = False,
+                  **options) -> tuple[float, nn.Module, nn.Module]:
+    """Max |original - converted| in eval mode; ``trained_bn`` gives the BNs real statistics."""
+    torch.manual_seed(0)
+    original = torchvision.models.get_model(name, weights=None).eval()
+    if trained_bn:
+        randomise_bn(original)
+    converted = kwconvert.convert(original, budget, inplace=False, **options).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        diff = (original(x) - converted(x)).abs().max().item()
+    return diff, original, converted
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_preserve_at_b1_reproduces_the_original(name):
+    diff, original, converted = outputs_match(name, 1.0)
+    assert diff <= 1e-4
+    assert type(converted) is type(original)
+    plan = kwconvert.plan_of(converted)
+    assert n_params(converted) == plan.params_converted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny", "resnext50_32x4d", "efficientnet_b0",
+                                  "mobilenet_v3_large", "regnet_y_400mf", "densenet121"])
+def test_preserve_at_b1_reproduces_the_original_big(name):
+    diff, _, converted = outputs_match(name, 1.0)
+    assert diff <= 1e-4
+    assert n_params(converted) == kwconvert.plan_of(converted).params_converted
+
+
+def test_preserve_with_trained_statistics_is_exact_to_float_rounding():
+    diff, original, _ = outputs_match("resnet18", 1.0, size=96, trained_bn=True)
+    with torch.no_grad():
+        scale = original(torch.randn(2, 3, 96, 96)).abs().max().item()
+    assert diff <= 1e-6 * max(scale, 1.0) * 10
+
+
+def test_preserve_at_b4_reproduces_the_original():
+    diff, _, converted = outputs_match("resnet18", 4.0, size=64)
+    assert diff <= 1e-4
+    assert n_params(converted) == kwconvert.plan_of(converted).params_converted
+
+
+def test_inplace_false_leaves_the_original_untouched():
+    model = torchvision.models.resnet18(weights=None)
+    before = copy.deepcopy(model.state_dict())
+    converted = kwconvert.convert(model, 1.0, inplace=False)
+    assert not any(isinstance(m, KW_LAYER_TYPES) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, KW_LAYER_TYPES) for m in converted.modules())
+
+
+def test_converted_model_keeps_class_forward_and_other_modules():
+    model = torchvision.models.resnet18(weights=None)
+    bn = model.bn1
+    fc = model.fc
+    converted = kwconvert.convert(model, 1.0)
+    assert converted is model and converted.bn1 is bn and converted.fc is fc
+    assert isinstance(converted.layer1[0].conv1, KW_LAYER_TYPES)
+    assert type(converted).forward is torchvision.models.ResNet.forward
+    plan = kwconvert.plan_of(converted)
+    assert set(plan.converted_layers) == {n for n, m in converted.named_modules() if isinstance(m, KW_LAYER_TYPES)}
+    assert all(layer.tau == 1.0 for layer in converted.modules() if isinstance(layer, KW_LAYER_TYPES))
+
+
+def test_each_warehouse_is_registered_once_and_shared_by_reference():
+    converted = kwconvert.convert(torchvision.models.resnet18(weights=None), 1.0)
+    warehouses = getattr(converted, WAREHOUSES_ATTR)
+    names = [n for n, _ in converted.named_parameters() if ".cells" in n]
+    assert len(names) == len(warehouses) == len(set(names))
+    layer = converted.layer2[0].conv2
+    assert any(layer.warehouse is w for w in warehouses.values())
+
+
+class TwiceUsed(nn.Module):
+    """One conv applied at two places: converting it must swap both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.shared = nn.Conv2d(16, 16, 3, padding=1)
+        self.alias = self.shared
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.shared(torch.relu(x)) + x
+        x = self.alias(torch.relu(x)) + x
+        return self.head(x.mean((2, 3)))
+
+
+def test_module_used_at_two_places_is_swapped_everywhere():
+    torch.manual_seed(0)
+    model = TwiceUsed().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    converted = kwconvert.convert(model, 1.0, stem="warehouse").eval()
+    assert converted.alias is converted.shared
+    with torch.no_grad():
+        assert (converted(x) - expected).abs().max() <= 1e-4
+
+
+def test_b_below_1_fits_cells_and_reports_the_fit_error():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    converted = kwconvert.convert(model, 0.5, inplace=False)
+    plan = kwconvert.plan_of(converted)
+    errors = [w.init_error for w in plan.warehouses]
+    assert all(e is not None and 0 < e < 1 for e in errors)
+    # The reported error is the one the layers really start from at tau = 1.
+    warehouse = plan.warehouses[0]
+    num = den = 0.0
+    for name in warehouse.layer_names:
+        kw_layer = converted.get_submodule(name)
+        static = model.get_submodule(name).weight.detach()
+        assembled = kw_layer.kernel_at_beta().detach()
+        num += float(((assembled - static) ** 2).sum())
+        den += float((static ** 2).sum())
+    assert abs((num / den) ** 0.5 - warehouse.init_error) < 1e-4
+    # And it beats the reference's one-to-one start, which zeroes the blocks left on e_z.
+    assert warehouse.init_error < 0.9
+
+
+def test_random_init_differs_from_the_original():
+    model = torchvision.models.resnet18(weights=None).eval()
+    random_converted = kwconvert.convert(model, 1.0, init="random", inplace=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - random_converted(x)).abs().max() > 1e-3
+
+
+def test_training_step_updates_warehouses_and_attention():
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0)
+    set_temperature(model, 0.5)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimiser.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert any(".cells" in n for n in changed)
+    assert any("attention" in n for n in changed)
+
+
+def test_a_plan_that_does_not_fit_is_rejected_before_any_change():
+    model = torchvision.models.resnet18(weights=None)
+    plan = kwconvert.plan(model, 1.0)
+    data = plan.to_dict()
+    data["warehouses"][0]["m"][0] += 1
+    edited = kwconvert.Plan.from_dict(data)
+    with pytest.raises(ValueError, match=r"m is 10 but cell .* tiles the kernel in 9"):
+        kwconvert.convert(model, edited)
+    assert not any(isinstance(m, KW_LAYER_TYPES) for m in model.modules())
+    data = plan.to_dict()
+    data["warehouses"][1]["n"] += 3
+    with pytest.raises(ValueError, match="n is"):
+        check_plan_fits(model, kwconvert.Plan.from_dict(data))
+    other = torchvision.models.resnet34(weights=None)
+    with pytest.raises(ValueError, match="does not mention the model's layer layer1.2.conv1"):
+        check_plan_fits(other, plan)
+
+
+def test_bad_init_and_double_conversion_are_refused():
+    model = torchvision.models.resnet18(weights=None)
+    with pytest.raises(ValueError, match="init must be one of"):
+        kwconvert.convert(model, 1.0, init="zeros")
+    kwconvert.convert(model, 1.0)
+    with pytest.raises(ValueError, match="already converted"):
+        kwconvert.convert(model, 1.0)
