@@ -32,7 +32,11 @@ def summary(job) -> Group:
     table.add_row("warehouses", f"{len(plan.warehouses)} holding {len(plan.converted_layers)} layers; "
                                 f"{len(plan.plain)} layers kept static")
     if job.max_abs_diff is not None:
-        table.add_row("max |output diff| at tau = 1", f"{job.max_abs_diff:.3g} (vs the original model)")
+        relative = job.max_abs_diff / job.output_scale if job.output_scale else 0.0
+        note = ("same function as the original" if plan.budget >= 1 else
+                "cells are a least-squares fit of the kernels: fine-tune to recover")
+        table.add_row("max |output diff| at tau = 1",
+                      f"{job.max_abs_diff:.3g} = {relative:.2g} of max |output| ({note})")
     errors = [w.init_error for w in plan.warehouses if w.init_error]
     if errors:
         table.add_row("kernel fit error (b < 1)", f"{min(errors):.3f} .. {max(errors):.3f} relative")

@@ -56,6 +56,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
                          _sha256(weights_path))
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         _fsync_dir(staging)
+        _apply_umask(staging)
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -196,6 +197,15 @@ def _fsync_dir(directory: Path) -> None:
     for child in directory.iterdir():
         with open(child, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give the staged save the permissions a plain mkdir / open would (mkdtemp's are 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for child in directory.iterdir():
+        child.chmod(0o666 & ~umask)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

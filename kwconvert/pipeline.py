@@ -35,6 +35,7 @@ class Conversion:
     plan: Plan | None = None
     converted: nn.Module | None = None
     max_abs_diff: float | None = None
+    output_scale: float | None = None
     saved_to: Path | None = None
 
     def build(self) -> nn.Module:
@@ -68,7 +69,9 @@ class Conversion:
         """Max |converted - original| on random inputs in eval mode at tau = 1."""
         set_temperature(self.converted, 1.0)
         sample = self.example_input(batch=2, seed=1)
-        self.max_abs_diff = _max_abs_diff(self.model(sample), self.converted(sample))
+        expected = self.model(sample)
+        self.max_abs_diff = _max_abs_diff(expected, self.converted(sample))
+        self.output_scale = _max_abs_diff(expected, _zeros_like(expected))
         return self.max_abs_diff
 
     def save(self, directory: Path | None = None) -> Path:
@@ -86,6 +89,16 @@ def default_out_dir(source: str, budget: float) -> Path:
     """``./kwconvert-out/<model>-b<budget>/``, the model's short name made path-safe."""
     short = source.split(":", 1)[-1]
     return DEFAULT_OUT / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', short)}-b{budget:g}"
+
+
+def _zeros_like(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return torch.zeros_like(output)
+    if isinstance(output, dict):
+        return {k: _zeros_like(v) for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        return [_zeros_like(v) for v in output]
+    return output
 
 
 def _max_abs_diff(a: Any, b: Any) -> float:
