@@ -108,6 +108,22 @@ def _input_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
         raise UsageError(f"--input-size: {error}") from None
 
 
+def _plan_option(text: str) -> tuple[str, object]:
+    from kwconvert.pipeline import parse_option
+    try:
+        return parse_option(text)
+    except ValueError as error:
+        raise UsageError(f"--option: {error}") from None
+
+
+def _check_plan_options(options: dict) -> None:
+    from kwconvert.plan import PlanOptions
+    try:
+        PlanOptions.from_kwargs(**options)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 @app.command()
 def convert(
     model: Annotated[str, typer.Argument(help="torchvision name (resnet50), timm:NAME, or pkg.module:callable")],
@@ -119,6 +135,7 @@ def convert(
     max_blocks_per_stage: Annotated[Optional[int], typer.Option(min=1, help="cut long stages into warehouses of at most N residual blocks")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="glob of layer names to keep static (repeatable)")] = None,
     include: Annotated[Optional[list[str]], typer.Option(help="glob of layer names that may be converted (repeatable)")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="any plan option as KEY=VALUE, e.g. stem=warehouse (repeatable; see README 'Plan options')")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan only: print the tables, convert nothing")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print only the plan JSON on stdout")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
@@ -130,8 +147,11 @@ def convert(
             raise UsageError(f"--init must be preserve or random, got '{init}'")
         options = {"max_blocks_per_stage": max_blocks_per_stage,
                    "exclude": tuple(exclude or ()), "include": tuple(include or ())}
+        options = {k: v for k, v in options.items() if v not in (None, ())}
+        options.update(_plan_option(text) for text in option or ())
+        _check_plan_options(options)
         job = Conversion(model, _budget(budget), input_size=_input_size(input_size), weights=weights,
-                         init=init, plan_options={k: v for k, v in options.items() if v not in (None, ())})
+                         init=init, plan_options=options)
         # A spinner only on a terminal: elsewhere rich would leave a blank line before errors.
         with render.progress(err, enabled=not json_output and err.is_terminal) as step:
             step("building the model")

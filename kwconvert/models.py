@@ -129,6 +129,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"cannot read '{path}' as safetensors: {err}") from None
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: zip, or legacy pickle
+        raise CheckpointError(f"cannot read '{path}' as a PyTorch state dict: it is not a file written by "
+                              "torch.save (neither a zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():  # torch's note on the pickle protocol is noise here
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -148,7 +153,7 @@ def _unpickler_reason(err: Exception) -> str:
     advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
     paragraphs = [" ".join(p.split()) for p in str(err).split("\n\n")]
     reason = next((p for p in paragraphs if p and not p.startswith(advice)), "")
-    return reason[:200] or "refused by torch.load(weights_only=True)"
+    return reason[:200].rstrip(".") or "refused by torch.load(weights_only=True)"
 
 
 def _unwrap_state_dict(data: Any, path: Path) -> dict[str, torch.Tensor]:

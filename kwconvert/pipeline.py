@@ -85,6 +85,41 @@ class Conversion:
         return plan_of(self.converted) if self.converted is not None else self.plan
 
 
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"stem=warehouse"`` -> ("stem", "warehouse"); values become bool / int / float / tuple.
+
+    Lets the command line reach every ``PlanOptions`` field without a flag for each:
+    ``true``/``false``, ``none``, numbers and fractions (``1/16``) convert, a comma makes a
+    tuple (``exclude=layer4.*,fc``); anything else stays a string.  The planner validates.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"option '{text}' is not KEY=VALUE (e.g. stem=warehouse)")
+    return key.strip().replace("-", "_"), _option_value(raw.strip())
+
+
+def _option_value(raw: str) -> Any:
+    if "," in raw:
+        return tuple(_option_value(part.strip()) for part in raw.split(",") if part.strip())
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for convert_number in (int, float):
+        try:
+            return convert_number(raw)
+        except ValueError:
+            pass
+    numerator, slash, denominator = raw.partition("/")
+    if slash:
+        try:
+            return float(numerator) / float(denominator)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return raw
+
+
 def default_out_dir(source: str, budget: float) -> Path:
     """``./kwconvert-out/<model>-b<budget>/``, the model's short name made path-safe."""
     short = source.split(":", 1)[-1]

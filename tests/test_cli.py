@@ -3,10 +3,7 @@ import json
 import os
 import pickle
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +12,13 @@ from typer.testing import CliRunner
 
 from kwconvert_cli.main import app
 
+from .helpers import CodePayload, installed_script, one_line
+
 runner = CliRunner()
 
 
 def invoke(*args: str):
     return runner.invoke(app, list(args))
-
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    assert "Traceback" not in text
-    return lines[0]
 
 
 def test_dry_run_prints_the_warehouse_tables():
@@ -71,6 +63,17 @@ def test_bad_input_is_one_line_and_an_exit_code(args, code, pattern, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_any_plan_option_through_dash_o():
+    result = invoke("convert", "convnext_tiny", "-O", "max_blocks_per_stage=3", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["warehouses"]) == 16
+    result = invoke("convert", "resnet18", "-O", "exclude=layer4.*,fc", "--dry-run", "--json")
+    plain = {p["layer"]: p["reason"] for p in json.loads(result.stdout)["plain"]}
+    assert plain["layer4.1.conv2"] == "excluded by option"
+    bad = invoke("convert", "resnet18", "-O", "bogus=1", "--dry-run")
+    assert bad.exit_code == 2 and "unknown plan option(s) bogus" in one_line(bad.stderr)
+
+
 def test_convert_saves_and_show_prints_it(tmp_path):
     out = tmp_path / "out"
     result = invoke("convert", "resnet18", "--budget", "1", "--out", str(out), "--input-size", "3,64,64")
@@ -99,18 +102,10 @@ def test_missing_weights_file(tmp_path):
     assert "does not exist" in one_line(result.stderr)
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pth", "wb") as handle:
-        pickle.dump({"conv1.weight": _Payload(str(marker))}, handle)
+        pickle.dump({"conv1.weight": CodePayload(str(marker))}, handle)
     result = invoke("convert", "resnet18", "--weights", str(tmp_path / "evil.pth"), "--dry-run")
     assert result.exit_code == 1
     assert "never unpickles" in one_line(result.stderr)
@@ -136,11 +131,6 @@ def test_debug_shows_the_traceback():
     result = invoke("convert", "resnet05", "--dry-run", "--debug")
     assert result.exit_code != 0
     assert result.exception is not None
-
-
-def installed_script() -> str:
-    script = Path(sys.executable).parent / "kwconvert"
-    return str(script) if script.exists() else shutil.which("kwconvert")
 
 
 def test_installed_script_runs_as_a_subprocess(tmp_path):

@@ -10,6 +10,8 @@ from torch import nn
 from kwconvert.models import (CheckpointError, ModelSourceError, build_model, canonical_source,
                               default_input_size, load_weights, parse_input_size, read_state_dict)
 
+from .helpers import CodePayload
+
 
 def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
@@ -87,20 +89,10 @@ def test_mismatched_weights_name_the_first_keys(tmp_path: Path):
         load_weights(tiny_model(), tmp_path / "s.pt")
 
 
-class _Payload:
-    """Unpickling this would create a marker file: the loader must never run it."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_pickle_with_code_payload_is_refused_and_never_runs(tmp_path: Path):
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pt", "wb") as handle:
-        pickle.dump({"weight": _Payload(str(marker))}, handle)
+        pickle.dump({"weight": CodePayload(str(marker))}, handle)
     with pytest.raises(CheckpointError, match="never unpickles"):
         read_state_dict(tmp_path / "evil.pt")
     assert not marker.exists()

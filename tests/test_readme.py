@@ -17,3 +17,10 @@ def test_readme_opens_with_the_two_setup_commands():
 def test_readme_python_example_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_documents_every_plan_option():
+    from kwconvert.plan import PlanOptions
+    text = README.read_text()
+    for name in PlanOptions.help():
+        assert f"`{name}`" in text, name
