@@ -3,7 +3,6 @@ guard on models beyond the paper, the options, and invariants on random CNNs."""
 import functools
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 from torch import nn
 
+import kwconvert
 from kwconvert import cells
 from kwconvert.plan import Plan, PlanOptions, parse_budget, plan
 from kwconvert.trace import trace
@@ -288,17 +288,6 @@ def test_json_keeps_documented_keys():
     assert data["plain"][0] == {"layer": "conv1", "reason": "stem"}
 
 
-def test_plan_time_resnet50_is_well_under_a_second():
-    model = torchvision.models.resnet50(weights=None)
-    plan(model, 1)  # warm-up
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        plan(model, 1)
-        times.append(time.perf_counter() - start)
-    assert sorted(times)[1] < 1.0
-
-
 # --- properties on random CNNs -------------------------------------------------------------
 class RandomCNN(nn.Module):
     """A stem, then plain / residual / branch / depthwise-separable / grouped blocks, a head."""
@@ -379,22 +368,28 @@ def test_random_cnn_plans_are_complete_consistent_and_deterministic(stem_kernel,
     assert again.to_json() == result.to_json()
     assert Plan.from_json(result.to_json()) == result
 
+    # the plan's parameter count is the converted model's, and b >= 1 preserves the function
+    model.eval()
+    converted = kwconvert.convert(model, result, inplace=False).eval()
+    assert sum(p.numel() for p in converted.parameters()) == result.params_converted
+    if budget >= 1:
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(converted(x), model(x), atol=1e-4, rtol=1e-4)
+
 
 # --- every torchvision classifier ---------------------------------------------------------
 @pytest.mark.slow
 def test_every_torchvision_classifier_plans():
     """All of torchvision.models.list_models(module=torchvision.models): about 30-50 s of
     planning on 2 cores (benchmarks/plan_speed.py records it)."""
-    elapsed, failures = 0.0, []
+    failures = []
     for name in torchvision.models.list_models(module=torchvision.models):
         model = torchvision.models.get_model(name, weights=None)
-        start = time.perf_counter()
         try:
             result = plan(model, 1, model_name=name)
             assert result.warehouses and result.params_converted <= 1.5 * result.params_baseline
         except Exception as err:  # collect every failure, not just the first
             failures.append(f"{name}: {type(err).__name__}: {err}")
-        elapsed += time.perf_counter() - start
         del model
     assert not failures, "\n".join(failures)
-    assert elapsed < 120  # target < 60 s on an idle machine; slack for a shared one
