@@ -1,0 +1,82 @@
+"""The accuracy benchmark in miniature: IDX loader, recipe, every variant, the preserve check.
+
+Needs Fashion-MNIST from Debian's package (``make data``); without it the tests that
+read it are skipped with that message.  The full benchmark is ``benchmarks/accuracy.py``.
+"""
+import gzip
+import json
+import struct
+
+import pytest
+import torch
+
+from benchmarks import accuracy
+from benchmarks import fashion_mnist as fm
+
+MISSING = fm.missing_files()
+needs_data = pytest.mark.skipif(bool(MISSING), reason=(
+    f"Fashion-MNIST is not installed ({MISSING[0] if MISSING else ''} is missing): run `make data` "
+    "(apt-get install dataset-fashion-mnist)"))
+
+
+def write_idx(path, type_code: int, shape: tuple[int, ...], payload: bytes) -> None:
+    header = bytes([0, 0, type_code, len(shape)]) + struct.pack(f">{len(shape)}i", *shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + payload)
+
+
+def test_idx_reader_decodes_big_endian_types_and_refuses_damage(tmp_path):
+    values = [-2, 1, 70000, 3, 0, -1]
+    write_idx(tmp_path / "ints.gz", 0x0C, (2, 3), struct.pack(">6i", *values))
+    assert fm.read_idx(tmp_path / "ints.gz").tolist() == [values[:3], values[3:]]
+    write_idx(tmp_path / "floats.gz", 0x0D, (2,), struct.pack(">2f", 0.5, -3.25))
+    assert fm.read_idx(tmp_path / "floats.gz").tolist() == [0.5, -3.25]
+    write_idx(tmp_path / "short.gz", 0x08, (4, 4), bytes(10))
+    with pytest.raises(ValueError, match="damaged"):
+        fm.read_idx(tmp_path / "short.gz")
+    (tmp_path / "text").write_bytes(b"not idx at all")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        fm.read_idx(tmp_path / "text")
+
+
+def test_missing_data_is_named_with_the_way_to_install_it(tmp_path):
+    with pytest.raises(fm.DataMissing, match="make data"):
+        fm.load_split("train", tmp_path)
+
+
+@needs_data
+def test_the_installed_dataset_loads_whole_and_balanced():
+    images, labels = fm.load_split("test")
+    assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.float32
+    assert torch.bincount(labels).tolist() == [1000] * 10
+    assert abs(float(images.mean())) < 0.05 and abs(float(images.std()) - 1) < 0.05
+    subset = fm.balanced_subset(labels, 305)
+    assert len(subset) == 305 and torch.bincount(labels[subset]).tolist() == [31] * 5 + [30] * 5
+
+
+@needs_data
+def test_a_tiny_run_of_every_variant_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "accuracy.json"
+    code = accuracy.main(["--train-images", "320", "--test-images", "400", "--seeds", "1", "--jobs", "1",
+                          "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert [s["variant"] for s in result["summary"]] == list(accuracy.VARIANTS)
+    by_name = {s["variant"]: s for s in result["summary"]}
+    assert by_name["KW 1/2x"]["params"] < by_name["baseline"]["params"] < by_name["KW 4x"]["params"]
+    assert all(r["steps"] == 10 for r in result["runs"])
+    assert by_name["baseline"]["accuracy_mean"] > 20  # ten steps already beat chance (10 %)
+    preserve = result["preserve_check"]
+    assert preserve["predictions_changed"] == 0 and preserve["accuracy"] == preserve["baseline_accuracy"]
+    assert "KW 1x" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["accuracy.json"]  # the temporary file was renamed
+
+
+def test_the_temperature_follows_the_papers_schedule(monkeypatch):
+    """tau falls linearly from 1 to 0 over the first fraction of the steps, then stays 0."""
+    seen = []
+    monkeypatch.setattr(fm.kwconvert, "set_temperature", lambda model, tau: seen.append(tau) or 0)
+    recipe = fm.Recipe(train_images=64, batch_size=8, temperature_fraction=0.25)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    fm.train(model, torch.randn(64, 1, 2, 2), torch.randint(0, 10, (64,)), recipe, seed=0)
+    assert seen[:3] == [1.0, 0.5, 0.0] and set(seen[2:]) == {0.0} and len(seen) == 9  # 8 steps + the end
