@@ -135,6 +135,7 @@ def convert(
     max_blocks_per_stage: Annotated[Optional[int], typer.Option(min=1, help="cut long stages into warehouses of at most N residual blocks")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="glob of layer names to keep static (repeatable)")] = None,
     include: Annotated[Optional[list[str]], typer.Option(help="glob of layer names that may be converted (repeatable)")] = None,
+    module: Annotated[Optional[str], typer.Option("--module", metavar="PATH", help="convert only this sub-module (e.g. backbone.body), traced on the input it receives in one forward of the whole model")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="any plan option as KEY=VALUE, e.g. stem=warehouse (repeatable; see README 'Plan options')")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan only: print the tables, convert nothing")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print only the plan JSON on stdout")] = False,
@@ -151,7 +152,7 @@ def convert(
         options.update(_plan_option(text) for text in option or ())
         _check_plan_options(options)
         job = Conversion(model, _budget(budget), input_size=_input_size(input_size), weights=weights,
-                         init=init, plan_options=options)
+                         init=init, plan_options=options, module=module)
         # A spinner only on a terminal: elsewhere rich would leave a blank line before errors.
         with render.progress(err, enabled=not json_output and err.is_terminal) as step:
             step("building the model")

@@ -136,9 +136,12 @@ def allocator_settings() -> dict:
 # --- oneDNN products -------------------------------------------------------------------------
 
 
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def _onednn(x: Tensor, weight: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
-            and x.numel() > 0 and weight.numel() > 0 and torch.backends.mkldnn.is_available())
+    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and x.numel() > 0 and weight.numel() > 0)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -147,9 +150,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     ``weight`` (N, K) may be row-major or the transpose view of a (K, N) matrix: oneDNN
     reads both directly, which is what lets the warehouse enter the assembly without a copy.
     """
-    if _onednn(x, weight) and (bias is None or bias.dtype == x.dtype):
+    if _onednn(x, weight) and (bias is None or bias.dtype == x.dtype) and not torch.compiler.is_compiling():
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    return F.linear(x, weight, bias)  # inductor lowers this itself (it wants oneDNN weights constant)
 
 
 class _Mix(torch.autograd.Function):
@@ -180,40 +183,51 @@ def mix(alpha: Tensor, cells: Tensor) -> Tensor:
 # --- kernel layout -------------------------------------------------------------------------
 
 
-def _kernels_ohwi(tiling: Tiling, blocks: Tensor) -> Tensor:
-    """Per-sample kernels ``(B, C_out, *k, C_in/g)`` from blocks ``(B, m, f_e * c_e)``.
+def _ohwi_grid(tiling: Tiling, blocks: Tensor) -> Tensor:
+    """Blocks ``(B, m, f_e * c_e)`` viewed in OHWI order: ``(B, O, f_e, *k, I, c_e)``, no copy.
 
     Needs cells that are 1 x 1 spatially (every published configuration).  Mixture order
     is spatial position, output block, input block (``Tiling``), so the blocks view as
-    ``(B, *k, O, I, f_e, c_e)``; OHWI is ``(B, O, f_e, *k, I, c_e)``.  The permutation
-    moves whole runs of c_e values (close to memcpy speed) and is free when the kernel has
-    one spatial position and one input block.
+    ``(B, *k, O, I, f_e, c_e)``; one sample's kernel in OHWI order (``(C_out, *k, C_in/g)``,
+    what oneDNN's channels-last convolution and the NHWC im2col product read) is this view
+    of it, contiguous when the kernel has one spatial position and one input block.
     """
-    batch = blocks.shape[0]
     kernel = tiling.weight_shape[2:]
-    f_e, c_e = tiling.cell[:2]
     d = len(kernel)
-    grid = blocks.view(batch, *kernel, tiling.blocks_out, tiling.blocks_in, f_e, c_e)
-    order = (0, 1 + d, 3 + d, *range(1, 1 + d), 2 + d, 4 + d)
-    return grid.permute(order).contiguous().view(batch, tiling.weight_shape[0], *kernel, tiling.weight_shape[1])
+    grid = blocks.view(blocks.shape[0], *kernel, tiling.blocks_out, tiling.blocks_in, *tiling.cell[:2])
+    return grid.permute(0, 1 + d, 3 + d, *range(1, 1 + d), 2 + d, 4 + d)
 
 
-def _blocks_from_ohwi(tiling: Tiling, kernels: Tensor) -> Tensor:
-    """The inverse of ``_kernels_ohwi``: ``(B, C_out, *k, C_in/g)`` -> ``(B * m, f_e * c_e)``."""
-    batch = kernels.shape[0]
-    kernel = tiling.weight_shape[2:]
-    f_e, c_e = tiling.cell[:2]
-    d = len(kernel)
-    grid = kernels.reshape(batch, tiling.blocks_out, f_e, *kernel, tiling.blocks_in, c_e)
-    order = (0, *range(3, 3 + d), 1, 3 + d, 2, 4 + d)
-    return grid.permute(order).reshape(batch * tiling.cells, f_e * c_e)
+class _Kernels:
+    """A batch of assembled kernels, kept in the order the assembly product leaves them and
+    handed out one sample at a time in OHWI order.
+
+    Re-ordering one sample into a reused buffer keeps it in cache for the convolution that
+    reads it next; re-ordering the whole batch first would write and read it all once more
+    (the slowest step of late stages with two threads, where it is bound by memory).
+    """
+
+    def __init__(self, tiling: Tiling, blocks: Tensor) -> None:
+        self.grid = _ohwi_grid(tiling, blocks)
+        self.shape = (tiling.weight_shape[0], *tiling.weight_shape[2:], tiling.weight_shape[1])
+        self.buffer: Tensor | None = None
+
+    def __getitem__(self, i: int) -> Tensor:
+        """Sample i's kernel ``(C_out, *k, C_in/g)``, contiguous (valid until the next call)."""
+        sample = self.grid[i]
+        if sample.is_contiguous():
+            return sample.view(self.shape)
+        if self.buffer is None:
+            self.buffer = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+        self.buffer.copy_(sample)
+        return self.buffer.view(self.shape)
 
 
 def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor) -> Tensor:
-    """OHWI kernels for every sample, outside autograd."""
+    """Blocks ``(B, m, f_e * c_e)`` of every sample's kernel (Sec. 3.2), outside autograd."""
     batch, mixtures, n = alpha.shape
     blocks = linear(alpha.reshape(batch * mixtures, n), cells.reshape(n, -1).t())
-    return _kernels_ohwi(tiling, blocks.view(batch, mixtures, -1))
+    return blocks.view(batch, mixtures, -1)
 
 
 # --- the two per-sample convolutions --------------------------------------------------------
@@ -244,8 +258,17 @@ class ConvSpec:
         return top == bottom and left == right
 
 
-def _per_sample(tensors: list[Tensor]) -> Tensor:
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+def _per_sample(product: Callable[[int], Tensor], batch: int) -> Tensor:
+    """``stack([product(i) for i in range(batch)])``, holding one sample's result at a time."""
+    first = product(0)
+    if batch == 1:
+        return first.unsqueeze(0)
+    out = first.new_empty((batch, *first.shape))
+    out[0] = first
+    first = None  # noqa: F841 (release it)
+    for i in range(1, batch):
+        out[i] = product(i)
+    return out
 
 
 def _im2col(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -257,13 +280,13 @@ def _im2col(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
     top, bottom, left, right = spec.padding
     if top or bottom or left or right:
         rows = F.pad(rows, (0, 0, left, right, top, bottom))
-    batch, height, width, channels = rows.shape
+    batch, channels = x.shape[:2]
     out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
-    s_b, s_h, s_w, s_c = rows.stride()
-    window = rows.as_strided((batch, out_h, out_w, kh, kw, channels),
-                             (s_b, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c), rows.storage_offset())
-    return window.reshape(batch, out_h * out_w, kh * kw * channels), (out_h, out_w)
+    # (B, OH, OW, C, kh, kw) windows, a view; dilation takes every d-th row of a wider window
+    windows = rows.unfold(1, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(2, dw * (kw - 1) + 1, sw)[..., ::dw]
+    windows = windows[:, :out_h, :out_w]
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(batch, out_h * out_w, kh * kw * channels), (out_h, out_w)
 
 
 def _col2im(spec: ConvSpec, grad_cols: Tensor, shape: torch.Size) -> Tensor:
@@ -285,25 +308,30 @@ def _col2im(spec: ConvSpec, grad_cols: Tensor, shape: torch.Size) -> Tensor:
     return grad.contiguous(memory_format=torch.channels_last)
 
 
-def _matmul_forward(spec: ConvSpec, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+def _matmul_forward(spec: ConvSpec, x: Tensor, kernels: _Kernels, bias: Tensor | None) -> Tensor:
     cols, (out_h, out_w) = _im2col(spec, x)
-    weights = kernels.view(kernels.shape[0], kernels.shape[1], -1)
-    out = _per_sample([linear(c, w, bias) for c, w in zip(cols, weights)])
-    return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+    out_channels = spec.tiling.weight_shape[0]
+    out = _per_sample(lambda i: linear(cols[i], kernels[i].view(out_channels, -1), bias), x.shape[0])
+    return out.view(x.shape[0], out_h, out_w, out_channels).permute(0, 3, 1, 2)
 
 
-def _matmul_backward(spec: ConvSpec, x: Tensor, kernels: Tensor, grad: Tensor, need_x: bool, need_w: bool):
+def _matmul_backward(spec: ConvSpec, x: Tensor, kernels: _Kernels, grad: Tensor, grad_grid: Tensor | None,
+                     need_x: bool) -> Tensor | None:
+    """The input's gradient; the kernels' gradients go into ``grad_grid`` (an OHWI view)."""
     batch, out_channels = grad.shape[:2]
     grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, -1, out_channels)
-    weights = kernels.view(batch, out_channels, -1)
-    grad_x = grad_kernels = None
-    if need_x:
-        grad_cols = _per_sample([linear(g, w.t()) for g, w in zip(grad_rows, weights)])
-        grad_x = _col2im(spec, grad_cols, x.shape)
-    if need_w:
-        cols, _ = _im2col(spec, x)
-        grad_kernels = _per_sample([linear(g.t().contiguous(), c.t()) for g, c in zip(grad_rows, cols)])
-    return grad_x, grad_kernels
+    cols = _im2col(spec, x)[0] if grad_grid is not None else None
+    grad_cols = None
+    for i in range(batch):
+        if need_x:
+            grad_sample = linear(grad_rows[i], kernels[i].view(out_channels, -1).t())
+            if grad_cols is None:
+                grad_cols = grad_sample.new_empty((batch, *grad_sample.shape))
+            grad_cols[i] = grad_sample
+        if grad_grid is not None:
+            grad_kernel = linear(grad_rows[i].t().contiguous(), cols[i].t())
+            grad_grid[i].copy_(grad_kernel.view(grad_grid.shape[1:]))
+    return _col2im(spec, grad_cols, x.shape) if need_x else None
 
 
 def _conv_input(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -313,34 +341,34 @@ def _conv_input(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
     return F.pad(x, (left, right, top, bottom)), (0, 0)
 
 
-def _conv_forward(spec: ConvSpec, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+def _conv_forward(spec: ConvSpec, x: Tensor, kernels: _Kernels, bias: Tensor | None) -> Tensor:
     inputs, padding = _conv_input(spec, x)
-    weights = kernels.permute(0, 1, 4, 2, 3)  # OIHW shape, channels-last strides: no copy
-    outs = [F.conv2d(inputs[i:i + 1], weights[i], bias, spec.stride, padding, spec.dilation, spec.groups)
+    outs = [F.conv2d(inputs[i:i + 1], kernels[i].permute(0, 3, 1, 2),  # OIHW shape, channels-last strides
+                     bias, spec.stride, padding, spec.dilation, spec.groups)
             for i in range(x.shape[0])]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _conv_backward(spec: ConvSpec, x: Tensor, kernels: Tensor, grad: Tensor, need_x: bool, need_w: bool):
+def _conv_backward(spec: ConvSpec, x: Tensor, kernels: _Kernels, grad: Tensor, grad_grid: Tensor | None,
+                   need_x: bool) -> Tensor | None:
     inputs, padding = _conv_input(spec, x)
-    weights = kernels.permute(0, 1, 4, 2, 3)
     grad = grad.contiguous(memory_format=torch.channels_last)
-    grads_x, grads_w = [], []
+    grads_x = []
     for i in range(x.shape[0]):
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad[i:i + 1], inputs[i:i + 1], weights[i], None, spec.stride, padding, spec.dilation, False,
-            (0, 0), spec.groups, (need_x, need_w, False))
+            grad[i:i + 1], inputs[i:i + 1], kernels[i].permute(0, 3, 1, 2), None, spec.stride, padding,
+            spec.dilation, False, (0, 0), spec.groups, (need_x, grad_grid is not None, False))
         grads_x.append(grad_x)
-        grads_w.append(grad_w)
-    grad_x = grad_kernels = None
-    if need_x:
-        grad_x = grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x)
-        if not spec.symmetric:
-            top, _, left, _ = spec.padding
-            grad_x = grad_x[:, :, top:top + x.shape[2], left:left + x.shape[3]]
-    if need_w:
-        grad_kernels = torch.stack([g.permute(0, 2, 3, 1) for g in grads_w])
-    return grad_x, grad_kernels
+        if grad_grid is not None:  # (C_out, C_in/g, kh, kw) -> (O, f_e, kh, kw, I, c_e)
+            grad_w = grad_w.permute(0, 2, 3, 1).unflatten(-1, grad_grid.shape[-2:])
+            grad_grid[i].copy_(grad_w.unflatten(0, grad_grid.shape[1:3]))
+    if not need_x:
+        return None
+    grad_x = grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x)
+    if not spec.symmetric:
+        top, _, left, _ = spec.padding
+        grad_x = grad_x[:, :, top:top + x.shape[2], left:left + x.shape[3]]
+    return grad_x
 
 
 _FORWARD = {"matmul": _matmul_forward, "conv": _conv_forward}
@@ -359,19 +387,23 @@ class _KWConv2d(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         ctx.spec = spec
         ctx.save_for_backward(x, alpha, cells)
-        return _FORWARD[spec.path](spec, x, _assembled(spec.tiling, alpha, cells), bias)
+        kernels = _Kernels(spec.tiling, _assembled(spec.tiling, alpha, cells))
+        return _FORWARD[spec.path](spec, x, kernels, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, alpha, cells = ctx.saved_tensors
         spec = ctx.spec
         need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
-        kernels = _assembled(spec.tiling, alpha, cells)
-        grad_x, grad_kernels = _BACKWARD[spec.path](spec, x, kernels, grad, need_x, need_alpha or need_cells)
+        blocks = _assembled(spec.tiling, alpha, cells)
+        grad_blocks = torch.empty_like(blocks) if need_alpha or need_cells else None
+        grad_grid = None if grad_blocks is None else _ohwi_grid(spec.tiling, grad_blocks)
+        grad_x = _BACKWARD[spec.path](spec, x, _Kernels(spec.tiling, blocks), grad, grad_grid, need_x)
+        blocks = None  # a batch of kernels: release before the next products  # noqa: F841
         grad_alpha = grad_cells = grad_bias = None
-        if grad_kernels is not None:
+        if grad_blocks is not None:
             batch, mixtures, n = alpha.shape
-            grad_blocks = _blocks_from_ohwi(spec.tiling, grad_kernels)
+            grad_blocks = grad_blocks.view(batch * mixtures, -1)
             if need_alpha:
                 grad_alpha = linear(grad_blocks, cells.reshape(n, -1)).view_as(alpha)
             if need_cells:
@@ -446,43 +478,43 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
 
     Keyed by configuration rather than by layer, so identical layers (a model and its
     reloaded copy) take the same path and give bit-identical results.  Under
-    ``torch.compile`` no timing runs: a remembered choice or a rule of thumb is used.
+    ``torch.compile`` no timing runs: a rule of thumb picks the path.
     """
+    if torch.compiler.is_compiling():
+        return "matmul" if "matmul" in available else "grouped"
     key = _configuration(layer, x, alpha)
     path = _chosen.get(key)
     if path is not None:
         return path
-    if torch.compiler.is_compiling():
-        return "matmul" if "matmul" in available else "grouped"
-    path = _fastest(layer, x, alpha, available, needs_grad=key[-2])
+    needs_grad = key[-2]
+    if needs_grad and layer.groups == 1 and len(available) > 1:
+        # "grouped" keeps a batch of kernels alive until backward (autograd saves them for
+        # the convolution): in training it costs memory the fused paths do not
+        available = tuple(path for path in available if path != "grouped")
+    path = _fastest(layer, x, alpha, available)
     _chosen[key] = path
     return path
 
 
-def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], needs_grad: bool,
-             repeats: int = 3) -> str:
-    """Time each path (forward, and backward when training) on detached copies of the inputs."""
+def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 3) -> str:
+    """Time each path's forward (without autograd) and return the fastest.
+
+    Forward alone picks the same paths as forward plus backward on resnet18 / resnet50
+    training steps, and timing backward too left the heap fragmented enough to add a
+    third to a training step's peak memory.
+    """
     if len(available) == 1:
         return available[0]
-    x = x.detach().requires_grad_(x.requires_grad and needs_grad)
-    alpha = alpha.detach().requires_grad_(needs_grad)
-    cells = layer.warehouse.cells
-
-    def step(path: str) -> None:
-        with torch.set_grad_enabled(needs_grad):
-            out = _run(layer, x, alpha, path)
-            if needs_grad:
-                leaves = [t for t in (x, alpha, cells) if t.requires_grad]
-                torch.autograd.grad(out, leaves, torch.ones_like(out))
-
+    x, alpha = x.detach(), alpha.detach()
     best = {path: math.inf for path in available}
-    for path in available:
-        step(path)  # first call: oneDNN creates its primitives
-    for _ in range(repeats):
+    with torch.no_grad():
         for path in available:
-            start = time.perf_counter()
-            step(path)
-            best[path] = min(best[path], time.perf_counter() - start)
+            _run(layer, x, alpha, path)  # first call: oneDNN creates its primitives
+        for _ in range(repeats):
+            for path in available:
+                start = time.perf_counter()
+                _run(layer, x, alpha, path)
+                best[path] = min(best[path], time.perf_counter() - start)
     return min(best, key=best.get)
 
 

@@ -31,6 +31,7 @@ class Conversion:
     weights: Path | None = None
     init: str = "preserve"
     plan_options: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None  # convert only this sub-module (traced on what it receives)
     model: nn.Module | None = None
     plan: Plan | None = None
     converted: nn.Module | None = None
@@ -52,7 +53,7 @@ class Conversion:
 
     def make_plan(self) -> Plan:
         self.plan = make_plan(self.model, self.budget, (self.example_input(),),
-                              model_name=self.source, **self.plan_options)
+                              model_name=self.source, module=self.module, **self.plan_options)
         return self.plan
 
     def convert(self) -> nn.Module:

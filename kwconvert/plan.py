@@ -15,6 +15,7 @@ rewrite -> io), so it can be printed, edited, saved as JSON and applied later.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fnmatch
 import functools
 import json
@@ -23,10 +24,12 @@ import string
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
-from . import cells
-from .trace import Candidate, LayerGraph, trace
+from . import cells, compat
+from .trace import Candidate, LayerGraph, layer_kind, module_inputs, submodule, trace
+from .vit import projection_role
 
 #: Version of the plan's JSON schema; bump when a field changes meaning.
 PLAN_FORMAT = 1
@@ -39,6 +42,8 @@ class LayerPlan:
     ``weight_shape`` is ``(C_out, C_in/groups, *kernel)`` (Linear: ``(out, in)``);
     ``cells`` is m; ``offset`` is the number of warehouse cells handed out before this
     layer in the one-to-one walk (paper Sec. 3.3); ``hidden`` is the attention width.
+    ``rows`` ``(start, stop)`` converts only those output rows of the layer (a fused qkv's
+    value rows, :mod:`kwconvert.vit`); ``weight_shape`` is then the rows' shape.
     """
     name: str
     kind: str
@@ -48,6 +53,7 @@ class LayerPlan:
     cells: int
     offset: int
     hidden: int
+    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ class Plan:
     input_size: tuple[int, ...] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    module: str | None = None
+    unpacked_attention: tuple[str, ...] = ()
 
     # --- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +116,8 @@ class Plan:
             "plain": [asdict(s) for s in self.plain],
             "options": self.options,
             "notes": list(self.notes),
+            "module": self.module,
+            "unpacked_attention": list(self.unpacked_attention),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -130,6 +140,8 @@ class Plan:
                 input_size=tuple(data["input_size"]) if data.get("input_size") else None,
                 options=dict(data.get("options", {})),
                 notes=tuple(data.get("notes", ())),
+                module=data.get("module"),
+                unpacked_attention=tuple(data.get("unpacked_attention", ())),
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"plan JSON is missing or has a malformed field: {err}") from None
@@ -166,9 +178,11 @@ class Plan:
             for column, justify in (("layer", "left"), ("kernel", "right"), ("cell", "right"), ("m", "right")):
                 table.add_column(column, justify=justify)
             for layer in w.layers:
-                table.add_row(layer.name, _dims(layer.weight_shape), _dims(w.cell), str(layer.cells))
+                rows = f" (rows {layer.rows[0]}:{layer.rows[1]})" if layer.rows else ""
+                table.add_row(layer.name + rows, _dims(layer.weight_shape), _dims(w.cell), str(layer.cells))
             parts.append(table)
-        summary = Table(title=f"{self.model} at b = {self.budget:g}: {len(self.warehouses)} warehouses",
+        where = f" (module {self.module})" if self.module else ""
+        summary = Table(title=f"{self.model}{where} at b = {self.budget:g}: {len(self.warehouses)} warehouses",
                         title_justify="left")
         for column in ("warehouse", "layers", "cell", "m_t", "n", "warehouse params", "attention params"):
             summary.add_column(column, justify="left" if column == "warehouse" else "right")
@@ -207,7 +221,8 @@ def _warehouse_to_dict(w: WarehousePlan) -> dict[str, Any]:
         "init_error": w.init_error,
         "layer_details": [
             {"kind": l.kind, "weight_shape": list(l.weight_shape), "in_channels": l.in_channels,
-             "groups": l.groups, "offset": l.offset, "hidden": l.hidden}
+             "groups": l.groups, "offset": l.offset, "hidden": l.hidden,
+             "rows": list(l.rows) if l.rows else None}
             for l in w.layers
         ],
     }
@@ -220,7 +235,8 @@ def _warehouse_from_dict(d: dict[str, Any]) -> WarehousePlan:
     layers = tuple(
         LayerPlan(name=name, kind=det["kind"], weight_shape=tuple(det["weight_shape"]),
                   in_channels=int(det["in_channels"]), groups=int(det["groups"]), cells=int(m),
-                  offset=int(det["offset"]), hidden=int(det["hidden"]))
+                  offset=int(det["offset"]), hidden=int(det["hidden"]),
+                  rows=tuple(int(r) for r in det["rows"]) if det.get("rows") else None)
         for name, m, det in zip(names, cells, details))
     return WarehousePlan(
         name=d["name"], layers=layers, cell=tuple(d["cell"]), m_t=int(d["m_t"]), n=int(d["n"]),
@@ -265,7 +281,16 @@ class PlanOptions:
         "'auto' splits when b > 1 (the reference's MobileNetV2 4x), true, false")})
     max_blocks_per_stage: int | None = field(default=None, metadata={"help": (
         "cut a stage of more than N residual blocks (adds) into near-equal sub-stages of at "
-        "most N, with no handover at the cuts (ConvNeXt-Tiny with 3: the paper's 16 warehouses)")})
+        "most N, with no handover at the cuts (ConvNeXt-Tiny with 3: the paper's 16 warehouses); "
+        "stages of attention blocks follow blocks_per_warehouse instead")})
+    blocks_per_warehouse: int | None = field(default=3, metadata={"help": (
+        "transformers: a stage of attention blocks (all of a ViT's blocks form one) shares its "
+        "warehouses within groups of at most N consecutive blocks, a block being an attention "
+        "add and the adds after it up to the next attention (3 meets the paper's DeiT counts); "
+        "None: one group per stage")})
+    static_query_key: bool = field(default=True, metadata={"help": (
+        "transformers: keep query and key projections static and convert only the value rows "
+        "of a fused qkv / kv projection (paper: DeiT); false converts them like any Linear")})
     include: tuple[str, ...] = field(default=(), metadata={"help": (
         "glob patterns (fnmatch) on layer names; when given, only matching layers may be converted")})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": (
@@ -304,11 +329,12 @@ class PlanOptions:
             if not all(isinstance(p, str) for p in patterns):
                 raise ValueError(f"option {name} must be glob patterns (strings), got {value!r}")
             object.__setattr__(self, name, patterns)
-        if self.max_blocks_per_stage is not None and (
-                isinstance(self.max_blocks_per_stage, bool) or not isinstance(self.max_blocks_per_stage, int)
-                or self.max_blocks_per_stage < 1):
-            raise ValueError(f"option max_blocks_per_stage must be a positive integer or None, "
-                             f"got {self.max_blocks_per_stage!r}")
+        for name in ("max_blocks_per_stage", "blocks_per_warehouse"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"option {name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.static_query_key, bool):
+            raise ValueError(f"option static_query_key must be true or false, got {self.static_query_key!r}")
         for name in ("reduction", "basis_ratio"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
@@ -371,15 +397,20 @@ def check_budget(budget: float) -> float:
 # Planning
 # =======================================================================================
 def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, model_name: str | None = None,
-         graph: LayerGraph | None = None, **options: Any) -> Plan:
+         graph: LayerGraph | None = None, module: str | None = None, **options: Any) -> Plan:
     """Plan the KernelWarehouse conversion of ``model`` at budget ``budget``.
 
     Traces the model (or uses ``graph``), groups its Conv/Linear layers into warehouses by
     the paper's reassigned stages (see :func:`group_layers`), sizes cells, warehouses and
     attention with :mod:`kwconvert.cells`, and applies the budget guard.  ``options`` are
     :class:`PlanOptions` fields.
+
+    ``module="backbone.body"`` plans only that sub-module (see :func:`_plan_module`); the
+    plan still names the whole model's layers, so ``convert(model, plan)`` applies it.
     """
     budget = parse_budget(budget) if isinstance(budget, str) else check_budget(budget)
+    if module:
+        return _plan_module(model, budget, example_inputs, module, model_name, graph, options)
     opts = PlanOptions.from_kwargs(**options)
     if graph is None:
         if model is None:
@@ -393,16 +424,59 @@ def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, m
     limit = opts.params_ratio(budget) * graph.params_baseline
     groups, saver = _honour_budget(graph, groups, plain, sizing, limit, notes)
     warehouses = tuple(sizing.warehouse(g.name, g.members, saver) for g in groups)
-    converted = {layer.name for w in warehouses for layer in w.layers}
-    params = (graph.params_baseline - sum(graph.candidate(n).weight_numel for n in converted)
-              + sum(w.warehouse_params + w.attention_params for w in warehouses))
+    dropped = sum(math.prod(l.weight_shape) + graph.candidate(l.name).extra_params
+                  for w in warehouses for l in w.layers)
+    params = graph.params_baseline - dropped + sum(w.warehouse_params + w.attention_params for w in warehouses)
     order = {c.name: c.order for c in graph.candidates}
     static = tuple(StaticLayer(layer, reason) for layer, reason in
                    sorted(plain.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    converted = {layer.name for w in warehouses for layer in w.layers}
+    unpacked = tuple(path for path in graph.unpacked_attention
+                     if any(name.startswith(f"{path}.") for name in converted))
     return Plan(model=name, budget=budget, warehouses=warehouses, plain=static,
                 params_baseline=graph.params_baseline, params_converted=params,
                 input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
-                options=opts.to_dict(), notes=tuple(dict.fromkeys(notes)))
+                options=opts.to_dict(), notes=tuple(dict.fromkeys(notes)), unpacked_attention=unpacked)
+
+
+def _plan_module(model: nn.Module | None, budget: float, example_inputs, path: str, model_name: str | None,
+                 graph: LayerGraph | None, options: dict[str, Any]) -> Plan:
+    """Plan sub-module ``path`` of ``model`` only; every layer outside it stays plain.
+
+    The sub-module is traced on the input it receives in one forward of the whole model
+    (``example_inputs`` are the whole model's; :func:`kwconvert.trace.module_inputs`), so
+    a detector's backbone sees the normalised, resized batch its transform makes.  The
+    budget guard bounds the sub-module against its own parameters; the plan's totals are
+    the whole model's, so a converted model holds exactly ``params_converted``.
+    """
+    if model is None:
+        raise ValueError(f"planning module {path} needs the whole model, not only a traced graph")
+    inner_model = submodule(model, path)
+    if graph is None:
+        graph = trace(inner_model, module_inputs(model, path, example_inputs))
+    name = model_name or type(model).__name__
+    inner = plan(inner_model, budget, graph=graph, model_name=name, **options)
+    prefix = f"{path}."
+    warehouses = tuple(dataclasses.replace(w, layers=tuple(dataclasses.replace(l, name=prefix + l.name)
+                                                           for l in w.layers)) for w in inner.warehouses)
+    plain = [StaticLayer(prefix + s.layer, s.reason) for s in inner.plain]
+    plain += [StaticLayer(n, f"outside module {path}") for n, m in model.named_modules()
+              if layer_kind(m) and not n.startswith(prefix)]
+    baseline = sum(p.numel() for p in model.parameters())
+    notes = (f"only module {path} is converted ({inner.params_baseline:,} of the model's {baseline:,} "
+             "parameters); the budget guard bounds it against its own parameters",) + inner.notes
+    if isinstance(example_inputs, torch.Tensor):
+        input_size = tuple(example_inputs.shape[1:])
+    elif isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 1 \
+            and isinstance(example_inputs[0], torch.Tensor):
+        input_size = tuple(example_inputs[0].shape[1:])
+    else:
+        input_size = None
+    return dataclasses.replace(
+        inner, warehouses=warehouses, plain=tuple(plain), params_baseline=baseline,
+        params_converted=baseline - inner.params_baseline + inner.params_converted,
+        input_size=input_size, notes=notes, module=path,
+        unpacked_attention=tuple(prefix + p for p in inner.unpacked_attention))
 
 
 @dataclass
@@ -432,13 +506,23 @@ def group_layers(graph: LayerGraph, budget: float, options: PlanOptions) -> Grou
     """
     plain = {name: reason for name, reason in graph.unused}
     notes: list[str] = []
-    converted = []
+    converted, split = [], []
     for cand in graph.candidates:
         reason = _static_reason(graph, cand, options)
+        role = projection_role(cand) if options.static_query_key and reason is None else None
+        if role is not None and role.value_rows is not None:
+            rows = role.value_rows
+            cand = dataclasses.replace(cand, weight_shape=(rows[1] - rows[0], *cand.weight_shape[1:]), rows=rows)
+            split.append(cand.name)
+        elif role is not None:
+            reason = role.static_reason
         if reason is None:
             converted.append(cand)
         else:
             plain[cand.name] = reason
+    if split:
+        notes.append(f"query and key stay static: {len(split)} fused projection(s) convert only their value "
+                     f"rows ({split[0]}{', ...' if len(split) > 1 else ''})")
     if options.mode == "dynamic_conv":
         return Grouping([Group(c.name, [c]) for c in converted], plain, notes)
     stems = set(graph.stems) if graph.exact else {graph.candidates[0].name}
@@ -460,6 +544,11 @@ def _static_reason(graph: LayerGraph, cand: Candidate, options: PlanOptions) -> 
         return "excluded by option"
     if cand.input_shape is not None and len(cand.input_shape) == 2:
         return "head"
+    if cand.custom_forward and cand.custom_forward not in EQUIVALENT_FORWARDS | compat.EXTRAS.keys():
+        return (f"{cand.custom_forward.rsplit('.', 1)[-1]} overrides torch's forward; a KernelWarehouse "
+                "layer would not compute what it computes")
+    if cand.weight_read:
+        return "the model reads its weight outside its forward (e.g. for a dtype); a converted layer has none"
     if _on_pooled_map(cand) and options.squeeze_excitation == "plain":
         return "squeeze-excitation conv on a pooled map"
     is_stem = cand.name in graph.stems if graph.exact else cand.order == 0
@@ -471,6 +560,13 @@ def _static_reason(graph: LayerGraph, cand: Candidate, options: PlanOptions) -> 
     if options.stem_fed_pointwise_plain and cand.pointwise and _fed_by_stem(graph, cand):
         return "stem-fed pointwise conv"
     return None
+
+
+#: Conv/Linear subclasses whose own forward computes exactly torch's (timm's Linear only
+#: casts the weight to the input's dtype for TorchScript): they convert like their base.
+#: Those of :data:`kwconvert.compat.EXTRAS` (timm's 'SAME' padding and weight
+#: standardisation) convert too; any other subclass with its own forward stays static.
+EQUIVALENT_FORWARDS = frozenset({"timm.layers.linear.Linear"})
 
 
 def _on_pooled_map(cand: Candidate) -> bool:
@@ -528,8 +624,8 @@ def _stages(graph: LayerGraph, options: PlanOptions, notes: list[str]) -> dict[s
     label_of_block: dict[int, str] = {}
     last_label: list[str] = []
     for number, body in enumerate(bodies, start=1):
-        parts = _split_evenly(body, options.max_blocks_per_stage)
-        if len(parts) == 1 and len(body) > LONG_BODY_BLOCKS:
+        parts = _cut_body(body, blocks, options)
+        if len(parts) == 1 and len(body) > LONG_BODY_BLOCKS and not _units_of_attention(body, blocks):
             notes.append(f"stage{number} shares its warehouses across {len(body)} residual blocks; "
                          "max_blocks_per_stage cuts it into sub-stages (the paper uses 3 for ConvNeXt-Tiny)")
         for part_index, part in enumerate(parts):
@@ -547,6 +643,35 @@ def _stages(graph: LayerGraph, options: PlanOptions, notes: list[str]) -> dict[s
             adds = graph.adds_upstream(cand.name)
             stages[cand.name] = label_of_add[adds[0]] if adds else "pre"
     return stages
+
+
+def _cut_body(body: list[int], blocks, options: PlanOptions) -> list[list[int]]:
+    """A body's sub-stages: groups of transformer blocks, or of residual blocks.
+
+    A body holding attention (all of a ViT's blocks, a Swin stage) is cut into groups of
+    at most ``blocks_per_warehouse`` transformer blocks (paper: DeiT's warehouses are
+    shared by several consecutive blocks); any other body by ``max_blocks_per_stage``
+    residual adds (None: uncut, the paper's CNN stages).
+    """
+    units = _units_of_attention(body, blocks)
+    if not units:
+        return _split_evenly(body, options.max_blocks_per_stage)
+    return [[index for unit in part for index in unit]
+            for part in _split_evenly(units, options.blocks_per_warehouse)]
+
+
+def _units_of_attention(body: list[int], blocks) -> list[list[int]]:
+    """Transformer blocks of a body: each attention add with the adds after it up to the
+    next attention add (a ViT block's attention and MLP); [] when the body has no attention."""
+    if not any(blocks[index].attention for index in body):
+        return []
+    units: list[list[int]] = []
+    for index in body:
+        if blocks[index].attention or not units:
+            units.append([index])
+        else:
+            units[-1].append(index)
+    return units
 
 
 def _same_stream(shape: tuple[int, ...], other: tuple[int, ...]) -> bool:
@@ -599,7 +724,7 @@ class _Sizing:
         for cand, m in zip(members, counts):
             layers.append(LayerPlan(name=cand.name, kind=cand.kind, weight_shape=tuple(cand.weight_shape),
                                     in_channels=cand.in_channels, groups=cand.groups, cells=m,
-                                    offset=offset, hidden=self._hidden(cand)))
+                                    offset=offset, hidden=self._hidden(cand), rows=cand.rows))
             offset += cells.cells_handed_out(m, self.budget)
         return WarehousePlan(name=name, layers=tuple(layers), cell=cell, m_t=sum(counts), n=n,
                              budget=self.budget, attention_norm=self.norm, basis_ratio=basis_ratio,
@@ -622,7 +747,7 @@ class _Sizing:
         if self.options.mode == "dynamic_conv":
             cell = tuple(shapes[0])
         else:
-            cell = tuple(cells.cell_shape(shapes, self.budget))
+            cell = _cell_shape(shapes, self.budget)
         counts = [cells.cells_in(shape, cell) for shape in shapes]
         basis_ratio = self.options.basis_ratio if saver and self.budget < 1 else None
         return cell, counts, cells.warehouse_size(sum(counts), self.budget), basis_ratio
@@ -635,6 +760,25 @@ class _Sizing:
         return sum(cells.attention_params(cand.in_channels, self._hidden(cand), m, n, norm=self.norm,
                                           budget=self.budget, basis_ratio=basis_ratio)
                    for cand, m in zip(members, counts))
+
+
+def _cell_shape(shapes: Sequence[tuple[int, ...]], budget: float) -> tuple[int, ...]:
+    """:func:`kwconvert.cells.cell_shape`, with odd GCDs split so that cells still tile.
+
+    At b < 1 the paper halves the GCDs (m quadruples).  Half an odd GCD divides no kernel
+    (r2plus1d_18's 45 input channels would give cells of 22), so an odd GCD is divided by
+    its smallest prime factor instead; even GCDs are halved exactly as before.
+    """
+    cell = tuple(cells.cell_shape(shapes, 1.0))
+    if budget >= 1:
+        return cell
+    return tuple(_split_divisor(d) for d in cell[:2]) + cell[2:]
+
+
+def _split_divisor(value: int) -> int:
+    """``value`` divided by its smallest prime factor (1 stays 1)."""
+    factor = next((p for p in range(2, math.isqrt(value) + 1) if value % p == 0), value)
+    return value // factor
 
 
 def _use_saver(sizing: _Sizing, groups: list[Group]) -> bool:

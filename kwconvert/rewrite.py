@@ -5,6 +5,12 @@ swaps them (``get_submodule`` on the parent, then ``setattr``): the model keeps 
 class, forward, buffers and every other module.  Each warehouse is registered once, in a
 ``kw_warehouses`` ModuleDict on the converted (sub)module, so state_dict, optimisers and
 DDP see every shared cell exactly once while the layers hold it by reference.
+
+Three layers are not swapped one for one (the plan says which): a fused qkv whose value
+rows alone are converted becomes a ``PartlyDynamicLinear``, the ``nn.MultiheadAttention``
+modules the plan lists are first unpacked into four Linear layers (:mod:`kwconvert.vit`),
+and timm's 'SAME'-padded or weight-standardised convolutions are converted from the
+kernel they convolve with, inside ``SamePadded`` when they pad (:mod:`kwconvert.compat`).
 """
 from __future__ import annotations
 
@@ -17,8 +23,10 @@ import torch
 from torch import nn
 
 from . import cells as kw_cells
+from . import compat
 from .layers import KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, kernel_to_blocks
 from .plan import LayerPlan, Plan, WarehousePlan, plan as make_plan
+from .vit import PartlyDynamicLinear, linear_rows, unpack_attention, unpacked_attention
 
 #: Where the converted model keeps its warehouses and its plan.
 WAREHOUSES_ATTR = "kw_warehouses"
@@ -50,26 +58,50 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
         plan = make_plan(model, budget_or_plan, example_inputs, **plan_options)
     if hasattr(model, PLAN_ATTR):
         raise ValueError("the model is already converted by kwconvert; convert the original model")
-    check_plan_fits(model, plan)
+    with unpacked_attention(model, plan.unpacked_attention):  # the layers the plan names
+        check_plan_fits(model, plan)
     if not inplace:
         model = copy.deepcopy(model)
+    unpack_attention(model, plan.unpacked_attention)
     paths = _paths_by_module(model)
-    container = nn.ModuleDict()
+    container = WarehouseStore()
     fitted = []
     for warehouse_plan in plan.warehouses:
-        statics = [model.get_submodule(layer.name) for layer in warehouse_plan.layers]
+        originals = [model.get_submodule(layer.name) for layer in warehouse_plan.layers]
+        # A layer converted in part (a fused qkv's value rows) is fitted on those rows only;
+        # a weight-standardised one on the kernel it convolves with (kwconvert.compat).
+        statics = [linear_rows(module, layer.rows) if layer.rows
+                   else compat.plain_equivalent(module) if compat.extras_of(module) else module
+                   for layer, module in zip(warehouse_plan.layers, originals)]
         warehouse = _new_warehouse(warehouse_plan, statics[0])
         kw_layers = [_kw_layer(layer, warehouse_plan, warehouse, static)
                      for layer, static in zip(warehouse_plan.layers, statics)]
         error = _initialise(warehouse_plan, warehouse, kw_layers, statics, init)
-        for static, kw_layer in zip(statics, kw_layers):
-            for path in paths[id(static)]:
-                _set_submodule(model, path, kw_layer)
+        for layer, original, kw_layer in zip(warehouse_plan.layers, originals, kw_layers):
+            if layer.rows:
+                replacement = PartlyDynamicLinear(original, kw_layer, layer.rows)
+            elif compat.pads_dynamically(original):
+                replacement = compat.SamePadded(kw_layer)
+            else:
+                replacement = kw_layer
+            for path in paths[id(original)]:
+                _set_submodule(model, path, replacement)
         container[_key(warehouse_plan.name)] = warehouse
         fitted.append(dataclasses.replace(warehouse_plan, init_error=error))
     model.add_module(WAREHOUSES_ATTR, container)
     setattr(model, PLAN_ATTR, dataclasses.replace(plan, warehouses=tuple(fitted)))
     return model
+
+
+class WarehouseStore(nn.ModuleDict):
+    """The converted model's warehouses, registered once (``model.kw_warehouses``).
+
+    Called, it returns its first argument unchanged: an ``nn.Sequential`` calls every
+    child in turn, so a converted Sequential passes its output through the store.
+    """
+
+    def forward(self, x, *args, **kwargs):
+        return x
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -149,6 +181,12 @@ def _check_module_matches(module: nn.Module, layer: LayerPlan, where: str) -> No
     if not isinstance(module, static_class):
         raise ValueError(f"{where}: planned as {layer.kind} but the model has {type(module).__name__}")
     shape = tuple(module.weight.shape)
+    if layer.rows is not None:
+        start, stop = layer.rows
+        if layer.kind != "linear" or not 0 <= start < stop <= shape[0]:
+            raise ValueError(f"{where}: rows {start}:{stop} do not lie in the {shape[0]} outputs of the "
+                             f"model's {type(module).__name__}")
+        shape = (stop - start, *shape[1:])
     if shape != tuple(layer.weight_shape):
         raise ValueError(f"{where}: planned kernel {'x'.join(map(str, layer.weight_shape))} "
                          f"but the model's is {'x'.join(map(str, shape))}")

@@ -16,6 +16,7 @@ exact, but the dataflow is assumed to be a chain in execution order and the grap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import operator
@@ -27,11 +28,15 @@ from typing import Any, Iterable, Sequence
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-__all__ = ["Candidate", "ResidualBlock", "LayerGraph", "trace", "layer_kind", "default_example_inputs"]
+from .vit import unpacked_attention
+
+__all__ = ["Candidate", "ResidualBlock", "LayerGraph", "trace", "layer_kind", "default_example_inputs",
+           "module_inputs"]
 
 #: Candidate layer types, most specific first (isinstance, so subclasses count).
 _KIND_OF_TYPE: tuple[tuple[type[nn.Module], str], ...] = (
@@ -40,6 +45,9 @@ _KIND_OF_TYPE: tuple[tuple[type[nn.Module], str], ...] = (
 #: fx targets that add two tensors (``x + y``, ``x += y``, ``torch.add``, ``x.add(y)``).
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
+#: fx targets that multiply two tensors: with two input-dependent operands, an attention.
+_PRODUCT_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.baddbmm)
+_PRODUCT_METHODS = ("matmul", "bmm")
 
 #: Default example input: one 3 x 224 x 224 image (ImageNet classification).
 DEFAULT_INPUT_SIZE = (1, 3, 224, 224)
@@ -59,7 +67,15 @@ class Candidate:
 
     ``weight_shape`` is ``(C_out, C_in/groups, *kernel)`` (Linear: ``(out, in)``);
     ``order`` is the execution-order index; ``calls`` counts the places the module is
-    called from (the graph records its first call).
+    called from (the graph records its first call).  ``out_layout`` is the shape the
+    output is reshaped to when a reshape/view is its only reader (a ViT's fused qkv:
+    ``(B, N, 3, heads, head_dim)``), else None.  ``rows`` is set by the planner on the
+    part of a layer it converts alone: output rows ``[start, stop)`` (the value rows of a
+    fused qkv); ``weight_shape`` is then that part's.  ``custom_forward`` names the class
+    of a subclass that overrides torch's forward (timm's ``Conv2dSame``, ``StdConv2d``);
+    ``weight_read`` is True when the model reads the layer's weight outside its forward
+    (``x.to(self.proj.weight.dtype)``); ``extra_params`` counts the layer's own parameters
+    besides weight and bias (the gain of timm's ``ScaledStdConv2d``).
     """
     name: str
     kind: str
@@ -70,6 +86,11 @@ class Candidate:
     output_shape: tuple[int, ...] | None
     order: int
     calls: int = 1
+    out_layout: tuple[int, ...] | None = None
+    rows: tuple[int, int] | None = None
+    custom_forward: str | None = None
+    weight_read: bool = False
+    extra_params: int = 0
 
     @property
     def out_channels(self) -> int:
@@ -115,13 +136,16 @@ class ResidualBlock:
 
     ``add`` and ``fork`` are node ids of :attr:`LayerGraph.dataflow`; ``members`` are the
     candidates between fork and add in execution order (a layer may lie in several
-    blocks; the planner gives it to the first).
+    blocks; the planner gives it to the first).  ``attention`` is True when an attention
+    product (scaled dot-product attention, or a matmul of two input-dependent tensors)
+    lies between fork and add: a transformer's token mixer.
     """
     add: str
     fork: str
     members: tuple[str, ...]
     shape: tuple[int, ...]
     order: int
+    attention: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,6 +158,8 @@ class LayerGraph:
     residual adds, the inputs and the output, with an edge wherever data moves between
     them without passing another one.  ``traced_with`` is "fx" or "hooks"; with hooks the
     dataflow is a chain in execution order and ``notes`` say what was lost.
+    ``unpacked_attention`` lists the nn.MultiheadAttention modules traced unpacked
+    (:mod:`kwconvert.vit`): their layers ``PATH.q_proj`` ... exist only once unpacked.
     """
     candidates: tuple[Candidate, ...]
     dataflow: nx.DiGraph
@@ -144,6 +170,7 @@ class LayerGraph:
     unused: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = ()
     node_of: dict[str, str] = field(default_factory=dict)
+    unpacked_attention: tuple[str, ...] = ()
 
     # --- candidates -------------------------------------------------------------------
     @cached_property
@@ -291,16 +318,83 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     if layer_kind(model):
         raise ValueError(f"the model is itself one {type(model).__name__}: wrap it in a container "
                          "(e.g. nn.Sequential) so that the layer can be swapped")
-    named = [(name, module) for name, module in model.named_modules() if layer_kind(module)]
-    if not named:
-        raise ValueError(f"{type(model).__name__} has no Conv1d/Conv2d/Conv3d/Linear layer to convert")
+    was_training = model.training
+    model.eval()
+    try:
+        # nn.MultiheadAttention uses its projections as tensors: unpacked, they are layers.
+        with torch.no_grad(), unpacked_attention(model) as unpacked:
+            named = [(name, module) for name, module in model.named_modules() if layer_kind(module)]
+            if not named:
+                raise ValueError(f"{type(model).__name__} has no Conv1d/Conv2d/Conv3d/Linear layer to convert")
+            graph = _trace_fx(model, inputs, named)
+    finally:
+        model.train(was_training)
+    if unpacked:
+        note = (f"{len(unpacked)} nn.MultiheadAttention module(s) are unpacked into q/k/v/out Linear layers "
+                f"({unpacked[0]}{', ...' if len(unpacked) > 1 else ''}); converting rebuilds them that way")
+        graph = dataclasses.replace(graph, unpacked_attention=unpacked, notes=graph.notes + (note,))
+    return graph
+
+
+class _Recorded(Exception):
+    """Raised by the pre-hook of :func:`module_inputs` to stop the forward once it has the input."""
+
+
+def module_inputs(model: nn.Module, path: str, example_inputs: Any = None) -> tuple[torch.Tensor, ...]:
+    """The tensors sub-module ``path`` receives in one forward of the whole ``model``.
+
+    A detection or segmentation model hands its backbone a tensor it builds itself
+    (normalised, resized, batched), so the backbone is traced on what a forward pre-hook
+    records at its first call, not on a guess.  The rest of the forward is skipped once
+    the input is recorded.  ``example_inputs`` are the whole model's positional arguments
+    (a tensor, or a tuple of anything the model takes; default: one image).
+    """
+    target = submodule(model, path)
+    if example_inputs is None:
+        inputs = default_example_inputs(model)
+    else:
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    recorded: list[tuple[tuple, dict]] = []
+
+    def record(module, args, kwargs):
+        recorded.append((args, kwargs))
+        raise _Recorded()
+
+    handle = target.register_forward_pre_hook(record, with_kwargs=True)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _trace_fx(model, inputs, named)
+            model(*inputs)
+    except _Recorded:
+        pass
+    except Exception as err:
+        raise ValueError(f"the model rejected its example input while kwconvert recorded the input of "
+                         f"{path} ({_one_line(err)}); pass another input size or example_inputs") from None
     finally:
+        handle.remove()
         model.train(was_training)
+    if not recorded:
+        raise ValueError(f"sub-module {path} ({type(target).__name__}) is not called in the model's forward "
+                         "on the example input, so it cannot be traced")
+    args, kwargs = recorded[0]
+    if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
+        received = [type(a).__name__ for a in args] + [f"{k}={type(v).__name__}" for k, v in kwargs.items()]
+        raise ValueError(f"sub-module {path} is called with ({', '.join(received)}); kwconvert traces "
+                         "modules called with positional tensors only")
+    return tuple(a.detach() for a in args)
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` with a ValueError naming the nearest valid paths."""
+    import difflib
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        close = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"the model ({type(model).__name__}) has no sub-module '{path}'{hint}") from None
 
 
 def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -381,14 +475,17 @@ def _shape_of(node: fx.Node) -> tuple[int, ...] | None:
 def _graph_from_fx(model: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...],
                    named: list[tuple[str, nn.Module]]) -> LayerGraph:
     modules = dict(named)
-    dataflow, calls, constant_only = _dataflow(graph, modules)
+    attention_modules = {name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    dataflow, calls, constant_only = _dataflow(graph, modules, attention_modules)
+    attributes = {node.target for node in graph.nodes if node.op == "get_attr"}
     candidates, notes, node_of = [], [], {}
     for name, nodes_called in sorted(calls.items(), key=lambda item: dataflow.nodes[item[1][0].name]["order"]):
         first = nodes_called[0]
         tensor_arg = dataflow.nodes[first.name]["source_input"]
         candidates.append(_candidate(name, modules[name], len(candidates),
                                      dataflow.nodes[tensor_arg]["shape"] if tensor_arg else None,
-                                     _shape_of(first), len(nodes_called)))
+                                     _shape_of(first), len(nodes_called), _out_layout(first),
+                                     weight_read=f"{name}.weight" in attributes))
         node_of[name] = first.name
         if len(nodes_called) > 1:
             notes.append(f"{name} is called at {len(nodes_called)} places; it is recorded once, "
@@ -403,7 +500,7 @@ def _graph_from_fx(model: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor
         notes=tuple(notes), node_of=node_of)
 
 
-def _dataflow(graph: fx.Graph, modules: dict[str, nn.Module]):
+def _dataflow(graph: fx.Graph, modules: dict[str, nn.Module], attention_modules: set[str] = frozenset()):
     """The fx graph as a networkx DiGraph with roles, and the calls of each candidate.
 
     Returns ``(dataflow, calls, constant_only)``: ``calls`` maps a candidate to its call
@@ -430,7 +527,9 @@ def _dataflow(graph: fx.Graph, modules: dict[str, nn.Module]):
         role = _role(node, tensor_inputs, is_candidate and len(calls[node.target]) == 1, dependent)
         dataflow.add_node(node.name, role=role, order=order, shape=_shape_of(node),
                           candidate=node.target if role == "candidate" else None,
-                          source_input=tensor_inputs[0].name if tensor_inputs else None)
+                          source_input=tensor_inputs[0].name if tensor_inputs else None,
+                          attention=_is_attention(node, tensor_inputs)
+                          or (node.op == "call_module" and node.target in attention_modules))
         dataflow.add_edges_from((a.name, node.name) for a in node.all_input_nodes if "tensor_meta" in a.meta)
     return dataflow, calls, constant_only
 
@@ -447,6 +546,27 @@ def _role(node: fx.Node, tensor_inputs: list[fx.Node], is_candidate: bool, depen
     if _is_residual_add(node, tensor_inputs):
         return "add"
     return "pass" if len(tensor_inputs) == 1 else "other"
+
+
+def _is_attention(node: fx.Node, tensor_inputs: list[fx.Node]) -> bool:
+    """Scaled dot-product attention, or a product of two input-dependent tensors (q @ k^T)."""
+    if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        return True
+    is_product = ((node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS)
+                  or (node.op == "call_method" and node.target in _PRODUCT_METHODS))
+    return is_product and len(tensor_inputs) >= 2
+
+
+def _out_layout(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape a candidate's output is reshaped to, when a reshape/view is its only reader."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    if (user.op == "call_method" and user.target in ("reshape", "view", "unflatten")) or (
+            user.op == "call_function" and user.target in (torch.reshape, torch.unflatten)):
+        return _shape_of(user)
+    return None
 
 
 def _is_residual_add(node: fx.Node, tensor_inputs: list[fx.Node]) -> bool:
@@ -476,8 +596,9 @@ def _residual_blocks(graph: LayerGraph) -> tuple[ResidualBlock, ...]:
         members = tuple(sorted((dataflow.nodes[n]["candidate"] for n in between
                                 if dataflow.nodes[n]["role"] == "candidate"),
                                key=lambda name: graph.candidate(name).order))
+        attention = any(dataflow.nodes[n].get("attention") for n in between)
         blocks.append(ResidualBlock(add=add, fork=fork, members=members, shape=data["shape"],
-                                    order=dataflow.nodes[add]["order"]))
+                                    order=dataflow.nodes[add]["order"], attention=attention))
     return tuple(sorted(blocks, key=lambda b: b.order))
 
 
@@ -526,7 +647,8 @@ def _unused(model: nn.Module, named: list[tuple[str, nn.Module]], called: Iterab
     return tuple(unused)
 
 
-def _candidate(name: str, module: nn.Module, order: int, input_shape, output_shape, calls: int) -> Candidate:
+def _candidate(name: str, module: nn.Module, order: int, input_shape, output_shape, calls: int,
+               out_layout: tuple[int, ...] | None = None, weight_read: bool = False) -> Candidate:
     kind = layer_kind(module)
     weight = getattr(module, "weight", None)
     if kind == "linear":
@@ -540,7 +662,20 @@ def _candidate(name: str, module: nn.Module, order: int, input_shape, output_sha
                      in_channels=int(in_channels), groups=int(groups),
                      input_shape=tuple(input_shape) if input_shape is not None else None,
                      output_shape=tuple(output_shape) if output_shape is not None else None,
-                     order=order, calls=calls)
+                     order=order, calls=calls, out_layout=out_layout, custom_forward=_custom_forward(module),
+                     weight_read=weight_read,
+                     extra_params=sum(p.numel() for n, p in module.named_parameters(recurse=False)
+                                      if n not in ("weight", "bias")))
+
+
+def _custom_forward(module: nn.Module) -> str | None:
+    """The class name of a Conv/Linear subclass whose forward is not torch's, else None."""
+    for module_type, _ in _KIND_OF_TYPE:
+        if isinstance(module, module_type):
+            if type(module).forward is module_type.forward:
+                return None
+            return f"{type(module).__module__}.{type(module).__qualname__}"
+    return None
 
 
 def _count_params(model: nn.Module) -> int:
@@ -578,7 +713,8 @@ def _trace_hooks(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 
     handles = [module.register_forward_hook(record(name)) for name, module in named]
     try:
-        model(*inputs)
+        with _weight_reads(named) as read:
+            model(*inputs)
     except Exception as err:
         raise _rejected(inputs, err) from None
     finally:
@@ -587,7 +723,7 @@ def _trace_hooks(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     if not seen:
         raise ValueError(f"{type(model).__name__} calls none of its Conv/Linear layers in its forward")
     modules = dict(named)
-    candidates = [_candidate(name, modules[name], order, in_shape, out_shape, calls)
+    candidates = [_candidate(name, modules[name], order, in_shape, out_shape, calls, weight_read=name in read)
                   for name, (order, in_shape, out_shape, calls) in sorted(seen.items(), key=lambda kv: kv[1][0])]
     notes = [f"{why}; fell back to forward hooks: layers and shapes are exact, but the dataflow is "
              "assumed to be a chain in execution order, so residual blocks, stage handovers, "
@@ -600,6 +736,39 @@ def _trace_hooks(model: nn.Module, inputs: tuple[torch.Tensor, ...],
         norm_types=_norm_types(model), traced_with="hooks",
         unused=_unused(model, named, seen.keys(), None), notes=tuple(notes),
         node_of={c.name: c.name for c in candidates})
+
+
+@contextlib.contextmanager
+def _weight_reads(named: list[tuple[str, nn.Module]]):
+    """Names of the layers whose ``weight`` the model reads outside their own forward.
+
+    What fx sees as a ``get_attr`` node the hook fallback sees at run time: each layer's
+    class is swapped for a subclass that notes reads of ``weight`` while the layer is not
+    running, and put back on exit.
+    """
+    read: set[str] = set()
+    running: set[str] = set()
+    originals = [(module, type(module)) for _, module in named]
+    handles = []
+    for name, module in named:
+        module.__class__ = _watching(type(module), name, read, running)
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: running.add(name)))
+        handles.append(module.register_forward_hook(lambda m, a, o, name=name: running.discard(name)))
+    try:
+        yield read
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, cls in originals:
+            module.__class__ = cls
+
+
+def _watching(cls: type, name: str, read: set[str], running: set[str]) -> type:
+    def __getattr__(self, attr):
+        if attr == "weight" and name not in running:
+            read.add(name)
+        return cls.__getattr__(self, attr)
+    return type(cls.__name__, (cls,), {"__getattr__": __getattr__})
 
 
 def _chain(candidates: list[Candidate]) -> nx.DiGraph:

@@ -393,3 +393,88 @@ def test_every_torchvision_classifier_plans():
             failures.append(f"{name}: {type(err).__name__}: {err}")
         del model
     assert not failures, "\n".join(failures)
+
+
+# --- vision transformers ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def timm_graph(name: str):
+    import timm
+    return trace(timm.create_model(name, pretrained=False))
+
+
+DEIT_COUNTS = [("deit_tiny_patch16_224", 1, 6.39), ("deit_tiny_patch16_224", 4, 20.44),
+               ("deit_small_patch16_224", 1, 24.36)]
+
+
+@pytest.mark.parametrize("name, budget, millions", DEIT_COUNTS, ids=[f"{c[0]}-b{c[1]}" for c in DEIT_COUNTS])
+def test_deit_parameter_counts_are_within_5_percent_of_the_paper(name, budget, millions):
+    result = plan(None, budget, graph=timm_graph(name))
+    assert abs(result.params_converted / 1e6 - millions) <= 0.05 * millions
+
+
+def test_vit_value_and_mlp_layers_share_warehouses_by_groups_of_blocks_query_key_static():
+    graph = timm_graph("deit_tiny_patch16_224")
+    result = plan(None, 1, graph=graph)
+    assert [w.name for w in result.warehouses] == ["stage1a.linear", "stage1b.linear", "stage1c.linear",
+                                                   "stage1d.linear"]
+    first = result.warehouses[0]
+    assert first.layer_names == tuple(f"blocks.{block}.{layer}" for block in range(3)
+                                      for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+    qkv = first.layers[0]
+    assert (qkv.rows, qkv.weight_shape, qkv.cells) == ((384, 576), (192, 192), 1)
+    assert first.cell == (192, 192) and first.m_t == 30
+    assert any("query and key stay static" in note for note in result.notes)
+    assert Plan.from_json(result.to_json()) == result
+    assert [w.m_t for w in plan(None, 1, graph=graph, blocks_per_warehouse=None).warehouses] == [120]
+    assert [w.m_t for w in plan(None, 1, graph=graph, blocks_per_warehouse=4).warehouses] == [40, 40, 40]
+    whole = plan(None, 1, graph=graph, static_query_key=False).warehouses[0].layers[0]
+    assert (whole.rows, whole.weight_shape) == (None, (576, 192))
+
+
+def test_separate_query_key_projections_stay_static():
+    from torchvision.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                              mlp_dim=64, num_classes=10)
+    result = plan(model, 1, torch.randn(1, 3, 32, 32))
+    prefix = "encoder.layers.encoder_layer_0.self_attention"
+    static = {s.layer: s.reason for s in result.plain}
+    assert static[f"{prefix}.q_proj"].startswith("query/key projection")
+    assert {f"{prefix}.v_proj", f"{prefix}.out_proj"} <= set(result.converted_layers)
+    assert len(result.unpacked_attention) == 2
+    assert plan(model, 1, torch.randn(1, 3, 32, 32), exclude=["*attention*"]).unpacked_attention == ()
+
+
+def test_submodule_plan_names_the_whole_models_layers():
+    model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None)
+    result = plan(model, 1, torch.randn(1, 3, 64, 64), module="backbone")
+    assert result.module == "backbone" and [w.m_t for w in result.warehouses] == [87, 104, 138, 47]
+    assert result.converted_layers[0] == "backbone.layer1.0.conv2"
+    assert {s.reason for s in result.plain if not s.layer.startswith("backbone.")} == {"outside module backbone"}
+    whole = sum(p.numel() for p in model.parameters())
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    alone = plan(model.backbone, 1, torch.randn(1, 3, 64, 64))
+    assert result.params_baseline == whole
+    assert result.params_converted - whole == alone.params_converted - backbone
+    assert Plan.from_json(result.to_json()) == result
+
+
+def test_layers_kwconvert_cannot_swap_stay_static_with_the_reason():
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class ReadsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 64, 3)
+            self.doubled = Doubled(64, 64, 3)
+            self.proj = nn.Conv2d(64, 64, 3)
+
+        def forward(self, x):
+            return self.proj(self.doubled(self.stem(x)).to(self.proj.weight.dtype))
+
+    result = plan(ReadsWeight(), 1, torch.randn(1, 3, 16, 16), max_params_ratio=100)
+    reasons = {s.layer: s.reason for s in result.plain}
+    assert reasons["doubled"].startswith("Doubled overrides torch's forward")
+    assert reasons["proj"].startswith("the model reads its weight outside its forward")
+    assert result.converted_layers == ("stem",)

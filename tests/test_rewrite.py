@@ -198,3 +198,72 @@ def test_bad_init_and_double_conversion_are_refused():
     kwconvert.convert(model, 1.0)
     with pytest.raises(ValueError, match="already converted"):
         kwconvert.convert(model, 1.0)
+
+
+# --- vision transformers, Sequential roots ------------------------------------------------------
+def test_fused_qkv_converts_value_rows_only_and_keeps_the_outputs():
+    import timm
+    from kwconvert.fast import reference_path
+    from kwconvert.vit import PartlyDynamicLinear
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    converted = kwconvert.convert(model, 1.0, inplace=False).eval()
+    qkv = converted.blocks[0].attn.qkv
+    assert isinstance(qkv, PartlyDynamicLinear) and qkv.rows == (384, 576)
+    assert type(qkv.static) is nn.Linear and qkv.static.out_features == 384
+    assert isinstance(qkv.dynamic, KW_LAYER_TYPES)
+    assert n_params(converted) == kwconvert.plan_of(converted).params_converted
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad(), reference_path():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5
+
+
+def test_multihead_attention_is_unpacked_for_good_with_outputs_kept(tmp_path):
+    from torchvision.models.vision_transformer import VisionTransformer
+    from kwconvert.vit import UnpackedMultiheadAttention
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                              mlp_dim=64, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head
+    converted = kwconvert.convert(model, 1.0, example_inputs=torch.randn(1, 3, 32, 32), inplace=False).eval()
+    attention = converted.encoder.layers[0].self_attention
+    assert isinstance(attention, UnpackedMultiheadAttention)
+    assert isinstance(attention.v_proj, KW_LAYER_TYPES) and isinstance(attention.out_proj, KW_LAYER_TYPES)
+    assert type(attention.q_proj) is nn.Linear
+    assert type(model.encoder.layers[0].self_attention) is nn.MultiheadAttention  # original untouched
+    assert n_params(converted) == kwconvert.plan_of(converted).params_converted
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5
+    kwconvert.save(converted, tmp_path / "vit")
+    again = kwconvert.load(tmp_path / "vit", model=model).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), converted(x))
+
+
+def test_a_converted_sequential_still_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(4096, 2))
+    x = torch.randn(2, 3, 12, 12)
+    converted = kwconvert.convert(model, 1.0, example_inputs=x[:1], inplace=False)
+    assert len(kwconvert.plan_of(converted).converted_layers) == 2
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5
+
+
+def test_timm_same_padding_and_weight_standardisation_convert_exactly():
+    from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d
+    from kwconvert.compat import SamePadded
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 64, 3, stride=2), nn.ReLU(), StdConv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          ScaledStdConv2dSame(64, 64, 3, stride=2), nn.ReLU(), ScaledStdConv2d(64, 64, 1),
+                          nn.Flatten(), nn.Linear(64 * 16, 2)).eval()
+    x = torch.randn(2, 3, 15, 15)
+    converted = kwconvert.convert(model, 1.0, example_inputs=x[:1], inplace=False, max_params_ratio=100).eval()
+    plan = kwconvert.plan_of(converted)
+    assert plan.converted_layers == ("0", "2", "4", "6")
+    assert isinstance(converted[0], SamePadded) and isinstance(converted[4], SamePadded)
+    assert isinstance(converted[2], KW_LAYER_TYPES) and isinstance(converted[6], KW_LAYER_TYPES)
+    assert n_params(converted) == plan.params_converted  # the gains of the scaled convs are dropped
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5

@@ -195,3 +195,98 @@ def test_transformer_residual_stream_is_traced_through_reshapes():
     unused = dict(graph.unused)
     # torchvision's Swin calls F.linear with qkv/proj weights: they are not layers to swap
     assert "weight is used by a function" in unused["features.1.0.attn.qkv"]
+
+
+# --- transformers and sub-modules -----------------------------------------------------------
+def small_torchvision_vit(layers: int = 2) -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=layers, num_heads=2, hidden_dim=32,
+                             mlp_dim=64, num_classes=10)
+
+
+def test_attention_adds_and_the_fused_qkv_layout_are_recorded():
+    import timm
+    graph = trace(timm.create_model("deit_tiny_patch16_224"))
+    assert [block.attention for block in graph.residual_blocks] == [True, False] * 12
+    assert graph.candidate("blocks.0.attn.qkv").out_layout == (1, 197, 3, 3, 64)
+    assert graph.candidate("blocks.0.mlp.fc1").out_layout is None
+    assert not any(block.attention for block in trace(torchvision.models.resnet18(weights=None)).residual_blocks)
+
+
+def test_multihead_attention_is_traced_unpacked_and_put_back():
+    model = small_torchvision_vit()
+    graph = trace(model, torch.randn(1, 3, 32, 32))
+    assert graph.exact and graph.unpacked_attention == (
+        "encoder.layers.encoder_layer_0.self_attention", "encoder.layers.encoder_layer_1.self_attention")
+    names = [c.name for c in graph.candidates]
+    prefix = "encoder.layers.encoder_layer_0.self_attention"
+    assert names[1:5] == [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj", f"{prefix}.out_proj"]
+    assert graph.candidate(f"{prefix}.v_proj").input_shape == (1, 17, 32)  # batch first: pooled per sample
+    assert [block.attention for block in graph.residual_blocks] == [True, False] * 2
+    assert type(model.encoder.layers[0].self_attention) is nn.MultiheadAttention  # put back
+
+
+class Normalising(nn.Module):
+    """Hands its backbone a tensor it computes, as a detector's transform does."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.backbone((x - 0.5) * 2))
+
+
+def test_module_inputs_are_what_the_submodule_receives():
+    from kwconvert.trace import module_inputs
+    x = torch.rand(1, 3, 10, 10)
+    (recorded,) = module_inputs(Normalising(), "backbone", x)
+    assert torch.equal(recorded, (x - 0.5) * 2)
+    with pytest.raises(ValueError, match="no sub-module 'backbone.9'"):
+        module_inputs(Normalising(), "backbone.9", x)
+
+
+class ReadsWeight(nn.Module):
+    """Reads a layer's weight for its dtype, as timm's gemma4 patch embedding does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x).mean((2, 3))
+        return self.proj(x.to(self.proj.weight.dtype))
+
+
+class Branching(nn.Module):
+    """fx cannot trace data-dependent control flow: only the hook fallback works."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) if x.sum() > -1e9 else self.model(-x)
+
+
+def test_weight_read_outside_the_forward_is_seen_by_fx_and_by_the_hook_fallback():
+    x = torch.randn(1, 3, 8, 8)
+    graph = trace(ReadsWeight(), x)
+    assert graph.candidate("proj").weight_read and not graph.candidate("conv").weight_read
+    model = Branching(ReadsWeight())
+    graph = trace(model, x)
+    assert graph.traced_with == "hooks"
+    assert graph.candidate("model.proj").weight_read and not graph.candidate("model.conv").weight_read
+    assert type(model.model.proj) is nn.Linear  # the watching class is gone
+
+
+def test_subclasses_with_their_own_forward_are_named():
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    graph = trace(nn.Sequential(nn.Conv2d(3, 4, 3), Doubled(4, 4, 3)), torch.randn(1, 3, 9, 9))
+    assert graph.candidates[0].custom_forward is None
+    assert graph.candidates[1].custom_forward.endswith("Doubled")

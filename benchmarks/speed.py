@@ -1,0 +1,321 @@
+"""Speed and memory of KernelWarehouse models against the plain torchvision models (CPU).
+
+For each workload (model, batch) it times inference (eval, no grad) and a training step
+(forward, cross-entropy, backward, SGD step) of the plain model in NCHW, the plain model in
+channels_last, optionally the plain model under torch.compile, the KW model at b = 1 (and
+b = 1/2, 4), and the KW model on the straightforward path (``kwconvert.layers.reference_path``,
+the authors' assemble-then-grouped-convolution forward).  All variants of a workload run in
+one process with their repetitions interleaved (the order rotates every repetition), so load
+from other processes hits them alike; ratios are medians, the spread is the 25-75 % range of
+the per-repetition ratios.  Peak memory of a training step is measured in a fresh process
+per model: peak RSS (VmHWM) above the RSS right after building the model, over two steps.
+
+    .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--compile] [--no-memory]
+                                         [--allocator keep|default] [--threads 2]
+
+Targets (issue 7) are ratios of KW b = 1 to the plain model in eager NCHW.  Prints a rich
+table and writes benchmarks/results/speed.json (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from rich.console import Console
+from rich.table import Table
+
+import kwconvert
+from kwconvert import fast
+from kwconvert.layers import reference_path, set_temperature
+
+RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
+IMAGE = 224
+TAU = 0.5  # mid warm-up: every attention parameter gets a gradient
+
+#: Issue 7's targets: (model, batch, mode) -> max ratio KW b=1 / plain NCHW.
+TARGETS = {("resnet18", 16, "inference"): 1.5, ("resnet18", 1, "inference"): 1.7,
+           ("resnet18", 16, "training"): 2.0, ("resnet50", 8, "inference"): 1.9,
+           ("resnet50", 1, "inference"): 2.4, ("mobilenet_v2", 16, "inference"): 1.4}
+MEMORY_TARGETS = {("resnet50", 8): 1.6}
+
+FULL = [("resnet18", 1), ("resnet18", 16), ("resnet50", 1), ("resnet50", 8), ("mobilenet_v2", 1),
+        ("mobilenet_v2", 16)]
+QUICK = {("resnet18", 16): ("inference", "training"), ("resnet50", 1): ("inference",),
+         ("mobilenet_v2", 16): ("inference",)}
+MEMORY_QUICK = [("resnet18", 16), ("resnet50", 8)]
+
+
+@dataclass
+class Variant:
+    name: str
+    model: torch.nn.Module
+    channels_last: bool = False
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def build(name: str, budget: float | None, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None)
+    if budget is not None:
+        model = kwconvert.convert(model, budget)
+        set_temperature(model, TAU)
+    return model
+
+
+def make_step(variant: Variant, mode: str, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    model = variant.model
+    x = images.contiguous(memory_format=torch.channels_last) if variant.channels_last else images
+    if mode == "inference":
+        model.eval()
+
+        def step() -> None:
+            with variant.context(), torch.no_grad():
+                model(x)
+        return step
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+    def step() -> None:
+        with variant.context():
+            loss = F.cross_entropy(model(x), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return step
+
+
+def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool) -> list[Variant]:
+    plain = build(name, None)
+    out = [Variant("plain", plain),
+           Variant("plain_cl", copy.deepcopy(plain).to(memory_format=torch.channels_last), channels_last=True)]
+    if compiled:
+        out.append(Variant("plain_compiled", torch.compile(copy.deepcopy(plain))))
+    for budget in budgets:
+        out.append(Variant(f"kw_b{budget:g}", build(name, budget)))
+    if reference:
+        out.append(Variant("reference_b1", out[-len(budgets)].model if 1.0 in budgets else build(name, 1.0),
+                           context=reference_path))
+    return out
+
+
+def time_workload(name: str, batch: int, mode: str, variants: list[Variant], reps: int,
+                  console: Console) -> dict[str, list[float]]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, IMAGE, IMAGE, generator=generator)
+    labels = torch.randint(0, 1000, (batch,), generator=generator)
+    steps = {v.name: make_step(v, mode, images, labels) for v in variants}
+    for variant_name, step in steps.items():  # warm-up: oneDNN primitives, path timing, compilation
+        start = time.perf_counter()
+        step()
+        step()
+        console.log(f"{name} batch {batch} {mode}: {variant_name} warm-up {time.perf_counter() - start:.1f} s")
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    order = list(steps)
+    for rep in range(reps):
+        rotated = order[rep % len(order):] + order[:rep % len(order)]
+        for key in rotated:
+            start = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> dict | None:
+    if numerator not in times or denominator not in times:
+        return None
+    per_rep = [a / b for a, b in zip(times[numerator], times[denominator])]
+    return {"median": statistics.median(times[numerator]) / statistics.median(times[denominator]),
+            "p25": quantile(per_rep, 0.25), "p75": quantile(per_rep, 0.75)}
+
+
+# --- memory: one fresh process per model ---------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_worker(spec: dict) -> dict:
+    """Peak RSS of two training steps above the RSS after building (runs in a fresh process)."""
+    torch.set_num_threads(spec["threads"])
+    if spec["allocator"] == "keep":
+        fast.keep_freed_memory()
+    model = build(spec["model"], spec["budget"])
+    context = reference_path if spec["reference"] else contextlib.nullcontext
+    if spec.get("path"):
+        context = lambda: fast.use_path(spec["path"])  # noqa: E731
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(spec["batch"], 3, IMAGE, IMAGE, generator=generator)
+    labels = torch.randint(0, 1000, (spec["batch"],), generator=generator)
+    step = make_step(Variant("m", model, context=context), "training", images, labels)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM: the peak counts from here
+    built = _status_kib("VmRSS")
+    step()
+    step()
+    peak = _status_kib("VmHWM")
+    return {"rss_built_mb": built / 1024, "peak_mb": peak / 1024, "above_mb": (peak - built) / 1024}
+
+
+def measure_memory(spec: dict) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(spec)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(data, tmp, indent=2)
+        tmp.write("\n")
+    os.replace(tmp.name, path)
+
+
+def fmt(r: dict | None) -> str:
+    return "" if r is None else f"{r['median']:.2f} [{r['p25']:.2f}-{r['p75']:.2f}]"
+
+
+def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
+    out = Console(width=200)
+    table = Table(title=f"KW / plain time, {settings['threads']} threads, allocator {settings['allocator_mode']} "
+                        "(median [25-75 % of per-repetition ratios])")
+    for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
+                   "reference/plain", "target"):
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+    for row in rows:
+        target = row.get("target")
+        met = "" if target is None else (f"<= {target} " + ("met" if row["vs_plain"]["median"] <= target else "MISSED"))
+        table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
+                      f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
+                      fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
+                      met)
+    out.print(table)
+    if memory:
+        mem = Table(title="training-step peak RSS above RSS after building (fresh process each)")
+        for column in ("model", "batch", "plain MB", "KW b=1 MB", "KW/plain", "reference MB", "reference/plain",
+                       "target"):
+            mem.add_column(column, justify="left" if column == "model" else "right")
+        for row in memory:
+            target = row.get("target")
+            met = "" if target is None else (f"<= {target} " + ("met" if row["ratio"] <= target else "MISSED"))
+            mem.add_row(row["model"], str(row["batch"]), f"{row['plain_mb']:.0f}", f"{row['kw_mb']:.0f}",
+                        f"{row['ratio']:.2f}", f"{row['reference_mb']:.0f}" if row.get("reference_mb") else "",
+                        f"{row['reference_ratio']:.2f}" if row.get("reference_ratio") else "", met)
+        out.print(mem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="resnet18 b16, resnet50 b1, mobilenet_v2 b16; b = 1")
+    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions [7, quick: 5]")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                        help="keep: kwconvert.fast.keep_freed_memory() for every model of the run")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd plain models (slow to build)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--no-reference", action="store_true", help="skip the straightforward-path rows")
+    parser.add_argument("--models", nargs="*", help="restrict to these models")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return 0
+
+    torch.set_num_threads(args.threads)
+    if args.allocator == "keep":
+        fast.keep_freed_memory()
+    console = Console(stderr=True)
+    reps = args.reps or (5 if args.quick else 7)
+    budgets = [1.0] if args.quick else [1.0, 0.5, 4.0]
+    workloads = [(m, b, QUICK[(m, b)]) for m, b in QUICK] if args.quick else \
+        [(m, b, ("inference", "training")) for m, b in FULL]
+    if args.models:
+        workloads = [w for w in workloads if w[0] in args.models]
+    settings = {"threads": torch.get_num_threads(), "allocator_mode": args.allocator,
+                "allocator": fast.allocator_settings(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "python": platform.python_version(),
+                "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                "image": IMAGE, "tau": TAU, "reps": reps, "command": " ".join([sys.executable] + sys.argv)}
+    console.log(f"threads {settings['threads']}, allocator {json.dumps(settings['allocator'])}")
+
+    rows, raw = [], {}
+    for name, batch, modes in workloads:
+        variants = variants_for(name, budgets, args.compile, not args.no_reference)
+        for mode in modes:
+            times = time_workload(name, batch, mode, variants, reps, console)
+            raw[f"{name}/{batch}/{mode}"] = times
+            for budget in budgets:
+                kw = f"kw_b{budget:g}"
+                row = {"model": name, "batch": batch, "mode": mode, "budget": budget,
+                       "plain_ms": 1e3 * statistics.median(times["plain"]),
+                       "kw_ms": 1e3 * statistics.median(times[kw]),
+                       "vs_plain": ratio(times, kw, "plain"), "vs_plain_cl": ratio(times, kw, "plain_cl"),
+                       "vs_plain_compiled": ratio(times, kw, "plain_compiled")}
+                if budget == 1.0:
+                    row["reference_vs_plain"] = ratio(times, "reference_b1", "plain")
+                    row["target"] = TARGETS.get((name, batch, mode))
+                rows.append(row)
+                console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}")
+        del variants
+
+    memory = []
+    if not args.no_memory:
+        pairs = MEMORY_QUICK if args.quick else [(name, batch) for name, batch, _ in workloads]
+        for name, batch in pairs:
+            if args.models and name not in args.models:
+                continue
+            spec = {"model": name, "batch": batch, "threads": args.threads, "allocator": args.allocator,
+                    "reference": False}
+            plain = measure_memory({**spec, "budget": None})
+            kw = measure_memory({**spec, "budget": 1.0})
+            row = {"model": name, "batch": batch, "plain_mb": plain["above_mb"], "kw_mb": kw["above_mb"],
+                   "ratio": kw["above_mb"] / plain["above_mb"], "plain": plain, "kw": kw,
+                   "target": MEMORY_TARGETS.get((name, batch))}
+            if not args.no_reference:
+                reference = measure_memory({**spec, "budget": 1.0, "reference": True})
+                row.update(reference_mb=reference["above_mb"], reference_ratio=reference["above_mb"] / plain["above_mb"])
+            memory.append(row)
+            console.log(f"{name} batch {batch} training memory: KW/plain {row['ratio']:.2f}")
+
+    write_json({"settings": settings, "rows": rows, "memory": memory, "raw_seconds": raw}, args.out)
+    render(rows, memory, settings)
+    Console().print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

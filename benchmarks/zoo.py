@@ -1,0 +1,701 @@
+"""Coverage sweep: does every model of the zoo plan, convert, run and match at tau = 1?
+
+kwconvert promises "any model" (issue 6).  For every model of the zoo this script
+
+1. builds it with random weights (no download) and traces it on one sample of its own
+   input size (timm's ``pretrained_cfg``, torchvision's 224 / 299, the video models'
+   clip size): plans at b = 1 and b = 1/2 from the same trace;
+2. converts it at b = 1 with ``init="preserve"`` and runs one forward at tau = 1 on a
+   batch of two *small* inputs: the first size of a ladder (64, 96, 128, ... up to its own
+   size) the original model accepts.  The check is equivalence, not accuracy, and a
+   convolution computes the same function at any size;
+   BatchNorm statistics are first set to that batch's (``_calibrate_batchnorm``), so
+   activations have the scale of a trained model's;
+3. checks the paper's bounds: outputs equal the original's (max |diff| within ``tolerance``,
+   and every converted layer within 1e-5 of its static original: ``_LayerCheck``), parameters <= 1.5x the baseline at b = 1 and <= 1.0x at b = 1/2, and the
+   converted model holds exactly the parameters the plan predicted.
+
+The zoo: every classification model of torchvision
+(``torchvision.models.list_models(module=torchvision.models)``), its video models (Conv3d),
+``custom:conv1d_resnet`` (a 1-D residual CNN below), and the timm sample committed in
+``benchmarks/zoo_timm_sample.txt`` (its header states the rule that drew it;
+``--make-timm-sample`` draws it again).
+
+Statuses: ``pass``; ``refused`` (kwconvert declined with a specific reason); ``fail``
+(converted, but an output or a bound is off: the reason says which); ``error`` (an
+unexpected exception: a bug); ``model-error`` (the original model itself did not build or
+run; not kwconvert's doing, but counted against the totals); ``timeout``.
+
+    .venv/bin/python benchmarks/zoo.py                        # the whole sweep, ~1 h on 2 busy cores
+    .venv/bin/python benchmarks/zoo.py --no-timm --jobs 2     # torchvision + video + conv1d
+    .venv/bin/python benchmarks/zoo.py --subset 'timm:vit*' --subset torchvision:resnet18
+    .venv/bin/python benchmarks/zoo.py --failed               # re-run what did not pass last time
+
+Results go to benchmarks/results/zoo.json (written atomically after every model; a run
+over a subset updates those models' rows and keeps the others, unless ``--fresh``).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import contextlib
+import copy
+import datetime
+import fnmatch
+import gc
+import json
+import math
+import multiprocessing
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "zoo.json"
+TIMM_SAMPLE = HERE / "zoo_timm_sample.txt"
+RESULTS_FORMAT = 1
+
+#: The paper's budget bounds (planner issue): converted / baseline parameters.
+BOUNDS = {1.0: 1.5, 0.5: 1.0}
+#: Absolute bound on max |converted - original| at tau = 1 (issue 6).
+ABSOLUTE_TOLERANCE = 1e-4
+#: Models with large outputs: this many times the original's own float32 error (see tolerance).
+FLOAT32_ERROR_FACTOR = 4.0
+#: Models above this many parameters are not run in float64 (8 bytes a parameter: regnet_y_128gf,
+#: the largest torchvision classifier, takes 5.2 GB); they get a relative bound.
+FLOAT64_MAX_PARAMS = 700_000_000
+#: Relative bound (fraction of max |original output|) when the float32 error is not measured.
+RELATIVE_TOLERANCE = 1e-5
+#: Spatial sizes tried for the comparison, smallest first (then the model's own size).
+#: Bound on every converted layer's max |diff| from its static original on the same input,
+#: relative to that output's max |value| (float32 rounding of one layer: ~1e-7..1e-6).
+LAYER_TOLERANCE = 1e-5
+CHECK_SIZES = (64, 96, 128, 160, 192, 224)
+CHECK_BATCH = 2
+STATUSES = ("pass", "refused", "fail", "error", "model-error", "timeout")
+GROUPS = ("torchvision", "video", "custom", "timm")
+
+
+def tolerance(output_scale: float, float32_error: float | None) -> float:
+    """Max |converted - original| allowed at tau = 1 and b = 1.
+
+    At b = 1 and tau = 1 the converted model multiplies the same weights with the same
+    activations; only the order of float32 additions differs (a per-sample convolution
+    with the batch folded into the groups runs another algorithm than the dense one).  It
+    cannot be closer to the original than float32 itself is to exact arithmetic, and in a
+    deep model with large activations that gap is far above 1e-4 (efficientnet_v2_m:
+    logits of ~670, the original's own float32 error 0.05, and its batch-1 and batch-2
+    outputs differ by 0.1).  So the bound is 1e-4 absolute, or FLOAT32_ERROR_FACTOR times
+    the original's own float32 error (max |float32 - float64| on the same batch) when that
+    is larger; for models too big to run in float64, RELATIVE_TOLERANCE of max |output|.
+    The per-layer check (``_LayerCheck``) is not blurred by depth and stays at 1e-5.
+    """
+    if float32_error is None:
+        return max(ABSOLUTE_TOLERANCE, RELATIVE_TOLERANCE * output_scale)
+    return max(ABSOLUTE_TOLERANCE, FLOAT32_ERROR_FACTOR * float32_error)
+
+
+# =======================================================================================
+# The zoo
+# =======================================================================================
+class Conv1dResNet(nn.Module):
+    """A 1-D residual CNN (signals, e.g. audio or ECG): stem, three stages, a head.
+
+    Stages double the width and halve the length through a strided first block with a
+    1x1 projection shortcut, as ResNet does in 2-D, so the planner's stages, handovers and
+    stem rules all apply to Conv1d.
+    """
+
+    def __init__(self, in_channels: int = 2, classes: int = 10, widths=(32, 64, 128), blocks: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
+                                  nn.BatchNorm1d(widths[0]), nn.ReLU())
+        stages, width = [], widths[0]
+        for stage, out in enumerate(widths):
+            for index in range(blocks):
+                stride = 2 if stage > 0 and index == 0 else 1
+                stages.append(_Block1d(width, out, stride))
+                width = out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)).mean(-1))
+
+
+class _Block1d(nn.Module):
+    def __init__(self, width: int, out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(width, out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm1d(out)
+        self.conv2 = nn.Conv1d(out, out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm1d(out)
+        self.shortcut = (nn.Sequential(nn.Conv1d(width, out, 1, stride=stride, bias=False), nn.BatchNorm1d(out))
+                         if stride != 1 or width != out else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+#: Custom models: id -> (builder, input size of one sample).
+CUSTOM = {"conv1d_resnet": (Conv1dResNet, (2, 1024))}
+#: Video models whose clip is 112 x 112 (torchvision's docs); the others read 224 x 224.
+VIDEO_112 = ("r3d_18", "mc3_18", "r2plus1d_18")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model of the zoo: ``id`` is ``group:name``."""
+    id: str
+
+    @property
+    def group(self) -> str:
+        return self.id.partition(":")[0]
+
+    @property
+    def name(self) -> str:
+        return self.id.partition(":")[2]
+
+    def build(self) -> nn.Module:
+        import torchvision
+        if self.group in ("torchvision", "video"):
+            return torchvision.models.get_model(self.name, weights=None)
+        if self.group == "timm":
+            import timm
+            return timm.create_model(self.name, pretrained=False)
+        return CUSTOM[self.name][0]()
+
+    def own_size(self, model: nn.Module) -> tuple[int, ...]:
+        """One sample at the size the model is made for (its trace and plan use it)."""
+        from kwconvert.models import default_input_size
+        if self.group == "video":
+            side = 112 if self.name in VIDEO_112 else 224
+            return (3, 16, side, side)
+        if self.group == "custom":
+            return CUSTOM[self.name][1]
+        return default_input_size(model)
+
+    def check_sizes(self, own: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Sample sizes to try for the comparison, smallest first, ending at ``own``."""
+        if self.group == "custom":
+            return [own[:-1] + (256,), own]
+        sides = [s for s in CHECK_SIZES if s < min(own[-2:])]
+        if self.group == "video":
+            return [(3, 8, s, s) for s in sides] + [own[:1] + (8,) + own[2:], own]
+        return [(own[0], s, s) for s in sides] + [own]
+
+
+def timm_sample(path: Path = TIMM_SAMPLE) -> list[str]:
+    """Model names of the committed timm sample (first word of every non-comment line)."""
+    if not path.exists():
+        return []
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line.split()[0])
+    return names
+
+
+def all_cases(with_timm: bool = True) -> list[Case]:
+    import torchvision
+    cases = [Case(f"torchvision:{n}") for n in torchvision.models.list_models(module=torchvision.models)]
+    cases += [Case(f"video:{n}") for n in torchvision.models.list_models(module=torchvision.models.video)]
+    cases += [Case(f"custom:{n}") for n in CUSTOM]
+    if with_timm:
+        cases += [Case(f"timm:{n}") for n in timm_sample()]
+    return cases
+
+
+# =======================================================================================
+# One model
+# =======================================================================================
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """SIGALRM-based limit (Linux, main thread of a worker); no limit when None."""
+    if not seconds:
+        yield
+        return
+
+    def expired(signum, frame):
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:400]
+
+
+def _first_accepted(model: nn.Module, sizes: list[tuple[int, ...]], seed: int):
+    """The first sample size the original model runs on, a batch of that size, its output."""
+    failure = None
+    for size in sizes:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(CHECK_BATCH, *size, generator=generator)
+        try:
+            return size, x, model(x)
+        except Exception as err:  # the original rejects this size: try the next one
+            failure = err
+    raise _ModelError(f"the original model runs on none of {', '.join('x'.join(map(str, s)) for s in sizes)}: "
+                      f"{type(failure).__name__}: {_one_line(failure)}")
+
+
+def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> bool:
+    """Give the BatchNorms the statistics of ``x``, as a trained model's would fit its data.
+
+    With weights=None every BatchNorm holds mean 0 and variance 1, which in eval mode
+    normalises nothing: activations shrink or grow layer after layer (mobilenet_v2's
+    logits ~1e-9, inception_v3's ~1e9), and an absolute bound then means nothing.  One
+    training-mode forward with momentum 1 sets each running statistic to the batch's.
+    When the training-mode forward fails part-way (inception_v3's auxiliary head on a
+    small input), the BatchNorms it reached keep the batch's statistics.  Returns True
+    when any BatchNorm was calibrated.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = 1.0
+        model.train()
+        model(x)
+    except Exception:  # keep what the forward reached
+        pass
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return any(int(m.num_batches_tracked) > 0 for m in norms)
+
+
+class _ModelError(Exception):
+    """The original model (not kwconvert) failed."""
+
+
+class _LayerCheck:
+    """Forward hooks comparing each converted layer with its static original on the same input.
+
+    The model-level check alone can be blind: a zero-initialised head (torchvision's ViT)
+    or residual branch (timm's ``zero_init_last``), or a layer scale of 1e-6 (ConvNeXt),
+    hides a converted layer's output from the logits; and in a deep model the rounding of
+    every layer before it blurs it.  Each converted layer's output is compared with a copy
+    of the static layer it replaced, run on the very input the converted layer received,
+    relative to that output's max |value|: the conversion's own error, layer by layer.
+    """
+
+    def __init__(self, model: nn.Module, originals: dict[str, nn.Module]):
+        self.model, self.originals = model, originals
+        self.diffs: dict[str, float] = {}
+        self.handles = []
+
+    def __enter__(self) -> "_LayerCheck":
+        for name in self.originals:
+            self.handles.append(self.model.get_submodule(name).register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            expected = self.originals[name](*args)
+            if expected.shape != output.shape:
+                relative = math.inf
+            elif not expected.numel():
+                relative = 0.0
+            else:
+                scale = float(expected.abs().max())
+                diff = float((output.float() - expected.float()).abs().max())
+                relative = diff / scale if scale > 0 else diff
+                relative = relative if math.isfinite(relative) else math.inf  # NaN counts as worst
+            self.diffs[name] = max(self.diffs.get(name, 0.0), relative)
+        return hook
+
+    @property
+    def missing(self) -> list[str]:
+        """Converted layers the forward never called."""
+        return [name for name in self.originals if name not in self.diffs]
+
+    def worst(self) -> tuple[str | None, float]:
+        if not self.diffs:
+            return None, 0.0
+        name = max(self.diffs, key=self.diffs.__getitem__)
+        return name, self.diffs[name]
+
+
+def _float32_error(model: nn.Module, x: torch.Tensor, expected: Any) -> float | None:
+    """max |float32 output - float64 output| of the original on ``x``: its own rounding error.
+
+    The model goes to float64 and back (exact).  None for models above
+    FLOAT64_MAX_PARAMS parameters (memory) or that do not run in float64.
+    """
+    from kwconvert.pipeline import _max_abs_diff
+    if sum(p.numel() for p in model.parameters()) > FLOAT64_MAX_PARAMS:
+        return None
+    try:
+        model.double()
+        exact = model(x.double())
+        return _max_abs_diff(expected, exact)
+    except Exception:
+        return None
+    finally:
+        model.float()
+
+
+def run_case(case_id: str, timeout: float | None = None, fast_path: bool = False) -> dict[str, Any]:
+    """Plan, convert and check one model; a result row (never raises)."""
+    case = Case(case_id)
+    row: dict[str, Any] = {"model": case.id, "group": case.group, "status": None, "reason": "",
+                           "ratio_b1": None, "ratio_b05": None, "max_diff": None, "output_scale": None,
+                           "float32_error": None, "tolerance": None, "layer_diff": None, "worst_layer": None, "plan_convert_s": None, "forward_s": None,
+                           "warehouses": None, "converted_layers": None, "plain_layers": None,
+                           "own_size": None, "check_size": None, "params_baseline": None,
+                           "when": datetime.datetime.now().isoformat(timespec="seconds")}
+    stage = "build"
+    start = time.perf_counter()
+    try:
+        with _time_limit(timeout), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            stage = _check(case, row, fast_path)
+    except _Timeout:
+        row.update(status="timeout", reason=f"over {timeout:g} s (stage: {row.get('stage', stage)})")
+    except _ModelError as err:
+        row.update(status="model-error", reason=str(err))
+    except ValueError as err:  # kwconvert's refusals are ValueErrors naming the reason
+        row.update(status="refused" if row.get("stage") in ("plan", "convert") else "error",
+                   reason=f"{row.get('stage')}: {_one_line(err)}")
+    except Exception as err:
+        row.update(status="error", reason=f"{row.get('stage')}: {type(err).__name__}: {_one_line(err)}")
+    row["total_s"] = round(time.perf_counter() - start, 2)
+    row.pop("stage", None)
+    gc.collect()
+    return row
+
+
+def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
+    from kwconvert.fast import reference_path
+    from kwconvert.layers import set_temperature
+    from kwconvert.pipeline import _max_abs_diff, _zeros_like
+    from kwconvert.plan import plan
+    from kwconvert.rewrite import convert
+    from kwconvert.trace import trace
+    from kwconvert.vit import unpacked_attention
+
+    row["stage"] = "build"
+    torch.manual_seed(0)
+    try:
+        model = case.build().eval()
+    except Exception as err:
+        raise _ModelError(f"the model does not build: {type(err).__name__}: {_one_line(err)}") from None
+    own = case.own_size(model)
+    row["own_size"] = list(own)
+    row["params_baseline"] = sum(p.numel() for p in model.parameters())
+
+    row["stage"] = "original forward"
+    size, x, expected = _first_accepted(model, case.check_sizes(own), seed=1)
+    row["check_size"] = list(size)
+    if _calibrate_batchnorm(model, x):
+        expected = model(x)
+    scale = _max_abs_diff(expected, _zeros_like(expected))
+    noise = _float32_error(model, x, expected)
+
+    row["stage"] = "plan"
+    started = time.perf_counter()
+    graph = trace(model, torch.randn(1, *own, generator=torch.Generator().manual_seed(0)))
+    plan_b1 = plan(model, 1.0, graph=graph, model_name=case.id)
+    planned = time.perf_counter() - started
+    plan_half = plan(model, 0.5, graph=graph, model_name=case.id)
+    row.update(ratio_b1=round(plan_b1.ratio, 4), ratio_b05=round(plan_half.ratio, 4),
+               warehouses=len(plan_b1.warehouses), converted_layers=len(plan_b1.converted_layers),
+               plain_layers=len(plan_b1.plain))
+    if not plan_b1.warehouses:
+        raise ValueError(f"the plan converts no layer ({'; '.join(sorted({s.reason for s in plan_b1.plain}))})")
+    with unpacked_attention(model, plan_b1.unpacked_attention):  # the layers the plan names
+        originals = {name: copy.deepcopy(model.get_submodule(name)) for name in plan_b1.converted_layers}
+
+    row["stage"] = "convert"
+    started = time.perf_counter()
+    converted = convert(model, plan_b1, init="preserve", inplace=True).eval()
+    row["plan_convert_s"] = round(planned + time.perf_counter() - started, 3)
+    params = sum(p.numel() for p in converted.parameters())
+
+    row["stage"] = "kw forward"
+    set_temperature(converted, 1.0)
+    started = time.perf_counter()
+    with (contextlib.nullcontext() if fast_path else reference_path()), \
+            _LayerCheck(converted, originals) as compared:
+        actual = converted(x)
+    row["forward_s"] = round(time.perf_counter() - started, 3)
+    diff = _max_abs_diff(expected, actual)
+    allowed = tolerance(scale, noise)
+    worst_layer, layer_diff = compared.worst()
+    row.update(max_diff=diff, output_scale=scale, float32_error=noise, tolerance=allowed,
+               layer_diff=layer_diff, worst_layer=worst_layer)
+
+    problems = []
+    if not diff <= allowed:  # also catches NaN
+        problems.append(f"max |diff| {diff:.3g} > {allowed:.3g} (max |output| {scale:.3g})")
+    if not layer_diff <= LAYER_TOLERANCE:
+        problems.append(f"layer {worst_layer}: max |diff| {layer_diff:.3g} of its max |output| > {LAYER_TOLERANCE:g}")
+    if compared.missing:
+        problems.append(f"{len(compared.missing)} converted layer(s) never called (first: {compared.missing[0]})")
+    for budget, result in ((1.0, plan_b1), (0.5, plan_half)):
+        if result.ratio > BOUNDS[budget]:
+            problems.append(f"b={budget:g}: {result.ratio:.3f}x the baseline parameters > {BOUNDS[budget]:g}x")
+    if params != plan_b1.params_converted:
+        problems.append(f"the converted model holds {params:,} parameters, the plan predicted "
+                        f"{plan_b1.params_converted:,}")
+    row.update(status="fail" if problems else "pass", reason="; ".join(problems))
+    return "done"
+
+
+# =======================================================================================
+# The sweep
+# =======================================================================================
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+
+
+#: A worker process is replaced after this many models, to give its memory back.
+MODELS_PER_WORKER = 8
+
+
+def sweep(cases: list[Case], jobs: int, threads: int, timeout: float | None, fast_path: bool,
+          on_row: Callable[[dict], None]) -> None:
+    """Run ``cases`` in ``jobs`` worker processes, in rounds of fresh workers.
+
+    Each round's pool is shut down before the next starts (``max_tasks_per_child`` can
+    hang on Python 3.11), so no worker runs more than MODELS_PER_WORKER models.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    context = multiprocessing.get_context("spawn")
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[last]}"))
+    per_round = jobs * MODELS_PER_WORKER
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("zoo sweep", total=len(cases), last="")
+        for start in range(0, len(cases), per_round):
+            pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                                               initargs=(threads,))
+            try:
+                pending = {pool.submit(run_case, case.id, timeout, fast_path): case
+                           for case in cases[start:start + per_round]}
+                for done in futures.as_completed(pending):
+                    case = pending[done]
+                    try:
+                        row = done.result()
+                    except Exception as err:  # the worker died (out of memory, a crash in native code)
+                        row = {"model": case.id, "group": case.group, "status": "error",
+                               "reason": f"worker died: {type(err).__name__}: {_one_line(err)}"}
+                    on_row(row)
+                    progress.update(task, advance=1, last=f"{row['model']}: {row['status']}")
+            except KeyboardInterrupt:
+                for process in list(getattr(pool, "_processes", {}).values()):
+                    process.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    """Counts per group and status, and the pass rate per group."""
+    summary: dict[str, Any] = {}
+    for group in GROUPS + ("all",):
+        members = [r for r in rows if group == "all" or r["group"] == group]
+        if not members:
+            continue
+        counts = {status: sum(r["status"] == status for r in members) for status in STATUSES}
+        summary[group] = {"models": len(members), **counts,
+                          "pass_percent": round(100 * counts["pass"] / len(members), 1)}
+    return summary
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write ``path`` atomically (a temporary sibling, then a rename), with umask permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(data, tmp, indent=1)
+        tmp.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)
+    os.replace(tmp.name, path)
+
+
+def _header(args) -> dict[str, Any]:
+    import timm
+    import torchvision
+    return {"format": RESULTS_FORMAT, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "python": platform.python_version(),
+            "settings": {"check_batch": CHECK_BATCH, "check_sizes": list(CHECK_SIZES),
+                         "absolute_tolerance": ABSOLUTE_TOLERANCE, "float32_error_factor": FLOAT32_ERROR_FACTOR,
+                         "relative_tolerance": RELATIVE_TOLERANCE, "float64_max_params": FLOAT64_MAX_PARAMS,
+                         "layer_tolerance": LAYER_TOLERANCE,
+                         "bounds": {str(b): v for b, v in BOUNDS.items()}, "init": "preserve", "tau": 1.0,
+                         "forward_path": "fast" if args.fast_path else "reference",
+                         "threads_per_job": args.threads, "jobs": args.jobs}}
+
+
+def print_table(rows: list[dict], summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kwconvert zoo: plan, convert (init=preserve), forward at tau = 1, b = 1")
+    for column in ("model", "status", "reason", "ratio b=1", "ratio b=1/2", "max |diff|", "plan+convert s"):
+        table.add_column(column, justify="right" if column not in ("model", "status", "reason") else "left",
+                         overflow="fold")
+    style = {"pass": "green", "refused": "yellow"}
+    order = {g: i for i, g in enumerate(GROUPS)}
+    for row in sorted(rows, key=lambda r: (order.get(r["group"], 9), r["model"])):
+        table.add_row(row["model"], f"[{style.get(row['status'], 'red')}]{row['status']}[/]", row.get("reason") or "",
+                      _fmt(row.get("ratio_b1"), ".3f"), _fmt(row.get("ratio_b05"), ".3f"),
+                      _fmt(row.get("max_diff"), ".1e"), _fmt(row.get("plan_convert_s"), ".2f"))
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # a log keeps whole rows
+    console.print(table)
+    for group, counts in summary.items():
+        others = ", ".join(f"{counts[s]} {s}" for s in STATUSES[1:] if counts[s])
+        console.print(f"{group:12s} {counts['pass']}/{counts['models']} pass ({counts['pass_percent']}%)"
+                      + (f"; {others}" if others else ""))
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+# =======================================================================================
+# The timm sample
+# =======================================================================================
+#: Per timm module: the K smallest models, K = min(MAX_PER_MODULE, 2 + models // PER_EXTRA).
+MIN_PER_MODULE, PER_EXTRA, MAX_PER_MODULE = 2, 50, 5
+
+
+def make_timm_sample(path: Path = TIMM_SAMPLE) -> list[str]:
+    """Draw the timm sample by the rule in its header (builds every model on the meta device)."""
+    import timm
+    chosen, lines, unbuildable = [], [], []
+    modules = sorted(timm.list_modules())
+    for module in modules:
+        names = sorted(n for n in timm.list_models(module=module) if not n.startswith("test_"))
+        sized = []
+        for name in names:
+            try:
+                with warnings.catch_warnings(), torch.device("meta"):
+                    warnings.simplefilter("ignore")
+                    model = timm.create_model(name, pretrained=False)
+                sized.append((sum(p.numel() for p in model.parameters()), name))
+            except Exception:
+                unbuildable.append(name)
+        keep = min(MAX_PER_MODULE, MIN_PER_MODULE + len(names) // PER_EXTRA)
+        for params, name in sorted(sized)[:keep]:
+            chosen.append(name)
+            lines.append(f"{name:48s} # {module}, {params / 1e6:.2f} M parameters")
+    header = f"""\
+# timm sample of benchmarks/zoo.py (issue 6), drawn by `benchmarks/zoo.py --make-timm-sample`.
+#
+# Rule: for every timm module (timm.list_modules(): one source file per architecture
+# family, {len(modules)} in timm {timm.__version__}), list its models (timm.list_models(module=...),
+# without the miniature "test_*" models), build each on the meta device to count its
+# parameters, and keep the K with the fewest parameters (ties by name), where
+# K = min({MAX_PER_MODULE}, {MIN_PER_MODULE} + models_in_module // {PER_EXTRA}): big families (vision_transformer,
+# resnet, efficientnet, ...) get up to {MAX_PER_MODULE}.  Every family is in (CNNs, ViTs, hybrids,
+# MLP-mixers, mobile nets); the smallest members keep the sweep affordable on a CPU.
+# {len(unbuildable)} model(s) could not be built on the meta device and were not drawn.
+#
+# {len(chosen)} models; one per line: name  # module, parameters
+"""
+    path.write_text(header + "\n".join(lines) + "\n")
+    return chosen
+
+
+# =======================================================================================
+# Command line
+# =======================================================================================
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subset", action="append", default=[], metavar="GLOB",
+                        help="only models whose id (group:name, e.g. 'timm:vit*') matches; repeatable")
+    parser.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True,
+                        help="include the timm sample (default: yes)")
+    parser.add_argument("--failed", action="store_true", help="only models that did not pass in --out")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per model (default 900; 0: none)")
+    parser.add_argument("--fast-path", action="store_true",
+                        help="run the KW forward on kwconvert.fast's autotuned path (default: the "
+                             "straightforward path, cheaper for one forward)")
+    parser.add_argument("--fresh", action="store_true", help="drop the rows of models not run this time")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--make-timm-sample", action="store_true",
+                        help=f"draw {TIMM_SAMPLE.name} again by its rule, then stop")
+    args = parser.parse_args(argv)
+    if args.make_timm_sample:
+        print(f"{len(make_timm_sample())} models written to {TIMM_SAMPLE}")
+        return 0
+
+    previous = json.loads(args.out.read_text()).get("per_model", []) if args.out.exists() else []
+    cases = all_cases(with_timm=args.timm)
+    if args.subset:
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.id, p) for p in args.subset)]
+    if args.failed:
+        failed = {r["model"] for r in previous if r["status"] != "pass"}
+        cases = [c for c in cases if c.id in failed]
+    if not cases:
+        print("no model matches", file=sys.stderr)
+        return 2
+
+    rows = {} if args.fresh else {r["model"]: r for r in previous}
+    header = _header(args)
+
+    def record(row: dict) -> None:
+        rows[row["model"]] = row
+        per_model = sorted(rows.values(), key=lambda r: r["model"])
+        write_json({**header, "summary": summarise(per_model), "per_model": per_model}, args.out)
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill -TERM stops the workers too
+    try:
+        sweep(cases, args.jobs, args.threads, args.timeout or None, args.fast_path, record)
+    except KeyboardInterrupt:
+        print(f"interrupted; the models done so far are in {args.out}", file=sys.stderr)
+        return 130
+    ran = [rows[c.id] for c in cases]
+    print_table(ran, summarise(ran))
+    if len(ran) < len(rows):
+        print(f"all {len(rows)} models in {args.out}:")
+        for group, counts in summarise(list(rows.values())).items():
+            print(f"  {group:12s} {counts['pass']}/{counts['models']} pass ({counts['pass_percent']}%)")
+    print(f"written to {args.out}")
+    return 0 if all(r["status"] == "pass" for r in ran) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The fast CPU paths compute what the straightforward path computes: outputs in float32,
+gradients in float64, over the layer grid, whole models, torch.compile; and they keep no
+batch of kernels alive for backward."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import kwconvert
+from kwconvert import cells, fast
+from kwconvert.layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, reference_path,
+                              set_temperature, use_path)
+
+FUSED = ("conv", "matmul")
+PATHS = ("grouped",) + FUSED + (None,)  # None: the timed choice
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def kw_conv(cin: int, cout: int, kernel: int, *, budget: float = 1, dims: int = 2, dtype=torch.float64,
+            tau: float = 0.3, seed: int = 0, **conv) -> KWConv2d:
+    """A KW conv alone in a warehouse with spare cells, mid-way through the temperature schedule."""
+    torch.manual_seed(seed)
+    kw_type = {1: KWConv1d, 2: KWConv2d, 3: KWConv3d}[dims]
+    groups = conv.get("groups", 1)
+    weight_shape = (cout, cin // groups) + (kernel,) * dims
+    cell = cells.cell_shape([weight_shape], budget)
+    mixtures = cells.cells_in(weight_shape, cell)
+    warehouse = Warehouse(cells.warehouse_size(mixtures, budget) + 3, cell, dtype=dtype)
+    layer = kw_type(cin, cout, kernel, warehouse=warehouse, offset=0, budget=budget, hidden=16, dtype=dtype,
+                    **conv)
+    if layer.bias is not None:
+        nn.init.normal_(layer.bias)
+    layer.tau = tau
+    layer.warehouse_module = warehouse  # keeps the cells in .parameters()
+    return layer
+
+
+def outputs_and_grads(layer: nn.Module, x: torch.Tensor, path: str | None, *, reference: bool = False):
+    """Output and the gradients of every parameter and of x under a fixed random projection."""
+    x = x.detach().requires_grad_()
+    leaves = [x] + [p for p in layer.parameters() if p.requires_grad]
+    with reference_path() if reference else use_path(path):
+        out = layer(x)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        grads = torch.autograd.grad((out * weights).sum(), leaves, allow_unused=True)
+    return out.detach(), grads
+
+
+def assert_same_as_reference(layer: nn.Module, x: torch.Tensor, path: str | None, tolerance: float) -> None:
+    expected_out, expected_grads = outputs_and_grads(layer, x, None, reference=True)
+    out, grads = outputs_and_grads(layer, x, path)
+    assert out.shape == expected_out.shape
+    assert relative_error(out, expected_out) <= tolerance
+    for grad, expected in zip(grads, expected_grads):
+        assert (grad is None) == (expected is None)
+        if grad is not None:
+            assert relative_error(grad, expected) <= tolerance
+
+
+def conv_grid() -> list:
+    cases = []
+    grid = itertools.product((1, 3), (1, 2), (0, 1, "same"), ("zeros", "reflect"), (1, 2), (1, 2, "depthwise"),
+                             (True, False))
+    for kernel, stride, padding, mode, dilation, groups, bias in grid:
+        if padding == "same" and stride != 1:
+            continue
+        cases.append(pytest.param(kernel, stride, padding, mode, dilation, groups, bias,
+                           id=f"k{kernel}-s{stride}-p{padding}-{mode}-d{dilation}-g{groups}-{'bias' if bias else 'nobias'}"))
+    return cases
+
+
+# --- layer grid ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,groups,bias", conv_grid())
+def test_every_path_equals_the_reference_on_the_conv_grid(kernel, stride, padding, mode, dilation, groups, bias):
+    groups = 8 if groups == "depthwise" else groups
+    layer = kw_conv(8, 8, kernel, stride=stride, padding=padding, padding_mode=mode, dilation=dilation,
+                    groups=groups, bias=bias)
+    x = torch.randn(3, 8, 9, 8, dtype=torch.float64)
+    for training in (True, False):
+        layer.train(training)
+        for path in PATHS:
+            assert_same_as_reference(layer, x, path, tolerance=1e-10)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("budget", [0.5, 1, 2])
+def test_float32_outputs_match_within_1e_5(budget, training, path):
+    layer = kw_conv(16, 32, 3, budget=budget, padding=1, stride=2, dtype=torch.float32, bias=True).train(training)
+    x = torch.randn(4, 16, 11, 10)
+    with torch.no_grad():
+        with reference_path():
+            expected = layer(x)
+        with use_path(path):
+            out = layer(x)
+    assert relative_error(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_of_one_channels_last_and_rectangular_kernels(path):
+    layer = kw_conv(8, 16, 3, padding=(1, 0), stride=(1, 2), budget=0.5)
+    for x in (torch.randn(1, 8, 7, 9, dtype=torch.float64),
+              torch.randn(2, 8, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)):
+        for training in (True, False):
+            assert_same_as_reference(layer.train(training), x, path, tolerance=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("mode", ["zeros", "replicate", "circular"])
+@pytest.mark.parametrize("path", PATHS)
+def test_even_kernel_same_padding_puts_the_extra_pixel_right(path, mode):
+    layer = kw_conv(4, 8, 2, padding="same", padding_mode=mode, dilation=3)
+    assert_same_as_reference(layer, torch.randn(2, 4, 9, 8, dtype=torch.float64), path, tolerance=1e-10)
+
+
+def test_bfloat16_fast_path_stays_close_to_float32():
+    layer = kw_conv(16, 16, 3, padding=1, dtype=torch.float32).eval()
+    low = copy.deepcopy(layer).to(torch.bfloat16)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        for path in FUSED:
+            with use_path(path):
+                out = low(x.to(torch.bfloat16))
+            assert out.dtype == torch.bfloat16
+            assert relative_error(out.float(), expected) <= 0.05
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_equal_the_reference(dims):
+    layer = kw_conv(4, 8, 3, dims=dims, padding=1, groups=2, budget=0.5)
+    x = torch.randn(2, 4, *((9,) if dims == 1 else (5, 4, 6)), dtype=torch.float64)
+    assert_same_as_reference(layer, x, None, tolerance=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (3, 5, 8), (2, 3, 4, 8), (8,)])
+@pytest.mark.parametrize("budget", [0.5, 1])
+def test_linear_equals_the_reference(shape, budget):
+    torch.manual_seed(2)
+    cell = cells.cell_shape([(6, 8)], budget)
+    warehouse = Warehouse(cells.warehouse_size(cells.cells_in((6, 8), cell), budget) + 2, cell, dtype=torch.float64)
+    layer = KWLinear(8, 6, warehouse=warehouse, offset=0, budget=budget, hidden=16, dtype=torch.float64)
+    layer.tau = 0.4
+    layer.warehouse_module = warehouse
+    for training in (True, False):
+        assert_same_as_reference(layer.train(training), torch.randn(*shape, dtype=torch.float64), None, 1e-10)
+
+
+# --- whole models --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kw_resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0)
+    set_temperature(model, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_resnet18_outputs_equal_the_reference_in_float32(kw_resnet18, path):
+    """Eval mode: in training mode a batch-statistics BatchNorm amplifies float32 rounding
+    (the reference itself is 2e-3 away from float64 there), so training is compared in float64."""
+    model = kw_resnet18.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with reference_path():
+            expected = model(x)
+        with use_path(path):
+            out = model(x)
+    assert relative_error(out, expected) <= 1e-5
+
+
+def test_resnet18_training_outputs_and_gradients_equal_the_reference_in_float64(kw_resnet18):
+    model = copy.deepcopy(kw_resnet18).double().train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)  # batch 4: BatchNorm on the 1x1 maps stays well posed
+    assert_same_as_reference(model, x, None, tolerance=1e-10)
+
+
+def test_a_model_and_its_copy_take_the_same_paths_and_agree_bit_for_bit(kw_resnet18):
+    model = kw_resnet18.eval()
+    clone = copy.deepcopy(model)
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model(x), clone(x))
+        assert torch.equal(model(x), model(x))
+
+
+def test_training_step_on_the_fast_path_matches_the_reference_step(kw_resnet18):
+    """SGD on the fast path moves the weights as on the reference path (float64)."""
+    fast_model = copy.deepcopy(kw_resnet18).double().train()
+    reference_model = copy.deepcopy(fast_model)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    labels = torch.tensor([1, 7, 0, 3])
+    for model, context in ((fast_model, use_path(None)), (reference_model, reference_path())):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with context:
+            nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+    for (name, a), (_, b) in zip(fast_model.named_parameters(), reference_model.named_parameters()):
+        assert relative_error(a, b) <= 1e-10, name
+
+
+# --- memory, path choice, allocator ---------------------------------------------------------
+
+
+def saved_bytes(layer: nn.Module, x: torch.Tensor, path: str | None, reference: bool = False) -> int:
+    """Bytes autograd keeps for backward, counting each storage once."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with reference_path() if reference else use_path(path):
+            layer(x.requires_grad_())
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("path", FUSED)
+def test_fused_paths_keep_no_batch_of_kernels_for_backward(path):
+    layer = kw_conv(64, 64, 3, padding=1, dtype=torch.float32).train()
+    x = torch.randn(8, 64, 6, 6)
+    kernels = 8 * 64 * 64 * 9 * 4
+    assert saved_bytes(layer, x.clone(), None, reference=True) > kernels
+    assert saved_bytes(layer, x.clone(), path) < kernels / 2
+
+
+def test_timed_choice_is_remembered_per_configuration():
+    layer = kw_conv(8, 8, 3, padding=1, dtype=torch.float32).eval()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 8, 7, 7)
+    before = len(fast.chosen_paths())
+    with torch.no_grad():
+        layer(x)
+        twin(x)
+        layer(x[:1])
+    chosen = fast.chosen_paths()
+    assert len(chosen) == before + 2  # the twin reuses the first choice; batch 1 is a new shape
+    assert set(chosen.values()) <= {"grouped", "conv", "matmul"}
+
+
+def test_use_path_rejects_unknown_names_and_restores_the_previous_setting():
+    with pytest.raises(ValueError, match="matmull"):
+        with use_path("matmull"):
+            pass
+    with use_path("conv"):
+        with reference_path():
+            assert fast.is_reference()
+        assert not fast.is_reference()
+
+
+def test_unavailable_forced_path_falls_back_to_grouped():
+    layer = kw_conv(8, 8, 3, padding=1, groups=2)  # matmul needs groups == 1
+    assert_same_as_reference(layer, torch.randn(2, 8, 6, 6, dtype=torch.float64), "matmul", 1e-10)
+
+
+def test_allocator_settings_report_what_the_process_runs_with(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    settings = fast.allocator_settings()
+    assert settings["environment"] == {"MALLOC_ARENA_MAX": "2"}
+    applied = fast.keep_freed_memory()
+    if settings["libc"].startswith("glibc"):
+        assert applied["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+
+
+# --- torch.compile -------------------------------------------------------------------------
+
+
+def small_kw_model() -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(), nn.Conv2d(32, 32, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model = kwconvert.convert(model, 1.0, example_inputs=torch.randn(2, 3, 16, 16))
+    set_temperature(model, 0.5)
+    return model
+
+
+def compiled_matches_eager(backend: str, tolerance: float) -> None:
+    model = small_kw_model()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)  # fullgraph: a graph break raises
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert relative_error(compiled.eval()(x), model.eval()(x)) <= tolerance
+    cells = [p for name, p in model.named_parameters() if name.endswith("cells")]
+    results = []
+    for module in (compiled.train(), model.train()):
+        out = module(x)
+        results.append((out.detach(), torch.autograd.grad(out.square().sum(), cells)))
+    (out_c, grads_c), (out_e, grads_e) = results
+    assert relative_error(out_c, out_e) <= tolerance
+    for grad_c, grad_e in zip(grads_c, grads_e):
+        assert relative_error(grad_c, grad_e) <= 10 * tolerance
+
+
+def test_layers_compile_without_graph_breaks_and_match_eager():
+    compiled_matches_eager("aot_eager", 1e-5)
+
+
+@pytest.mark.slow
+def test_layers_compile_with_inductor_and_match_eager():
+    compiled_matches_eager("inductor", 1e-4)
