@@ -19,12 +19,10 @@ Prints a table and writes benchmarks/results/accuracy.json (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -40,6 +38,7 @@ from rich.table import Table  # noqa: E402
 
 import kwconvert  # noqa: E402
 from benchmarks import fashion_mnist as fm  # noqa: E402
+from benchmarks.results_io import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.json"
 #: name -> plan options (an empty dict is the unconverted baseline).
@@ -153,16 +152,6 @@ def targets(summary: list[dict], preserve: dict | None) -> dict[str, dict]:
             "delta_points": preserve["accuracy"] - preserve["baseline_accuracy"],
             "met": preserve["accuracy"] == preserve["baseline_accuracy"]}
     return result
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as tmp:
-        json.dump(data, tmp, indent=2)
-        tmp.write("\n")
-    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile makes it private
-    os.replace(tmp.name, path)
 
 
 def table(summary: list[dict], recipe: fm.Recipe, seconds: float) -> Table:

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kwconvert.plan import plan
+from results_io import write_json  # sibling module: the script's folder is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "plan_speed.json"
 RESNET50_TARGET_S = 1.0
@@ -65,14 +63,6 @@ def all_models(budget: float, names: list[str], console: Console) -> list[dict]:
         del model
         gc.collect()
     return rows
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(data, tmp, indent=2)
-        tmp.write("\n")
-    os.replace(tmp.name, path)
 
 
 def main(argv: list[str] | None = None) -> int:
