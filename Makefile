@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench-plan bench-accuracy data install install-test clean
+.PHONY: demo test test-all bench-plan bench-zoo bench-accuracy data install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test-all: $(VENV)/.installed-test
 
 bench-plan: $(VENV)/.installed
 	$(BIN)/python benchmarks/plan_speed.py
+
+bench-zoo: $(VENV)/.installed
+	$(BIN)/python benchmarks/zoo.py --jobs 2
 
 bench-accuracy: $(VENV)/.installed data
 	$(BIN)/python benchmarks/accuracy.py
