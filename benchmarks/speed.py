@@ -187,10 +187,15 @@ def memory_worker(spec: dict) -> dict:
     return {"rss_built_mb": built / 1024, "peak_mb": peak / 1024, "above_mb": (peak - built) / 1024}
 
 
-def measure_memory(spec: dict) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(spec)],
-                            capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def measure_memory(spec: dict, runs: int) -> dict:
+    """Median over ``runs`` fresh processes (the heap's fragmentation varies from run to run)."""
+    results = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(spec)],
+                              capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    above = [r["above_mb"] for r in results]
+    return {"above_mb": statistics.median(above), "min_mb": min(above), "max_mb": max(above), "runs": results}
 
 
 # --- output --------------------------------------------------------------------------------
@@ -224,14 +229,16 @@ def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
                       met)
     out.print(table)
     if memory:
-        mem = Table(title="training-step peak RSS above RSS after building (fresh process each)")
+        mem = Table(title="training-step peak RSS above RSS after building, MB: median [min-max] of fresh processes")
         for column in ("model", "batch", "plain MB", "KW b=1 MB", "KW/plain", "reference MB", "reference/plain",
                        "target"):
             mem.add_column(column, justify="left" if column == "model" else "right")
         for row in memory:
             target = row.get("target")
             met = "" if target is None else (f"<= {target} " + ("met" if row["ratio"] <= target else "MISSED"))
-            mem.add_row(row["model"], str(row["batch"]), f"{row['plain_mb']:.0f}", f"{row['kw_mb']:.0f}",
+            mem.add_row(row["model"], str(row["batch"]),
+                        f"{row['plain_mb']:.0f} [{row['plain']['min_mb']:.0f}-{row['plain']['max_mb']:.0f}]",
+                        f"{row['kw_mb']:.0f} [{row['kw']['min_mb']:.0f}-{row['kw']['max_mb']:.0f}]",
                         f"{row['ratio']:.2f}", f"{row['reference_mb']:.0f}" if row.get("reference_mb") else "",
                         f"{row['reference_ratio']:.2f}" if row.get("reference_ratio") else "", met)
         out.print(mem)
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep: kwconvert.fast.keep_freed_memory() for every model of the run")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd plain models (slow to build)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--no-reference", action="store_true", help="skip the straightforward-path rows")
     parser.add_argument("--models", nargs="*", help="restrict to these models")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -300,13 +308,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             spec = {"model": name, "batch": batch, "threads": args.threads, "allocator": args.allocator,
                     "reference": False}
-            plain = measure_memory({**spec, "budget": None})
-            kw = measure_memory({**spec, "budget": 1.0})
+            plain = measure_memory({**spec, "budget": None}, args.memory_runs)
+            kw = measure_memory({**spec, "budget": 1.0}, args.memory_runs)
             row = {"model": name, "batch": batch, "plain_mb": plain["above_mb"], "kw_mb": kw["above_mb"],
                    "ratio": kw["above_mb"] / plain["above_mb"], "plain": plain, "kw": kw,
                    "target": MEMORY_TARGETS.get((name, batch))}
             if not args.no_reference:
-                reference = measure_memory({**spec, "budget": 1.0, "reference": True})
+                reference = measure_memory({**spec, "budget": 1.0, "reference": True}, args.memory_runs)
                 row.update(reference_mb=reference["above_mb"], reference_ratio=reference["above_mb"] / plain["above_mb"])
             memory.append(row)
             console.log(f"{name} batch {batch} training memory: KW/plain {row['ratio']:.2f}")

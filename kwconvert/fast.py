@@ -13,15 +13,20 @@ This module keeps the same arithmetic and changes how it is executed:
 * the assembly and every per-sample matrix product run in oneDNN's inner-product kernels
   (``torch.ops.mkldnn._linear_pointwise``, float32 and bfloat16; other dtypes use
   ``F.linear``), which also accept the warehouse in its stored layout without a copy;
-* assembled kernels are laid out as ``(C_out, kh, kw, C_in)`` (OHWI), the order both
-  consumers read: oneDNN's channels-last convolution and the NHWC im2col matrix product;
-  for a 1x1 convolution whose cells span the input channels (and for Linear) this order
-  falls out of the product with no copy at all;
-* three ways to convolve each sample are timed on the real shape, once per layer
-  configuration and input shape, and the fastest is kept: ``"matmul"`` (NHWC im2col and
-  one oneDNN product per sample, best for small maps and batch 1), ``"conv"`` (one oneDNN
-  convolution per sample) and ``"grouped"`` (the batch folded into the groups, good for
-  depthwise layers);
+* in inference (no gradient needed) the warehouse is kept packed in oneDNN's layout, so
+  the assembly does not re-pack it on every call (twice as fast at batch 1); the packed
+  copy is rebuilt when the cells change (their version counter, storage or a sample of
+  their values tells);
+* each sample's kernel is read in OHWI order ``(C_out, kh, kw, C_in)``, what both consumers
+  want (oneDNN's channels-last convolution and the NHWC im2col product); it is re-ordered
+  from the assembly's output one sample at a time, into a buffer that stays in cache, and
+  for a 1x1 convolution whose cells span the input channels (and for Linear) it needs no
+  copy at all;
+* three ways to convolve each sample are timed (forward only) on the real shape, once per
+  layer configuration and input shape, and the fastest is kept: ``"matmul"`` (NHWC im2col
+  and one oneDNN product per sample, best for small maps and batch 1), ``"conv"`` (one
+  oneDNN convolution per sample, best for large maps) and ``"grouped"`` (the batch folded
+  into the groups, the reference's convolution, good for depthwise layers);
 * for ``"matmul"`` and ``"conv"`` one autograd node covers assembly and convolution: it
   keeps only the attention, the warehouse and the input, and assembles the kernels again
   in backward instead of holding a batch of kernels per layer until then.
@@ -42,6 +47,7 @@ import math
 import os
 import platform
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -51,8 +57,8 @@ from torch import Tensor
 
 from .cells import Tiling
 
-__all__ = ["PATHS", "allocator_settings", "chosen_paths", "keep_freed_memory", "linear", "mix",
-           "reference_path", "use_path"]
+__all__ = ["PATHS", "allocator_settings", "chosen_paths", "clear_caches", "keep_freed_memory", "linear", "mix",
+           "packing", "reference_path", "use_path"]
 
 #: Ways a KW Conv2d can run; "reference" is the straightforward path of ``layers.py``.
 PATHS = ("reference", "grouped", "conv", "matmul")
@@ -155,28 +161,96 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)  # inductor lowers this itself (it wants oneDNN weights constant)
 
 
+# The assembly reads the whole warehouse in every layer.  Given the warehouse as a plain
+# matrix, oneDNN re-packs it on every call, which halves the speed of the few-row products
+# of batch 1 (and costs ~10 % at batch 16); packed once, it is read as is.  Packing is
+# for inference (no gradient needed): a packed copy is kept per warehouse and reused while
+# the cells keep their storage, their version counter and a sample of their values (the
+# sample catches edits through ``.data``, which the version counter does not see).
+_PACK_ROWS = 144  # oneDNN's row-count hint when packing; measured good from 2 to 288 rows
+_PROBES = 256
+_packed: dict[int, tuple] = {}  # id(cells) -> (key, probe, packed); entries die with the cells
+_packing = True
+
+
+@contextlib.contextmanager
+def packing(enabled: bool) -> Iterator[None]:
+    """Allow or forbid packed warehouse copies for inference inside the block."""
+    global _packing
+    previous, _packing = _packing, enabled
+    try:
+        yield
+    finally:
+        _packing = previous
+
+
+def clear_caches() -> None:
+    """Drop the packed warehouse copies and the timed path choices."""
+    _packed.clear()
+    _chosen.clear()
+
+
+def _probe(cells: Tensor) -> Tensor:
+    flat = cells.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // _PROBES)].clone()
+
+
+def _packed_cells(cells: Tensor) -> Tensor | None:
+    """oneDNN's packed layout of a warehouse ``(n, *cell)`` for the assembly, or None."""
+    if not (_packing and _HAS_ONEDNN and cells.device.type == "cpu" and cells.dtype == torch.float32) \
+            or torch.compiler.is_compiling():
+        return None
+    key = (cells.data_ptr(), cells._version, tuple(cells.shape))
+    entry = _packed.get(id(cells))
+    probe = _probe(cells)
+    if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
+        return entry[2]
+    matrix = cells.detach().reshape(cells.shape[0], -1).t().contiguous()  # (cell, n): the product's weight
+    packed = torch.ops.mkldnn._reorder_linear_weight(matrix, _PACK_ROWS)
+    if entry is None:
+        weakref.finalize(cells, _packed.pop, id(cells), None)
+    _packed[id(cells)] = (key, probe, packed)
+    return packed
+
+
+def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool) -> Tensor:
+    """``alpha (M, n) @ cells (n, cell)`` outside autograd; ``pack``: a packed copy may serve."""
+    packed = _packed_cells(cells) if pack and alpha.dtype == cells.dtype else None
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(alpha, packed, None, "none", [], "")
+    return linear(alpha, cells.reshape(cells.shape[0], -1).t())
+
+
 class _Mix(torch.autograd.Function):
-    """blocks ``(M, cell)`` = alpha ``(M, n)`` @ cells ``(n, cell)``, oneDNN both ways."""
+    """blocks ``(M, cell)`` = alpha ``(M, n)`` @ cells ``(n, *cell)``, oneDNN both ways."""
 
     @staticmethod
     def forward(ctx, alpha: Tensor, cells: Tensor) -> Tensor:
         ctx.save_for_backward(alpha, cells)
-        return linear(alpha, cells.t())
+        return _mix_rows(alpha, cells, pack=False)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         alpha, cells = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_alpha = linear(grad, cells) if ctx.needs_input_grad[0] else None
-        grad_cells = linear(alpha.t().contiguous(), grad.t()) if ctx.needs_input_grad[1] else None
+        flat = cells.reshape(cells.shape[0], -1)
+        grad_alpha = linear(grad, flat) if ctx.needs_input_grad[0] else None
+        grad_cells = linear(alpha.t().contiguous(), grad.t()).view_as(cells) if ctx.needs_input_grad[1] else None
         return grad_alpha, grad_cells
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def mix(alpha: Tensor, cells: Tensor) -> Tensor:
     """Differentiable assembly: the mixtures ``w_i = sum_j alpha_ij e_j`` as rows (Sec. 3.2).
 
-    ``alpha`` is ``(M, n)`` (samples times mixtures), ``cells`` the warehouse as ``(n, cell)``.
+    ``alpha`` is ``(M, n)`` (samples times mixtures), ``cells`` the warehouse ``(n, *cell)``;
+    returns ``(M, cell numel)``.
     """
+    if not _needs_grad(alpha, cells):
+        return _mix_rows(alpha, cells, pack=True)
     return _Mix.apply(alpha, cells)
 
 
@@ -223,11 +297,10 @@ class _Kernels:
         return self.buffer.view(self.shape)
 
 
-def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor) -> Tensor:
+def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor, pack: bool = False) -> Tensor:
     """Blocks ``(B, m, f_e * c_e)`` of every sample's kernel (Sec. 3.2), outside autograd."""
     batch, mixtures, n = alpha.shape
-    blocks = linear(alpha.reshape(batch * mixtures, n), cells.reshape(n, -1).t())
-    return blocks.view(batch, mixtures, -1)
+    return _mix_rows(alpha.reshape(batch * mixtures, n), cells, pack).view(batch, mixtures, -1)
 
 
 # --- the two per-sample convolutions --------------------------------------------------------
@@ -235,7 +308,7 @@ def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """What a fused KW Conv2d node needs besides tensors (hashable, so it keys the path cache)."""
+    """What a fused KW Conv2d node needs besides tensors (frozen: torch.compile takes it as a constant)."""
     tiling: Tiling
     kernel: tuple[int, int]
     stride: tuple[int, int]
@@ -446,7 +519,11 @@ def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
     spec = _spec_for(layer, path)
     x = x.contiguous(memory_format=torch.channels_last)
-    return _KWConv2d.apply(x, alpha, layer.warehouse.cells, layer.bias, spec)
+    cells = layer.warehouse.cells
+    if not _needs_grad(x, alpha, cells, layer.bias):  # inference: no autograd node, packed warehouse
+        kernels = _Kernels(spec.tiling, _assembled(spec.tiling, alpha, cells, pack=True))
+        return _FORWARD[path](spec, x, kernels, layer.bias)
+    return _KWConv2d.apply(x, alpha, cells, layer.bias, spec)
 
 
 def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
@@ -491,7 +568,8 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
         # "grouped" keeps a batch of kernels alive until backward (autograd saves them for
         # the convolution): in training it costs memory the fused paths do not
         available = tuple(path for path in available if path != "grouped")
-    path = _fastest(layer, x, alpha, available)
+    with packing(_packing and not needs_grad):  # training never uses a packed copy: make none
+        path = _fastest(layer, x, alpha, available)
     _chosen[key] = path
     return path
 
@@ -526,5 +604,10 @@ def linear_layer(layer, rows: Tensor, alpha: Tensor) -> Tensor:
     tiling = Tiling(layer.weight_shape + (1, 1), layer.warehouse.cell + (1, 1))
     spec = ConvSpec(tiling, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1, "matmul")
     image = image.contiguous(memory_format=torch.channels_last)
-    out = _KWConv2d.apply(image, alpha, layer.warehouse.cells, layer.bias, spec)
+    cells = layer.warehouse.cells
+    if not _needs_grad(image, alpha, cells, layer.bias):
+        kernels = _Kernels(tiling, _assembled(tiling, alpha, cells, pack=True))
+        out = _matmul_forward(spec, image, kernels, layer.bias)
+    else:
+        out = _KWConv2d.apply(image, alpha, cells, layer.bias, spec)
     return out.squeeze(-1).transpose(1, 2)

@@ -416,7 +416,7 @@ class _KWLayer(nn.Module):
             blocks = torch.matmul(alpha, cells.reshape(cells.shape[0], -1))
         else:
             batch, mixtures, n = alpha.shape
-            blocks = fast.mix(alpha.reshape(batch * mixtures, n), cells.reshape(n, -1)).view(batch, mixtures, -1)
+            blocks = fast.mix(alpha.reshape(batch * mixtures, n), cells).view(batch, mixtures, -1)
         return blocks_to_kernel(self.tiling, blocks)
 
     def kernel_at_beta(self) -> Tensor:

@@ -251,6 +251,29 @@ def test_timed_choice_is_remembered_per_configuration():
     assert set(chosen.values()) <= {"grouped", "conv", "matmul"}
 
 
+def test_packed_warehouse_follows_every_change_of_the_cells():
+    layer = kw_conv(16, 16, 3, padding=1, dtype=torch.float32).eval()
+    cells = layer.warehouse.cells
+    x = torch.randn(1, 16, 6, 6)
+
+    def check() -> None:
+        with torch.no_grad():
+            with reference_path():
+                expected = layer(x)
+            assert relative_error(layer(x), expected) <= 1e-5
+
+    check()
+    with torch.no_grad():
+        cells.mul_(-2)  # in place: the version counter moves
+    check()
+    cells.data.add_(1.0)  # through .data: only the sampled values tell
+    check()
+    cells.data = cells.data.clone() * 3  # new storage
+    check()
+    with fast.packing(False):
+        check()
+
+
 def test_use_path_rejects_unknown_names_and_restores_the_previous_setting():
     with pytest.raises(ValueError, match="matmull"):
         with use_path("matmull"):
