@@ -46,19 +46,23 @@ import gc
 import json
 import math
 import multiprocessing
-import os
 import platform
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from torch import nn
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks.results_io`` importable
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks.results_io import write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "zoo.json"
@@ -537,18 +541,6 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
         summary[group] = {"models": len(members), **counts,
                           "pass_percent": round(100 * counts["pass"] / len(members), 1)}
     return summary
-
-
-def write_json(data: dict, path: Path) -> None:
-    """Write ``path`` atomically (a temporary sibling, then a rename), with umask permissions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(data, tmp, indent=1)
-        tmp.write("\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp.name, 0o666 & ~umask)
-    os.replace(tmp.name, path)
 
 
 def _header(args) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``kwconvert`` command line: parse, call the library, render.  No logic of its own.
 
-Usage errors (bad model name, budget, input size) exit 2, other failures exit 1; each is
+Usage errors (bad model name, budget, input size, --module path) exit 2, other failures exit 1; each is
 one line on stderr, with the traceback only under ``--debug``.
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Failure(Exception):
 def reported(debug: bool) -> Iterator[None]:
     """Turn library errors into one stderr line and an exit code (traceback with --debug)."""
     from kwconvert.models import CheckpointError, ModelSourceError
+    from kwconvert.trace import UnknownModuleError
     try:
         yield
     except typer.Exit:
@@ -74,7 +75,7 @@ def reported(debug: bool) -> Iterator[None]:
     except Exception as error:  # every failure ends here, worded for the user
         if debug:
             raise
-        code = 2 if isinstance(error, (ModelSourceError, UsageError)) else 1
+        code = 2 if isinstance(error, (ModelSourceError, UnknownModuleError, UsageError)) else 1
         if isinstance(error, Failure):
             code = error.code
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

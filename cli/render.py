@@ -37,6 +37,9 @@ def summary(job) -> Group:
                 "cells are a least-squares fit of the kernels: fine-tune to recover")
         table.add_row("max |output diff| at tau = 1",
                       f"{job.max_abs_diff:.3g} = {relative:.2g} of max |output| ({note})")
+    if job.not_comparable:  # e.g. a detector's boxes: each model may find a different number
+        table.add_row("outputs not comparable", f"{len(job.not_comparable)} tensor(s) differ in shape or "
+                                                f"structure (first: {job.not_comparable[0]})")
     errors = [w.init_error for w in plan.warehouses if w.init_error]
     if errors:
         table.add_row("kernel fit error (b < 1)", f"{min(errors):.3f} .. {max(errors):.3f} relative")

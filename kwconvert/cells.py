@@ -23,16 +23,32 @@ def cell_shape(weight_shapes: Sequence[Sequence[int]], budget: float) -> tuple[i
     Paper Sec. 3.2 / App. "common dimension divisors": ``c_e`` is the GCD of the
     layers' input channels per group, ``f_e`` the GCD of their output channels, cells are
     1 x 1 spatially.  For b < 1 both are halved (at least 1), so m quadruples and the
-    warehouse can hold fewer cells than there are mixtures.
+    warehouse can hold fewer cells than there are mixtures; an odd GCD, which has no exact
+    half, goes to its largest divisor below the half (:func:`half_divisor`), so the cells
+    still tile every kernel.
     """
     if not weight_shapes:
         raise ValueError("a warehouse needs at least one layer")
     f_e = reduce(math.gcd, (int(s[0]) for s in weight_shapes))
     c_e = reduce(math.gcd, (int(s[1]) for s in weight_shapes))
     if budget < 1:
-        f_e, c_e = max(f_e // 2, 1), max(c_e // 2, 1)
+        f_e, c_e = half_divisor(f_e), half_divisor(c_e)
     spatial = max(len(s) for s in weight_shapes) - 2
     return (f_e, c_e) + (1,) * spatial
+
+
+def half_divisor(gcd: int) -> int:
+    """The largest divisor of ``gcd`` that is at most half of it (1 stays 1).
+
+    A cell dimension must stay a common dimension divisor of every sharing layer, so
+    the b < 1 halving can only pick among the divisors of the GCD: an even GCD is halved
+    exactly as the paper does (64 -> 32), an odd one is divided by its smallest prime
+    factor (r2plus1d_18's 45 input channels -> 15, where 45 // 2 = 22 divides nothing).
+    """
+    if gcd < 1:
+        raise ValueError(f"a channel GCD must be a positive integer, got {gcd}")
+    smallest_factor = next((p for p in range(2, math.isqrt(gcd) + 1) if gcd % p == 0), gcd)
+    return gcd // smallest_factor
 
 
 def cells_in(weight_shape: Sequence[int], cell: Sequence[int]) -> int:

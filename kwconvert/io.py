@@ -68,7 +68,10 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     """Rebuild a saved model: base model (from its source, or ``model``) + plan + weights."""
     path = _resolve_saved(Path(directory))
     meta = read_metadata(path)
-    plan = Plan.from_dict(meta["plan"])
+    try:  # a plan edited by hand is refused here, before any model is built
+        plan = Plan.from_dict(meta["plan"])
+    except ValueError as err:
+        raise SavedModelError(f"{path}: the saved plan does not fit the model: {err}") from None
     if model is None:
         if not meta.get("source"):
             raise SavedModelError(f"{path} records no model source; pass the unconverted model: "

@@ -37,6 +37,7 @@ class Conversion:
     converted: nn.Module | None = None
     max_abs_diff: float | None = None
     output_scale: float | None = None
+    not_comparable: tuple[str, ...] = ()
     saved_to: Path | None = None
 
     def build(self) -> nn.Module:
@@ -66,13 +67,18 @@ class Conversion:
         return self.converted
 
     @torch.no_grad()
-    def compare(self) -> float:
-        """Max |converted - original| on random inputs in eval mode at tau = 1."""
+    def compare(self) -> float | None:
+        """Max |converted - original| on random inputs in eval mode at tau = 1.
+
+        Outputs are compared tensor by tensor (:func:`compare_outputs`); tensors whose
+        shapes differ (a detector's boxes, of which each model may find a different
+        number) are listed in ``not_comparable`` instead.  None when no tensor compares.
+        """
         set_temperature(self.converted, 1.0)
         sample = self.example_input(batch=2, seed=1)
-        expected = self.model(sample)
-        self.max_abs_diff = _max_abs_diff(expected, self.converted(sample))
-        self.output_scale = _max_abs_diff(expected, _zeros_like(expected))
+        diff = compare_outputs(self.model(sample), self.converted(sample))
+        self.max_abs_diff, self.output_scale = diff.max_abs_diff, diff.output_scale
+        self.not_comparable = diff.not_comparable
         return self.max_abs_diff
 
     def save(self, directory: Path | None = None) -> Path:
@@ -127,6 +133,70 @@ def default_out_dir(source: str, budget: float) -> Path:
     return DEFAULT_OUT / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', short)}-b{budget:g}"
 
 
+@dataclass(frozen=True)
+class OutputDiff:
+    """Two model outputs compared leaf tensor by leaf tensor.
+
+    ``max_abs_diff`` and ``output_scale`` (max |expected|) are over the tensors present in
+    both outputs with equal shapes, None when there are none; ``not_comparable`` names the
+    others (``output[0]['boxes']: shape 3x4 vs 5x4``).
+    """
+    max_abs_diff: float | None
+    output_scale: float | None
+    not_comparable: tuple[str, ...]
+
+
+def compare_outputs(expected: Any, actual: Any) -> OutputDiff:
+    """Compare two outputs (tensors, or nested lists, tuples and dicts of them) leaf by leaf."""
+    pairs, not_comparable = [], []
+    for where, a, b in _leaves(expected, actual, "output"):
+        if b is None:
+            not_comparable.append(f"{where}: {a}")
+        elif a.shape != b.shape:
+            not_comparable.append(f"{where}: shape {_dims(a)} vs {_dims(b)}")
+        elif a.numel():
+            pairs.append((a.float(), b.float()))
+    if not pairs:
+        return OutputDiff(None, None, tuple(not_comparable))
+    return OutputDiff(max_abs_diff=max(float((a - b).abs().max()) for a, b in pairs),
+                      output_scale=max(float(a.abs().max()) for a, _ in pairs),
+                      not_comparable=tuple(not_comparable))
+
+
+def _leaves(a: Any, b: Any, where: str):
+    """``(where, a, b)`` for each pair of tensors at the same place in ``a`` and ``b``, and
+    ``(where, reason, None)`` where the structures part (a missing key, another type).
+    Values that are neither tensors nor containers (None, sizes, names) are skipped."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        yield where, a, b
+    elif isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            place = f"{where}[{key!r}]"
+            if key in a and key in b:
+                yield from _leaves(a[key], b[key], place)
+            elif _holds_tensor(a.get(key, b.get(key))):
+                yield place, f"only in the {'original' if key in a else 'converted'} model's output", None
+    elif isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        for index, (x, y) in enumerate(zip(a, b)):
+            yield from _leaves(x, y, f"{where}[{index}]")
+        if _holds_tensor(a[len(b):] if len(a) > len(b) else b[len(a):]):
+            yield where, f"length {len(a)} vs {len(b)}", None
+    elif _holds_tensor(a) or _holds_tensor(b):
+        yield where, f"{type(a).__name__} vs {type(b).__name__}", None
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return isinstance(value, (tuple, list)) and any(_holds_tensor(v) for v in value)
+
+
+def _dims(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"
+
+
 def _zeros_like(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return torch.zeros_like(output)
@@ -138,11 +208,9 @@ def _zeros_like(output: Any) -> Any:
 
 
 def _max_abs_diff(a: Any, b: Any) -> float:
-    """Largest absolute difference between two outputs (tensors, or nested tuples/dicts)."""
-    if isinstance(a, torch.Tensor):
-        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
-    if isinstance(a, dict):
-        return max((_max_abs_diff(a[k], b[k]) for k in a), default=0.0)
-    if isinstance(a, (tuple, list)):
-        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
-    return 0.0
+    """Largest absolute difference between two outputs (tensors, or nested tuples/dicts);
+    NaN when some of their tensors cannot be compared (:func:`compare_outputs`)."""
+    diff = compare_outputs(a, b)
+    if diff.not_comparable:
+        return float("nan")
+    return diff.max_abs_diff if diff.max_abs_diff is not None else 0.0

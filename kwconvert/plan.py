@@ -125,26 +125,33 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        fmt = data.get("format", PLAN_FORMAT)
+        """The plan a :meth:`to_dict` (or a hand-edited copy of it) describes.
+
+        A missing or mistyped field, and numbers that contradict each other (m, m_t, n,
+        offsets, cells: :func:`check_consistent`), are one ValueError naming the field.
+        """
+        plan = _Fields(data, "")
+        fmt = plan.integer("format", default=PLAN_FORMAT)
         if fmt > PLAN_FORMAT:
             raise ValueError(f"plan format {fmt} is newer than this kwconvert reads ({PLAN_FORMAT}); "
                              "upgrade kwconvert")
-        try:
-            return cls(
-                model=data["model"],
-                budget=float(data["budget"]),
-                warehouses=tuple(_warehouse_from_dict(w) for w in data["warehouses"]),
-                plain=tuple(StaticLayer(**s) for s in data["plain"]),
-                params_baseline=int(data["params"]["baseline"]),
-                params_converted=int(data["params"]["converted"]),
-                input_size=tuple(data["input_size"]) if data.get("input_size") else None,
-                options=dict(data.get("options", {})),
-                notes=tuple(data.get("notes", ())),
-                module=data.get("module"),
-                unpacked_attention=tuple(data.get("unpacked_attention", ())),
-            )
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"plan JSON is missing or has a malformed field: {err}") from None
+        params = plan.obj("params")
+        input_size = plan.integers("input_size", default=None)
+        result = cls(
+            model=plan.text("model"),
+            budget=plan.number("budget"),
+            warehouses=tuple(_warehouse_from_dict(w, index) for index, w in enumerate(plan.array("warehouses"))),
+            plain=tuple(_static_from_dict(s, index) for index, s in enumerate(plan.array("plain"))),
+            params_baseline=params.integer("baseline"),
+            params_converted=params.integer("converted"),
+            input_size=input_size or None,
+            options=dict(plan.obj("options", default={}).data),
+            notes=plan.texts("notes", default=()),
+            module=plan.text("module", default=None),
+            unpacked_attention=plan.texts("unpacked_attention", default=()),
+        )
+        check_consistent(result)
+        return result
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -228,22 +235,217 @@ def _warehouse_to_dict(w: WarehousePlan) -> dict[str, Any]:
     }
 
 
-def _warehouse_from_dict(d: dict[str, Any]) -> WarehousePlan:
-    names, cells, details = d["layers"], d["m"], d["layer_details"]
-    if not (len(names) == len(cells) == len(details)):
-        raise ValueError(f"warehouse {d.get('name')}: layers, m and layer_details differ in length")
-    layers = tuple(
-        LayerPlan(name=name, kind=det["kind"], weight_shape=tuple(det["weight_shape"]),
-                  in_channels=int(det["in_channels"]), groups=int(det["groups"]), cells=int(m),
-                  offset=int(det["offset"]), hidden=int(det["hidden"]),
-                  rows=tuple(int(r) for r in det["rows"]) if det.get("rows") else None)
-        for name, m, det in zip(names, cells, details))
+def _warehouse_from_dict(data: Any, index: int) -> WarehousePlan:
+    name = data.get("name") if isinstance(data, dict) else None
+    warehouse = _Fields(data, f"warehouse {name}" if isinstance(name, str) else f"warehouses[{index}]")
+    names, counts = warehouse.texts("layers"), warehouse.integers("m")
+    details = warehouse.array("layer_details")
+    if not (len(names) == len(counts) == len(details)):
+        raise ValueError(f"plan JSON: {warehouse.where}: 'layers', 'm' and 'layer_details' differ in length "
+                         f"({len(names)}, {len(counts)}, {len(details)})")
+    layers = tuple(_layer_from_dict(detail, layer_name, m, warehouse.where)
+                   for layer_name, m, detail in zip(names, counts, details))
+    params, attention = warehouse.obj("params"), warehouse.obj("attention")
     return WarehousePlan(
-        name=d["name"], layers=layers, cell=tuple(d["cell"]), m_t=int(d["m_t"]), n=int(d["n"]),
-        budget=float(d["budget"]), attention_norm=d["attention"]["norm"],
-        basis_ratio=d["attention"]["basis_ratio"], warehouse_params=int(d["params"]["warehouse"]),
-        attention_params=int(d["params"]["attention"]), init_error=d.get("init_error"))
+        name=warehouse.text("name"), layers=layers, cell=warehouse.integers("cell"),
+        m_t=warehouse.integer("m_t"), n=warehouse.integer("n"), budget=warehouse.number("budget"),
+        attention_norm=attention.text("norm"), basis_ratio=attention.number("basis_ratio", default=None),
+        warehouse_params=params.integer("warehouse"), attention_params=params.integer("attention"),
+        init_error=warehouse.number("init_error", default=None))
 
+
+def _layer_from_dict(data: Any, name: str, cells_of_layer: int, where: str) -> LayerPlan:
+    detail = _Fields(data, f"{where}, layer {name}")
+    rows = detail.integers("rows", default=None)
+    if rows is not None and len(rows) != 2:
+        raise ValueError(f"plan JSON: {detail.where}: 'rows' must be [start, stop], got {list(rows)}")
+    return LayerPlan(name=name, kind=detail.text("kind"), weight_shape=detail.integers("weight_shape"),
+                     in_channels=detail.integer("in_channels"), groups=detail.integer("groups"),
+                     cells=cells_of_layer, offset=detail.integer("offset"), hidden=detail.integer("hidden"),
+                     rows=rows or None)
+
+
+def _static_from_dict(data: Any, index: int) -> StaticLayer:
+    static = _Fields(data, f"plain[{index}]")
+    return StaticLayer(layer=static.text("layer"), reason=static.text("reason"))
+
+
+_REQUIRED = object()
+
+
+class _Fields:
+    """One JSON object of a plan, read field by field with its type checked.
+
+    Plans are data a user may edit by hand; a missing key or a value of the wrong type is
+    one ValueError naming where it is ("plan JSON: warehouse stage1.conv2d: 'n' must be an
+    integer, got '27'"), not a KeyError or TypeError from deep inside the parser.
+    """
+
+    def __init__(self, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise ValueError(f"plan JSON{f': {where}' if where else ''} must be an object, got {_json_type(data)}")
+        self.data, self.where = data, where
+
+    def integer(self, key: str, default: Any = _REQUIRED) -> int:
+        return self._get(key, default, "an integer", _is_integer)
+
+    def number(self, key: str, default: Any = _REQUIRED) -> float | None:
+        value = self._get(key, default, "a number", _is_number)
+        return float(value) if value is not None else None
+
+    def text(self, key: str, default: Any = _REQUIRED) -> str:
+        return self._get(key, default, "a string", lambda v: isinstance(v, str))
+
+    def integers(self, key: str, default: Any = _REQUIRED) -> tuple[int, ...] | None:
+        value = self._get(key, default, "a list of integers",
+                          lambda v: isinstance(v, list) and all(map(_is_integer, v)))
+        return tuple(value) if value is not None else None
+
+    def texts(self, key: str, default: Any = _REQUIRED) -> tuple[str, ...]:
+        value = self._get(key, default, "a list of strings",
+                          lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+        return tuple(value)
+
+    def array(self, key: str) -> list:
+        return self._get(key, _REQUIRED, "a list", lambda v: isinstance(v, list))
+
+    def obj(self, key: str, default: Any = _REQUIRED) -> "_Fields":
+        value = self._get(key, default, "an object", lambda v: isinstance(v, dict))
+        return _Fields(value, f"{self.where}: '{key}'" if self.where else f"'{key}'")
+
+    def _get(self, key: str, default: Any, expected: str, valid) -> Any:
+        """The value at ``key``; ``default`` (or null, when the default is) if absent."""
+        where = f"plan JSON: {self.where}: '{key}'" if self.where else f"plan JSON: '{key}'"
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise ValueError(f"{where} is missing")
+            return default
+        value = self.data[key]
+        if value is None and default is None or valid(value):
+            return value
+        shown = f" {value!r}" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+        raise ValueError(f"{where} must be {expected}{' or null' if default is None else ''}, "
+                         f"got {_json_type(value)}{shown[:80]}")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+# =======================================================================================
+# Consistency
+# =======================================================================================
+_KERNEL_RANK = {"conv1d": 3, "conv2d": 4, "conv3d": 5, "linear": 2}
+_ATTENTION_NORMS = ("batchnorm", "layernorm")
+
+
+def check_consistent(plan: Plan) -> None:
+    """Refuse a plan whose numbers contradict each other, naming the warehouse and field.
+
+    Plans are data a user may edit by hand.  :meth:`Plan.from_dict` runs this as it reads
+    one, so an edited plan is refused before anything prints it, and
+    :func:`kwconvert.rewrite.check_plan_fits` runs it before applying one (a plan edited
+    in Python, or one the planner made at a budget the walk cannot serve).  These are the
+    checks that need no model: each layer's m is the number of cells tiling its kernel,
+    offsets follow the one-to-one walk (paper Sec. 3.3), m_t is the sum of m, n holds the
+    walk and is ``int(b * m_t)``, and the parameter counts follow from them.  Whether the
+    plan describes a given model is ``check_plan_fits``'s part.
+    """
+    try:
+        check_budget(plan.budget)
+    except ValueError as err:
+        raise ValueError(f"plan: {err}") from None
+    mode = plan.options.get("mode", "kernelwarehouse") if isinstance(plan.options, dict) else None
+    if mode not in _MODE_CHOICES:
+        raise ValueError(f"plan: options.mode must be one of {', '.join(_MODE_CHOICES)}, got {mode!r}")
+    plain = {static.layer for static in plan.plain}
+    warehouse_names: set[str] = set()
+    warehouse_of: dict[str, str] = {}
+    for warehouse in plan.warehouses:
+        if warehouse.name in warehouse_names:
+            raise ValueError(f"plan warehouse {warehouse.name}: two warehouses have that name")
+        warehouse_names.add(warehouse.name)
+        _check_warehouse(warehouse, mode)
+        for name in warehouse.layer_names:
+            where = f"plan warehouse {warehouse.name}, layer {name}"
+            if name in warehouse_of:
+                raise ValueError(f"{where}: the layer is planned twice (also in warehouse {warehouse_of[name]})")
+            if name in plain:
+                raise ValueError(f"{where}: the layer is also listed as plain")
+            warehouse_of[name] = warehouse.name
+
+
+def _check_warehouse(warehouse: WarehousePlan, mode: str) -> None:
+    where = f"plan warehouse {warehouse.name}"
+    if not warehouse.layers:
+        raise ValueError(f"{where}: it has no layers")
+    try:
+        check_budget(warehouse.budget)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if warehouse.attention_norm not in _ATTENTION_NORMS:
+        raise ValueError(f"{where}: attention norm must be one of {', '.join(_ATTENTION_NORMS)}, "
+                         f"got {warehouse.attention_norm!r}")
+    if warehouse.basis_ratio is not None and not 0 < warehouse.basis_ratio <= 1:
+        raise ValueError(f"{where}: basis_ratio must be in (0, 1] or null, got {warehouse.basis_ratio}")
+    handed_out = 0
+    for layer in warehouse.layers:
+        _check_layer(layer, warehouse, f"{where}, layer {layer.name}", handed_out)
+        handed_out += cells.cells_handed_out(layer.cells, warehouse.budget)
+    m_t = sum(layer.cells for layer in warehouse.layers)
+    if m_t != warehouse.m_t:
+        raise ValueError(f"{where}: m_t is {warehouse.m_t}, its layers' m sum to {m_t}")
+    if warehouse.n < 1 or handed_out > warehouse.n:
+        raise ValueError(f"{where}: n is {warehouse.n}, too few for the {handed_out} cells its layers start on")
+    n = cells.warehouse_size(m_t, warehouse.budget)
+    if mode == "kernelwarehouse" and n != warehouse.n:
+        raise ValueError(f"{where}: n is {warehouse.n}, budget {warehouse.budget:g} x m_t {m_t} gives {n}")
+    if warehouse.warehouse_params != warehouse.n * math.prod(warehouse.cell):
+        raise ValueError(f"{where}: params.warehouse is {warehouse.warehouse_params}, n {warehouse.n} cells "
+                         f"of {_dims(warehouse.cell)} hold {warehouse.n * math.prod(warehouse.cell)}")
+    attention = sum(cells.attention_params(layer.in_channels, layer.hidden, layer.cells, warehouse.n,
+                                           norm=warehouse.attention_norm, budget=warehouse.budget,
+                                           basis_ratio=warehouse.basis_ratio) for layer in warehouse.layers)
+    if warehouse.attention_params != attention:
+        raise ValueError(f"{where}: params.attention is {warehouse.attention_params}, its layers' attention "
+                         f"holds {attention}")
+
+
+def _check_layer(layer: LayerPlan, warehouse: WarehousePlan, where: str, handed_out: int) -> None:
+    """One layer's kind, kernel, sizes, rows, m and offset (``handed_out``: the walk so far)."""
+    rank = _KERNEL_RANK.get(layer.kind)
+    if rank is None:
+        raise ValueError(f"{where}: kind is {layer.kind!r}, not one of {', '.join(cells.KINDS)}")
+    if len(layer.weight_shape) != rank or min(layer.weight_shape) < 1:
+        raise ValueError(f"{where}: weight_shape {list(layer.weight_shape)} is not a {layer.kind} kernel "
+                         f"({rank} positive sizes)")
+    for name in ("in_channels", "groups", "hidden"):
+        if getattr(layer, name) < 1:
+            raise ValueError(f"{where}: {name} must be positive, got {getattr(layer, name)}")
+    if layer.rows is not None:
+        start, stop = layer.rows
+        if not 0 <= start < stop or stop - start != layer.weight_shape[0]:
+            raise ValueError(f"{where}: rows {start}:{stop} do not match the {layer.weight_shape[0]} output "
+                             f"rows of weight_shape {_dims(layer.weight_shape)}")
+    try:
+        count = cells.cells_in(layer.weight_shape, warehouse.cell)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if count != layer.cells:
+        raise ValueError(f"{where}: m is {layer.cells} but cell {_dims(warehouse.cell)} tiles the kernel in "
+                         f"{count} (kernel {_dims(layer.weight_shape)})")
+    if layer.offset != handed_out:
+        raise ValueError(f"{where}: offset is {layer.offset}, the one-to-one walk gives {handed_out}")
 
 
 # =======================================================================================
@@ -747,7 +949,7 @@ class _Sizing:
         if self.options.mode == "dynamic_conv":
             cell = tuple(shapes[0])
         else:
-            cell = _cell_shape(shapes, self.budget)
+            cell = cells.cell_shape(shapes, self.budget)
         counts = [cells.cells_in(shape, cell) for shape in shapes]
         basis_ratio = self.options.basis_ratio if saver and self.budget < 1 else None
         return cell, counts, cells.warehouse_size(sum(counts), self.budget), basis_ratio
@@ -760,25 +962,6 @@ class _Sizing:
         return sum(cells.attention_params(cand.in_channels, self._hidden(cand), m, n, norm=self.norm,
                                           budget=self.budget, basis_ratio=basis_ratio)
                    for cand, m in zip(members, counts))
-
-
-def _cell_shape(shapes: Sequence[tuple[int, ...]], budget: float) -> tuple[int, ...]:
-    """:func:`kwconvert.cells.cell_shape`, with odd GCDs split so that cells still tile.
-
-    At b < 1 the paper halves the GCDs (m quadruples).  Half an odd GCD divides no kernel
-    (r2plus1d_18's 45 input channels would give cells of 22), so an odd GCD is divided by
-    its smallest prime factor instead; even GCDs are halved exactly as before.
-    """
-    cell = tuple(cells.cell_shape(shapes, 1.0))
-    if budget >= 1:
-        return cell
-    return tuple(_split_divisor(d) for d in cell[:2]) + cell[2:]
-
-
-def _split_divisor(value: int) -> int:
-    """``value`` divided by its smallest prime factor (1 stays 1)."""
-    factor = next((p for p in range(2, math.isqrt(value) + 1) if value % p == 0), value)
-    return value // factor
 
 
 def _use_saver(sizing: _Sizing, groups: list[Group]) -> bool:

@@ -25,7 +25,7 @@ from torch import nn
 from . import cells as kw_cells
 from . import compat
 from .layers import KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, kernel_to_blocks
-from .plan import LayerPlan, Plan, WarehousePlan, plan as make_plan
+from .plan import LayerPlan, Plan, WarehousePlan, check_consistent, plan as make_plan
 from .vit import PartlyDynamicLinear, linear_rows, unpack_attention, unpacked_attention
 
 #: Where the converted model keeps its warehouses and its plan.
@@ -115,42 +115,17 @@ def plan_of(model: nn.Module) -> Plan:
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Reject a plan that does not describe this model, with the first mismatch named.
 
-    Plans are data a user may edit or load from disk, so every number the layers will
-    rely on (kernel shape, m, offsets, m_t, n) is checked against the model and the
-    method's arithmetic before anything is changed.
+    Plans are data a user may edit or load from disk.  Their own arithmetic (m, offsets,
+    m_t, n against the cells) is :func:`kwconvert.plan.check_consistent`'s; what is left
+    needs the model: every layer exists, is of the planned kind and has the planned
+    kernel, and no layer is left out.
     """
+    check_consistent(plan)
     _check_plan_covers(model, plan)
-    seen: set[str] = set()
     for warehouse in plan.warehouses:
-        expected_offset = 0
         for layer in warehouse.layers:
             where = f"plan warehouse {warehouse.name}, layer {layer.name}"
-            if layer.name in seen:
-                raise ValueError(f"{where}: the layer is planned twice")
-            seen.add(layer.name)
-            module = _find(model, layer.name, where)
-            _check_module_matches(module, layer, where)
-            try:
-                cells = kw_cells.cells_in(layer.weight_shape, warehouse.cell)
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-            if cells != layer.cells:
-                raise ValueError(f"{where}: m is {layer.cells} but cell "
-                                 f"{'x'.join(map(str, warehouse.cell))} tiles the kernel in {cells}")
-            if layer.offset != expected_offset:
-                raise ValueError(f"{where}: offset is {layer.offset}, the one-to-one walk gives {expected_offset}")
-            expected_offset += kw_cells.cells_handed_out(layer.cells, warehouse.budget)
-        m_t = sum(layer.cells for layer in warehouse.layers)
-        if m_t != warehouse.m_t:
-            raise ValueError(f"plan warehouse {warehouse.name}: m_t is {warehouse.m_t}, its layers sum to {m_t}")
-        if warehouse.n < 1 or expected_offset > warehouse.n:
-            raise ValueError(f"plan warehouse {warehouse.name}: n = {warehouse.n} cannot hold the "
-                             f"{expected_offset} cells its layers start on")
-        if plan.options.get("mode", "kernelwarehouse") == "kernelwarehouse":
-            n = kw_cells.warehouse_size(m_t, warehouse.budget)
-            if n != warehouse.n:
-                raise ValueError(f"plan warehouse {warehouse.name}: n is {warehouse.n}, "
-                                 f"budget {warehouse.budget} x m_t {m_t} gives {n}")
+            _check_module_matches(_find(model, layer.name, where), layer, where)
 
 
 def _check_plan_covers(model: nn.Module, plan: Plan) -> None:
@@ -175,9 +150,7 @@ def _find(model: nn.Module, name: str, where: str) -> nn.Module:
 
 
 def _check_module_matches(module: nn.Module, layer: LayerPlan, where: str) -> None:
-    static_class = _STATIC_CLASS.get(layer.kind)
-    if static_class is None:
-        raise ValueError(f"{where}: unknown layer kind '{layer.kind}'")
+    static_class = _STATIC_CLASS[layer.kind]  # a known kind: check_consistent
     if not isinstance(module, static_class):
         raise ValueError(f"{where}: planned as {layer.kind} but the model has {type(module).__name__}")
     shape = tuple(module.weight.shape)

@@ -36,7 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from .vit import unpacked_attention
 
 __all__ = ["Candidate", "ResidualBlock", "LayerGraph", "trace", "layer_kind", "default_example_inputs",
-           "module_inputs"]
+           "module_inputs", "UnknownModuleError"]
 
 #: Candidate layer types, most specific first (isinstance, so subclasses count).
 _KIND_OF_TYPE: tuple[tuple[type[nn.Module], str], ...] = (
@@ -385,8 +385,12 @@ def module_inputs(model: nn.Module, path: str, example_inputs: Any = None) -> tu
     return tuple(a.detach() for a in args)
 
 
+class UnknownModuleError(ValueError):
+    """A sub-module path (``module=``, ``--module``) the model does not have: a usage error."""
+
+
 def submodule(model: nn.Module, path: str) -> nn.Module:
-    """``model.get_submodule(path)`` with a ValueError naming the nearest valid paths."""
+    """``model.get_submodule(path)``, or an UnknownModuleError naming the nearest valid paths."""
     import difflib
     try:
         return model.get_submodule(path)
@@ -394,7 +398,7 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
         names = [name for name, _ in model.named_modules() if name]
         close = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"the model ({type(model).__name__}) has no sub-module '{path}'{hint}") from None
+        raise UnknownModuleError(f"the model ({type(model).__name__}) has no sub-module '{path}'{hint}") from None
 
 
 def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

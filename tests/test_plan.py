@@ -1,5 +1,7 @@
 """The planner: the paper's Table 14 layouts and the reference parameter counts, the budget
 guard on models beyond the paper, the options, and invariants on random CNNs."""
+import copy
+import dataclasses
 import functools
 import json
 import math
@@ -286,6 +288,114 @@ def test_json_keeps_documented_keys():
     assert data["params"] == {"baseline": 11_689_512, "converted": 11_932_148}
     assert {"name", "layers", "cell", "m", "m_t", "n"} <= data["warehouses"][0].keys()
     assert data["plain"][0] == {"layer": "conv1", "reason": "stem"}
+
+
+# --- plans edited by hand ------------------------------------------------------------------
+def edited(data: dict, path: tuple, value) -> dict:
+    """A deep copy of ``data`` with the entry at ``path`` set to ``value`` (deleted for DELETE)."""
+    data = copy.deepcopy(data)
+    *parents, last = path
+    target = functools.reduce(lambda node, key: node[key], parents, data)
+    if value is DELETE:
+        del target[last]
+    else:
+        target[last] = value
+    return data
+
+
+DELETE = object()
+W0, L0, L1 = ("warehouses", 0), ("warehouses", 0, "layer_details", 0), ("warehouses", 0, "layer_details", 1)
+WHERE = r"plan warehouse stage1\.conv2d"
+CONTRADICTIONS = {  # resnet18 at b = 1: stage1 has cells 64x64, m 9, 9, 9, 9, 18, 2 (m_t = n = 56)
+    "m": ((*W0, "m", 0), 10, WHERE + r", layer layer1\.0\.conv1: m is 10 but cell 64x64x1x1 tiles the kernel in 9"),
+    "m_t": ((*W0, "m_t"), 57, WHERE + r": m_t is 57, its layers' m sum to 56"),
+    "n": ((*W0, "n"), 57, WHERE + r": n is 57, budget 1 x m_t 56 gives 56"),
+    "n-too-small": ((*W0, "n"), 0, WHERE + r": n is 0, too few for the 56 cells its layers start on"),
+    "offset": ((*L1, "offset"), 0, WHERE + r", layer layer1\.0\.conv2: offset is 0, the one-to-one walk gives 9"),
+    "cell-not-dividing": ((*W0, "cell"), [48, 64, 1, 1],
+                          WHERE + r", layer layer1\.0\.conv1: cell 48x64x1x1 does not divide kernel 64x64x3x3"),
+    "cell-without-m": ((*W0, "cell"), [32, 64, 1, 1], WHERE + r", layer layer1\.0\.conv1: m is 9 but cell "
+                                                          r"32x64x1x1 tiles the kernel in 18"),
+    "kernel": ((*L0, "weight_shape"), [64, 64, 3], WHERE + r", layer layer1\.0\.conv1: weight_shape \[64, 64, 3\] "
+                                                       r"is not a conv2d kernel"),
+    "kind": ((*L0, "kind"), "conv4d", WHERE + r", layer layer1\.0\.conv1: kind is 'conv4d'"),
+    "planned-twice": (("warehouses", 1, "layers", 0), "layer1.0.conv1",
+                      r"plan warehouse stage2\.conv2d, layer layer1\.0\.conv1: the layer is planned twice"),
+    "also-plain": (("plain", 0, "layer"), "layer1.0.conv1", WHERE + r", layer layer1\.0\.conv1: .* also listed as plain"),
+    "warehouse-name": (("warehouses", 1, "name"), "stage1.conv2d", WHERE + r": two warehouses have that name"),
+    "warehouse-params": ((*W0, "params", "warehouse"), 1, WHERE + r": params\.warehouse is 1, n 56 cells of 64x64x1x1 "
+                                                             r"hold 229376"),
+    "attention-params": ((*W0, "params", "attention"), 1, WHERE + r": params\.attention is 1"),
+    "budget": (("budget",), 0, r"plan: budget must be a positive finite number"),
+}
+MALFORMED = {
+    "missing-top-level": (("warehouses",), DELETE, r"^plan JSON: 'warehouses' is missing$"),
+    "missing-nested": (("params", "baseline"), DELETE, r"^plan JSON: 'params': 'baseline' is missing$"),
+    "missing-in-warehouse": ((*W0, "n"), DELETE, r"^plan JSON: warehouse stage1\.conv2d: 'n' is missing$"),
+    "missing-in-layer": ((*L0, "offset"), DELETE,
+                         r"^plan JSON: warehouse stage1\.conv2d, layer layer1\.0\.conv1: 'offset' is missing$"),
+    "string-for-integer": ((*W0, "n"), "56",
+                           r"^plan JSON: warehouse stage1\.conv2d: 'n' must be an integer, got a string '56'$"),
+    "float-for-integer": ((*W0, "m_t"), 56.5, r"'m_t' must be an integer, got a number 56\.5$"),
+    "boolean-for-number": (("budget",), True, r"^plan JSON: 'budget' must be a number, got a boolean$"),
+    "null-for-list": ((*W0, "m"), None, r"'m' must be a list of integers, got null$"),
+    "list-of-strings": ((*W0, "cell"), ["64", "64", 1, 1], r"'cell' must be a list of integers, got a list$"),
+    "not-an-object": ((*W0,), 5, r"^plan JSON: warehouses\[0\] must be an object, got an integer$"),
+    "lengths-differ": ((*W0, "m"), [9, 9], r"'layers', 'm' and 'layer_details' differ in length \(6, 2, 6\)"),
+    "format-newer": (("format",), 2, r"plan format 2 is newer than this kwconvert reads"),
+}
+
+
+@pytest.mark.parametrize("edit", CONTRADICTIONS.values(), ids=CONTRADICTIONS.keys())
+def test_plan_json_that_contradicts_itself_is_refused_as_it_is_read(edit):
+    path, value, message = edit
+    with pytest.raises(ValueError, match=message):
+        Plan.from_dict(edited(plan_of("resnet18", 1).to_dict(), path, value))
+
+
+@pytest.mark.parametrize("edit", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_plan_json_is_one_value_error_naming_the_field(edit):
+    path, value, message = edit
+    with pytest.raises(ValueError, match=message):
+        Plan.from_dict(edited(plan_of("resnet18", 1).to_dict(), path, value))
+    with pytest.raises(ValueError, match=r"^plan JSON must be an object, got a list$"):
+        Plan.from_dict([])
+
+
+def test_plan_edited_in_python_is_refused_before_it_is_applied():
+    """The same checks, in one place, guard convert() against a plan edited with dataclasses.replace."""
+    model = torchvision.models.resnet18(weights=None)
+    result = plan(model, 0.5)
+    stage1 = result.warehouses[0]
+    edited_plan = dataclasses.replace(result, warehouses=(dataclasses.replace(stage1, n=113),) + result.warehouses[1:])
+    with pytest.raises(ValueError, match=r"plan warehouse stage1\.conv2d: n is 113, budget 0\.5 x m_t 224 gives 112"):
+        kwconvert.convert(model, edited_plan)
+    assert not any(isinstance(m, kwconvert.KWConv2d) for m in model.modules())
+
+
+class OddChannels(nn.Module):
+    """Two convs sharing a warehouse whose output-channel GCD (45, as in r2plus1d_18) is odd."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.pointwise = nn.Conv2d(64, 45, 1)
+        self.spatial = nn.Conv2d(64, 45, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.pointwise(x) + self.spatial(x)
+
+
+def test_odd_channel_gcd_at_small_budget_gives_cells_that_tile_and_convert():
+    """At b < 1 the odd GCD 45 goes to 15, its largest divisor below the half (not 45 // 2 = 22)."""
+    model = OddChannels().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = plan(model, 0.5, x, stem="plain", stem_fed_pointwise_plain=False, max_params_ratio=100)
+    assert [(w.cell, [layer.cells for layer in w.layers]) for w in result.warehouses] == [((15, 32, 1, 1), [6, 54])]
+    assert Plan.from_json(result.to_json()) == result
+    converted = kwconvert.convert(model, result, inplace=False)
+    assert sum(p.numel() for p in converted.parameters()) == result.params_converted
 
 
 # --- properties on random CNNs -------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The rewriter: layers swapped in place, the model's own class and forward kept, and the
 trained weights preserved (exactly for b >= 1 at tau = 1, by a least-squares fit for b < 1)."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -178,8 +179,10 @@ def test_a_plan_that_does_not_fit_is_rejected_before_any_change():
     plan = kwconvert.plan(model, 1.0)
     data = plan.to_dict()
     data["warehouses"][0]["m"][0] += 1
-    edited = kwconvert.Plan.from_dict(data)
     with pytest.raises(ValueError, match=r"m is 10 but cell .* tiles the kernel in 9"):
+        kwconvert.Plan.from_dict(data)  # refused as it is read: the plan contradicts itself
+    edited = dataclasses.replace(plan, warehouses=plan.warehouses[1:])  # consistent, but leaves stage 1 out
+    with pytest.raises(ValueError, match="does not mention the model's layer layer1.0.conv1"):
         kwconvert.convert(model, edited)
     assert not any(isinstance(m, KW_LAYER_TYPES) for m in model.modules())
     data = plan.to_dict()

@@ -34,6 +34,11 @@ def test_model_plans_converts_and_matches_the_original_at_tau_1(model):
     assert row["layer_diff"] <= zoo.LAYER_TOLERANCE and row["max_diff"] <= row["tolerance"]
 
 
+def test_zoo_writes_its_results_with_the_shared_atomic_writer():
+    from benchmarks import results_io
+    assert zoo.write_json is results_io.write_json
+
+
 def test_the_layer_check_finds_a_wrong_conversion():
     """Each converted layer is compared with its static original on the same input."""
     model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(4096, 2))
@@ -166,7 +171,7 @@ def test_cli_module_option_plans_the_backbone_only(tmp_path):
     assert all(name.startswith("backbone.") for w in data["warehouses"] for name in w["layers"])
     bad = subprocess.run([installed_script(), "resnet18", "--module", "nope", "--dry-run"],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "no sub-module 'nope'" in one_line(bad.stderr)
+    assert bad.returncode == 2 and "no sub-module 'nope'" in one_line(bad.stderr)  # a usage error
 
 
 # --- the whole sweep ------------------------------------------------------------------------
