@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import reduce
+from fractions import Fraction
+from functools import lru_cache, reduce
 from typing import Sequence
 
 #: Layer kinds the method converts (paper Sec. 3: "convolutional and linear layers").
@@ -68,11 +69,50 @@ def cells_in(weight_shape: Sequence[int], cell: Sequence[int]) -> int:
     return count
 
 
-def warehouse_size(total_cells: int, budget: float) -> int:
-    """``n = max(int(b * m_t), 1)``: the budget is the ratio of warehouse cells to mixtures."""
+#: A budget is read as the fraction it spells, with a denominator up to this (0.4 is 2/5).
+BUDGET_DENOMINATOR = 10**6
+
+
+@lru_cache(maxsize=256)
+def budget_fraction(budget: float) -> Fraction:
+    """The budget as the fraction it stands for: 0.5 -> 1/2, 0.4 -> 2/5, 1/3 -> 1/3.
+
+    Cell counts are ``floor(b * mixtures)``; in floats ``49 * (1/49)`` is 0.999..., and
+    ``0.29 * 100`` is 28.999..., so each would lose a cell.  Exact fractions also make the
+    shares add up: ``floor(b * x) + floor(b * y) <= floor(b * (x + y))`` always holds, so
+    the layers' shares of a warehouse never exceed its n (:func:`cells_handed_out`).  The
+    published budgets (1/4, 1/2, 1, 2, 4) are exact binary fractions: nothing changes for them.
+    """
     if not (budget > 0 and math.isfinite(budget)):
         raise ValueError(f"budget must be a positive finite number, got {budget}")
-    return max(int(budget * total_cells), 1)
+    return Fraction(budget).limit_denominator(BUDGET_DENOMINATOR)
+
+
+def cells_for(mixtures: int, budget: float) -> int:
+    """``floor(b * mixtures)`` in exact arithmetic: the one rounding rule of n, shares and saver."""
+    return math.floor(budget_fraction(budget) * mixtures)
+
+
+def warehouse_size(total_cells: int, budget: float) -> int:
+    """``n = max(floor(b * m_t), 1)``: the budget is the ratio of warehouse cells to mixtures."""
+    return max(cells_for(total_cells, budget), 1)
+
+
+def cells_handed_out(cells: int, budget: float) -> int:
+    """A layer's share of its warehouse in the one-to-one walk: ``floor(b * m)`` cells.
+
+    The walk (paper Sec. 3.3) hands each layer the cells from its offset on, the offset
+    being the shares of the layers before it.  A share of ``floor(b * m)`` is what the
+    reference hands out in every published configuration (integer b: ``b`` cells per
+    mixture; b = 1/k with k dividing m: one cell per k mixtures), and it is the
+    reference's count of a layer's local cells (:func:`local_cells`).  Floors add up to
+    at most the floor of the sum, so the shares of a warehouse's layers never exceed
+    ``n = floor(b * m_t)``, at every budget; the cells left over (fewer than the layers)
+    start no mixture and are learnt like the others.  (The reference's own b < 1 walk,
+    one cell per ``int(1/b)`` mixtures, outgrows n at any other budget, b = 0.4 or 3/4,
+    and where m is not a multiple of ``int(1/b)``.)
+    """
+    return cells_for(cells, budget)
 
 
 def hidden_size(in_channels: int, reduction: float = 1 / 16, min_hidden: int = 16) -> int:
@@ -81,8 +121,13 @@ def hidden_size(in_channels: int, reduction: float = 1 / 16, min_hidden: int = 1
 
 
 def local_cells(cells: int, budget: float) -> int:
-    """Cells a layer calls its own under the parameter saver: ``int(b * m)``."""
-    return int(budget * cells)
+    """Cells a layer calls its own under the parameter saver: ``floor(b * m)`` from its offset.
+
+    The reference's ``num_local_cell = int(b * m)``: the same range the one-to-one walk
+    hands the layer (:func:`cells_handed_out`), so the saver's local logits are exactly
+    those of the cells the layer's mixtures start on.
+    """
+    return cells_handed_out(cells, budget)
 
 
 def saver_basis(cells: int, n: int, budget: float, basis_ratio: float) -> int:
@@ -113,32 +158,24 @@ def attention_params(in_channels: int, hidden: int, cells: int, n: int, *, norm:
 def one_to_one_cells(cells: int, offset: int, budget: float) -> list[int | None]:
     """The cell each mixture of a layer starts on (beta, paper Sec. 3.3), ``None`` for e_z.
 
-    Mixtures are walked in order from the layer's ``offset`` (the cells already handed
-    out in the warehouse).  For b >= 1 each mixture takes the next cell and the walk
-    advances ``int(b)`` cells per mixture, as the reference implementation does.  For
-    b < 1 with ``k = int(1/b)`` one mixture in every k, mixture i with
-    ``i mod k == (i div k) mod k``, takes the next cell and the others start on e_z.
+    The layer's share (:func:`cells_handed_out`), cells ``offset .. offset + share - 1``,
+    is dealt out in mixture order.  For b >= 1 mixture i owns cells ``floor(b * i)`` to
+    ``floor(b * (i + 1)) - 1`` of the share and starts on the first: ``b`` cells apart for
+    integer b, as in the reference.  For b < 1 the m mixtures are cut into ``share``
+    consecutive runs of near-equal length (about 1/b) and run q gives its cell to its
+    mixture ``q mod length``; the others start on e_z.  For b = 1/k with k dividing m
+    every run has length k and the chosen mixtures are those with
+    ``i mod k == (i div k) mod k``, the reference's rule.
     """
     if budget >= 1:
-        step = int(budget)
-        return [offset + i * step for i in range(cells)]
-    k = int(1 / budget)
-    assigned: list[int | None] = []
-    next_cell = offset
-    for i in range(cells):
-        if i % k == (i // k) % k:
-            assigned.append(next_cell)
-            next_cell += 1
-        else:
-            assigned.append(None)
+        ratio = budget_fraction(budget)
+        return [offset + i * ratio.numerator // ratio.denominator for i in range(cells)]
+    share = cells_handed_out(cells, budget)
+    assigned: list[int | None] = [None] * cells
+    for run in range(share):
+        start, stop = run * cells // share, (run + 1) * cells // share
+        assigned[start + run % (stop - start)] = offset + run
     return assigned
-
-
-def cells_handed_out(cells: int, budget: float) -> int:
-    """How far one layer advances the warehouse's one-to-one walk."""
-    if budget >= 1:
-        return cells * int(budget)
-    return sum(c is not None for c in one_to_one_cells(cells, 0, budget))
 
 
 @dataclass(frozen=True)

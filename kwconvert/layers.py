@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -244,7 +245,9 @@ class KWAttention(nn.Module):
         if nonlocal_cells < 0:
             raise ValueError(f"parameter saver: {self.local} local cells exceed the warehouse of n={self.n}")
         self.fc2 = nn.Linear(hidden, (self.local + self.basis + 1) * self.cells, bias=False, **factory)
-        self.fc3 = nn.Linear(self.basis, nonlocal_cells, bias=False, **factory)
+        with warnings.catch_warnings():  # a one-layer warehouse has no nonlocal cells: fc3 is empty
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+            self.fc3 = nn.Linear(self.basis, nonlocal_cells, bias=False, **factory)
         self.saver_bias = nn.Parameter(torch.zeros(self.cells * (self.n + 1), **factory))
 
     def set_beta(self, coefficients: Tensor) -> None:

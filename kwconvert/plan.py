@@ -355,11 +355,11 @@ def check_consistent(plan: Plan) -> None:
     Plans are data a user may edit by hand.  :meth:`Plan.from_dict` runs this as it reads
     one, so an edited plan is refused before anything prints it, and
     :func:`kwconvert.rewrite.check_plan_fits` runs it before applying one (a plan edited
-    in Python, or one the planner made at a budget the walk cannot serve).  These are the
-    checks that need no model: each layer's m is the number of cells tiling its kernel,
-    offsets follow the one-to-one walk (paper Sec. 3.3), m_t is the sum of m, n holds the
-    walk and is ``int(b * m_t)``, and the parameter counts follow from them.  Whether the
-    plan describes a given model is ``check_plan_fits``'s part.
+    in Python), and :func:`plan` on what it made.  These are the checks that need no model:
+    each layer's m is the number of cells tiling its kernel, offsets follow the one-to-one
+    walk (paper Sec. 3.3; :func:`kwconvert.cells.cells_handed_out`), m_t is the sum of m,
+    n holds the walk and is ``max(floor(b * m_t), 1)``, and the parameter counts follow
+    from them.  Whether the plan describes a given model is ``check_plan_fits``'s part.
     """
     try:
         check_budget(plan.budget)
@@ -635,10 +635,12 @@ def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, m
     converted = {layer.name for w in warehouses for layer in w.layers}
     unpacked = tuple(path for path in graph.unpacked_attention
                      if any(name.startswith(f"{path}.") for name in converted))
-    return Plan(model=name, budget=budget, warehouses=warehouses, plain=static,
-                params_baseline=graph.params_baseline, params_converted=params,
-                input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
-                options=opts.to_dict(), notes=tuple(dict.fromkeys(notes)), unpacked_attention=unpacked)
+    result = Plan(model=name, budget=budget, warehouses=warehouses, plain=static,
+                  params_baseline=graph.params_baseline, params_converted=params,
+                  input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
+                  options=opts.to_dict(), notes=tuple(dict.fromkeys(notes)), unpacked_attention=unpacked)
+    check_consistent(result)  # what convert() and Plan.from_dict will check: refuse it now, not then
+    return result
 
 
 def _plan_module(model: nn.Module | None, budget: float, example_inputs, path: str, model_name: str | None,

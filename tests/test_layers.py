@@ -381,7 +381,7 @@ def test_bad_warehouse_is_rejected(n, cell):
         Warehouse(n, cell, name="stage1")
 
 
-@pytest.mark.parametrize("offset,budget,n", [(2, 1, 10), (0, 2, 17), (-1, 1, 10), (6, 0.5, 10)])
+@pytest.mark.parametrize("offset,budget,n", [(2, 1, 10), (0, 2, 17), (-1, 1, 10), (7, 0.5, 10)])
 def test_offset_past_the_warehouse_is_rejected(offset, budget, n):
     cell = (4, 4, 1, 1)
     handed_out = cells.cells_handed_out(9, budget)

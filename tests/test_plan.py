@@ -16,7 +16,7 @@ from torch import nn
 
 import kwconvert
 from kwconvert import cells
-from kwconvert.plan import Plan, PlanOptions, parse_budget, plan
+from kwconvert.plan import Plan, PlanOptions, check_consistent, parse_budget, plan
 from kwconvert.trace import trace
 
 
@@ -125,14 +125,42 @@ def test_resnet50_plain_layers_and_parameter_saver():
     assert without.params_converted > result.params_converted
 
 
-@pytest.mark.parametrize("budget", [0.25, 0.5, 2, 4])
-def test_offsets_follow_the_one_to_one_walk(budget):
-    for warehouse in plan_of("resnet18", budget).warehouses:
+#: Budgets beyond the paper's: not 1/k (0.3, 0.4, 0.6, 2/3, 3/4) or not integers (1.5, 2.5).
+ANY_BUDGETS = ["1/4", "0.3", "1/3", "0.4", "1/2", "0.6", "2/3", "3/4", "1", "1.5", "2", "2.5", "3", "4"]
+
+
+@functools.lru_cache(maxsize=None)
+def video_graph():
+    """r2plus1d_18: conv3d, and an odd input-channel GCD (45) that b < 1 cuts to 15."""
+    return trace(torchvision.models.get_model("r2plus1d_18", weights=None), torch.randn(1, 3, 8, 112, 112))
+
+
+def walk_fits(result: Plan) -> None:
+    for warehouse in result.warehouses:
         offset = 0
         for layer in warehouse.layers:
             assert layer.offset == offset
-            offset += cells.cells_handed_out(layer.cells, budget)
-        assert offset <= warehouse.n
+            offset += cells.cells_handed_out(layer.cells, result.budget)
+        assert offset <= warehouse.n == cells.warehouse_size(warehouse.m_t, result.budget)
+
+
+@pytest.mark.parametrize("budget", ANY_BUDGETS)
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "r2plus1d_18"])
+def test_every_budget_plans_a_walk_that_fits_its_warehouses(name, budget):
+    """resnet18 at b = 0.4 used to plan a stage-1 walk of 112 cells for n = 89, then fail to convert."""
+    if name == "r2plus1d_18":
+        result = plan(None, parse_budget(budget), graph=video_graph(), model_name=name)
+    else:
+        result = plan_of(name, parse_budget(budget))
+    walk_fits(result)
+    assert Plan.from_json(result.to_json()) == result
+
+
+def test_resnet18_at_0_4_has_the_budgets_n_and_floor_shares():
+    stage1 = plan_of("resnet18", 0.4).warehouses[0]
+    assert (stage1.m_t, stage1.n) == (224, 89)
+    assert [layer.cells for layer in stage1.layers] == [36, 36, 36, 36, 72, 8]
+    assert [layer.offset for layer in stage1.layers] == [0, 14, 28, 42, 56, 84]  # floor(0.4 * m) each
 
 
 def test_attention_norm_and_params_follow_cells_arithmetic():
@@ -398,6 +426,33 @@ def test_odd_channel_gcd_at_small_budget_gives_cells_that_tile_and_convert():
     assert sum(p.numel() for p in converted.parameters()) == result.params_converted
 
 
+def odd_cells() -> nn.Module:
+    """A chain 45 -> 45 whose cells at b < 1 (15 x 15) tile the layers in odd m: 81, 81, 9."""
+    return nn.Sequential(nn.Conv2d(3, 45, 3, padding=1), nn.ReLU(), nn.Conv2d(45, 45, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(45, 45, 3, padding=1), nn.ReLU(), nn.Conv2d(45, 45, 1))
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.4, 0.75, 1.5])
+def test_odd_m_plans_and_converts_at_any_budget(budget):
+    """At b = 1/2 the reference's walk (one cell per two mixtures) hands out 41 + 41 + 5 = 87
+    cells for n = floor(171 / 2) = 85; floor shares hand out 40 + 40 + 4 = 84."""
+    model = odd_cells().eval()
+    x = torch.randn(1, 3, 6, 6)
+    result = plan(model, budget, x, stem="plain", max_params_ratio=100)
+    (warehouse,) = result.warehouses
+    assert [layer.cells for layer in warehouse.layers] == ([81, 81, 9] if budget < 1 else [9, 9, 1])
+    walk_fits(result)
+    converted = kwconvert.convert(model, result, inplace=False).eval()
+    assert sum(p.numel() for p in converted.parameters()) == result.params_converted
+    error = kwconvert.plan_of(converted).warehouses[0].init_error
+    if budget < 1:
+        assert 0 < error < 1
+    else:
+        assert error == 0
+        with torch.no_grad():
+            assert torch.allclose(converted(x), model(x), atol=1e-5)
+
+
 # --- properties on random CNNs -------------------------------------------------------------
 class RandomCNN(nn.Module):
     """A stem, then plain / residual / branch / depthwise-separable / grouped blocks, a head."""
@@ -486,6 +541,31 @@ def test_random_cnn_plans_are_complete_consistent_and_deterministic(stem_kernel,
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             assert torch.allclose(converted(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=blocks_strategy, init=st.sampled_from(["preserve", "random"]),
+       budget=st.floats(min_value=0, max_value=4, exclude_min=True) | st.sampled_from([0.3, 0.4, 2 / 3, 0.75, 2.5]))
+def test_random_cnn_plans_convert_at_any_budget(blocks, budget, init):
+    """Whatever b in (0, 4]: the plan passes the checks a loaded plan passes, converts to its
+    parameter count, and a preserving conversion is exact at b >= 1 (tau = 1) and a fit below."""
+    torch.manual_seed(0)
+    model = RandomCNN(3, blocks).eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = plan(model, budget, x[:1])
+    check_consistent(result)
+    walk_fits(result)
+    converted = kwconvert.convert(model, result, init=init, inplace=False).eval()
+    assert sum(p.numel() for p in converted.parameters()) == result.params_converted
+    errors = [w.init_error for w in kwconvert.plan_of(converted).warehouses]
+    if init == "random":
+        assert errors == [None] * len(errors)
+    elif budget >= 1:
+        assert errors == [0.0] * len(errors)
+        with torch.no_grad():
+            assert torch.allclose(converted(x), model(x), atol=1e-4, rtol=1e-4)
+    else:
+        assert all(0 <= e <= 1 for e in errors)
 
 
 # --- every torchvision classifier ---------------------------------------------------------

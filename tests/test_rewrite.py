@@ -153,6 +153,44 @@ def test_b_below_1_fits_cells_and_reports_the_fit_error():
     assert warehouse.init_error < 0.9
 
 
+@pytest.mark.parametrize("name, budget", [("resnet18", 0.4), ("mobilenet_v2", 1 / 3), ("mobilenet_v2", 0.75)])
+def test_a_planned_budget_below_1_always_converts_with_a_fit(name, budget):
+    """Budgets other than 1/k used to plan walks longer than n: planned, then refused by convert."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    plan = kwconvert.plan(model, budget)
+    converted = kwconvert.convert(model, plan, inplace=False).eval()
+    assert n_params(converted) == plan.params_converted
+    assert all(0 < w.init_error < 1 for w in kwconvert.plan_of(converted).warehouses)
+    with torch.no_grad():
+        assert torch.isfinite(converted(torch.randn(1, 3, 64, 64))).all()
+
+
+@pytest.mark.parametrize("name, budget", [("resnet18", 1.5), ("resnet18", 2.5), ("mobilenet_v2", 3)])
+def test_budgets_above_1_that_are_not_the_papers_reproduce_the_original(name, budget):
+    diff, _, converted = outputs_match(name, budget, size=64)
+    assert diff <= 1e-4
+    assert n_params(converted) == kwconvert.plan_of(converted).params_converted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [0.25, 0.3, 1 / 3, 0.4, 0.5, 0.6, 2 / 3, 0.75, 1, 1.5, 2.5, 3])
+def test_r2plus1d_converts_at_any_budget(budget):
+    """conv3d, with an odd input-channel GCD (45) that b < 1 cuts to cells of 15."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("r2plus1d_18", weights=None).eval()
+    converted = kwconvert.convert(model, budget, example_inputs=torch.randn(1, 3, 8, 112, 112), inplace=False)
+    plan = kwconvert.plan_of(converted)
+    assert n_params(converted) == plan.params_converted
+    x = torch.randn(1, 3, 4, 56, 56)
+    with torch.no_grad():
+        diff = (converted.eval()(x) - model(x)).abs().max().item()
+    if budget >= 1:
+        assert diff <= 1e-4 and all(w.init_error == 0 for w in plan.warehouses)
+    else:
+        assert all(0 < w.init_error < 1 for w in plan.warehouses)
+
+
 def test_random_init_differs_from_the_original():
     model = torchvision.models.resnet18(weights=None).eval()
     random_converted = kwconvert.convert(model, 1.0, init="random", inplace=False).eval()
