@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench-plan bench-zoo bench-accuracy data install install-test clean
+.PHONY: demo test test-all bench-plan bench-zoo bench-speed bench-accuracy data install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench-plan: $(VENV)/.installed
 
 bench-zoo: $(VENV)/.installed
 	$(BIN)/python benchmarks/zoo.py --jobs 2
+
+# Speed and memory of KW models against the plain models (issue 7's targets); ~30 min.
+bench-speed: $(VENV)/.installed
+	$(BIN)/python benchmarks/speed.py --compile --serial
 
 bench-accuracy: $(VENV)/.installed data
 	$(BIN)/python benchmarks/accuracy.py

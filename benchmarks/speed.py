@@ -27,7 +27,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,6 +42,11 @@ from rich.table import Table
 import kwconvert
 from kwconvert import fast
 from kwconvert.layers import reference_path, set_temperature
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks.results_io`` importable
+    sys.path.insert(0, str(ROOT))
+from benchmarks.results_io import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
 IMAGE = 224
@@ -102,7 +106,7 @@ def make_step(variant: Variant, mode: str, images: torch.Tensor, labels: torch.T
     return step
 
 
-def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool) -> list[Variant]:
+def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool, serial: bool) -> list[Variant]:
     plain = build(name, None)
     out = [Variant("plain", plain),
            Variant("plain_cl", copy.deepcopy(plain).to(memory_format=torch.channels_last), channels_last=True)]
@@ -110,9 +114,13 @@ def variants_for(name: str, budgets: list[float], compiled: bool, reference: boo
         out.append(Variant("plain_compiled", torch.compile(copy.deepcopy(plain))))
     for budget in budgets:
         out.append(Variant(f"kw_b{budget:g}", build(name, budget)))
+    kw_b1 = next((v.model for v in out if v.name == "kw_b1"), None)
+    if kw_b1 is None and (reference or serial):
+        kw_b1 = build(name, 1.0)
     if reference:
-        out.append(Variant("reference_b1", out[-len(budgets)].model if 1.0 in budgets else build(name, 1.0),
-                           context=reference_path))
+        out.append(Variant("reference_b1", kw_b1, context=reference_path))
+    if serial:
+        out.append(Variant("serial_b1", kw_b1, context=lambda: fast.sample_threads(False)))
     return out
 
 
@@ -201,14 +209,6 @@ def measure_memory(spec: dict, runs: int) -> dict:
 # --- output --------------------------------------------------------------------------------
 
 
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(data, tmp, indent=2)
-        tmp.write("\n")
-    os.replace(tmp.name, path)
-
-
 def fmt(r: dict | None) -> str:
     return "" if r is None else f"{r['median']:.2f} [{r['p25']:.2f}-{r['p75']:.2f}]"
 
@@ -218,7 +218,7 @@ def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
     table = Table(title=f"KW / plain time, {settings['threads']} threads, allocator {settings['allocator_mode']} "
                         "(median [25-75 % of per-repetition ratios])")
     for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
-                   "reference/plain", "target"):
+                   "reference/plain", "serial/plain", "target"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
         target = row.get("target")
@@ -226,7 +226,7 @@ def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
         table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
                       f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
                       fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
-                      met)
+                      fmt(row.get("serial_vs_plain")), met)
     out.print(table)
     if memory:
         mem = Table(title="training-step peak RSS above RSS after building, MB: median [min-max] of fresh processes")
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--no-reference", action="store_true", help="skip the straightforward-path rows")
+    parser.add_argument("--serial", action="store_true",
+                        help="add KW b=1 with samples run one after another (kwconvert.fast.sample_threads(False))")
     parser.add_argument("--models", nargs="*", help="restrict to these models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -277,12 +279,13 @@ def main(argv: list[str] | None = None) -> int:
                 "allocator": fast.allocator_settings(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "python": platform.python_version(),
                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                "image": IMAGE, "tau": TAU, "reps": reps, "command": " ".join([sys.executable] + sys.argv)}
+                "image": IMAGE, "tau": TAU, "reps": reps, "sample_threads": fast._sample_threads,
+                "command": " ".join([sys.executable] + sys.argv)}
     console.log(f"threads {settings['threads']}, allocator {json.dumps(settings['allocator'])}")
 
     rows, raw = [], {}
     for name, batch, modes in workloads:
-        variants = variants_for(name, budgets, args.compile, not args.no_reference)
+        variants = variants_for(name, budgets, args.compile, not args.no_reference, args.serial)
         for mode in modes:
             times = time_workload(name, batch, mode, variants, reps, console)
             raw[f"{name}/{batch}/{mode}"] = times
@@ -295,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                        "vs_plain_compiled": ratio(times, kw, "plain_compiled")}
                 if budget == 1.0:
                     row["reference_vs_plain"] = ratio(times, "reference_b1", "plain")
+                    row["serial_vs_plain"] = ratio(times, "serial_b1", "plain")
                     row["target"] = TARGETS.get((name, batch, mode))
                 rows.append(row)
                 console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}")

@@ -12,6 +12,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 try:  # typer vendors click: its ClickException derives from TyperException
@@ -23,11 +24,12 @@ from . import render
 
 out = Console()
 err = Console(stderr=True)
-COMMANDS = ("convert", "show")
+COMMANDS = ("convert", "show", "export")
 
 
 def _print_error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets ("install kwconvert[export]") that rich would take as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 class OneLineErrors(TyperGroup):
@@ -51,7 +53,7 @@ class OneLineErrors(TyperGroup):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors,
+app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors,
                   help="Turn a PyTorch vision model into a KernelWarehouse dynamic-convolution model.")
 
 
@@ -128,7 +130,7 @@ def _check_plan_options(options: dict) -> None:
 @app.command()
 def convert(
     model: Annotated[str, typer.Argument(help="torchvision name (resnet50), timm:NAME, or pkg.module:callable")],
-    budget: Annotated[str, typer.Option("--budget", "-b", help="warehouse budget b = n / m_t: 0.5, 1/2, 1, 4")] = "1",
+    budget: Annotated[str, typer.Option("--budget", "-b", help="warehouse budget b = n / m_t, any b > 0: 0.5, 1/2, 0.4, 1, 4")] = "1",
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory [default: ./kwconvert-out/<model>-b<budget>/]")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="checkpoint for the base model: .safetensors, or a .pt/.pth state dict")] = None,
     input_size: Annotated[Optional[str], typer.Option(help="one sample's input size C,H,W [default: the model's own, else 3,224,224]")] = None,
@@ -191,6 +193,45 @@ def show(
             print(plan.to_json())
         else:
             out.print(plan.table())
+
+
+@app.command("export")
+def export_saved(
+    directory: Annotated[Path, typer.Argument(help="a directory written by kwconvert")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx, or torch_export (a .pt2 of torch.export.save)")] = "onnx",
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: DIR.onnx or DIR.pt2 beside DIR)")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="batch of the example input that is traced; the exported batch stays dynamic")] = 2,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 18 or newer")] = 18,
+    temperature: Annotated[Optional[float], typer.Option(help="CAF temperature tau, 0 to 1, to export at (default: the temperatures saved with the model)")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+) -> None:
+    """Export a saved model to ONNX or torch.export with a dynamic batch, checked against eager."""
+    with reported(debug):
+        from kwconvert.export import FORMATS, MIN_OPSET, example_input_for, export
+        from kwconvert.io import load, read_metadata
+        from kwconvert.layers import set_temperature
+        if format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{format}'")
+        if format == "onnx" and opset < MIN_OPSET:
+            raise UsageError(f"--opset must be {MIN_OPSET} or newer (torch's ONNX exporter writes no older), "
+                             f"got {opset}")
+        if temperature is not None and not 0.0 <= temperature <= 1.0:
+            raise UsageError(f"--temperature must lie in [0, 1], got {temperature:g}")
+        input_size = read_metadata(directory).get("input_size")
+        model = load(directory)
+        if temperature is not None:
+            set_temperature(model, temperature)
+        target = out_file or directory.resolve().with_name(directory.resolve().name + FORMATS[format])
+        with render.progress(err, enabled=err.is_terminal) as step:
+            step(f"exporting to {format} and checking it against eager")
+            report = export(model, target, format, example_input_for(model, batch, input_size), opset=opset)
+        checked = "onnxruntime" if format == "onnx" else "torch.export.load"
+        diffs = ", ".join(f"{diff:.2g} at batch {size}" for size, diff in report.max_abs_diff.items())
+        opset_note = f", opset {report.opset}" if report.opset else ""
+        tau = f"{report.temperature:g}" if report.temperature is not None else "mixed"
+        out.print(f"wrote {report.path} ({format}{opset_note}, dynamic batch, tau = {tau})", markup=False,
+                  highlight=False, soft_wrap=True)
+        out.print(f"max |{checked} - eager|: {diffs}", markup=False, highlight=False, soft_wrap=True)
 
 
 def run() -> None:

@@ -2,7 +2,8 @@
 
 Pipeline, one module per stage, data flowing one way:
 ``trace`` (model -> LayerGraph) -> ``plan`` (LayerGraph + budget -> Plan) ->
-``rewrite`` (model + Plan -> converted model) -> ``io`` (save / load).
+``rewrite`` (model + Plan -> converted model) -> ``io`` (save / load) -> ``export``
+(torch.export / ONNX).
 """
 __version__ = "0.1.0"
 
@@ -11,9 +12,10 @@ from .layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, set_temp
 from .plan import Plan, parse_budget, plan  # noqa: E402
 from .rewrite import convert, plan_of  # noqa: E402
 from .io import load, save  # noqa: E402
+from .export import export  # noqa: E402
 from .trace import trace  # noqa: E402
 
 __all__ = [
-    "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "Warehouse", "Plan", "convert", "load",
+    "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "Warehouse", "Plan", "convert", "export", "load",
     "parse_budget", "plan", "plan_of", "save", "set_temperature", "temperature_at", "trace",
 ]

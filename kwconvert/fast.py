@@ -48,8 +48,10 @@ import ctypes
 import math
 import os
 import platform
+import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -60,10 +62,13 @@ from torch import Tensor
 from .cells import Tiling
 
 __all__ = ["PATHS", "allocator_settings", "chosen_paths", "clear_caches", "keep_freed_memory", "linear", "mix",
-           "packing", "reference_path", "use_path"]
+           "packing", "reference_path", "sample_threads", "use_path"]
 
-#: Ways a KW Conv2d can run; "reference" is the straightforward path of ``layers.py``.
-PATHS = ("reference", "grouped", "folded", "conv", "matmul")
+#: Ways a KW Conv2d can run.  "reference" is the straightforward path of ``layers.py``;
+#: "im2col" is the same with the per-sample convolution written as im2col and one batched
+#: matrix product, which no op attribute ties to the batch (for export, any conv rank).
+PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul")
+_STRAIGHTFORWARD = ("reference", "im2col")
 _forced_path: str | None = None
 #: Chosen path per layer configuration and input: (configuration, input key) -> path.
 _chosen: dict[tuple, str] = {}
@@ -97,7 +102,12 @@ def reference_path() -> contextlib.AbstractContextManager:
 
 
 def is_reference() -> bool:
-    return _forced_path == "reference"
+    """Whether KW layers take the straightforward formulation (``"reference"`` or ``"im2col"``)."""
+    return _forced_path in _STRAIGHTFORWARD
+
+
+def is_im2col() -> bool:
+    return _forced_path == "im2col"
 
 
 def chosen_paths() -> dict[tuple, str]:
@@ -286,17 +296,20 @@ class _Kernels:
     def __init__(self, tiling: Tiling, blocks: Tensor) -> None:
         self.grid = _ohwi_grid(tiling, blocks)
         self.shape = (tiling.weight_shape[0], *tiling.weight_shape[2:], tiling.weight_shape[1])
-        self.buffer: Tensor | None = None
+        self.buffers: dict[int, Tensor] = {}  # one per thread: samples may run in parallel
 
     def __getitem__(self, i: int) -> Tensor:
-        """Sample i's kernel ``(C_out, *k, C_in/g)``, contiguous (valid until the next call)."""
+        """Sample i's kernel ``(C_out, *k, C_in/g)``, contiguous (valid until this thread's
+        next call)."""
         sample = self.grid[i]
         if sample.is_contiguous():
             return sample.view(self.shape)
-        if self.buffer is None:
-            self.buffer = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
-        self.buffer.copy_(sample)
-        return self.buffer.view(self.shape)
+        thread = 0 if torch.compiler.is_compiling() else threading.get_ident()
+        buffer = self.buffers.get(thread)
+        if buffer is None:
+            buffer = self.buffers[thread] = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+        buffer.copy_(sample)
+        return buffer.view(self.shape)
 
 
 def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor, pack: bool = False) -> Tensor:
@@ -333,16 +346,87 @@ class ConvSpec:
         return top == bottom and left == right
 
 
-def _per_sample(product: Callable[[int], Tensor], batch: int) -> Tensor:
-    """``stack([product(i) for i in range(batch)])``, holding one sample's result at a time."""
+# Each sample's products are small for two threads to share well: oneDNN splits a product
+# of a few hundred rows poorly, and every split costs a barrier, which a busy machine makes
+# long.  With several threads, whole samples are handed to worker threads instead, each
+# running its products on one thread; the big assembly product stays on all threads.
+_sample_threads = True
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, executor)
+
+
+@contextlib.contextmanager
+def sample_threads(enabled: bool) -> Iterator[None]:
+    """Allow or forbid running the samples of a batch on parallel worker threads."""
+    global _sample_threads
+    previous, _sample_threads = _sample_threads, enabled
+    try:
+        yield
+    finally:
+        _sample_threads = previous
+
+
+def _executor(batch: int) -> ThreadPoolExecutor | None:
+    """The worker pool for a batch's samples, or None to run them in this thread.
+
+    Workers are single-threaded (``torch.set_num_threads(1)`` in a thread sets only that
+    thread's OpenMP and MKL counts; the process-wide default is put back afterwards).  The
+    pool is remade after a fork or when the thread count changes.
+    """
+    global _pool
+    if not _sample_threads or batch < 2 or torch.compiler.is_compiling() or torch.is_grad_enabled() \
+            or torch.is_autocast_enabled("cpu"):
+        return None
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return None
+    if _pool is not None and _pool[:2] == (os.getpid(), threads):
+        return _pool[2]
+    if _pool is not None and _pool[0] == os.getpid():
+        _pool[2].shutdown(wait=False)
+    started = threading.Barrier(threads)
+    executor = ThreadPoolExecutor(threads, thread_name_prefix="kwconvert-samples",
+                                  initializer=torch.set_num_threads, initargs=(1,))
+    for future in [executor.submit(started.wait) for _ in range(threads)]:  # start every worker
+        future.result()
+    torch.set_num_threads(threads)  # the workers' set_num_threads(1) also set the default
+    _pool = (os.getpid(), threads, executor)
+    return executor
+
+
+def _for_each_sample(work: Callable[[int], None], batch: int) -> None:
+    """``work(i)`` for every sample ``i``; in parallel on the worker pool when it helps."""
+    executor = _executor(batch)
+    if executor is None:
+        for i in range(batch):
+            work(i)
+        return
+    workers = _pool[1]
+    inference = torch.is_inference_mode_enabled()
+
+    def share(first: int) -> None:
+        with torch.inference_mode(inference), torch.no_grad():  # modes are per thread
+            for i in range(first, batch, workers):
+                work(i)
+
+    for future in [executor.submit(share, k) for k in range(min(workers, batch))]:
+        future.result()
+
+
+def _per_sample(product: Callable[[int], Tensor], batch: int, channels_last: bool = False) -> Tensor:
+    """``stack([product(i) for i in range(batch)])``, holding one sample's result at a time
+    (``channels_last``: products are ``(C, H, W)`` images, stacked channels-last)."""
     first = product(0)
     if batch == 1:
         return first.unsqueeze(0)
-    out = first.new_empty((batch, *first.shape))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((batch, *first.shape), dtype=first.dtype, device=first.device, memory_format=layout)
     out[0] = first
     first = None  # noqa: F841 (release it)
-    for i in range(1, batch):
-        out[i] = product(i)
+
+    def store(i: int) -> None:
+        if i:
+            out[i] = product(i)
+    _for_each_sample(store, batch)
     return out
 
 
@@ -396,17 +480,20 @@ def _matmul_backward(spec: ConvSpec, x: Tensor, kernels: _Kernels, grad: Tensor,
     batch, out_channels = grad.shape[:2]
     grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, -1, out_channels)
     cols = _im2col(spec, x)[0] if grad_grid is not None else None
-    grad_cols = None
-    for i in range(batch):
-        if need_x:
-            grad_sample = linear(grad_rows[i], kernels[i].view(out_channels, -1).t())
-            if grad_cols is None:
-                grad_cols = grad_sample.new_empty((batch, *grad_sample.shape))
-            grad_cols[i] = grad_sample
+
+    def kernel_grad(i: int) -> None:
+        grad_kernel = linear(grad_rows[i].t().contiguous(), cols[i].t())
+        grad_grid[i].copy_(grad_kernel.view(grad_grid.shape[1:]))
+
+    def input_grad(i: int) -> Tensor:
         if grad_grid is not None:
-            grad_kernel = linear(grad_rows[i].t().contiguous(), cols[i].t())
-            grad_grid[i].copy_(grad_kernel.view(grad_grid.shape[1:]))
-    return _col2im(spec, grad_cols, x.shape) if need_x else None
+            kernel_grad(i)
+        return linear(grad_rows[i], kernels[i].view(out_channels, -1).t())
+
+    if not need_x:
+        _for_each_sample(kernel_grad, batch)
+        return None
+    return _col2im(spec, _per_sample(input_grad, batch), x.shape)
 
 
 def _conv_input(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -418,28 +505,29 @@ def _conv_input(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
 
 def _conv_forward(spec: ConvSpec, x: Tensor, kernels: _Kernels, bias: Tensor | None) -> Tensor:
     inputs, padding = _conv_input(spec, x)
-    outs = [F.conv2d(inputs[i:i + 1], kernels[i].permute(0, 3, 1, 2),  # OIHW shape, channels-last strides
-                     bias, spec.stride, padding, spec.dilation, spec.groups)
-            for i in range(x.shape[0])]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    return _per_sample(lambda i: F.conv2d(inputs[i:i + 1], kernels[i].permute(0, 3, 1, 2),  # OIHW, NHWC strides
+                                          bias, spec.stride, padding, spec.dilation, spec.groups)[0],
+                       x.shape[0], channels_last=True)
 
 
 def _conv_backward(spec: ConvSpec, x: Tensor, kernels: _Kernels, grad: Tensor, grad_grid: Tensor | None,
                    need_x: bool) -> Tensor | None:
     inputs, padding = _conv_input(spec, x)
     grad = grad.contiguous(memory_format=torch.channels_last)
-    grads_x = []
-    for i in range(x.shape[0]):
+
+    def sample_grads(i: int) -> Tensor | None:
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad[i:i + 1], inputs[i:i + 1], kernels[i].permute(0, 3, 1, 2), None, spec.stride, padding,
             spec.dilation, False, (0, 0), spec.groups, (need_x, grad_grid is not None, False))
-        grads_x.append(grad_x)
         if grad_grid is not None:  # (C_out, C_in/g, kh, kw) -> (O, f_e, kh, kw, I, c_e)
             grad_w = grad_w.permute(0, 2, 3, 1).unflatten(-1, grad_grid.shape[-2:])
             grad_grid[i].copy_(grad_w.unflatten(0, grad_grid.shape[1:3]))
+        return grad_x[0] if need_x else None
+
     if not need_x:
+        _for_each_sample(sample_grads, x.shape[0])
         return None
-    grad_x = grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x)
+    grad_x = _per_sample(sample_grads, x.shape[0], channels_last=True)
     if not spec.symmetric:
         top, _, left, _ = spec.padding
         grad_x = grad_x[:, :, top:top + x.shape[2], left:left + x.shape[3]]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .layers import is_kw_layer
 from .models import build_model
 from .plan import Plan
 from .rewrite import convert, plan_of
@@ -53,7 +54,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
         from safetensors.torch import save_file
         save_file(tensors, str(weights_path), metadata={"format": str(FORMAT_VERSION)})
         meta = _metadata(plan, source or plan.model, input_size or plan.input_size, aliases,
-                         _sha256(weights_path))
+                         _sha256(weights_path), _temperatures(model))
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         _fsync_dir(staging)
         _apply_umask(staging)
@@ -83,6 +84,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     except ValueError as err:
         raise SavedModelError(f"{path}: the saved plan does not fit the model: {err}") from None
     _load_strict(converted, state, path)
+    _set_temperatures(converted, meta.get("temperatures", {}), path)
     return converted
 
 
@@ -114,7 +116,34 @@ def check_saved(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _metadata(plan: Plan, source: str, input_size, aliases: dict[str, str], digest: str) -> dict[str, Any]:
+def _temperatures(model: nn.Module) -> dict[str, float]:
+    """Each KW layer's temperature by qualified name.
+
+    tau is a plain attribute, not a tensor, so the weights file does not hold it; without
+    it a model trained past its warm-up (tau = 0) would load at tau = 1 and compute
+    something else.
+    """
+    return {name: float(layer.tau) for name, layer in model.named_modules() if is_kw_layer(layer)}
+
+
+def _set_temperatures(model: nn.Module, temperatures: Any, path: Path) -> None:
+    """Give the loaded layers their saved temperatures (saves without any stay at tau = 1)."""
+    if not isinstance(temperatures, dict):
+        raise SavedModelError(f"{path / META_FILE}: 'temperatures' must map layer names to numbers")
+    layers = dict(model.named_modules())
+    for name, tau in temperatures.items():
+        layer = layers.get(name)
+        if layer is None or not is_kw_layer(layer):
+            raise SavedModelError(f"{path / META_FILE}: temperature for '{name}', which is not a KW layer "
+                                  "of the model; the save is damaged")
+        try:
+            layer.tau = tau
+        except (TypeError, ValueError) as err:
+            raise SavedModelError(f"{path / META_FILE}: layer '{name}': {err}") from None
+
+
+def _metadata(plan: Plan, source: str, input_size, aliases: dict[str, str], digest: str,
+              temperatures: dict[str, float]) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "source": source if ":" in (source or "") else None,
@@ -123,6 +152,7 @@ def _metadata(plan: Plan, source: str, input_size, aliases: dict[str, str], dige
         "options": plan.options,
         "versions": {"kwconvert": __version__, "torch": torch.__version__},
         "weights": {"file": WEIGHTS_FILE, "sha256": digest, "aliases": aliases},
+        "temperatures": temperatures,
         "plan": plan.to_dict(),
     }
 

@@ -530,6 +530,8 @@ class _KWConvNd(_KWLayer):
 
     def _per_sample_conv(self, x: Tensor, weight: Tensor) -> Tensor:
         """Convolve each sample with its own kernel: the batch is folded into the groups."""
+        if fast.is_im2col():
+            return self._im2col_conv(x, weight)
         batch = x.shape[0]
         x = x.reshape(1, batch * self.in_channels, *x.shape[2:])
         padding = self.padding
@@ -539,6 +541,31 @@ class _KWConvNd(_KWLayer):
         weight = weight.reshape(batch * self.out_channels, *self.weight_shape[1:])
         out = type(self)._conv(x, weight, None, self.stride, padding, self.dilation, batch * self.groups)
         return out.view(batch, self.out_channels, *out.shape[2:])
+
+    def _im2col_conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``_per_sample_conv`` as im2col and one batched matrix product (``use_path("im2col")``).
+
+        No op attribute depends on the batch, so ``torch.export`` and ONNX keep the batch
+        dynamic, where the batch-folded groups would become a symbolic ``Conv`` attribute.
+        ``Tensor.unfold`` cuts the windows one spatial dim at a time (a ``Gather`` in ONNX,
+        a small graph for any kernel size); dilation keeps every d-th element of a window.
+        """
+        pads = self._reversed_padding_repeated_twice
+        if any(pads):
+            x = F.pad(x, pads, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        windows = x
+        for dim, (kernel, stride, dilation) in enumerate(zip(self.kernel_size, self.stride, self.dilation), start=2):
+            windows = windows.unfold(dim, dilation * (kernel - 1) + 1, stride)  # window appended last
+            if dilation > 1:
+                windows = windows[..., ::dilation]
+        rank = self._spatial_dims  # windows: (B, C_in, *out, *k); kernels: (C_out, C_in / groups, *k)
+        out_size = windows.shape[2:2 + rank]
+        windows = windows.permute(0, 1, *range(2 + rank, 2 + 2 * rank), *range(2, 2 + rank))
+        batch, groups = x.shape[0], self.groups
+        columns = windows.reshape(batch, groups, self.in_channels // groups * math.prod(self.kernel_size), -1)
+        kernels = weight.reshape(batch, groups, self.out_channels // groups, -1)
+        out = torch.matmul(kernels, columns)  # (B, groups, C_out / groups, L)
+        return out.reshape(batch, self.out_channels, *out_size)
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

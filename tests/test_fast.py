@@ -17,7 +17,7 @@ from kwconvert.layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse,
                               set_temperature, use_path)
 
 FUSED = ("conv", "matmul")
-PATHS = ("grouped", "folded") + FUSED + (None,)  # None: the timed choice
+PATHS = ("im2col", "grouped", "folded") + FUSED + (None,)  # None: the timed choice
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -249,7 +249,7 @@ def test_timed_choice_is_remembered_per_configuration():
         layer(x[:1])
     chosen = fast.chosen_paths()
     assert len(chosen) == before + 2  # the twin reuses the first choice; batch 1 is a new shape
-    assert set(chosen.values()) <= {"grouped", "conv", "matmul"}
+    assert set(chosen.values()) <= set(fast.PATHS) - {"reference"}
 
 
 def test_packed_warehouse_follows_every_change_of_the_cells():

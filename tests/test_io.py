@@ -50,11 +50,30 @@ def test_load_rebuilds_from_the_recorded_source(tmp_path):
     assert read_metadata(tmp_path / "m")["source"] == "torchvision:resnet18"
 
 
+def test_temperatures_survive_the_round_trip(tmp_path):
+    """A model trained past its warm-up runs at tau = 0; loaded at tau = 1 it would compute
+    something else."""
+    model = converted_resnet18(1.0).eval()
+    kwconvert.set_temperature(model, 0.0)
+    model.layer1[0].conv1.tau = 0.25  # layers may differ
+    kwconvert.save(model, tmp_path / "m")
+    loaded = kwconvert.load(tmp_path / "m", model=torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    assert loaded.layer1[0].conv1.tau == 0.25 and loaded.layer4[1].conv2.tau == 0.0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    meta = json.loads((tmp_path / "m" / META_FILE).read_text())
+    meta["temperatures"]["layer1.0.conv1"] = 7.0
+    (tmp_path / "m" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(SavedModelError, match=r"layer 'layer1.0.conv1': temperature must lie in \[0, 1\]"):
+        kwconvert.load(tmp_path / "m", model=torchvision.models.resnet18(weights=None, num_classes=10))
+
+
 def test_files_and_metadata(saved):
     model, directory = saved
     assert sorted(p.name for p in directory.iterdir()) == [META_FILE, WEIGHTS_FILE]
     meta = json.loads((directory / META_FILE).read_text())
-    for key in ("format", "plan", "budget", "options", "versions", "input_size", "source"):
+    for key in ("format", "plan", "budget", "options", "versions", "input_size", "source", "temperatures"):
         assert key in meta
     assert meta["versions"]["torch"] == torch.__version__
     with safe_open(str(directory / WEIGHTS_FILE), "pt") as handle:

@@ -1,0 +1,296 @@
+"""Export a model, converted or not, to ``torch.export`` (.pt2) or ONNX with a dynamic batch.
+
+A KernelWarehouse layer convolves every sample with its own kernel, rebuilt from the
+warehouse by that sample's attention (paper Sec. 3.2).  Neither of the two ways eager
+mode runs it exports with a batch dimension that stays free:
+
+* the fast CPU paths of :mod:`kwconvert.fast` use custom autograd Functions, oneDNN ops,
+  per-shape timing and packed caches, so ``torch.export`` specialises the batch;
+* the straightforward path (``reference_path()``) folds the batch into the convolution's
+  groups, so ONNX's ``Conv`` would need a ``group`` attribute that depends on the batch,
+  which ONNX attributes cannot (the exporter stops with "Unsupported attribute type").
+
+``export_path(model)`` (``use_path("im2col")``) therefore runs the convolutions as im2col
+and one batched matrix product: ``Tensor.unfold`` cuts the windows of the padded input, and each sample's
+columns are multiplied by that sample's kernel (``Gather``, ``Transpose``, ``Reshape``
+and ``MatMul`` in ONNX).  No op attribute depends on the batch, and the arithmetic is the
+same as eager's to float rounding.  The assembly ``w_i = sum_j alpha_ij e_j`` and KWLinear
+already are batched matrix products on the reference path, which the block selects.
+
+``export`` traces the model in eval mode at its current temperature (a plain float, so
+it is baked into the graph), writes the file atomically, then loads what it wrote and
+compares it with the eager model at batch 1 and 4 before putting it in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import fast
+from .layers import is_kw_layer
+from .models import default_input_size
+from .rewrite import PLAN_ATTR
+
+__all__ = ["CHECK_BATCHES", "DEFAULT_OPSET", "FORMATS", "MIN_OPSET", "ExportError", "ExportReport",
+           "MissingExportPackages", "example_input_for", "export", "export_path"]
+
+#: Formats ``export`` writes, with their usual file suffix.
+FORMATS = {"onnx": ".onnx", "torch_export": ".pt2"}
+#: Oldest ONNX opset written: torch's exporter has no translations below 18 and cannot
+#: convert its output down to 17 (see the README, "Export").
+MIN_OPSET = 18
+#: The opset ``export`` writes unless told.
+DEFAULT_OPSET = 18
+#: Batch sizes the written file is compared with eager at (dynamic batch).
+CHECK_BATCHES = (1, 4)
+#: Protobuf cannot hold an ONNX file over 2 GiB without external data.
+_ONNX_LIMIT_BYTES = 2**31
+
+
+class ExportError(Exception):
+    """An export that cannot be done or did not reproduce the eager model."""
+
+
+class MissingExportPackages(ExportError, ImportError):
+    """onnx / onnxscript / onnxruntime are not installed."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``export`` wrote and how close the written file came to eager."""
+    path: Path
+    format: str
+    example_shape: tuple[int, ...]
+    dynamic_batch: bool
+    opset: int | None
+    temperature: float | None
+    max_abs_diff: dict[int, float]  # batch size -> max |file - eager| (empty without check)
+
+
+# --- the export-friendly formulation -------------------------------------------------------
+
+
+def export_path(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Run ``model``'s KW layers on the export-friendly formulation inside the block.
+
+    The straightforward path (batched-matmul assembly, bmm for KWLinear) with each KW
+    convolution's per-sample convolution as im2col and one batched matrix product
+    (``use_path("im2col")``, ``_KWConvNd._im2col_conv``).  Use it to call
+    ``torch.export``, ``torch.onnx.export`` or ``torch.jit.trace`` directly.  ``model`` is
+    taken for symmetry with ``export``; the switch is process-wide, like ``use_path``.
+    """
+    del model
+    return fast.use_path("im2col")
+
+
+# --- the example input ----------------------------------------------------------------------
+
+
+def example_input_for(model: nn.Module, batch: int = 2, input_size: Sequence[int] | None = None) -> Tensor:
+    """A seeded random batch of ``input_size``, else the size the plan recorded, else the
+    model's default (``kwconvert.models.default_input_size``)."""
+    if input_size is None:
+        plan = getattr(model, PLAN_ATTR, None)
+        input_size = plan.input_size if plan is not None and plan.input_size else default_input_size(model)
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *input_size, generator=generator, dtype=dtype)
+    return x.to(parameter.device) if parameter is not None else x
+
+
+def _check_inputs(x: Tensor, batch: int) -> Tensor:
+    """``batch`` samples shaped like one of ``x``: seeded noise for floats, else x's rows again."""
+    if x.is_floating_point():
+        generator = torch.Generator().manual_seed(1234 + batch)
+        return torch.randn(batch, *x.shape[1:], generator=generator, dtype=x.dtype).to(x.device)
+    return x[torch.arange(batch, device=x.device) % x.shape[0]]
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", example_input: Tensor | None = None,
+           *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, check: bool = True,
+           tolerance: float = 1e-4) -> ExportReport:
+    """Write ``model`` to ``path`` as ONNX or a ``torch.export`` program (.pt2).
+
+    The model runs in eval mode at its current temperature (set it first with
+    ``kwconvert.set_temperature``); its training flags are restored afterwards.  The
+    example input is a random batch of the plan's recorded input size unless given; a
+    batch of one is traced as two so that the batch dimension stays dynamic.  ONNX is
+    translated by torch's exporter from the same ``torch.export`` program.  With ``check``
+    the written file is loaded (onnxruntime for ONNX) and compared with the eager model at
+    batch 1 and 4; beyond ``tolerance`` (max abs diff) nothing is written.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "onnx":
+        if opset < MIN_OPSET:
+            raise ValueError(f"opset must be {MIN_OPSET} or newer, got {opset}: torch's ONNX exporter writes "
+                             f"opset {MIN_OPSET} at the lowest")
+        _require_onnx(check)
+    if example_input is None:
+        example_input = example_input_for(model)
+    if not isinstance(example_input, Tensor) or example_input.dim() < 1:
+        raise TypeError(f"example_input must be a batched tensor, got {type(example_input).__name__}")
+    traced = example_input if not dynamic_batch or example_input.shape[0] > 1 \
+        else torch.cat([example_input, example_input])
+    batches = CHECK_BATCHES if dynamic_batch else (example_input.shape[0],)
+    target = Path(path)
+    with _eval_mode(model), torch.no_grad(), _atomic_file(target, FORMATS[format]) as staging:
+        with export_path(model):
+            program = _torch_export(model, traced, dynamic_batch)
+            if format == "onnx":
+                _write_onnx(program, staging, opset)
+            else:
+                torch.export.save(program, staging)
+        diffs = _verify(model, staging, format, example_input, batches, tolerance) if check else {}
+    taus = {float(m.tau) for m in model.modules() if is_kw_layer(m)}
+    return ExportReport(path=target, format=format, example_shape=tuple(traced.shape), dynamic_batch=dynamic_batch,
+                        opset=opset if format == "onnx" else None,
+                        temperature=taus.pop() if len(taus) == 1 else None, max_abs_diff=diffs)
+
+
+def _torch_export(model: nn.Module, x: Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    try:
+        return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
+    except Exception as error:
+        raise ExportError(f"torch.export failed on an input of size {_dims(x.shape)}: {_reason(error)}") from error
+
+
+def _write_onnx(program: torch.export.ExportedProgram, destination: Path, opset: int) -> None:
+    """The dynamo exporter, from the program ``torch.export`` made (opset 18 and newer)."""
+    weights = sum(t.numel() * t.element_size() for t in itertools.chain(program.parameters(), program.buffers()))
+    if weights >= _ONNX_LIMIT_BYTES:
+        raise ExportError(f"the model holds {weights / 2**30:.2f} GiB of weights, over the 2 GiB an ONNX "
+                          "file can hold; export format='torch_export' instead")
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the exporter's progress lines
+        try:
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
+            onnx_program.save(destination, external_data=False)
+        except Exception as error:
+            raise ExportError(f"ONNX export (opset {opset}) failed: {_reason(error)}") from error
+
+
+def _verify(model: nn.Module, written: Path, format: str, example: Tensor, batches: Sequence[int],
+            tolerance: float) -> dict[int, float]:
+    """Max abs diff between the written file and eager per batch size; raise beyond tolerance."""
+    run = _onnxruntime_runner(written) if format == "onnx" else _pt2_runner(written)
+    diffs = {}
+    for batch in batches:
+        x = _check_inputs(example, batch)
+        expected = _leaves(model(x))
+        got = run(x)
+        if len(got) != len(expected):
+            raise ExportError(f"the exported {format} model returns {len(got)} outputs, eager {len(expected)}")
+        diffs[batch] = max((_max_abs_diff(a, b) for a, b in zip(got, expected)), default=0.0)
+        if not diffs[batch] <= tolerance:
+            raise ExportError(f"the exported {format} model differs from eager by {diffs[batch]:.3g} "
+                              f"(max abs) at batch {batch}, over the tolerance {tolerance:g}; nothing written")
+    return diffs
+
+
+def _onnxruntime_runner(written: Path):
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(written), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: [torch.from_numpy(y) for y in session.run(None, {name: x.detach().cpu().numpy()})]
+
+
+def _pt2_runner(written: Path):
+    module = torch.export.load(written).module()
+    return lambda x: _leaves(module(x))
+
+
+def _leaves(output: Any) -> list[Tensor]:
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(output) if isinstance(leaf, Tensor)]
+
+
+def _max_abs_diff(got: Tensor, expected: Tensor) -> float:
+    if tuple(got.shape) != tuple(expected.shape):
+        raise ExportError(f"the exported model returns shape {_dims(got.shape)}, eager {_dims(expected.shape)}")
+    return (got.float().cpu() - expected.float().cpu()).abs().max().item() if got.numel() else 0.0
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _require_onnx(check: bool) -> None:
+    needed = ("onnx", "onnxscript") + (("onnxruntime",) if check else ())
+    missing = []
+    for name in needed:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExportPackages(f"ONNX export needs {', '.join(missing)}, not installed: "
+                                    "install kwconvert[export]")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextlib.contextmanager
+def _atomic_file(target: Path, suffix: str) -> Iterator[Path]:
+    """A hidden sibling of ``target`` to write; renamed onto ``target`` only if the block succeeds.
+
+    Missing parent directories are made, and removed again if anything fails.
+    """
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory; give a file name to export to")
+    made = [parent for parent in reversed(target.parents) if not parent.exists()]
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=suffix, dir=target.parent)
+        os.close(handle)
+        staging = Path(name)
+        yield staging
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp's file is 0600; give what open() would
+        os.replace(staging, target)
+    except BaseException:
+        if staging is not None:
+            staging.unlink(missing_ok=True)
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(int(size)) for size in shape)
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost cause: exporters wrap the real reason in pages of advice."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
