@@ -38,7 +38,7 @@ bench-zoo: $(VENV)/.installed
 
 # Speed and memory of KW models against the plain models (issue 7's targets); ~30 min.
 bench-speed: $(VENV)/.installed
-	$(BIN)/python benchmarks/speed.py --compile --serial
+	$(BIN)/python benchmarks/speed.py --compile
 
 bench-accuracy: $(VENV)/.installed data
 	$(BIN)/python benchmarks/accuracy.py

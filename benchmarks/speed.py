@@ -106,7 +106,7 @@ def make_step(variant: Variant, mode: str, images: torch.Tensor, labels: torch.T
     return step
 
 
-def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool, serial: bool) -> list[Variant]:
+def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool) -> list[Variant]:
     plain = build(name, None)
     out = [Variant("plain", plain),
            Variant("plain_cl", copy.deepcopy(plain).to(memory_format=torch.channels_last), channels_last=True)]
@@ -114,13 +114,9 @@ def variants_for(name: str, budgets: list[float], compiled: bool, reference: boo
         out.append(Variant("plain_compiled", torch.compile(copy.deepcopy(plain))))
     for budget in budgets:
         out.append(Variant(f"kw_b{budget:g}", build(name, budget)))
-    kw_b1 = next((v.model for v in out if v.name == "kw_b1"), None)
-    if kw_b1 is None and (reference or serial):
-        kw_b1 = build(name, 1.0)
     if reference:
-        out.append(Variant("reference_b1", kw_b1, context=reference_path))
-    if serial:
-        out.append(Variant("serial_b1", kw_b1, context=lambda: fast.sample_threads(False)))
+        kw_b1 = next((v.model for v in out if v.name == "kw_b1"), None)
+        out.append(Variant("reference_b1", build(name, 1.0) if kw_b1 is None else kw_b1, context=reference_path))
     return out
 
 
@@ -218,7 +214,7 @@ def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
     table = Table(title=f"KW / plain time, {settings['threads']} threads, allocator {settings['allocator_mode']} "
                         "(median [25-75 % of per-repetition ratios])")
     for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
-                   "reference/plain", "serial/plain", "target"):
+                   "reference/plain", "target"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
         target = row.get("target")
@@ -226,7 +222,7 @@ def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
         table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
                       f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
                       fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
-                      fmt(row.get("serial_vs_plain")), met)
+                      met)
     out.print(table)
     if memory:
         mem = Table(title="training-step peak RSS above RSS after building, MB: median [min-max] of fresh processes")
@@ -255,8 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--no-reference", action="store_true", help="skip the straightforward-path rows")
-    parser.add_argument("--serial", action="store_true",
-                        help="add KW b=1 with samples run one after another (kwconvert.fast.sample_threads(False))")
     parser.add_argument("--models", nargs="*", help="restrict to these models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -279,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                 "allocator": fast.allocator_settings(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "python": platform.python_version(),
                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                "image": IMAGE, "tau": TAU, "reps": reps, "sample_threads": fast._sample_threads,
+                "image": IMAGE, "tau": TAU, "reps": reps,
                 "command": " ".join([sys.executable] + sys.argv)}
     console.log(f"threads {settings['threads']}, allocator {json.dumps(settings['allocator'])}")
 
     rows, raw = [], {}
     for name, batch, modes in workloads:
-        variants = variants_for(name, budgets, args.compile, not args.no_reference, args.serial)
+        variants = variants_for(name, budgets, args.compile, not args.no_reference)
         for mode in modes:
             times = time_workload(name, batch, mode, variants, reps, console)
             raw[f"{name}/{batch}/{mode}"] = times
@@ -298,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
                        "vs_plain_compiled": ratio(times, kw, "plain_compiled")}
                 if budget == 1.0:
                     row["reference_vs_plain"] = ratio(times, "reference_b1", "plain")
-                    row["serial_vs_plain"] = ratio(times, "serial_b1", "plain")
                     row["target"] = TARGETS.get((name, batch, mode))
                 rows.append(row)
                 console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}")
