@@ -19,6 +19,7 @@ table and writes benchmarks/results/speed.json (atomically).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import json
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             memory.append(row)
             console.log(f"{name} batch {batch} training memory: KW/plain {row['ratio']:.2f}")
 
+    settings["paths_chosen"] = dict(collections.Counter(fast.chosen_paths().values()))  # over every layer timed
     write_json({"settings": settings, "rows": rows, "memory": memory, "raw_seconds": raw}, args.out)
     render(rows, memory, settings)
     Console().print(f"written to {args.out}")

@@ -632,12 +632,14 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
     return path
 
 
-def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 3) -> str:
+def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 5) -> str:
     """Time each path's forward (without autograd) and return the fastest.
 
     Forward alone picks the same paths as forward plus backward on resnet18 / resnet50
     training steps, and timing backward too left the heap fragmented enough to add a
-    third to a training step's peak memory.
+    third to a training step's peak memory.  Each path is timed with its output made
+    channels-last, the layout the next KW layer reads: ``"grouped"`` leaves NCHW, and the
+    copy it costs downstream would otherwise go uncounted.
     """
     if len(available) == 1:
         return available[0]
@@ -649,7 +651,7 @@ def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeat
         for _ in range(repeats):
             for path in available:
                 start = time.perf_counter()
-                _run(layer, x, alpha, path)
+                _run(layer, x, alpha, path).contiguous(memory_format=torch.channels_last)
                 best[path] = min(best[path], time.perf_counter() - start)
     return min(best, key=best.get)
 

@@ -2,6 +2,7 @@
 trained weights preserved (exactly for b >= 1 at tau = 1, by a least-squares fit for b < 1)."""
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -197,6 +198,23 @@ def test_random_init_differs_from_the_original():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (model(x) - random_converted(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("budget, spread", [(1.0, 1.0), (4.0, 0.5)])
+def test_random_init_starts_every_kernel_at_the_reference_spread(budget, spread):
+    """At tau = 1 a from-scratch layer's kernel is its beta cells: at b = 1 with the plain
+    layer's kaiming (fan_out, relu) spread, at b = 4 half of it (the reference draws each
+    layer's 4 m cells as one tensor).  ResNet18's layers all read c_e channels, so the
+    spread is exact there; the accuracy benchmark's short-run gap is not an init scale."""
+    torch.manual_seed(0)
+    converted = kwconvert.convert(torchvision.models.resnet18(weights=None), budget, init="random")
+    layers = [(name, m) for name, m in converted.named_modules() if isinstance(m, KW_LAYER_TYPES)]
+    assert len(layers) == 19  # 16 block convs and 3 projections; the stem stays plain
+    for name, layer in layers:
+        fan_out = layer.weight_shape[0] * math.prod(layer.weight_shape[2:])
+        with torch.no_grad():
+            std = layer.kernel_at_beta().std().item()
+        assert std == pytest.approx(spread * math.sqrt(2 / fan_out), rel=0.1), name
 
 
 def test_training_step_updates_warehouses_and_attention():
