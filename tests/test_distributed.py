@@ -135,7 +135,7 @@ def run_ranks(directory, scenarios: tuple[str, ...]) -> list[dict]:
     """Run the scenarios on two ranks; each rank's results, by scenario."""
     models = {scenario: converted(scenario) for scenario in scenarios}
     mp.spawn(_rank_main, args=(str(directory / "store"), models, str(directory)), nprocs=WORLD, join=True)
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD)]
+    return [torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
 def single_process(scenario: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

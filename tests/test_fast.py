@@ -65,6 +65,16 @@ def assert_same_as_reference(layer: nn.Module, x: torch.Tensor, path: str | None
             assert relative_error(grad, expected) <= tolerance
 
 
+def assert_float32_output_matches_reference(module: nn.Module, x: torch.Tensor, path: str | None) -> None:
+    """No-grad output on ``path`` within 1e-5 relative of the straightforward path's."""
+    with torch.no_grad():
+        with reference_path():
+            expected = module(x)
+        with use_path(path):
+            out = module(x)
+    assert relative_error(out, expected) <= 1e-5
+
+
 def conv_grid() -> list:
     cases = []
     grid = itertools.product((1, 3), (1, 2), (0, 1, "same"), ("zeros", "reflect"), (1, 2), (1, 2, "depthwise"),
@@ -97,13 +107,7 @@ def test_every_path_equals_the_reference_on_the_conv_grid(kernel, stride, paddin
 @pytest.mark.parametrize("budget", [0.5, 1, 2])
 def test_float32_outputs_match_within_1e_5(budget, training, path):
     layer = kw_conv(16, 32, 3, budget=budget, padding=1, stride=2, dtype=torch.float32, bias=True).train(training)
-    x = torch.randn(4, 16, 11, 10)
-    with torch.no_grad():
-        with reference_path():
-            expected = layer(x)
-        with use_path(path):
-            out = layer(x)
-    assert relative_error(out, expected) <= 1e-5
+    assert_float32_output_matches_reference(layer, torch.randn(4, 16, 11, 10), path)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -171,14 +175,7 @@ def kw_resnet18() -> nn.Module:
 def test_resnet18_outputs_equal_the_reference_in_float32(kw_resnet18, path):
     """Eval mode: in training mode a batch-statistics BatchNorm amplifies float32 rounding
     (the reference itself is 2e-3 away from float64 there), so training is compared in float64."""
-    model = kw_resnet18.eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        with reference_path():
-            expected = model(x)
-        with use_path(path):
-            out = model(x)
-    assert relative_error(out, expected) <= 1e-5
+    assert_float32_output_matches_reference(kw_resnet18.eval(), torch.randn(2, 3, 64, 64), path)
 
 
 def test_resnet18_training_outputs_and_gradients_equal_the_reference_in_float64(kw_resnet18):
