@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fast
-from .layers import is_kw_layer
+from .layers import _dims, is_kw_layer
 from .models import default_input_size
 from .rewrite import PLAN_ATTR
 
@@ -282,10 +282,6 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(str(int(size)) for size in shape)
 
 
 def _reason(error: BaseException) -> str:

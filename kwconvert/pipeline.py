@@ -197,16 +197,6 @@ def _dims(tensor: torch.Tensor) -> str:
     return "x".join(map(str, tensor.shape)) or "scalar"
 
 
-def _zeros_like(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return torch.zeros_like(output)
-    if isinstance(output, dict):
-        return {k: _zeros_like(v) for k, v in output.items()}
-    if isinstance(output, (tuple, list)):
-        return [_zeros_like(v) for v in output]
-    return output
-
-
 def _max_abs_diff(a: Any, b: Any) -> float:
     """Largest absolute difference between two outputs (tensors, or nested tuples/dicts);
     NaN when some of their tensors cannot be compared (:func:`compare_outputs`)."""
