@@ -9,12 +9,13 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The stamps re-run pip only when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The stamps re-run pip only when the project files change (pip also compiles kwconvert/_native.c).
+PROJECT := pyproject.toml setup.py kwconvert/_native.c
+$(VENV)/.installed: $(PROJECT) | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: $(PROJECT) | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $@ $(VENV)/.installed
 
@@ -52,4 +53,4 @@ data:
 	fi
 
 clean:
-	rm -rf $(VENV) kwconvert-out .pytest_cache
+	rm -rf $(VENV) kwconvert-out .pytest_cache build kwconvert/_native.*.so

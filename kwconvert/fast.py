@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .cells import Tiling
 
 __all__ = ["PATHS", "allocator_settings", "chosen_paths", "clear_caches", "keep_freed_memory", "linear", "mix",
@@ -65,7 +66,7 @@ __all__ = ["PATHS", "allocator_settings", "chosen_paths", "clear_caches", "keep_
 #: Ways a KW Conv2d can run.  "reference" is the straightforward path of ``layers.py``;
 #: "im2col" is the same with the per-sample convolution written as im2col and one batched
 #: matrix product, which no op attribute ties to the batch (for export, any conv rank).
-PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul")
+PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul", "native")
 _STRAIGHTFORWARD = ("reference", "im2col")
 _forced_path: str | None = None
 #: Chosen path per layer configuration and input: (configuration, input key) -> path.
@@ -179,7 +180,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 # sample catches edits through ``.data``, which the version counter does not see).
 _PACK_ROWS = 144  # oneDNN's row-count hint when packing; measured good from 2 to 288 rows
 _PROBES = 256
-_packed: dict[int, tuple] = {}  # id(cells) -> (key, probe, packed); entries die with the cells
+#: id(cells) -> {column order: (key, probe, packed)}; entries die with the cells
+_packed: dict[int, dict[int | None, tuple]] = {}
 _packing = True
 
 
@@ -205,30 +207,39 @@ def _probe(cells: Tensor) -> Tensor:
     return flat[::max(1, flat.numel() // _PROBES)].clone()
 
 
-def _packed_cells(cells: Tensor) -> Tensor | None:
+def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
+    """The warehouse as an ``(n, cell numel)`` matrix; ``panels``: each cell's elements in
+    the compiled kernel's panel order of that width (``native.panel_order``, a copy)."""
+    return cells.reshape(cells.shape[0], -1) if panels is None else native.panel_order(cells, panels)
+
+
+def _packed_cells(cells: Tensor, panels: int | None = None) -> Tensor | None:
     """oneDNN's packed layout of a warehouse ``(n, *cell)`` for the assembly, or None."""
     if not (_packing and _HAS_ONEDNN and cells.device.type == "cpu" and cells.dtype == torch.float32) \
             or torch.compiler.is_compiling():
         return None
     key = (cells.data_ptr(), cells._version, tuple(cells.shape))
-    entry = _packed.get(id(cells))
+    entries = _packed.get(id(cells))
+    entry = None if entries is None else entries.get(panels)
     probe = _probe(cells)
     if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
         return entry[2]
-    matrix = cells.detach().reshape(cells.shape[0], -1).t().contiguous()  # (cell, n): the product's weight
+    matrix = _cell_columns(cells.detach(), panels).t().contiguous()  # (cell, n): the product's weight
     packed = torch.ops.mkldnn._reorder_linear_weight(matrix, _PACK_ROWS)
-    if entry is None:
+    if entries is None:
         weakref.finalize(cells, _packed.pop, id(cells), None)
-    _packed[id(cells)] = (key, probe, packed)
+        entries = _packed[id(cells)] = {}
+    entries[panels] = (key, probe, packed)
     return packed
 
 
-def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool) -> Tensor:
-    """``alpha (M, n) @ cells (n, cell)`` outside autograd; ``pack``: a packed copy may serve."""
-    packed = _packed_cells(cells) if pack and alpha.dtype == cells.dtype else None
+def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool, panels: int | None = None) -> Tensor:
+    """``alpha (M, n) @ cells (n, cell)`` outside autograd; ``pack``: a packed copy may serve;
+    ``panels``: each row comes out in the compiled kernel's panel order."""
+    packed = _packed_cells(cells, panels) if pack and alpha.dtype == cells.dtype else None
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(alpha, packed, None, "none", [], "")
-    return linear(alpha, cells.reshape(cells.shape[0], -1).t())
+    return linear(alpha, _cell_columns(cells, panels).t())
 
 
 class _Mix(torch.autograd.Function):
@@ -307,10 +318,10 @@ class _Kernels:
         return self.buffer.view(self.shape)
 
 
-def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor, pack: bool = False) -> Tensor:
+def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor, pack: bool = False, panels: int | None = None) -> Tensor:
     """Blocks ``(B, m, f_e * c_e)`` of every sample's kernel (Sec. 3.2), outside autograd."""
     batch, mixtures, n = alpha.shape
-    return _mix_rows(alpha.reshape(batch * mixtures, n), cells, pack).view(batch, mixtures, -1)
+    return _mix_rows(alpha.reshape(batch * mixtures, n), cells, pack, panels).view(batch, mixtures, -1)
 
 
 # --- the two per-sample convolutions --------------------------------------------------------
@@ -528,7 +539,8 @@ def _available(layer, x: Tensor) -> tuple[str, ...]:
     if tuple(layer.warehouse.cell[2:]) != (1,) * (len(layer.warehouse.cell) - 2):
         return ("grouped",)  # cells spanning several kernel positions: only the generic path
     if layer.groups == 1:  # "folded" measured no faster on resnet18 / mobilenet_v2's dense layers
-        return ("grouped", "conv", "matmul")
+        compiled = ("native",) if native.supports(layer.tiling, layer.groups, x) else ()
+        return ("grouped", "conv", "matmul") + compiled
     return ("grouped", "folded", "conv")
 
 
@@ -572,7 +584,24 @@ def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
     return _KWConv2d.apply(x, alpha, cells, layer.bias, spec)
 
 
+def _native(layer, x: Tensor, alpha: Tensor) -> Tensor:
+    """Inference through the compiled kernel (``kwconvert.native``): the assembly writes each
+    sample's kernel in the kernel's panel order, which the compiled product reads as is."""
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+    spec = _spec_for(layer, "native")
+    x = x.contiguous(memory_format=torch.channels_last)
+    blocks = _assembled(spec.tiling, alpha, layer.warehouse.cells, pack=True, panels=native.panel_width(spec.tiling))
+    cols, (out_h, out_w) = _im2col(spec, x)
+    out = native.conv(spec.tiling, cols, blocks, layer.bias)
+    return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
 def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
+    if path == "native":  # inference only: with a gradient to compute, the fused matmul node
+        if _needs_grad(x, alpha, layer.warehouse.cells, layer.bias):
+            return _fused(layer, x, alpha, "matmul")
+        return _native(layer, x, alpha)
     if path == "grouped":
         return _grouped(layer, x, alpha)
     if path == "folded":
@@ -616,8 +645,9 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
     needs_grad = key[-2]
     if needs_grad and layer.groups == 1 and len(available) > 1:
         # "grouped" and "folded" keep a batch of kernels alive until backward (autograd
-        # saves them for the convolution): in training it costs memory the fused paths do not
-        available = tuple(path for path in available if path not in ("grouped", "folded"))
+        # saves them for the convolution): in training it costs memory the fused paths do
+        # not; "native" has no backward
+        available = tuple(path for path in available if path not in ("grouped", "folded", "native"))
     with packing(_packing and not needs_grad):  # training never uses a packed copy: make none
         path = _fastest(layer, x, alpha, available)
     _chosen[key] = path

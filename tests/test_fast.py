@@ -17,7 +17,8 @@ from kwconvert.layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse,
                               set_temperature, use_path)
 
 FUSED = ("conv", "matmul")
-PATHS = ("im2col", "grouped", "folded") + FUSED + (None,)  # None: the timed choice
+COMPILED = ("native",)  # float64 and unsupported layers fall back to "grouped" (tests/test_native.py covers it)
+PATHS = ("im2col", "grouped", "folded") + FUSED + COMPILED + (None,)  # None: the timed choice
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

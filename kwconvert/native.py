@@ -1,0 +1,126 @@
+"""The compiled per-sample convolution (``kwconvert/_native.c``) and its ctypes binding.
+
+Why: a library GEMM given a new weight per sample re-packs it on every call, and the
+assembly leaves the kernels in an order (kernel position before output channel) that
+needs a copy into OHWI first.  Together they cost a fifth of resnet18's KW layer4.  The
+compiled product instead reads each sample's kernel straight from the assembly's output:
+the warehouse is packed with every cell's elements in *panel order* (``panel_order``),
+so that the assembly writes, for each run of ``NP`` output channels and each cell, a
+row-major ``(c_e, NP)`` block, and the product walks those blocks through a table of
+offsets.  Inference only; training keeps the pure-PyTorch paths (``kwconvert.fast``).
+
+The extension is built by ``pip install`` with the machine's compiler (``setup.py``;
+optional: when it does not build, ``available()`` is False and ``kwconvert.fast`` never
+offers the ``"native"`` path).  ``KWCONVERT_NATIVE=0`` in the environment turns it off.
+Its results equal the pure-PyTorch paths to float rounding (tests/test_native.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from .cells import Tiling
+
+__all__ = ["available", "conv", "panel_order", "panel_width", "supports"]
+
+_PANEL_WIDTHS = (64, 32, 16)
+_MAX_SEGMENTS = 1024  # as in _native.c
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("KWCONVERT_NATIVE", "1") == "0":
+        return None
+    spec = importlib.util.find_spec("kwconvert._native")
+    if spec is None or spec.origin is None or not spec.origin.endswith((".so", ".pyd", ".dylib")):
+        return None
+    library = ctypes.CDLL(spec.origin)
+    pointer, size, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    library.kw_native_conv.argtypes = [pointer, size, size, pointer, size, pointer, i32, i32, i32, i32, pointer,
+                                       size, size, pointer, i32, size, i32]
+    library.kw_native_conv.restype = i32
+    library.kw_native_avx512.restype = i32
+    return library
+
+
+def available() -> bool:
+    """Whether the compiled extension is built and loaded (``KWCONVERT_NATIVE=0``: never)."""
+    return _library() is not None
+
+
+def avx512() -> bool:
+    """Whether the extension was compiled for AVX-512 (else it runs a plain C loop)."""
+    library = _library()
+    return bool(library is not None and library.kw_native_avx512())
+
+
+def panel_width(tiling: Tiling) -> int | None:
+    """Output channels per panel: the widest of 64, 32, 16 dividing the cell's f_e."""
+    return next((width for width in _PANEL_WIDTHS if tiling.cell[0] % width == 0), None)
+
+
+def supports(tiling: Tiling, groups: int, x: Tensor) -> bool:
+    """Whether ``conv`` can run this layer: float32 on CPU, no groups, 1x1 cells of f_e a
+    multiple of 16; never under torch.compile (an opaque foreign call would break the graph)."""
+    return (not torch.compiler.is_compiling() and available() and x.device.type == "cpu" and x.dtype == torch.float32 and groups == 1
+            and all(size == 1 for size in tiling.cell[2:]) and panel_width(tiling) is not None
+            and tiling.spatial * tiling.blocks_in <= _MAX_SEGMENTS)
+
+
+def panel_order(cells: Tensor, width: int) -> Tensor:
+    """The warehouse ``(n, f_e, c_e, 1, ...)`` as ``(n, cell)`` rows with each cell in panel
+    order: element ``(f, c)`` at ``(f // width) * c_e * width + c * width + f % width``."""
+    n, f_e, c_e = cells.shape[:3]
+    return cells.reshape(n, f_e // width, width, c_e).transpose(2, 3).reshape(n, -1)
+
+
+@functools.lru_cache(maxsize=512)
+def _offsets(tiling: Tiling, width: int) -> Tensor:
+    """``offsets[P, g]``: where panel P's rows of segment g start in one sample's blocks."""
+    f_e, c_e = tiling.cell[:2]
+    cell = f_e * c_e
+    out_channels = tiling.weight_shape[0]
+    blocks_out, blocks_in, spatial = tiling.blocks_out, tiling.blocks_in, tiling.spatial
+    offsets = torch.empty(out_channels // width, spatial * blocks_in, dtype=torch.int64)
+    for panel in range(out_channels // width):
+        block_out, within = divmod(panel * width, f_e)
+        for position in range(spatial):
+            for block_in in range(blocks_in):
+                mixture = (position * blocks_out + block_out) * blocks_in + block_in
+                offsets[panel, position * blocks_in + block_in] = mixture * cell + within * c_e
+    return offsets
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def conv(tiling: Tiling, cols: Tensor, blocks: Tensor, bias: Tensor | None) -> Tensor:
+    """Every sample's product ``cols[b] @ kernel_b^T`` (+ bias): ``(B, rows, C_out)``.
+
+    ``cols`` is the NHWC im2col ``(B, rows, K)`` (K in OHWI's order), ``blocks`` the
+    assembly's output ``(B, m, cell)`` from a warehouse in ``panel_order``.  Work is split
+    over ``torch.get_num_threads()`` OpenMP threads (torch's own pool) by (sample, panel)
+    items; the GIL is released meanwhile.
+    """
+    library = _library()
+    width = panel_width(tiling)
+    cols, blocks = cols.contiguous(), blocks.contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    offsets = _offsets(tiling, width)
+    batch, rows, depth = cols.shape
+    out_channels = tiling.weight_shape[0]
+    out = torch.empty(batch, rows, out_channels, dtype=cols.dtype, device=cols.device)
+    panels, segments = offsets.shape
+    code = library.kw_native_conv(
+        cols.data_ptr(), rows * depth, depth, blocks.data_ptr(), blocks[0].numel(), offsets.data_ptr(), panels,
+        segments, tiling.cell[1], width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias), rows,
+        batch * panels, torch.get_num_threads())
+    if code:
+        raise RuntimeError(f"kwconvert native kernel refused panel width {width} / {segments} segments")
+    return out

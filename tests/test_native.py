@@ -1,0 +1,179 @@
+"""The compiled kernel (kwconvert/native.py, kwconvert/_native.c) computes what the
+straightforward path computes, and the pure-PyTorch fallback takes over when it is absent."""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import kwconvert
+from kwconvert import fast, native
+from kwconvert.layers import KWConv2d, Warehouse, reference_path, set_temperature, use_path
+
+needs_native = pytest.mark.skipif(not native.available(), reason="kwconvert._native is not built")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def kw_layer(cin: int, cout: int, kernel: int, cell: tuple[int, int], *, budget: float = 1.0, seed: int = 0,
+             **conv) -> KWConv2d:
+    """A float32 KW Conv2d with a chosen cell, in a warehouse with two spare cells, at tau 0.3."""
+    torch.manual_seed(seed)
+    mixtures = (cout // cell[0]) * (cin // cell[1]) * kernel * kernel
+    warehouse = Warehouse(max(int(budget * mixtures), 1) + 2, (*cell, 1, 1))
+    layer = KWConv2d(cin, cout, kernel, warehouse=warehouse, offset=0, budget=budget, hidden=8, **conv)
+    if layer.bias is not None:
+        nn.init.normal_(layer.bias)
+    layer.tau = 0.3
+    layer.warehouse_module = warehouse
+    return layer.eval()
+
+
+def assert_native_matches_float64_reference(layer: KWConv2d, x: torch.Tensor) -> None:
+    assert native.supports(layer.tiling, layer.groups, x)
+    with torch.no_grad():
+        with use_path("native"):
+            out = layer(x)
+        reference = copy.deepcopy(layer).double()
+        with reference_path():
+            expected = reference(x.double())
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert relative_error(out, expected) <= 1e-5
+
+
+def native_grid() -> list:
+    cases = []
+    for kernel, stride, padding, mode, dilation, bias in itertools.product(
+            (1, 3), (1, 2), (0, 1, "same"), ("zeros", "reflect"), (1, 2), (True, False)):
+        if padding == "same" and stride != 1:
+            continue
+        cases.append(pytest.param(kernel, stride, padding, mode, dilation, bias,
+                                  id=f"k{kernel}-s{stride}-p{padding}-{mode}-d{dilation}-{'bias' if bias else 'nobias'}"))
+    return cases
+
+
+@needs_native
+@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,bias", native_grid())
+def test_native_equals_the_reference_on_the_conv_grid(kernel, stride, padding, mode, dilation, bias):
+    # 2 x 2 blocks of 16 x 16 cells: every offset of the panel table is exercised
+    layer = kw_layer(32, 32, kernel, (16, 16), stride=stride, padding=padding, padding_mode=mode,
+                     dilation=dilation, bias=bias)
+    assert_native_matches_float64_reference(layer, torch.randn(3, 32, 9, 8))
+
+
+@needs_native
+@pytest.mark.parametrize("cin,cout,cell", [(16, 48, (16, 16)), (32, 64, (32, 16)), (16, 128, (64, 16)),
+                                           (48, 96, (96, 48)), (24, 48, (48, 24))],
+                         ids=["panels16", "panels32", "panels64", "panels32-of-96", "panels16-of-48"])
+@pytest.mark.parametrize("budget", [0.5, 1.0, 2.0])
+def test_native_every_panel_width_and_budget(cin, cout, cell, budget):
+    layer = kw_layer(cin, cout, 3, cell, budget=budget, padding=1)
+    assert native.panel_width(layer.tiling) == next(w for w in (64, 32, 16) if cell[0] % w == 0)
+    assert_native_matches_float64_reference(layer, torch.randn(2, cin, 7, 5))
+
+
+@needs_native
+@pytest.mark.parametrize("batch,height,width", [(1, 1, 1), (1, 5, 5), (3, 7, 7), (5, 2, 3), (2, 14, 13)],
+                         ids=["1px", "b1-25rows", "b3-49rows", "b5-6rows", "b2-182rows"])
+def test_native_any_number_of_rows_and_samples(batch, height, width):
+    """Row tiles of up to 6 rows, and (sample, panel) items split over the threads unevenly."""
+    layer = kw_layer(32, 64, 3, (32, 32), padding=1)
+    assert_native_matches_float64_reference(layer, torch.randn(batch, 32, height, width))
+
+
+@needs_native
+def test_native_walks_long_kernels_in_chunks():
+    """512 input channels x 9 positions x 64 columns is 1.2 MB: the kernel walks K in chunks."""
+    layer = kw_layer(512, 64, 3, (64, 512), padding=1)
+    assert_native_matches_float64_reference(layer, torch.randn(2, 512, 5, 4))
+
+
+@needs_native
+def test_native_in_training_falls_back_to_the_autograd_path():
+    layer = kw_layer(32, 32, 3, (16, 16), padding=1).train()
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    results = []
+    for path in ("native", "matmul"):
+        with use_path(path):
+            out = layer(x)
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, layer.warehouse.cells])))
+    (out, grads), (expected, expected_grads) = results
+    assert torch.equal(out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+
+
+@needs_native
+def test_native_packed_warehouse_follows_changes_of_the_cells():
+    layer = kw_layer(32, 32, 3, (16, 16), padding=1)
+    x = torch.randn(2, 32, 6, 6)
+    assert_native_matches_float64_reference(layer, x)
+    with torch.no_grad():
+        layer.warehouse.cells.mul_(-3)
+    assert_native_matches_float64_reference(layer, x)
+
+
+@pytest.fixture(scope="module")
+def kw_resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0).eval()
+    set_temperature(model, 0.5)
+    return model
+
+
+@needs_native
+def test_resnet18_on_the_native_path_equals_the_reference(kw_resnet18):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with reference_path():
+            expected = kw_resnet18(x)
+        with use_path("native"):
+            out = kw_resnet18(x)
+    assert relative_error(out, expected) <= 1e-5
+
+
+def test_without_the_extension_the_fallback_runs_and_agrees(kw_resnet18, monkeypatch):
+    """The pure-PyTorch paths give what the compiled kernel gives, and 'native' is never offered."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        timed = kw_resnet18(x)  # the timed choice: "native" where it is the fastest
+        monkeypatch.setattr(native, "_library", lambda: None)
+        fast.clear_caches()
+        assert not native.available()
+        fallback = kw_resnet18(x)
+    assert "native" not in fast.chosen_paths().values()
+    assert relative_error(fallback, timed) <= 1e-5
+    fast.clear_caches()
+
+
+def test_the_environment_switch_turns_the_extension_off():
+    code = "from kwconvert import native; print(native.available())"
+    env = {**os.environ, "KWCONVERT_NATIVE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return " avx512f" in cpuinfo.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(os.environ.get("KWCONVERT_NATIVE") == "0", reason="turned off by KWCONVERT_NATIVE=0")
+def test_the_extension_is_built_where_a_compiler_is():
+    """pip builds it with the machine's compiler: where there is one, a missing build is a bug."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    assert native.available(), "kwconvert._native did not build: see `pip install -v -e .`"
+    assert native.avx512() == cpu_has_avx512()
