@@ -28,13 +28,16 @@ This module keeps the same arithmetic and changes how it is executed:
   oneDNN convolution per sample, best for large maps), ``"grouped"`` (the batch folded
   into the groups, the reference's convolution) and ``"folded"`` (the same, with the batch
   folded into the channels of a channels-last image: 2-6x faster for depthwise layers on
-  small maps);
+  small maps), plus ``"native"`` in inference (below);
 * for ``"matmul"`` and ``"conv"`` one autograd node covers assembly and convolution: it
   keeps only the attention, the warehouse and the input, and assembles the kernels again
   in backward instead of holding a batch of kernels per layer until then.
 
-Everything is pure PyTorch: no compiled extension.  Results equal the straightforward
-path to float rounding (tests/test_fast.py).
+The inference path ``"native"`` runs each sample's product in a compiled kernel
+(``kwconvert.native``) that reads the kernels straight from the assembly's output: no
+per-sample weight reorder inside a library GEMM, no copy into OHWI order.  Everything else is
+pure PyTorch, and without the extension the other paths run.  Results equal the
+straightforward path to float rounding (tests/test_fast.py, tests/test_native.py).
 
 Allocator: glibc returns big freed buffers to the system and page-faults them in again
 on the next forward; ``keep_freed_memory()`` tells glibc to keep them (the same effect as
@@ -538,10 +541,10 @@ def _available(layer, x: Tensor) -> tuple[str, ...]:
         return ("grouped",)  # the per-sample paths are tuned for oneDNN on CPU
     if tuple(layer.warehouse.cell[2:]) != (1,) * (len(layer.warehouse.cell) - 2):
         return ("grouped",)  # cells spanning several kernel positions: only the generic path
+    compiled = ("native",) if native.supports(layer.tiling, layer.groups, x) else ()
     if layer.groups == 1:  # "folded" measured no faster on resnet18 / mobilenet_v2's dense layers
-        compiled = ("native",) if native.supports(layer.tiling, layer.groups, x) else ()
         return ("grouped", "conv", "matmul") + compiled
-    return ("grouped", "folded", "conv")
+    return ("grouped", "folded", "conv") + compiled
 
 
 def _grouped(layer, x: Tensor, alpha: Tensor) -> Tensor:
@@ -585,22 +588,28 @@ def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
 
 
 def _native(layer, x: Tensor, alpha: Tensor) -> Tensor:
-    """Inference through the compiled kernel (``kwconvert.native``): the assembly writes each
-    sample's kernel in the kernel's panel order, which the compiled product reads as is."""
+    """Inference through the compiled kernel (``kwconvert.native``), which reads each
+    sample's kernel where the assembly leaves it: for a dense layer the warehouse is packed
+    in the kernel's panel order; a depthwise layer's blocks are in its order already."""
     if layer.padding_mode != "zeros":
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
     spec = _spec_for(layer, "native")
     x = x.contiguous(memory_format=torch.channels_last)
-    blocks = _assembled(spec.tiling, alpha, layer.warehouse.cells, pack=True, panels=native.panel_width(spec.tiling))
+    cells = layer.warehouse.cells
+    if layer.groups > 1:
+        top, _, left, _ = spec.padding
+        return native.depthwise(x, _assembled(spec.tiling, alpha, cells, pack=True), layer.bias, spec.stride,
+                                (top, left), spec.dilation, spec.kernel, spec.output_size(*x.shape[2:]))
+    blocks = _assembled(spec.tiling, alpha, cells, pack=True, panels=native.panel_width(spec.tiling))
     cols, (out_h, out_w) = _im2col(spec, x)
     out = native.conv(spec.tiling, cols, blocks, layer.bias)
     return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
 def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
-    if path == "native":  # inference only: with a gradient to compute, the fused matmul node
+    if path == "native":  # inference only: with a gradient to compute, an autograd path
         if _needs_grad(x, alpha, layer.warehouse.cells, layer.bias):
-            return _fused(layer, x, alpha, "matmul")
+            return _fused(layer, x, alpha, "matmul") if layer.groups == 1 else _grouped(layer, x, alpha)
         return _native(layer, x, alpha)
     if path == "grouped":
         return _grouped(layer, x, alpha)
@@ -643,11 +652,12 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
     if path is not None:
         return path
     needs_grad = key[-2]
-    if needs_grad and layer.groups == 1 and len(available) > 1:
-        # "grouped" and "folded" keep a batch of kernels alive until backward (autograd
-        # saves them for the convolution): in training it costs memory the fused paths do
-        # not; "native" has no backward
-        available = tuple(path for path in available if path not in ("grouped", "folded", "native"))
+    if needs_grad:
+        # "native" has no backward; "grouped" and "folded" keep a batch of kernels alive
+        # until backward (autograd saves them for the convolution), memory the fused paths
+        # do not need
+        unwanted = ("native", "grouped", "folded") if layer.groups == 1 else ("native",)
+        available = tuple(path for path in available if path not in unwanted)
     with packing(_packing and not needs_grad):  # training never uses a packed copy: make none
         path = _fastest(layer, x, alpha, available)
     _chosen[key] = path

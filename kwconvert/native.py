@@ -26,10 +26,11 @@ from torch import Tensor
 
 from .cells import Tiling
 
-__all__ = ["available", "conv", "panel_order", "panel_width", "supports"]
+__all__ = ["available", "conv", "depthwise", "is_depthwise", "panel_order", "panel_width", "supports"]
 
-_PANEL_WIDTHS = (64, 32, 16)
+_PANEL_WIDTHS = (64, 32, 16, 8)
 _MAX_SEGMENTS = 1024  # as in _native.c
+_MAX_TAPS = 64  # kernel positions of a depthwise layer, as in _native.c
 
 
 @functools.cache
@@ -44,6 +45,8 @@ def _library() -> ctypes.CDLL | None:
     library.kw_native_conv.argtypes = [pointer, size, size, pointer, size, pointer, i32, i32, i32, i32, pointer,
                                        size, size, pointer, i32, size, i32]
     library.kw_native_conv.restype = i32
+    library.kw_native_depthwise.argtypes = [pointer, i32, i32, i32, pointer, size, pointer, pointer] + [i32] * 12
+    library.kw_native_depthwise.restype = i32
     library.kw_native_avx512.restype = i32
     return library
 
@@ -60,16 +63,25 @@ def avx512() -> bool:
 
 
 def panel_width(tiling: Tiling) -> int | None:
-    """Output channels per panel: the widest of 64, 32, 16 dividing the cell's f_e."""
+    """Output channels per panel: the widest of 64, 32, 16, 8 dividing the cell's f_e."""
     return next((width for width in _PANEL_WIDTHS if tiling.cell[0] % width == 0), None)
 
 
+def is_depthwise(tiling: Tiling, groups: int) -> bool:
+    """One input channel per group and one output channel per input channel."""
+    return groups > 1 and tiling.weight_shape[1] == 1 and tiling.weight_shape[0] == groups
+
+
 def supports(tiling: Tiling, groups: int, x: Tensor) -> bool:
-    """Whether ``conv`` can run this layer: float32 on CPU, no groups, 1x1 cells of f_e a
-    multiple of 16; never under torch.compile (an opaque foreign call would break the graph)."""
-    return (not torch.compiler.is_compiling() and available() and x.device.type == "cpu" and x.dtype == torch.float32 and groups == 1
-            and all(size == 1 for size in tiling.cell[2:]) and panel_width(tiling) is not None
-            and tiling.spatial * tiling.blocks_in <= _MAX_SEGMENTS)
+    """Whether the compiled kernel can run this layer: float32 on CPU, 1x1 cells, and either
+    no groups with f_e a multiple of 8 (``conv``) or a depthwise layer (``depthwise``); never
+    under torch.compile (an opaque foreign call would break the graph)."""
+    if torch.compiler.is_compiling() or not available() or x.device.type != "cpu" or x.dtype != torch.float32 \
+            or any(size != 1 for size in tiling.cell[2:]):
+        return False
+    if groups == 1:
+        return panel_width(tiling) is not None and tiling.spatial * tiling.blocks_in <= _MAX_SEGMENTS
+    return is_depthwise(tiling, groups) and tiling.spatial <= _MAX_TAPS
 
 
 def panel_order(cells: Tensor, width: int) -> Tensor:
@@ -123,4 +135,27 @@ def conv(tiling: Tiling, cols: Tensor, blocks: Tensor, bias: Tensor | None) -> T
         batch * panels, torch.get_num_threads())
     if code:
         raise RuntimeError(f"kwconvert native kernel refused panel width {width} / {segments} segments")
+    return out
+
+
+def depthwise(x: Tensor, blocks: Tensor, bias: Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int], kernel: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
+    """A depthwise layer, each sample with its own kernel: ``(B, C, OH, OW)``, channels-last.
+
+    ``x`` is the channels-last input ``(B, C, H, W)``, ``blocks`` the assembly's output
+    ``(B, m, f_e)``, which for a depthwise layer is each sample's ``(kh * kw, C)`` kernel in
+    that order; ``padding`` is the zero padding at the top and the left.
+    """
+    batch, channels, height, width = x.shape
+    x = x.contiguous(memory_format=torch.channels_last)
+    blocks = blocks.contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    out_h, out_w = out_size
+    out = torch.empty(batch, channels, out_h, out_w, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    code = _library().kw_native_depthwise(
+        x.data_ptr(), height, width, channels, blocks.data_ptr(), blocks[0].numel(), _pointer(bias), out.data_ptr(),
+        out_h, out_w, *kernel, *stride, *padding, *dilation, batch, torch.get_num_threads())
+    if code:
+        raise RuntimeError(f"kwconvert native kernel refused a {kernel} depthwise kernel")
     return out

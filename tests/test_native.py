@@ -98,6 +98,42 @@ def test_native_walks_long_kernels_in_chunks():
     assert_native_matches_float64_reference(layer, torch.randn(2, 512, 5, 4))
 
 
+def depthwise_grid() -> list:
+    cases = []
+    for kernel, stride, padding, mode, dilation, channels in itertools.product(
+            (3, 5), (1, 2), (0, 1, "same"), ("zeros", "reflect"), (1, 2), (32, 24)):
+        if padding == "same" and stride != 1:
+            continue
+        cases.append(pytest.param(kernel, stride, padding, mode, dilation, channels,
+                                  id=f"k{kernel}-s{stride}-p{padding}-{mode}-d{dilation}-c{channels}"))
+    return cases
+
+
+@needs_native
+@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,channels", depthwise_grid())
+def test_native_depthwise_equals_the_reference(kernel, stride, padding, mode, dilation, channels):
+    """24 channels: the last vector of 16 is partial (masked loads and stores)."""
+    layer = kw_layer(channels, channels, kernel, (channels // 2, 1), groups=channels, stride=stride,
+                     padding=padding, padding_mode=mode, dilation=dilation, bias=True)
+    assert native.is_depthwise(layer.tiling, layer.groups)
+    assert_native_matches_float64_reference(layer, torch.randn(3, channels, 13, 11))
+
+
+@needs_native
+@pytest.mark.parametrize("width", [1, 2, 3, 9, 17, 40])
+def test_native_depthwise_rows_of_every_width(width):
+    """Rows with no interior pixel, a few, and several blocks of 8 with a remainder."""
+    layer = kw_layer(48, 48, 3, (48, 1), groups=48, padding=1)
+    assert_native_matches_float64_reference(layer, torch.randn(2, 48, 4, width))
+
+
+def test_native_refuses_grouped_layers_that_are_not_depthwise():
+    layer = kw_layer(32, 32, 3, (16, 8), groups=4, padding=1)
+    assert not native.supports(layer.tiling, layer.groups, torch.randn(1, 32, 5, 5))
+    multiplier = kw_layer(16, 32, 3, (16, 1), groups=16, padding=1)  # two outputs per input channel
+    assert not native.is_depthwise(multiplier.tiling, multiplier.groups)
+
+
 @needs_native
 def test_native_in_training_falls_back_to_the_autograd_path():
     layer = kw_layer(32, 32, 3, (16, 16), padding=1).train()
