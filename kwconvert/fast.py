@@ -656,8 +656,10 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
         # "native" has no backward; "grouped" and "folded" keep a batch of kernels alive
         # until backward (autograd saves them for the convolution), memory the fused paths
         # do not need
-        unwanted = ("native", "grouped", "folded") if layer.groups == 1 else ("native",)
-        available = tuple(path for path in available if path not in unwanted)
+        trainable = tuple(path for path in available if path != "native")
+        available = tuple(path for path in trainable if path not in ("grouped", "folded")) \
+            if layer.groups == 1 else ()
+        available = available or trainable
     with packing(_packing and not needs_grad):  # training never uses a packed copy: make none
         path = _fastest(layer, x, alpha, available)
     _chosen[key] = path
