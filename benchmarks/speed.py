@@ -6,12 +6,15 @@ channels_last, optionally the plain model under torch.compile, the KW model at b
 b = 1/2, 4), and the KW model on the straightforward path (``kwconvert.layers.reference_path``,
 the authors' assemble-then-grouped-convolution forward).  All variants of a workload run in
 one process with their repetitions interleaved (the order rotates every repetition), so load
-from other processes hits them alike; ratios are medians, the spread is the 25-75 % range of
-the per-repetition ratios.  Peak memory of a training step is measured in a fresh process
-per model: peak RSS (VmHWM) above the RSS right after building the model, over two steps.
+from other processes hits them alike, and each workload runs in ``--processes`` fresh
+processes (3 by default: a plain model's speed can differ by a fifth from one process to the
+next); a ratio is the median over processes of median KW time / median plain time, the
+spread the 25-75 % range of the per-repetition ratios of all processes.  Peak memory of a
+training step is measured in a fresh process per model: peak RSS (VmHWM) above the RSS
+right after building the model, over two steps.
 
-    .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--compile] [--no-memory]
-                                         [--allocator keep|default] [--threads 2]
+    .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--processes 3] [--compile]
+                                         [--no-memory] [--allocator keep|default] [--threads 2]
 
 Targets (issue 7) are ratios of KW b = 1 to the plain model in eager NCHW.  Prints a rich
 table and writes benchmarks/results/speed.json (atomically).
@@ -151,12 +154,52 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> dict | None:
-    if numerator not in times or denominator not in times:
+def ratio(runs: list[dict[str, list[float]]], numerator: str, denominator: str) -> dict | None:
+    """Median time ratio over fresh processes (each process: median over median), and the
+    25-75 % range of the per-repetition ratios of all processes pooled."""
+    if not runs or numerator not in runs[0] or denominator not in runs[0]:
         return None
-    per_rep = [a / b for a, b in zip(times[numerator], times[denominator])]
-    return {"median": statistics.median(times[numerator]) / statistics.median(times[denominator]),
-            "p25": quantile(per_rep, 0.25), "p75": quantile(per_rep, 0.75)}
+    per_process = [statistics.median(t[numerator]) / statistics.median(t[denominator]) for t in runs]
+    per_rep = [a / b for t in runs for a, b in zip(t[numerator], t[denominator])]
+    return {"median": statistics.median(per_process), "p25": quantile(per_rep, 0.25),
+            "p75": quantile(per_rep, 0.75), "per_process": per_process}
+
+
+def median_ms(runs: list[dict[str, list[float]]], key: str) -> float:
+    return 1e3 * statistics.median(statistics.median(t[key]) for t in runs)
+
+
+def timing_worker(spec: dict) -> dict:
+    """One workload's timings in this (fresh) process: {mode: {variant: seconds per repetition}}."""
+    torch.set_num_threads(spec["threads"])
+    if spec["allocator"] == "keep":
+        fast.keep_freed_memory()
+    console = Console(stderr=True)
+    variants = variants_for(spec["model"], spec["budgets"], spec["compile"], spec["reference"])
+    timings = {mode: time_workload(spec["model"], spec["batch"], mode, variants, spec["reps"], console)
+               for mode in spec["modes"]}
+    return {"times": timings, "paths": dict(collections.Counter(fast.chosen_paths().values()))}
+
+
+def measure_workload(spec: dict, processes: int, console: Console) -> tuple[dict[str, list[dict]], collections.Counter]:
+    """{mode: [timings of each process]}: in this process (``processes`` = 0) or in fresh ones.
+
+    Fresh processes matter: the same plain model in NCHW runs at 77 or at 96 ms from one
+    process to the next (mobilenet_v2, batch 16), whatever the interleaving within one.
+    """
+    if processes == 0:
+        results = [timing_worker(spec)]
+    else:
+        results = []
+        for index in range(processes):
+            console.log(f"{spec['model']} batch {spec['batch']}: process {index + 1} of {processes}")
+            done = subprocess.run([sys.executable, __file__, "--timing-worker", json.dumps(spec)],
+                                  capture_output=True, text=True, check=True)
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    paths = collections.Counter()
+    for result in results:
+        paths.update(result["paths"])
+    return {mode: [result["times"][mode] for result in results] for mode in spec["modes"]}, paths
 
 
 # --- memory: one fresh process per model ---------------------------------------------------
@@ -212,8 +255,9 @@ def fmt(r: dict | None) -> str:
 
 def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
     out = Console(width=200)
+    processes = settings["processes"] or 1
     table = Table(title=f"KW / plain time, {settings['threads']} threads, allocator {settings['allocator_mode']} "
-                        "(median [25-75 % of per-repetition ratios])")
+                        f"(median over {processes} process(es) [25-75 % of per-repetition ratios])")
     for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
                    "reference/plain", "target"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
@@ -254,10 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the straightforward-path rows")
     parser.add_argument("--models", nargs="*", help="restrict to these models")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per workload, ratios are medians over them [3; 0: this process]")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--timing-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return 0
+    if args.timing_worker:
+        print(json.dumps(timing_worker(json.loads(args.timing_worker))))
         return 0
 
     torch.set_num_threads(args.threads)
@@ -274,29 +324,32 @@ def main(argv: list[str] | None = None) -> int:
                 "allocator": fast.allocator_settings(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "python": platform.python_version(),
                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                "image": IMAGE, "tau": TAU, "reps": reps,
+                "image": IMAGE, "tau": TAU, "reps": reps, "processes": args.processes,
+                "native": kwconvert.native.available(), "native_avx512": kwconvert.native.avx512(),
                 "command": " ".join([sys.executable] + sys.argv)}
     console.log(f"threads {settings['threads']}, allocator {json.dumps(settings['allocator'])}")
 
-    rows, raw = [], {}
+    rows, raw, paths = [], {}, collections.Counter()
     for name, batch, modes in workloads:
-        variants = variants_for(name, budgets, args.compile, not args.no_reference)
+        spec = {"model": name, "batch": batch, "modes": list(modes), "budgets": budgets, "compile": args.compile,
+                "reference": not args.no_reference, "reps": reps, "threads": args.threads,
+                "allocator": args.allocator}
+        timings, chosen = measure_workload(spec, args.processes, console)
+        paths.update(chosen)
         for mode in modes:
-            times = time_workload(name, batch, mode, variants, reps, console)
-            raw[f"{name}/{batch}/{mode}"] = times
+            runs = timings[mode]
+            raw[f"{name}/{batch}/{mode}"] = runs
             for budget in budgets:
                 kw = f"kw_b{budget:g}"
                 row = {"model": name, "batch": batch, "mode": mode, "budget": budget,
-                       "plain_ms": 1e3 * statistics.median(times["plain"]),
-                       "kw_ms": 1e3 * statistics.median(times[kw]),
-                       "vs_plain": ratio(times, kw, "plain"), "vs_plain_cl": ratio(times, kw, "plain_cl"),
-                       "vs_plain_compiled": ratio(times, kw, "plain_compiled")}
+                       "plain_ms": median_ms(runs, "plain"), "kw_ms": median_ms(runs, kw),
+                       "vs_plain": ratio(runs, kw, "plain"), "vs_plain_cl": ratio(runs, kw, "plain_cl"),
+                       "vs_plain_compiled": ratio(runs, kw, "plain_compiled")}
                 if budget == 1.0:
-                    row["reference_vs_plain"] = ratio(times, "reference_b1", "plain")
+                    row["reference_vs_plain"] = ratio(runs, "reference_b1", "plain")
                     row["target"] = TARGETS.get((name, batch, mode))
                 rows.append(row)
                 console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}")
-        del variants
 
     memory = []
     if not args.no_memory:
@@ -317,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             memory.append(row)
             console.log(f"{name} batch {batch} training memory: KW/plain {row['ratio']:.2f}")
 
-    settings["paths_chosen"] = dict(collections.Counter(fast.chosen_paths().values()))  # over every layer timed
+    settings["paths_chosen"] = dict(paths)  # layer configurations timed, summed over processes
     write_json({"settings": settings, "rows": rows, "memory": memory, "raw_seconds": raw}, args.out)
     render(rows, memory, settings)
     Console().print(f"written to {args.out}")

@@ -700,6 +700,9 @@ def linear_layer(layer, rows: Tensor, alpha: Tensor) -> Tensor:
     image = image.contiguous(memory_format=torch.channels_last)
     cells = layer.warehouse.cells
     if not _needs_grad(image, alpha, cells, layer.bias):
+        if native.supports(tiling, 1, rows) and _forced_path in (None, "native"):
+            blocks = _assembled(tiling, alpha, cells, pack=True, panels=native.panel_width(tiling))
+            return native.conv(tiling, rows.contiguous(), blocks, layer.bias)
         kernels = _Kernels(tiling, _assembled(tiling, alpha, cells, pack=True))
         out = _matmul_forward(spec, image, kernels, layer.bias)
     else:

@@ -16,7 +16,7 @@ from torch import nn
 
 import kwconvert
 from kwconvert import fast, native
-from kwconvert.layers import KWConv2d, Warehouse, reference_path, set_temperature, use_path
+from kwconvert.layers import KWConv2d, KWLinear, Warehouse, reference_path, set_temperature, use_path
 
 needs_native = pytest.mark.skipif(not native.available(), reason="kwconvert._native is not built")
 
@@ -132,6 +132,28 @@ def test_native_refuses_grouped_layers_that_are_not_depthwise():
     assert not native.supports(layer.tiling, layer.groups, torch.randn(1, 32, 5, 5))
     multiplier = kw_layer(16, 32, 3, (16, 1), groups=16, padding=1)  # two outputs per input channel
     assert not native.is_depthwise(multiplier.tiling, multiplier.groups)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(3, 48), (3, 5, 48), (2, 3, 4, 48), (48,)])
+def test_native_linear_equals_the_reference(shape):
+    """KWLinear's rows go straight into the compiled product (2 x 3 blocks of 16 x 16 cells)."""
+    torch.manual_seed(0)
+    warehouse = Warehouse(8, (16, 16))
+    layer = KWLinear(48, 32, warehouse=warehouse, offset=0, budget=1.0, hidden=8).eval()
+    layer.warehouse_module = warehouse
+    layer.tau = 0.3
+    nn.init.normal_(layer.bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        with reference_path():
+            expected = layer(x)
+        out = layer(x)
+        with use_path("matmul"):
+            on_matmul = layer(x)
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) <= 1e-5
+    assert relative_error(on_matmul, expected) <= 1e-5
 
 
 @needs_native

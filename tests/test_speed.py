@@ -1,0 +1,45 @@
+"""The speed benchmark's arithmetic and its fresh-process worker (benchmarks/speed.py).
+
+The timings themselves are the benchmark's business (``make bench-speed``); here: ratios are
+medians over processes of median over median, spreads pool the per-repetition ratios, and a
+worker process returns timings for every variant it was asked for.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import speed
+
+
+def test_ratio_is_the_median_over_processes_of_median_over_median():
+    runs = [{"kw": [3.0, 2.0, 2.2], "plain": [1.0, 1.0, 1.1]},   # 2.2 / 1.0
+            {"kw": [4.0, 4.4, 4.2], "plain": [2.0, 2.0, 2.0]},   # 4.2 / 2.0
+            {"kw": [9.0, 9.0, 9.0], "plain": [3.0, 3.0, 3.0]}]   # 3.0
+    result = speed.ratio(runs, "kw", "plain")
+    assert result["per_process"] == pytest.approx([2.2, 2.1, 3.0])
+    assert result["median"] == pytest.approx(2.2)
+    per_rep = sorted([3.0, 2.0, 2.2 / 1.1, 2.0, 2.2, 2.1, 3.0, 3.0, 3.0])
+    assert result["p25"] == pytest.approx(speed.quantile(per_rep, 0.25))
+    assert result["p75"] == pytest.approx(speed.quantile(per_rep, 0.75))
+    assert speed.ratio(runs, "kw", "plain_compiled") is None
+    assert speed.median_ms(runs, "plain") == pytest.approx(2000.0)
+
+
+def test_quantile_interpolates_between_neighbours():
+    assert speed.quantile([4.0, 1.0, 3.0, 2.0], 0.5) == pytest.approx(2.5)
+    assert speed.quantile([5.0], 0.75) == 5.0
+
+
+@pytest.mark.slow
+def test_timing_worker_times_every_variant_in_a_fresh_process():
+    spec = {"model": "resnet18", "batch": 1, "modes": ["inference"], "budgets": [1.0], "compile": False,
+            "reference": True, "reps": 1, "threads": 1, "allocator": "default"}
+    done = subprocess.run([sys.executable, speed.__file__, "--timing-worker", json.dumps(spec)],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    times = result["times"]["inference"]
+    assert set(times) == {"plain", "plain_cl", "kw_b1", "reference_b1"}
+    assert all(len(values) == 1 and values[0] > 0 for values in times.values())
+    assert sum(result["paths"].values()) > 0
