@@ -1,7 +1,7 @@
 /*
- * kwconvert's compiled kernel: every sample's convolution as one matrix product that reads
- * the assembled kernels where the assembly left them (kwconvert/native.py explains the
- * layout and keeps the pure-PyTorch fallback).
+ * kwconvert's compiled kernels for inference: every sample's convolution reads its kernel
+ * where the assembly left it (kwconvert/native.py explains the layout; without this library
+ * kwconvert/fast.py's pure-PyTorch paths run).
  *
  * For sample b, C_b (HW x O) = A_b (HW x K) @ W_b^T.  A_b is the NHWC im2col of the input
  * (K ordered by kernel position, input block, channel in block).  W_b^T is never stored
@@ -13,9 +13,12 @@
  * order.  So the product needs neither the per-sample weight reorder of a library GEMM
  * nor a copy into OHWI order.
  *
- * Built at install time with the machine's compiler (setup.py, optional: without it the
- * pure-PyTorch path runs).  AVX-512 register tiles of up to 6 rows x 64 columns when the
- * compiler targets AVX-512 (6 rows x 8 columns for panels of 8); a plain C loop otherwise.
+ * Depthwise layers (kw_native_depthwise, below) need no table: their blocks already are
+ * each sample's (kernel position, channel) taps.
+ *
+ * Built at install time with the machine's compiler (setup.py, optional).  AVX-512 register
+ * tiles of up to 6 rows x 64 columns when the compiler targets AVX-512 (6 rows x 8 columns for
+ * panels of 8); plain C loops otherwise.
  */
 #include <Python.h>
 #include <stddef.h>
@@ -28,14 +31,11 @@
 #define KW_AVX512 0
 #endif
 
-#define MAX_ROWS 6
-#ifndef BLOCK_BYTES
-#define BLOCK_BYTES (256 * 1024)
-#endif /* W panel bytes above which K is walked in chunks */
-#ifndef CHUNK_ROWS
-#define CHUNK_ROWS 256
-#endif
-#define MAX_SEGMENTS 1024
+#define MAX_ROWS 6                 /* rows of a register tile */
+#define BLOCK_BYTES (256 * 1024)   /* kernel bytes that stay in cache across row tiles */
+#define ROWS_PER_ITEM 48           /* rows per work item when all of W_b stays in cache */
+#define CHUNK_ROWS 256             /* K rows per chunk when a panel does not */
+#define MAX_SEGMENTS 1024          /* as native.py's _MAX_SEGMENTS */
 
 int kw_native_avx512(void) { return KW_AVX512; }
 
@@ -136,31 +136,55 @@ static void run_tile(int R, int first, const float *A, long lda, const float *co
 #endif
 
 /*
- * Work items of samples x panels (item = b * num_panels + P), on `threads` OpenMP threads
- * (the runtime torch loaded, when this library is loaded after torch: it asks for libgomp.so.1,
- * which the loader finds already mapped, so no second thread pool spins beside torch's):
- * C[b] (rows x O, row stride ldc) = A[b] (rows x K, row stride lda) @ W_b^T (+ bias),
- * panel P's columns.  offsets[P * segments + g] locate W_b^T's blocks as described above.
- * Returns 0, or -1 for an unsupported panel width (NP must be 8, 16, 32 or 64) or too many segments.
+ * C[b] (rows x O, row stride ldc) = A[b] (rows x K, row stride lda) @ W_b^T (+ bias) for every
+ * sample b < batch; offsets[P * segments + g] locate W_b^T's blocks as described above.
+ * Three walks, by how much of W_b^T fits in cache (the per-core L2 here is 1 MB):
+ *  - all of it (small K x O, e.g. 1x1 layers on large maps): row tiles outside, panels
+ *    inside, so each output row is written whole (items: sample x chunk of rows);
+ *  - one panel (K x NP): each row tile keeps its sums in registers over all of K;
+ *  - less: K in chunks of CHUNK_ROWS, every row tile per chunk (items: sample x panel).
+ * Items run on `threads` OpenMP threads (the runtime torch loaded, when this library is loaded
+ * after torch: it asks for libgomp.so.1, which the loader finds already mapped, so no second
+ * thread pool spins beside torch's).  Returns 0, or -1 for an unsupported panel width (NP
+ * must be 8, 16, 32 or 64) or too many segments.
  */
 int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long w_sample, const int64_t *offsets,
                    int num_panels, int segments, int seg_len, int NP, float *C, long c_sample, long ldc,
-                   const float *bias, int rows, long items, int threads)
+                   const float *bias, int rows, int batch, int threads)
 {
     if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || segments > MAX_SEGMENTS)
         return -1;
-    const int whole = (long)segments * seg_len * NP * (long)sizeof(float) <= BLOCK_BYTES;
+    const long panel_bytes = (long)segments * seg_len * NP * (long)sizeof(float);
+    const int rows_outside = panel_bytes * num_panels <= BLOCK_BYTES;
+    const int chunks = rows_outside ? (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM : num_panels;
+    const long items = (long)batch * chunks;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long item = 0; item < items; item++) {
         const float *panels[MAX_SEGMENTS];
-        const long b = item / num_panels;
-        const int P = (int)(item % num_panels);
+        const long b = item / chunks;
+        const int chunk = (int)(item % chunks);
         const float *a_b = A + b * a_sample;
+        float *c_b = C + b * c_sample;
+        if (rows_outside) {
+            const int first = chunk * ROWS_PER_ITEM;
+            const int count = rows - first < ROWS_PER_ITEM ? rows - first : ROWS_PER_ITEM;
+            for (int r0 = 0, R; r0 < count; r0 += R) {
+                R = tile_rows(count, r0);
+                for (int P = 0; P < num_panels; P++) {
+                    for (int g = 0; g < segments; g++)
+                        panels[g] = W + b * w_sample + offsets[(long)P * segments + g];
+                    run_tile(R, 1, a_b + (long)(first + r0) * lda, lda, panels, 0, segments, seg_len, 0, seg_len,
+                             NP, c_b + (long)(first + r0) * ldc + (long)P * NP, ldc, bias ? bias + (long)P * NP : NULL);
+                }
+            }
+            continue;
+        }
+        const int P = chunk;
         for (int g = 0; g < segments; g++)
             panels[g] = W + b * w_sample + offsets[(long)P * segments + g];
         const float *bias_p = bias ? bias + (long)P * NP : NULL;
-        float *c_p = C + b * c_sample + (long)P * NP;
-        if (whole) {  /* the panel stays in cache: keep each row tile in registers over all of K */
+        float *c_p = c_b + (long)P * NP;
+        if (panel_bytes <= BLOCK_BYTES) {
             for (int r0 = 0, R; r0 < rows; r0 += R) {
                 R = tile_rows(rows, r0);
                 run_tile(R, 1, a_b + (long)r0 * lda, lda, panels, 0, segments, seg_len, 0, seg_len, NP,
@@ -168,11 +192,11 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
             }
             continue;
         }
-        for (int g = 0; g < segments; g++)  /* a big panel: chunks of K, every row tile per chunk */
+        for (int g = 0; g < segments; g++)
             for (int q0 = 0; q0 < seg_len; q0 += CHUNK_ROWS) {
-                int q1 = q0 + CHUNK_ROWS < seg_len ? q0 + CHUNK_ROWS : seg_len;
-                for (int r0 = 0; r0 < rows; r0 += MAX_ROWS) {
-                    int R = rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS;
+                const int q1 = q0 + CHUNK_ROWS < seg_len ? q0 + CHUNK_ROWS : seg_len;
+                for (int r0 = 0, R; r0 < rows; r0 += R) {
+                    R = tile_rows(rows, r0);
                     run_tile(R, g == 0 && q0 == 0, a_b + (long)r0 * lda, lda, panels, g, g + 1, seg_len, q0, q1,
                              NP, c_p + (long)r0 * ldc, ldc, bias_p);
                 }

@@ -117,8 +117,8 @@ def conv(tiling: Tiling, cols: Tensor, blocks: Tensor, bias: Tensor | None) -> T
 
     ``cols`` is the NHWC im2col ``(B, rows, K)`` (K in OHWI's order), ``blocks`` the
     assembly's output ``(B, m, cell)`` from a warehouse in ``panel_order``.  Work is split
-    over ``torch.get_num_threads()`` OpenMP threads (torch's own pool) by (sample, panel)
-    items; the GIL is released meanwhile.
+    over ``torch.get_num_threads()`` OpenMP threads (torch's own pool); the GIL is released
+    meanwhile.
     """
     library = _library()
     width = panel_width(tiling)
@@ -132,7 +132,7 @@ def conv(tiling: Tiling, cols: Tensor, blocks: Tensor, bias: Tensor | None) -> T
     code = library.kw_native_conv(
         cols.data_ptr(), rows * depth, depth, blocks.data_ptr(), blocks[0].numel(), offsets.data_ptr(), panels,
         segments, tiling.cell[1], width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias), rows,
-        batch * panels, torch.get_num_threads())
+        batch, torch.get_num_threads())
     if code:
         raise RuntimeError(f"kwconvert native kernel refused panel width {width} / {segments} segments")
     return out

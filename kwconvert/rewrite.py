@@ -60,6 +60,7 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
         raise ValueError("the model is already converted by kwconvert; convert the original model")
     with unpacked_attention(model, plan.unpacked_attention):  # the layers the plan names
         check_plan_fits(model, plan)
+    check_memory(model, plan)
     if not inplace:
         model = copy.deepcopy(model)
     unpack_attention(model, plan.unpacked_attention)
@@ -110,6 +111,37 @@ def plan_of(model: nn.Module) -> Plan:
     if plan is None:
         raise ValueError("this model was not converted by kwconvert (it carries no plan)")
     return plan
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(model: nn.Module, plan: Plan) -> None:
+    """Refuse a plan whose new warehouses and attention would not fit in memory.
+
+    A large budget is legal (b = 4 is the paper's DY-Conv comparison; b = 1000 plans fine),
+    but its warehouses are b times the model: better one clear message than the system
+    killing the process half-way through the conversion.
+    """
+    available = available_memory()
+    first = next(model.parameters(), None)
+    if available is None or first is None or first.device.type != "cpu":
+        return
+    new_params = sum(w.warehouse_params + w.attention_params for w in plan.warehouses)
+    needed = new_params * first.element_size()
+    if needed > available:
+        raise ValueError(f"the plan at b={plan.budget:g} needs {needed / 2**30:.1f} GiB for its warehouses and "
+                         f"attention ({new_params:,} parameters), more than the {available / 2**30:.1f} GiB "
+                         "of memory available: choose a smaller budget")
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:

@@ -206,6 +206,8 @@ CASES: dict[str, Case] = {
     # Options.
     "budget-1e400": Case((SMALL, "--budget", "1e400"), 2, r"--budget: .*positive finite"),
     "budget-empty": Case((SMALL, "--budget", ""), 2, r"--budget: .*positive finite"),
+    "budget-beyond-memory": Case((SMALL, "--input-size", SMALL_INPUT, "--budget", "1e9"), 1,
+                                 r"the plan at b=1e\+09 needs [\d.]+ GiB .* choose a smaller budget$"),
     "max-blocks-0": Case((SMALL, "--max-blocks-per-stage", "0"), 2, r"--max-blocks-per-stage"),
     "max-blocks-not-a-number": Case((SMALL, "--max-blocks-per-stage", "two"), 2, r"--max-blocks-per-stage"),
     "plan-option-unknown": Case((SMALL, "-O", "no_such=1"), 2, r"unknown plan option\(s\) no_such"),

@@ -51,19 +51,21 @@ def assert_native_matches_float64_reference(layer: KWConv2d, x: torch.Tensor) ->
     assert relative_error(out, expected) <= 1e-5
 
 
-def native_grid() -> list:
+def geometry_grid(kernels: tuple, last: tuple, label) -> list:
+    """Kernel x stride x padding x padding mode x dilation x ``last`` ("same" needs stride 1)."""
     cases = []
-    for kernel, stride, padding, mode, dilation, bias in itertools.product(
-            (1, 3), (1, 2), (0, 1, "same"), ("zeros", "reflect"), (1, 2), (True, False)):
+    for kernel, stride, padding, mode, dilation, extra in itertools.product(
+            kernels, (1, 2), (0, 1, "same"), ("zeros", "reflect"), (1, 2), last):
         if padding == "same" and stride != 1:
             continue
-        cases.append(pytest.param(kernel, stride, padding, mode, dilation, bias,
-                                  id=f"k{kernel}-s{stride}-p{padding}-{mode}-d{dilation}-{'bias' if bias else 'nobias'}"))
+        cases.append(pytest.param(kernel, stride, padding, mode, dilation, extra,
+                                  id=f"k{kernel}-s{stride}-p{padding}-{mode}-d{dilation}-{label(extra)}"))
     return cases
 
 
 @needs_native
-@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,bias", native_grid())
+@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,bias",
+                         geometry_grid((1, 3), (True, False), lambda bias: "bias" if bias else "nobias"))
 def test_native_equals_the_reference_on_the_conv_grid(kernel, stride, padding, mode, dilation, bias):
     # 2 x 2 blocks of 16 x 16 cells: every offset of the panel table is exercised
     layer = kw_layer(32, 32, kernel, (16, 16), stride=stride, padding=padding, padding_mode=mode,
@@ -98,19 +100,9 @@ def test_native_walks_long_kernels_in_chunks():
     assert_native_matches_float64_reference(layer, torch.randn(2, 512, 5, 4))
 
 
-def depthwise_grid() -> list:
-    cases = []
-    for kernel, stride, padding, mode, dilation, channels in itertools.product(
-            (3, 5), (1, 2), (0, 1, "same"), ("zeros", "reflect"), (1, 2), (32, 24)):
-        if padding == "same" and stride != 1:
-            continue
-        cases.append(pytest.param(kernel, stride, padding, mode, dilation, channels,
-                                  id=f"k{kernel}-s{stride}-p{padding}-{mode}-d{dilation}-c{channels}"))
-    return cases
-
-
 @needs_native
-@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,channels", depthwise_grid())
+@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,channels",
+                         geometry_grid((3, 5), (32, 24), lambda channels: f"c{channels}"))
 def test_native_depthwise_equals_the_reference(kernel, stride, padding, mode, dilation, channels):
     """24 channels: the last vector of 16 is partial (masked loads and stores)."""
     layer = kw_layer(channels, channels, kernel, (channels // 2, 1), groups=channels, stride=stride,

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import kwconvert
+from kwconvert import rewrite
 from kwconvert.layers import KW_LAYER_TYPES, set_temperature
 from kwconvert.rewrite import WAREHOUSES_ATTR, check_plan_fits
 
@@ -71,6 +72,25 @@ def test_preserve_at_b4_reproduces_the_original():
     diff, _, converted = outputs_match("resnet18", 4.0, size=64)
     assert diff <= 1e-4
     assert n_params(converted) == kwconvert.plan_of(converted).params_converted
+
+
+def test_a_plan_beyond_the_available_memory_is_refused_before_allocating(monkeypatch):
+    model = torchvision.models.resnet18(weights=None)
+    plan = kwconvert.plan(model, 4.0)
+    needed = sum(w.warehouse_params + w.attention_params for w in plan.warehouses) * 4
+    monkeypatch.setattr(rewrite, "available_memory", lambda: needed - 1)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"the plan at b=4 needs 0\.\d GiB .* more than the 0\.\d GiB of memory "
+                                         r"available: choose a smaller budget"):
+        kwconvert.convert(model, plan)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # untouched
+    monkeypatch.setattr(rewrite, "available_memory", lambda: needed)
+    kwconvert.convert(model, plan)  # exactly enough is enough
+
+
+def test_available_memory_reads_the_kernels_figure():
+    available = rewrite.available_memory()
+    assert available is None or 0 < available < 1 << 50
 
 
 def test_inplace_false_leaves_the_original_untouched():
