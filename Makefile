@@ -37,7 +37,7 @@ bench-plan: $(VENV)/.installed
 bench-zoo: $(VENV)/.installed
 	$(BIN)/python benchmarks/zoo.py --jobs 2
 
-# Speed and memory of KW models against the plain models (issue 7's targets); ~30 min.
+# Speed and memory of KW models against the plain models (issue 7's targets); 30-60 min.
 bench-speed: $(VENV)/.installed
 	$(BIN)/python benchmarks/speed.py --compile
 

@@ -202,6 +202,21 @@ def measure_workload(spec: dict, processes: int, console: Console) -> tuple[dict
     return {mode: [result["times"][mode] for result in results] for mode in spec["modes"]}, paths
 
 
+def cpu_description() -> str:
+    """The CPU's name, family and model (Linux), e.g. "AMD EPYC (family 25, model 17)":
+    ratios differ between CPU generations, so the JSON says which one ran."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, " \
+           f"model {fields.get('model', '?')})"
+
+
 # --- memory: one fresh process per model ---------------------------------------------------
 
 
@@ -323,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"threads": torch.get_num_threads(), "allocator_mode": args.allocator,
                 "allocator": fast.allocator_settings(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "python": platform.python_version(),
-                "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                "cpu": cpu_description(), "cpus": os.cpu_count(),
                 "image": IMAGE, "tau": TAU, "reps": reps, "processes": args.processes,
                 "native": kwconvert.native.available(), "native_avx512": kwconvert.native.avx512(),
                 "command": " ".join([sys.executable] + sys.argv)}

@@ -20,6 +20,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -48,7 +49,23 @@ def _library() -> ctypes.CDLL | None:
     library.kw_native_depthwise.argtypes = [pointer, i32, i32, i32, pointer, size, pointer, pointer] + [i32] * 12
     library.kw_native_depthwise.restype = i32
     library.kw_native_avx512.restype = i32
+    if library.kw_native_avx512() and not cpu_has_avx512():
+        # built with -march=native on an AVX-512 machine and moved to one without: calling
+        # in would end the process with an illegal instruction
+        warnings.warn("kwconvert's compiled kernel was built for a CPU with AVX-512 and this one has none: "
+                      "reinstall kwconvert on this machine (pip install -e .); the pure-PyTorch paths run meanwhile",
+                      RuntimeWarning, stacklevel=2)
+        return None
     return library
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512F (Linux's /proc/cpuinfo; elsewhere assumed, as the build was)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
+    except OSError:
+        return True
 
 
 def available() -> bool:

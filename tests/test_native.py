@@ -212,18 +212,24 @@ def test_the_environment_switch_turns_the_extension_off():
     assert done.stdout.strip() == "False"
 
 
-def cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return " avx512f" in cpuinfo.read()
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(os.environ.get("KWCONVERT_NATIVE") == "0", reason="turned off by KWCONVERT_NATIVE=0")
 def test_the_extension_is_built_where_a_compiler_is():
     """pip builds it with the machine's compiler: where there is one, a missing build is a bug."""
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler on this machine")
     assert native.available(), "kwconvert._native did not build: see `pip install -v -e .`"
-    assert native.avx512() == cpu_has_avx512()
+    assert native.avx512() == native.cpu_has_avx512()  # -march=native: AVX-512 exactly where the CPU has it
+
+
+@pytest.mark.skipif(not native.avx512(), reason="the extension is not built for AVX-512 here")
+def test_an_avx512_build_on_a_cpu_without_it_is_not_loaded(monkeypatch):
+    """A build moved to an older CPU would die of an illegal instruction: it is refused, with a warning."""
+    monkeypatch.setattr(native, "cpu_has_avx512", lambda: False)
+    native._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"built for a CPU with AVX-512 and this one has none: reinstall"):
+            assert not native.available()
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+    assert native.available()

@@ -5,6 +5,7 @@ medians over processes of median over median, spreads pool the per-repetition ra
 worker process returns timings for every variant it was asked for.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -43,3 +44,10 @@ def test_timing_worker_times_every_variant_in_a_fresh_process():
     assert set(times) == {"plain", "plain_cl", "kw_b1", "reference_b1"}
     assert all(len(values) == 1 and values[0] > 0 for values in times.values())
     assert sum(result["paths"].values()) > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads Linux's /proc/cpuinfo")
+def test_the_settings_name_the_cpu():
+    with open("/proc/cpuinfo") as cpuinfo:
+        name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    assert speed.cpu_description().startswith(f"{name} (family ")
