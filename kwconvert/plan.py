@@ -80,6 +80,11 @@ class WarehousePlan:
     def layer_names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
 
+    @property
+    def params(self) -> int:
+        """Parameters this warehouse adds to the model: its cells and its layers' attention."""
+        return self.warehouse_params + self.attention_params
+
 
 @dataclass(frozen=True)
 class StaticLayer:
@@ -628,7 +633,7 @@ def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, m
     warehouses = tuple(sizing.warehouse(g.name, g.members, saver) for g in groups)
     dropped = sum(math.prod(l.weight_shape) + graph.candidate(l.name).extra_params
                   for w in warehouses for l in w.layers)
-    params = graph.params_baseline - dropped + sum(w.warehouse_params + w.attention_params for w in warehouses)
+    params = graph.params_baseline - dropped + sum(w.params for w in warehouses)
     order = {c.name: c.order for c in graph.candidates}
     static = tuple(StaticLayer(layer, reason) for layer, reason in
                    sorted(plain.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))

@@ -136,7 +136,7 @@ def check_memory(model: nn.Module, plan: Plan) -> None:
     first = next(model.parameters(), None)
     if available is None or first is None or first.device.type != "cpu":
         return
-    new_params = sum(w.warehouse_params + w.attention_params for w in plan.warehouses)
+    new_params = sum(w.params for w in plan.warehouses)
     needed = new_params * first.element_size()
     if needed > available:
         raise ValueError(f"the plan at b={plan.budget:g} needs {needed / 2**30:.1f} GiB for its warehouses and "
