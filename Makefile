@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench-plan bench-zoo bench-speed bench-accuracy data install install-test clean
+.PHONY: demo test test-all bench-plan bench-zoo bench-speed bench-accuracy bench-finetune data install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,17 +19,28 @@ $(VENV)/.installed-test: $(PROJECT) | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-bench: $(PROJECT) | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[bench]"
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(BIN)/kwconvert resnet50 --budget 0.5
 
+# PORTABLE: the layers' tests again without the compiled kernel (KWCONVERT_NATIVE=0), so that a
+# machine with AVX-512 also checks the paths an AVX2 machine or one without a compiler runs
+# (torch.compile never calls the kernel: its tests are not repeated); 2-3 minutes.
+PORTABLE := KWCONVERT_NATIVE=0 $(BIN)/python -m pytest -q -n 2 -k "not compile" tests/test_fast.py tests/test_layers.py tests/test_native.py
+
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)
+	$(PORTABLE) -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PORTABLE) $(PYTEST_ARGS)
 
 bench-plan: $(VENV)/.installed
 	$(BIN)/python benchmarks/plan_speed.py
@@ -43,6 +54,10 @@ bench-speed: $(VENV)/.installed
 
 bench-accuracy: $(VENV)/.installed data
 	$(BIN)/python benchmarks/accuracy.py
+
+# Fine-tuning a trained model: KW 1x and 1/2x against the original and Torch-Pruning (issue 14).
+bench-finetune: $(VENV)/.installed-bench data
+	$(BIN)/python benchmarks/finetune.py
 
 # Fashion-MNIST from Debian's package (IDX files under /usr/share); never downloaded at run time.
 data:

@@ -16,8 +16,10 @@ right after building the model, over two steps.
     .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--processes 3] [--compile]
                                          [--no-memory] [--allocator keep|default] [--threads 2]
 
-Targets (issue 7) are ratios of KW b = 1 to the plain model in eager NCHW.  Prints a rich
-table and writes benchmarks/results/speed.json (atomically).
+Targets (issue 7) are ratios of KW b = 1 to the plain model in eager NCHW.  The small-image
+row (issue 20) trains the accuracy benchmark's residual CNN (``benchmarks/fashion_mnist.py``,
+widths 32/64/128, converted as that benchmark converts it) on 1 x 28 x 28 inputs at batch 64.
+Prints a rich table and writes benchmarks/results/speed.json (atomically).
 """
 from __future__ import annotations
 
@@ -56,16 +58,23 @@ RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
 IMAGE = 224
 TAU = 0.5  # mid warm-up: every attention parameter gets a gradient
 
-#: Issue 7's targets: (model, batch, mode) -> max ratio KW b=1 / plain NCHW.
+#: The accuracy benchmark's small residual CNN on Fashion-MNIST-sized images (issue 20).
+SMALL = "fashion_cnn"
+#: Input (C, H, W) and classes per model; torchvision's models take 3 x 224 x 224, 1000 classes.
+INPUTS = {SMALL: ((1, 28, 28), 10)}
+
+#: Issue 7's targets (and issue 20's small-image training step): (model, batch, mode) -> max
+#: ratio KW b=1 / plain NCHW.
 TARGETS = {("resnet18", 16, "inference"): 1.5, ("resnet18", 1, "inference"): 1.7,
            ("resnet18", 16, "training"): 2.0, ("resnet50", 8, "inference"): 1.9,
-           ("resnet50", 1, "inference"): 2.4, ("mobilenet_v2", 16, "inference"): 1.4}
+           ("resnet50", 1, "inference"): 2.4, ("mobilenet_v2", 16, "inference"): 1.4,
+           (SMALL, 64, "training"): 2.0}
 MEMORY_TARGETS = {("resnet50", 8): 1.6}
 
 FULL = [("resnet18", 1), ("resnet18", 16), ("resnet50", 1), ("resnet50", 8), ("mobilenet_v2", 1),
-        ("mobilenet_v2", 16)]
+        ("mobilenet_v2", 16), (SMALL, 64)]
 QUICK = {("resnet18", 16): ("inference", "training"), ("resnet50", 1): ("inference",),
-         ("mobilenet_v2", 16): ("inference",)}
+         ("mobilenet_v2", 16): ("inference",), (SMALL, 64): ("training",)}
 MEMORY_QUICK = [("resnet18", 16), ("resnet50", 8)]
 
 
@@ -79,6 +88,13 @@ class Variant:
 
 def build(name: str, budget: float | None, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
+    if name == SMALL:
+        from benchmarks import fashion_mnist  # the accuracy benchmark's net and conversion
+        model = fashion_mnist.ResidualCNN()
+        if budget is not None:
+            model = fashion_mnist.kernelwarehouse(model, budget)
+            set_temperature(model, TAU)
+        return model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None)
@@ -86,6 +102,14 @@ def build(name: str, budget: float | None, seed: int = 0) -> torch.nn.Module:
         model = kwconvert.convert(model, budget)
         set_temperature(model, TAU)
     return model
+
+
+def inputs_for(name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of images and labels for ``name``."""
+    shape, classes = INPUTS.get(name, ((3, IMAGE, IMAGE), 1000))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, *shape, generator=generator)
+    return images, torch.randint(0, classes, (batch,), generator=generator)
 
 
 def make_step(variant: Variant, mode: str, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
@@ -126,9 +150,7 @@ def variants_for(name: str, budgets: list[float], compiled: bool, reference: boo
 
 def time_workload(name: str, batch: int, mode: str, variants: list[Variant], reps: int,
                   console: Console) -> dict[str, list[float]]:
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, IMAGE, IMAGE, generator=generator)
-    labels = torch.randint(0, 1000, (batch,), generator=generator)
+    images, labels = inputs_for(name, batch)
     steps = {v.name: make_step(v, mode, images, labels) for v in variants}
     for variant_name, step in steps.items():  # warm-up: oneDNN primitives, path timing, compilation
         start = time.perf_counter()
@@ -237,9 +259,7 @@ def memory_worker(spec: dict) -> dict:
     context = reference_path if spec["reference"] else contextlib.nullcontext
     if spec.get("path"):
         context = lambda: fast.use_path(spec["path"])  # noqa: E731
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(spec["batch"], 3, IMAGE, IMAGE, generator=generator)
-    labels = torch.randint(0, 1000, (spec["batch"],), generator=generator)
+    images, labels = inputs_for(spec["model"], spec["batch"])
     step = make_step(Variant("m", model, context=context), "training", images, labels)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM: the peak counts from here
@@ -302,7 +322,8 @@ def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="resnet18 b16, resnet50 b1, mobilenet_v2 b16; b = 1")
+    parser.add_argument("--quick", action="store_true",
+                        help="resnet18 b16, resnet50 b1, mobilenet_v2 b16, fashion_cnn b64 training; b = 1")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions [7, quick: 5]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
@@ -339,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                 "allocator": fast.allocator_settings(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "python": platform.python_version(),
                 "cpu": cpu_description(), "cpus": os.cpu_count(),
-                "image": IMAGE, "tau": TAU, "reps": reps, "processes": args.processes,
+                "image": IMAGE, "small_image": list(INPUTS[SMALL][0]), "tau": TAU, "reps": reps,
+                "processes": args.processes,
                 "native": kwconvert.native.available(), "native_avx512": kwconvert.native.avx512(),
                 "command": " ".join([sys.executable] + sys.argv)}
     console.log(f"threads {settings['threads']}, allocator {json.dumps(settings['allocator'])}")

@@ -166,7 +166,7 @@ def convert(
                 step("converting")
                 job.convert()
                 if init == "preserve":
-                    step("comparing outputs at tau = 1")
+                    step("comparing outputs at tau = 1 and 0")
                     job.compare()
                 step("saving")
                 job.save(out_dir)

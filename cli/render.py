@@ -32,11 +32,13 @@ def summary(job) -> Group:
     table.add_row("warehouses", f"{len(plan.warehouses)} holding {len(plan.converted_layers)} layers; "
                                 f"{len(plan.plain)} layers kept static")
     if job.max_abs_diff is not None:
-        relative = job.max_abs_diff / job.output_scale if job.output_scale else 0.0
-        note = ("same function as the original" if plan.budget >= 1 else
-                "cells are a least-squares fit of the kernels: fine-tune to recover")
-        table.add_row("max |output diff| at tau = 1",
-                      f"{job.max_abs_diff:.3g} = {relative:.2g} of max |output| ({note})")
+        for tau, diff in sorted(job.diff_at_temperature.items(), reverse=True):
+            relative = diff / job.output_scale if job.output_scale and diff is not None else 0.0
+            when = "where training starts" if tau == 1 else "as served" if tau == 0 else "in training"
+            table.add_row(f"max |output diff| at tau = {tau:g}",
+                          f"{diff:.3g} = {relative:.2g} of max |output| ({when})")
+        table.add_row("function", "the original's at every temperature" if plan.budget >= 1 else
+                      "a least-squares fit of the original's kernels at every temperature: fine-tune to recover")
     if job.not_comparable:  # e.g. a detector's boxes: each model may find a different number
         table.add_row("outputs not comparable", f"{len(job.not_comparable)} tensor(s) differ in shape or "
                                                 f"structure (first: {job.not_comparable[0]})")

@@ -11,8 +11,9 @@ convolution is a poor fit for oneDNN once maps are small and channels many.
 This module keeps the same arithmetic and changes how it is executed:
 
 * the assembly and every per-sample matrix product run in oneDNN's inner-product kernels
-  (``torch.ops.mkldnn._linear_pointwise``, float32 and bfloat16; other dtypes use
-  ``F.linear``), which also accept the warehouse in its stored layout without a copy;
+  (``torch.ops.mkldnn._linear_pointwise``, float32 only; other dtypes, bfloat16 included,
+  use ``F.linear``, which works on every CPU), which also accept the warehouse in its
+  stored layout without a copy;
 * in inference (no gradient needed) the warehouse is kept packed in oneDNN's layout, so
   the assembly does not re-pack it on every call (twice as fast at batch 1); the packed
   copy is rebuilt when the cells change (their version counter, storage or a sample of
@@ -28,7 +29,13 @@ This module keeps the same arithmetic and changes how it is executed:
   oneDNN convolution per sample, best for large maps), ``"grouped"`` (the batch folded
   into the groups, the reference's convolution) and ``"folded"`` (the same, with the batch
   folded into the channels of a channels-last image: 2-6x faster for depthwise layers on
-  small maps), plus ``"native"`` in inference (below);
+  small maps), ``"bmm"`` (the whole batch in one batched product, the kernels assembled
+  from transposed cells straight in the order it reads) and ``"premix"`` (no kernel at
+  all: the inputs mixed per cell by the attentions, then one product with the stacked
+  warehouse; for maps of a few pixels, where assembling costs more than convolving), plus
+  ``"native"`` in inference (below); in training, layers whose batch of kernels is small
+  (``KEEP_KERNELS_BYTES``: the layers of 28 x 28 / 32 x 32 images) are timed forward and
+  backward and may keep their kernels for backward;
 * for ``"matmul"`` and ``"conv"`` one autograd node covers assembly and convolution: it
   keeps only the attention, the warehouse and the input, and assembles the kernels again
   in backward instead of holding a batch of kernels per layer until then.
@@ -69,7 +76,7 @@ __all__ = ["PATHS", "allocator_settings", "chosen_paths", "clear_caches", "keep_
 #: Ways a KW Conv2d can run.  "reference" is the straightforward path of ``layers.py``;
 #: "im2col" is the same with the per-sample convolution written as im2col and one batched
 #: matrix product, which no op attribute ties to the batch (for export, any conv rank).
-PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul", "native")
+PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul", "bmm", "premix", "native")
 _STRAIGHTFORWARD = ("reference", "im2col")
 _forced_path: str | None = None
 #: Chosen path per layer configuration and input: (configuration, input key) -> path.
@@ -160,12 +167,19 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def _onednn(x: Tensor, weight: Tensor) -> bool:
-    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    """Whether oneDNN's private inner product may run this product: float32 CPU tensors only.
+
+    bfloat16 goes through ``F.linear`` on every CPU: oneDNN's bfloat16 inner product needs
+    AVX-512 (it refuses to create its primitive on an AVX2 CPU, "could not create a primitive
+    descriptor for the inner product forward propagation primitive"), and ``F.linear`` picks
+    a bfloat16 kernel the CPU has.
+    """
+    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == x.dtype and x.numel() > 0 and weight.numel() > 0)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` without autograd; oneDNN for float32 / bfloat16 CPU tensors.
+    """``x @ weight.T + bias`` without autograd; oneDNN for float32 CPU tensors, else ``F.linear``.
 
     ``weight`` (N, K) may be row-major or the transpose view of a (K, N) matrix: oneDNN
     reads both directly, which is what lets the warehouse enter the assembly without a copy.
@@ -379,17 +393,23 @@ def _im2col(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
 
     A 1x1 stride-1 unpadded convolution needs no copy: the input is the matrix.
     """
+    batch, channels = x.shape[:2]
+    windows = _windows(spec, x)
+    out_h, out_w, kh, kw = windows.shape[1], windows.shape[2], *spec.kernel
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(batch, out_h * out_w, kh * kw * channels), (out_h, out_w)
+
+
+def _windows(spec: ConvSpec, x: Tensor) -> Tensor:
+    """The ``(B, OH, OW, C, kh, kw)`` windows of a channels-last input, a view (of the padded input)."""
     rows = x.permute(0, 2, 3, 1)
     top, bottom, left, right = spec.padding
     if top or bottom or left or right:
         rows = F.pad(rows, (0, 0, left, right, top, bottom))
-    batch, channels = x.shape[:2]
     out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
-    # (B, OH, OW, C, kh, kw) windows, a view; dilation takes every d-th row of a wider window
+    # dilation takes every d-th row of a wider window
     windows = rows.unfold(1, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(2, dw * (kw - 1) + 1, sw)[..., ::dw]
-    windows = windows[:, :out_h, :out_w]
-    return windows.permute(0, 1, 2, 4, 5, 3).reshape(batch, out_h * out_w, kh * kw * channels), (out_h, out_w)
+    return windows[:, :out_h, :out_w]
 
 
 def _col2im(spec: ConvSpec, grad_cols: Tensor, shape: torch.Size) -> Tensor:
@@ -523,6 +543,230 @@ class _KWConv2d(torch.autograd.Function):
         return grad_x, grad_alpha, grad_cells, grad_bias, None
 
 
+# --- the batched product (small maps) -------------------------------------------------------
+
+
+def _hwio(tiling: Tiling, blocks: Tensor) -> Tensor:
+    """Every sample's kernel as a ``(K, C_out)`` matrix, K in the NHWC im2col order.
+
+    ``blocks`` ``(B, m, c_e * f_e)`` come from a warehouse whose cells were transposed
+    (``native.panel_order`` of width f_e: each cell ``(c_e, f_e)`` row-major); mixture order
+    (kernel position, output block, input block) then makes one sample's blocks the matrix
+    ``(kh * kw * C_in, C_out)`` itself when there is one output block (no copy), and a
+    permutation of it otherwise (one copy).
+    """
+    batch = blocks.shape[0]
+    f_e, c_e = tiling.cell[:2]
+    depth = tiling.spatial * tiling.blocks_in * c_e
+    if tiling.blocks_out == 1:
+        return blocks.view(batch, depth, f_e)
+    grid = blocks.view(batch, tiling.spatial, tiling.blocks_out, tiling.blocks_in, c_e, f_e)
+    return grid.permute(0, 1, 3, 4, 2, 5).reshape(batch, depth, tiling.weight_shape[0])
+
+
+def _hwio_blocks(tiling: Tiling, kernels: Tensor) -> Tensor:
+    """The inverse of ``_hwio``: ``(B, K, C_out)`` -> blocks ``(B * m, c_e * f_e)``."""
+    batch = kernels.shape[0]
+    f_e, c_e = tiling.cell[:2]
+    if tiling.blocks_out > 1:
+        grid = kernels.view(batch, tiling.spatial, tiling.blocks_in, c_e, tiling.blocks_out, f_e)
+        kernels = grid.permute(0, 1, 4, 2, 3, 5)
+    return kernels.reshape(batch * tiling.cells, f_e * c_e)
+
+
+def _bmm_forward(spec: ConvSpec, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+    """NHWC im2col of the whole batch and one batched product with the ``_hwio`` kernels."""
+    cols, (out_h, out_w) = _im2col(spec, x)
+    if bias is None:
+        out = torch.bmm(cols, kernels)
+    else:
+        out = torch.baddbmm(bias.view(1, 1, -1), cols, kernels)
+    return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+class _KWConv2dBatched(torch.autograd.Function):
+    """Assembly and convolution as one autograd node, every product batched (path ``"bmm"``).
+
+    The per-sample paths (``"matmul"``, ``"conv"``) call one small product per sample, which
+    on small maps (28 x 28 / 32 x 32 inputs, batch 64: 7 x 7 and 4 x 4 maps in the late
+    stages) costs more in calls than in arithmetic.  Here the assembly writes every kernel
+    straight in the ``(K, C_out)`` order a batched product reads (the warehouse's cells
+    transposed, ``_hwio``), and forward and backward are one ``torch.bmm`` each way plus
+    the im2col.  Like the fused per-sample paths it saves only alpha, the warehouse and
+    the input, and assembles the kernels again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+        ctx.spec = spec
+        blocks = _assembled(spec.tiling, alpha, cells, panels=spec.tiling.cell[0])
+        kernels = _hwio(spec.tiling, blocks)
+        keep = ctx.needs_input_grad[0] and blocks.numel() * blocks.element_size() <= _keep_limit(x)
+        ctx.save_for_backward(x, alpha, cells, kernels if keep else None)
+        return _bmm_forward(spec, x, kernels, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, alpha, cells, kernels = ctx.saved_tensors
+        spec, tiling = ctx.spec, ctx.spec.tiling
+        need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
+        batch, mixtures, n = alpha.shape
+        columns = native.panel_order(cells, tiling.cell[0])  # (n, c_e * f_e): each cell transposed
+        alpha_rows = alpha.reshape(batch * mixtures, n)
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, -1, grad.shape[1])  # (B, L, C_out)
+        grad_x = grad_alpha = grad_cells = grad_bias = None
+        if need_x:
+            if kernels is None:
+                kernels = _hwio(tiling, linear(alpha_rows, columns.t()).view(batch, mixtures, -1))
+            grad_x = _col2im(spec, torch.bmm(grad_rows, kernels.transpose(1, 2)), x.shape)
+            kernels = None  # noqa: F841 (a batch of kernels: release it before the next products)
+        if need_alpha or need_cells:
+            cols = _im2col(spec, x)[0]
+            grad_blocks = _hwio_blocks(tiling, torch.bmm(cols.transpose(1, 2), grad_rows))
+            cols = None  # noqa: F841
+            if need_alpha:
+                grad_alpha = linear(grad_blocks, columns).view_as(alpha)
+            if need_cells:
+                grad_columns = linear(alpha_rows.t().contiguous(), grad_blocks.t())  # (n, c_e * f_e)
+                f_e, c_e = tiling.cell[:2]
+                grad_cells = grad_columns.view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)
+        if need_bias:
+            grad_bias = grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_alpha, grad_cells, grad_bias, None
+
+
+# --- mixing the inputs instead of the kernels (late stages of small images) ------------------
+
+
+def _positions(spec: ConvSpec, x: Tensor) -> Tensor:
+    """The im2col by kernel position and input block: ``(B, S * IB, L * c_e)``.
+
+    Row ``(s, ib)`` of a sample holds, for every output pixel l, the c_e channels of input
+    block ib that kernel position s reads there.  No copy for a 1x1 stride-1 unpadded
+    convolution with one input block (the channels-last input is that matrix).
+    """
+    tiling = spec.tiling
+    batch = x.shape[0]
+    blocks_in, c_e = tiling.blocks_in, tiling.cell[1]
+    windows = _windows(spec, x)  # (B, OH, OW, C, kh, kw)
+    out_h, out_w = windows.shape[1:3]
+    windows = windows.unflatten(3, (blocks_in, c_e)).permute(0, 5, 6, 3, 1, 2, 4)  # (B, kh, kw, IB, OH, OW, c_e)
+    return windows.reshape(batch, tiling.spatial * blocks_in, out_h * out_w * c_e)
+
+
+def _positions_backward(spec: ConvSpec, grad: Tensor, shape: torch.Size) -> Tensor:
+    """The gradient of ``_positions``: strided in-place adds, one per kernel position."""
+    tiling = spec.tiling
+    batch, channels, height, width = shape
+    out_h, out_w = spec.output_size(height, width)
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
+    blocks_in, c_e = tiling.blocks_in, tiling.cell[1]
+    top, bottom, left, right = spec.padding
+    grid = grad.view(batch, kh, kw, blocks_in, out_h, out_w, c_e).permute(0, 1, 2, 4, 5, 3, 6)
+    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(spec.padding):
+        return grid[:, 0, 0].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    padded = grad.new_zeros(batch, height + top + bottom, width + left + right, blocks_in, c_e)
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
+            columns = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
+            padded[:, rows, columns].add_(grid[:, i, j])
+    grad = padded.view(batch, *padded.shape[1:3], channels)[:, top:top + height, left:left + width]
+    return grad.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def _premix_alpha(tiling: Tiling, alpha: Tensor) -> Tensor:
+    """alpha ``(B, m, n)`` as ``(B, OB * n, S * IB)``: per output block and cell, the
+    attention of every (kernel position, input block) mixture."""
+    batch, _, n = alpha.shape
+    grid = alpha.reshape(batch, tiling.spatial, tiling.blocks_out, tiling.blocks_in, n)
+    return grid.permute(0, 2, 4, 1, 3).reshape(batch, tiling.blocks_out * n, tiling.spatial * tiling.blocks_in)
+
+
+def _premixed(tiling: Tiling, mixed: Tensor, length: int) -> Tensor:
+    """``bmm`` output ``(B, OB * n, L * c_e)`` as the product's rows ``(B * OB * L, n * c_e)``."""
+    batch, rows = mixed.shape[0], mixed.shape[1]
+    n = rows // tiling.blocks_out
+    grid = mixed.view(batch, tiling.blocks_out, n, length, tiling.cell[1]).transpose(2, 3)
+    return grid.reshape(batch * tiling.blocks_out * length, n * tiling.cell[1])
+
+
+def _premix_forward(spec: ConvSpec, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None) -> Tensor:
+    """``y = sum_j (sum_i alpha_ij x_i) e_j^T``: the inputs mixed per cell, then one product
+    with the whole warehouse (see ``_KWConv2dPremixed``)."""
+    tiling = spec.tiling
+    batch, n = x.shape[0], cells.shape[0]
+    f_e, c_e = tiling.cell[:2]
+    out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
+    length = out_h * out_w
+    mixed = _premixed(tiling, torch.bmm(_premix_alpha(tiling, alpha), _positions(spec, x)), length)
+    warehouse = native.panel_order(cells, f_e).view(n * c_e, f_e)  # rows (cell, input channel)
+    if tiling.blocks_out == 1 and bias is not None:
+        out = torch.addmm(bias, mixed, warehouse)
+    else:
+        out = torch.mm(mixed, warehouse)
+    out = out.view(batch, tiling.blocks_out, length, f_e).transpose(1, 2).reshape(batch, out_h, out_w, -1)
+    if tiling.blocks_out > 1 and bias is not None:
+        out = out + bias
+    return out.permute(0, 3, 1, 2)
+
+
+class _KWConv2dPremixed(torch.autograd.Function):
+    """The convolution without assembling any kernel (path ``"premix"``).
+
+    Each mixture i (kernel position s, output block o, input block ib) is
+    ``w_i = sum_j alpha_ij e_j``, so a sample's output block o is
+    ``sum_j (sum_(s, ib) alpha_(s,o,ib),j X_(s,ib)) e_j^T``: the im2col columns are mixed per
+    cell with the attentions (one small batched product), then multiplied by the warehouse
+    stacked ``(n * c_e, f_e)`` in one plain product over the whole batch.  It costs
+    ``L * n * (K * OB + c_e * C_out)`` multiply-adds per sample against
+    ``n * K * C_out + L * K * C_out`` for assembling the kernels and convolving (L output
+    pixels, K = kh * kw * C_in): less where L is small (the 4 x 4 and 7 x 7 maps of 28 x 28
+    images), and it never writes a batch of kernels (B x C_out x K floats, far more than
+    such a map's activations).  Saves alpha, the warehouse and the input only.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+        ctx.spec = spec
+        ctx.save_for_backward(x, alpha, cells)
+        return _premix_forward(spec, x, alpha, cells, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, alpha, cells = ctx.saved_tensors
+        spec, tiling = ctx.spec, ctx.spec.tiling
+        need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
+        batch, mixtures, n = alpha.shape
+        f_e, c_e = tiling.cell[:2]
+        blocks_out = tiling.blocks_out
+        length = grad.shape[2] * grad.shape[3]
+        # the output's gradient as the product's rows (B * OB * L, f_e)
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, length, blocks_out, f_e).transpose(1, 2)
+        grad_rows = grad_rows.reshape(batch * blocks_out * length, f_e)
+        warehouse = native.panel_order(cells, f_e).view(n * c_e, f_e)
+        positions = _positions(spec, x) if need_alpha or need_cells else None
+        weights = _premix_alpha(tiling, alpha)  # (B, OB * n, S * IB)
+        grad_x = grad_alpha = grad_cells = grad_bias = None
+        if need_cells:
+            mixed = _premixed(tiling, torch.bmm(weights, positions), length)
+            grad_cells = torch.mm(mixed.t(), grad_rows).view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)
+            mixed = None  # noqa: F841
+        if need_x or need_alpha:
+            grad_mixed = torch.mm(grad_rows, warehouse.t())  # (B * OB * L, n * c_e)
+            grid = grad_mixed.view(batch, blocks_out, length, n, c_e).transpose(2, 3)
+            grad_mixed = grid.reshape(batch, blocks_out * n, length * c_e)
+            if need_alpha:
+                grad_weights = torch.bmm(grad_mixed, positions.transpose(1, 2))  # (B, OB * n, S * IB)
+                grid = grad_weights.view(batch, blocks_out, n, tiling.spatial, tiling.blocks_in)
+                grad_alpha = grid.permute(0, 3, 1, 4, 2).reshape(batch, mixtures, n)
+            if need_x:
+                grad_x = _positions_backward(spec, torch.bmm(weights.transpose(1, 2), grad_mixed), x.shape)
+        if need_bias:
+            grad_bias = grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_alpha, grad_cells, grad_bias, None
+
+
 # --- entry points used by layers.py --------------------------------------------------------
 
 
@@ -543,7 +787,7 @@ def _available(layer, x: Tensor) -> tuple[str, ...]:
         return ("grouped",)  # cells spanning several kernel positions: only the generic path
     compiled = ("native",) if native.supports(layer.tiling, layer.groups, x) else ()
     if layer.groups == 1:  # "folded" measured no faster on resnet18 / mobilenet_v2's dense layers
-        return ("grouped", "conv", "matmul") + compiled
+        return ("grouped", "conv", "matmul", "bmm", "premix") + compiled
     return ("grouped", "folded", "conv") + compiled
 
 
@@ -582,8 +826,17 @@ def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
     x = x.contiguous(memory_format=torch.channels_last)
     cells = layer.warehouse.cells
     if not _needs_grad(x, alpha, cells, layer.bias):  # inference: no autograd node, packed warehouse
+        if path == "premix":
+            return _premix_forward(spec, x, alpha, cells, layer.bias)
+        if path == "bmm":
+            blocks = _assembled(spec.tiling, alpha, cells, pack=True, panels=spec.tiling.cell[0])
+            return _bmm_forward(spec, x, _hwio(spec.tiling, blocks), layer.bias)
         kernels = _Kernels(spec.tiling, _assembled(spec.tiling, alpha, cells, pack=True))
         return _FORWARD[path](spec, x, kernels, layer.bias)
+    if path == "bmm":
+        return _KWConv2dBatched.apply(x, alpha, cells, layer.bias, spec)
+    if path == "premix":
+        return _KWConv2dPremixed.apply(x, alpha, cells, layer.bias, spec)
     return _KWConv2d.apply(x, alpha, cells, layer.bias, spec)
 
 
@@ -638,6 +891,25 @@ def _configuration(layer, x: Tensor, alpha: Tensor) -> tuple:
             tuple(x.shape), x.dtype, channels_last, needs_grad, torch.get_num_threads())
 
 
+#: A batch of kernels up to this size may be kept from forward to backward in training
+#: (``"grouped"``; ``"bmm"`` then does not assemble them again in backward), and the layer's
+#: path is timed forward and backward; on maps of at most ``SMALL_MAP`` pixels (the late
+#: stages of 28 x 28 / 32 x 32 images), where assembling costs more than convolving, up to
+#: eight times as much.  Bigger batches of kernels are assembled again in backward: kept,
+#: they would add to a training step's peak memory (resnet50 at batch 8: 75 MB per layer4 conv).
+KEEP_KERNELS_BYTES = 4 << 20
+SMALL_MAP = 64
+
+
+def _keep_limit(x: Tensor) -> int:
+    """Bytes of kernels that may be kept for backward for this (B, C, H, W) input."""
+    return KEEP_KERNELS_BYTES * (8 if x.shape[2] * x.shape[3] <= SMALL_MAP else 1)
+
+
+def _small_kernels(layer, x: Tensor) -> bool:
+    return x.shape[0] * math.prod(layer.weight_shape) * x.element_size() <= _keep_limit(x)
+
+
 def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> str:
     """The fastest path for this layer configuration and input, timed once and remembered.
 
@@ -652,41 +924,60 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
     if path is not None:
         return path
     needs_grad = key[-2]
+    small = _small_kernels(layer, x)
     if needs_grad:
         # "native" has no backward; "grouped" and "folded" keep a batch of kernels alive
         # until backward (autograd saves them for the convolution), memory the fused paths
-        # do not need
+        # do not need unless it is small
         trainable = tuple(path for path in available if path != "native")
-        available = tuple(path for path in trainable if path not in ("grouped", "folded")) \
-            if layer.groups == 1 else ()
-        available = available or trainable
+        if layer.groups == 1 and not small:
+            available = tuple(path for path in trainable if path not in ("grouped", "folded")) or trainable
+        else:
+            available = trainable
     with packing(_packing and not needs_grad):  # training never uses a packed copy: make none
-        path = _fastest(layer, x, alpha, available)
+        path = _fastest(layer, x, alpha, available, backward=needs_grad and small)
     _chosen[key] = path
     return path
 
 
-def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 5) -> str:
-    """Time each path's forward (without autograd) and return the fastest.
+def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 5,
+             backward: bool = False) -> str:
+    """Time each path's forward (without autograd; ``backward``: forward and backward) and
+    return the fastest.
 
-    Forward alone picks the same paths as forward plus backward on resnet18 / resnet50
-    training steps, and timing backward too left the heap fragmented enough to add a
-    third to a training step's peak memory.  Each path is timed with its output made
-    channels-last, the layout the next KW layer reads: ``"grouped"`` leaves NCHW, and the
-    copy it costs downstream would otherwise go uncounted.
+    For big layers forward alone picks the same paths as forward plus backward on resnet18 /
+    resnet50 training steps, and timing backward too left the heap fragmented enough to add
+    a third to a training step's peak memory.  Small layers (a batch of kernels that may be
+    kept, ``KEEP_KERNELS_BYTES``: the layers of 28 x 28 / 32 x 32 images) are timed forward and
+    backward in training: there the paths' backwards differ more than their forwards (the
+    per-sample paths loop over the batch twice, ``"grouped"`` and ``"bmm"`` keep their
+    kernels).  Each path is timed with its output made channels-last, the layout the next
+    KW layer reads: ``"grouped"`` leaves NCHW, and the copy it costs downstream would
+    otherwise go uncounted.
     """
     if len(available) == 1:
         return available[0]
     x, alpha = x.detach(), alpha.detach()
+    cells = layer.warehouse.cells
+
+    def timed(path: str) -> float:
+        start = time.perf_counter()
+        if not backward:
+            _run(layer, x, alpha, path).contiguous(memory_format=torch.channels_last)
+        else:
+            x_, alpha_ = x.requires_grad_(), alpha.requires_grad_()
+            with torch.enable_grad():
+                out = _run(layer, x_, alpha_, path).contiguous(memory_format=torch.channels_last)
+                torch.autograd.grad(out, (x_, alpha_, cells), torch.ones_like(out))  # no .grad is touched
+        return time.perf_counter() - start
+
     best = {path: math.inf for path in available}
     with torch.no_grad():
         for path in available:
-            _run(layer, x, alpha, path)  # first call: oneDNN creates its primitives
-        for _ in range(repeats):
+            timed(path)  # first call: oneDNN creates its primitives
+        for _ in range(repeats if not backward else (repeats + 1) // 2):  # backward: 3 times the work
             for path in available:
-                start = time.perf_counter()
-                _run(layer, x, alpha, path).contiguous(memory_format=torch.channels_last)
-                best[path] = min(best[path], time.perf_counter() - start)
+                best[path] = min(best[path], timed(path))
     return min(best, key=best.get)
 
 

@@ -20,6 +20,8 @@ from .plan import Plan, plan as make_plan
 from .rewrite import convert, plan_of
 
 DEFAULT_OUT = Path("kwconvert-out")
+#: Where the output check looks: the start of training (tau = 1) and serving (tau = 0).
+COMPARED_TEMPERATURES = (1.0, 0.0)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Conversion:
     plan: Plan | None = None
     converted: nn.Module | None = None
     max_abs_diff: float | None = None
+    diff_at_temperature: dict[float, float | None] = field(default_factory=dict)
     output_scale: float | None = None
     not_comparable: tuple[str, ...] = ()
     saved_to: Path | None = None
@@ -68,16 +71,24 @@ class Conversion:
 
     @torch.no_grad()
     def compare(self) -> float | None:
-        """Max |converted - original| on random inputs in eval mode at tau = 1.
+        """Max |converted - original| on random inputs in eval mode, at tau = 1 and tau = 0.
 
+        tau = 1 is where training starts, tau = 0 where a trained KW model is served; with
+        ``init="preserve"`` both give the original's function (b >= 1) or the same fit of it
+        (b < 1).  ``max_abs_diff`` is the one at tau = 1, ``diff_at_temperature`` holds both.
         Outputs are compared tensor by tensor (:func:`compare_outputs`); tensors whose
         shapes differ (a detector's boxes, of which each model may find a different
         number) are listed in ``not_comparable`` instead.  None when no tensor compares.
+        The converted model is left at tau = 1.
         """
-        set_temperature(self.converted, 1.0)
         sample = self.example_input(batch=2, seed=1)
-        diff = compare_outputs(self.model(sample), self.converted(sample))
-        self.max_abs_diff, self.output_scale = diff.max_abs_diff, diff.output_scale
+        expected = self.model(sample)
+        for tau in COMPARED_TEMPERATURES:
+            set_temperature(self.converted, tau)
+            diff = compare_outputs(expected, self.converted(sample))
+            self.diff_at_temperature[tau] = diff.max_abs_diff
+        set_temperature(self.converted, 1.0)
+        self.max_abs_diff, self.output_scale = self.diff_at_temperature[1.0], diff.output_scale
         self.not_comparable = diff.not_comparable
         return self.max_abs_diff
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import cells as kw_cells
 from . import compat
-from .layers import KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, kernel_to_blocks
+from .layers import HOLDABLE_BETA_L1, KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, kernel_to_blocks
 from .plan import LayerPlan, Plan, WarehousePlan, check_consistent, plan as make_plan
 from .vit import PartlyDynamicLinear, linear_rows, unpack_attention, unpacked_attention
 
@@ -243,8 +243,33 @@ def _initialise(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.Mo
         if plan.budget >= 1:
             for kw_layer, static in zip(kw_layers, statics):
                 kw_layer.load_static_weight(static.weight)
-            return 0.0
-        return _fit_low_rank(plan, warehouse, kw_layers, statics)
+            error = 0.0
+        else:
+            error = _fit_low_rank(plan, warehouse, kw_layers, statics)
+        _hold_at_every_temperature(warehouse, kw_layers)
+        return error
+
+
+def _hold_at_every_temperature(warehouse: Warehouse, kw_layers: list[nn.Module]) -> None:
+    """Keep the layers' kernels at every CAF temperature, not only at tau = 1.
+
+    At tau = 1 CAF returns beta (Sec. 3.3), and the cells are cut (b >= 1) or fitted (b < 1)
+    so that beta rebuilds the kernels.  Below 1 it mixes in the normalised logits, which a
+    random attention makes arbitrary: the paper's schedule would walk a trained model away
+    from what it learned.  Each attention therefore starts input-independent with logits
+    that CAF maps to beta itself (``KWAttention.hold_beta``).  That needs every beta row's
+    L1 norm within ``HOLDABLE_BETA_L1``; where a row exceeds it (one-to-one rows have norm
+    1, fitted rows up to sqrt(n)), beta shrinks and the warehouse's cells grow by the same
+    factor, which leaves every kernel ``beta @ cells`` as it was.
+    """
+    largest = max(float(layer.attention.beta[:, :-1].abs().sum(dim=-1).max()) for layer in kw_layers)
+    if largest > HOLDABLE_BETA_L1:
+        factor = HOLDABLE_BETA_L1 / largest
+        warehouse.cells.div_(factor)
+        for layer in kw_layers:
+            layer.attention.set_beta(layer.attention.beta[:, :-1] * factor)
+    for layer in kw_layers:
+        layer.attention.hold_beta()
 
 
 def _fit_low_rank(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.Module],
@@ -256,30 +281,52 @@ def _fit_low_rank(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.
     the truncated SVD X ~ U_n S_n V_n^T is the least-squares optimum among all n-cell
     reconstructions (Eckart-Young): the cells become S_n V_n^T and each mixture's
     starting attention (beta, the tau = 1 point of the CAF, paper Sec. 3.3) becomes its
-    row of U_n, whose entries are small enough for the CAF's later |alpha| <= 1 range.
+    row of U_n.
     """
     blocks = [kernel_to_blocks(kw_layer.tiling, static.weight.detach().to(torch.float64))
               for static, kw_layer in zip(statics, kw_layers)]
     stacked = torch.cat(blocks, dim=0)
-    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-    rank = min(warehouse.n, s.numel())
-    cells = torch.zeros(warehouse.n, stacked.shape[1], dtype=torch.float64)
-    cells[:rank] = s[:rank, None] * vh[:rank]
-    coefficients = torch.zeros(stacked.shape[0], warehouse.n, dtype=torch.float64)
-    coefficients[:, :rank] = u[:, :rank]
+    coefficients, cells, smallest = _truncated_svd(stacked, warehouse.n)
+    rank = coefficients.shape[1]
     if rank < warehouse.n:  # cells no block needs: small random ones, free to learn later
-        spare = torch.empty(warehouse.n - rank, stacked.shape[1], dtype=torch.float64)
-        nn.init.normal_(spare, std=float(s[-1]) / math.sqrt(stacked.shape[1]) if s.numel() else 0.01)
-        cells[rank:] = spare
+        spare = torch.empty(warehouse.n - rank, stacked.shape[1], dtype=torch.float64, device=stacked.device)
+        nn.init.normal_(spare, std=smallest / math.sqrt(stacked.shape[1]) if smallest > 0 else 0.01)
+        cells = torch.cat([cells, spare])
+        coefficients = torch.cat([coefficients, coefficients.new_zeros(coefficients.shape[0], warehouse.n - rank)], 1)
     warehouse.cells.copy_(cells.view_as(warehouse.cells).to(warehouse.cells))
     start = 0
     for kw_layer in kw_layers:
-        rows = coefficients[start:start + kw_layer.cells]
-        kw_layer.attention.set_beta(rows)
+        kw_layer.attention.set_beta(coefficients[start:start + kw_layer.cells])
         start += kw_layer.cells
     norm = torch.linalg.norm(stacked)
     residual = torch.linalg.norm(stacked - coefficients @ cells)
     return float(residual / norm) if norm > 0 else 0.0
+
+
+def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``U_r``, ``S_r V_r^T`` and the smallest singular value of ``matrix`` (float64).
+
+    Through the eigenvectors of the smaller Gram matrix rather than LAPACK's SVD: the
+    blocks matrix is wide (ResNet50's stage 3 at b = 1/2 is 552 x 16,384), where the SVD's
+    bidiagonalisation takes seconds per warehouse and one matrix product a fraction of one.
+    Squaring the condition number only blurs the directions past the n kept, whose
+    projection is still a valid (and, for the kept ones, the optimal) reconstruction.
+    """
+    rows, columns = matrix.shape
+    rank = min(rank, rows, columns)
+    if rows <= columns:
+        values, vectors = torch.linalg.eigh(matrix @ matrix.T)   # ascending
+        left = vectors.flip(-1)[:, :rank]
+        right_scaled = left.T @ matrix                          # S_r V_r^T
+    else:
+        values, vectors = torch.linalg.eigh(matrix.T @ matrix)
+        right = vectors.flip(-1)[:, :rank]
+        scaled_left = matrix @ right                            # U_r S_r
+        singular = scaled_left.norm(dim=0)
+        left = scaled_left / singular.clamp_min(torch.finfo(matrix.dtype).tiny)
+        right_scaled = singular[:, None] * right.T
+    smallest = float(values.clamp_min(0).min().sqrt()) if values.numel() else 0.0
+    return left, right_scaled, smallest
 
 
 def converted_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:

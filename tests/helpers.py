@@ -1,9 +1,17 @@
-"""Helpers shared by the command-line tests (test_cli.py, test_bad_input.py, test_models.py)."""
+"""Helpers shared by the tests (command line: test_cli.py, test_bad_input.py, test_models.py;
+per-sample kernels: test_export.py, test_fast.py, test_native.py)."""
 from __future__ import annotations
 
 import shutil
 import sys
 from pathlib import Path
+
+import torch
+from torch import nn
+
+#: Tolerance of float32 results, relative to the largest value compared: 2**7 float32 epsilons
+#: (1.5e-5), room for the accumulation orders of different CPUs' kernels (AVX2, AVX-512, AMX).
+FLOAT32 = 2**7 * torch.finfo(torch.float32).eps
 
 
 def one_line(text: str) -> str:
@@ -28,3 +36,16 @@ class CodePayload:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.marker),))
+
+
+def input_dependent(model: nn.Module) -> nn.Module:
+    """Re-draw every KW layer's attention (the paper's init) so each sample gets its own kernel.
+
+    A weight-preserving conversion starts every attention on beta for all inputs; tests of
+    the per-sample paths need kernels that differ between samples to prove anything.
+    """
+    from kwconvert.layers import is_kw_layer
+    for module in model.modules():
+        if is_kw_layer(module):
+            module.attention.reset_parameters()
+    return model

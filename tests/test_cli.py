@@ -80,8 +80,10 @@ def test_convert_saves_and_show_prints_it(tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file() and (out / "kwconvert.json").is_file()
     assert "kwconvert.load(" in result.stdout
-    diff = float(re.search(r"max \|output diff\| at tau = 1\s+│?\s*([0-9.e+-]+)", result.stdout).group(1))
-    assert diff <= 1e-4
+    for tau in ("1", "0"):  # where fine-tuning starts and where the model is served
+        diff = float(re.search(rf"max \|output diff\| at tau = {tau}\s+│?\s*([0-9.e+-]+)", result.stdout).group(1))
+        assert diff <= 1e-4
+    assert "the original's at every temperature" in result.stdout
     shown = invoke("show", str(out))
     assert shown.exit_code == 0 and "layer4.1.conv2" in shown.stdout
     shown_json = invoke("show", str(out), "--json")

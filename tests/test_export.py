@@ -22,7 +22,7 @@ from kwconvert.export import ExportError, MissingExportPackages, export_path
 from kwconvert.layers import KWConv1d, KWConv2d, KWConv3d, Warehouse, is_kw_layer
 from kwconvert_cli.main import app
 
-from .helpers import one_line
+from .helpers import input_dependent, one_line
 
 TOLERANCE = 1e-4
 # the module (``kwconvert.export`` itself is the function, as ``kwconvert.plan`` is)
@@ -72,6 +72,7 @@ def converted(model: nn.Module, budget: float, input_size: tuple[int, ...], tau:
     torch.manual_seed(0)
     model = kwconvert.convert(model.eval(), budget, example_inputs=torch.randn(1, *input_size),
                               stem="warehouse", max_params_ratio=100)
+    input_dependent(model)
     kwconvert.set_temperature(model, tau)
     return model.eval()
 
@@ -247,6 +248,7 @@ def test_real_models_export_to_both_formats(source, input_size, tmp_path):
     from kwconvert.models import build_model
     torch.manual_seed(0)
     model = kwconvert.convert(build_model(source).eval(), 1.0, example_inputs=torch.randn(1, *input_size)).eval()
+    input_dependent(model)
     kwconvert.set_temperature(model, 0.5)
     for name, format in (("model.pt2", "torch_export"), ("model.onnx", "onnx")):
         report = kwconvert.export(model, tmp_path / name, format=format)
@@ -265,6 +267,7 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     model = kwconvert.convert(tiny_cnn(), 1.0, example_inputs=torch.randn(1, 3, 12, 12),
                               stem="warehouse", max_params_ratio=100)
+    input_dependent(model)  # as if fine-tuned: tau = 0 computes something else than tau = 1
     return kwconvert.save(model, tmp_path_factory.mktemp("saves") / "tiny", source="tests.test_export:tiny_cnn")
 
 

@@ -16,6 +16,8 @@ from safetensors import safe_open
 import kwconvert
 from kwconvert.io import META_FILE, WEIGHTS_FILE, SavedModelError, read_metadata
 
+from .helpers import input_dependent
+
 
 def converted_resnet18(budget: float = 1.0):
     torch.manual_seed(0)
@@ -53,7 +55,7 @@ def test_load_rebuilds_from_the_recorded_source(tmp_path):
 def test_temperatures_survive_the_round_trip(tmp_path):
     """A model trained past its warm-up runs at tau = 0; loaded at tau = 1 it would compute
     something else."""
-    model = converted_resnet18(1.0).eval()
+    model = input_dependent(converted_resnet18(1.0)).eval()  # as if fine-tuned: tau matters
     kwconvert.set_temperature(model, 0.0)
     model.layer1[0].conv1.tau = 0.25  # layers may differ
     kwconvert.save(model, tmp_path / "m")
@@ -175,3 +177,15 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
         kwconvert.save(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
     assert kio.FORMAT_VERSION == 1
+
+
+def test_a_loaded_model_is_still_held_at_every_temperature(tmp_path):
+    """The held attention (zero weight, logits in the bias) is state like any other."""
+    model = converted_resnet18(1.0).eval()
+    kwconvert.save(model, tmp_path / "m")
+    loaded = kwconvert.load(tmp_path / "m", model=torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        kwconvert.set_temperature(loaded, 0.0)
+        assert (loaded(x) - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -18,6 +18,8 @@ import kwconvert
 from kwconvert import fast, native
 from kwconvert.layers import KWConv2d, KWLinear, Warehouse, reference_path, set_temperature, use_path
 
+from .helpers import FLOAT32, input_dependent
+
 needs_native = pytest.mark.skipif(not native.available(), reason="kwconvert._native is not built")
 
 
@@ -48,7 +50,7 @@ def assert_native_matches_float64_reference(layer: KWConv2d, x: torch.Tensor) ->
         with reference_path():
             expected = reference(x.double())
     assert out.dtype == torch.float32 and out.shape == expected.shape
-    assert relative_error(out, expected) <= 1e-5
+    assert relative_error(out, expected) <= FLOAT32
 
 
 def geometry_grid(kernels: tuple, last: tuple, label) -> list:
@@ -144,8 +146,8 @@ def test_native_linear_equals_the_reference(shape):
         with use_path("matmul"):
             on_matmul = layer(x)
     assert out.shape == expected.shape
-    assert relative_error(out, expected) <= 1e-5
-    assert relative_error(on_matmul, expected) <= 1e-5
+    assert relative_error(out, expected) <= FLOAT32
+    assert relative_error(on_matmul, expected) <= FLOAT32
 
 
 @needs_native
@@ -175,7 +177,7 @@ def test_native_packed_warehouse_follows_changes_of_the_cells():
 @pytest.fixture(scope="module")
 def kw_resnet18() -> nn.Module:
     torch.manual_seed(0)
-    model = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0).eval()
+    model = input_dependent(kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0)).eval()
     set_temperature(model, 0.5)
     return model
 
@@ -188,7 +190,7 @@ def test_resnet18_on_the_native_path_equals_the_reference(kw_resnet18):
             expected = kw_resnet18(x)
         with use_path("native"):
             out = kw_resnet18(x)
-    assert relative_error(out, expected) <= 1e-5
+    assert relative_error(out, expected) <= FLOAT32
 
 
 def test_without_the_extension_the_fallback_runs_and_agrees(kw_resnet18, monkeypatch):
@@ -201,7 +203,7 @@ def test_without_the_extension_the_fallback_runs_and_agrees(kw_resnet18, monkeyp
         assert not native.available()
         fallback = kw_resnet18(x)
     assert "native" not in fast.chosen_paths().values()
-    assert relative_error(fallback, timed) <= 1e-5
+    assert relative_error(fallback, timed) <= FLOAT32
     fast.clear_caches()
 
 

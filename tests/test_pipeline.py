@@ -38,6 +38,8 @@ def test_compare_goes_leaf_by_leaf_and_reports_tensors_of_other_shapes():
     assert job.not_comparable == ("output[0]['boxes']: shape 3x4 vs 5x4", "output[0]['scores']: shape 3 vs 5",
                                   "output[0]['labels']: shape 3 vs 5")
     assert diff is not None and diff <= 1e-5  # image 1's tensors, and b = 1 at tau = 1 keeps the function
+    assert set(job.diff_at_temperature) == {1.0, 0.0} and job.diff_at_temperature[0.0] <= 1e-5  # and as served
+    assert {layer.tau for layer in job.converted.modules() if hasattr(layer, "attention")} == {1.0}
     assert job.output_scale > 0
 
 

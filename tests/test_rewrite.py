@@ -313,7 +313,11 @@ def test_multihead_attention_is_unpacked_for_good_with_outputs_kept(tmp_path):
     assert n_params(converted) == kwconvert.plan_of(converted).params_converted
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert (converted(x) - model(x)).abs().max() <= 1e-5
+        expected = model(x)
+        # relative to the outputs' scale: the accumulation order (and so the rounding) differs
+        # between CPUs (AVX2 / AVX-512 kernels); 2**7 float32 epsilons is 1.5e-5
+        tolerance = 2**7 * torch.finfo(torch.float32).eps * expected.abs().max()
+        assert (converted(x) - expected).abs().max() <= tolerance
     kwconvert.save(converted, tmp_path / "vit")
     again = kwconvert.load(tmp_path / "vit", model=model).eval()
     with torch.no_grad():

@@ -51,3 +51,16 @@ def test_the_settings_name_the_cpu():
     with open("/proc/cpuinfo") as cpuinfo:
         name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     assert speed.cpu_description().startswith(f"{name} (family ")
+
+
+def test_the_small_image_workload_trains_the_accuracy_benchmarks_net():
+    """Issue 20's row: the Fashion-MNIST residual CNN, 1 x 28 x 28 inputs, 10 classes, a target of 2x."""
+    images, labels = speed.inputs_for(speed.SMALL, 4)
+    assert images.shape == (4, 1, 28, 28) and int(labels.max()) < 10
+    assert speed.inputs_for("resnet18", 1)[0].shape == (1, 3, speed.IMAGE, speed.IMAGE)
+    assert speed.TARGETS[(speed.SMALL, 64, "training")] == 2.0
+    model = speed.build(speed.SMALL, 1.0)
+    bmm = lambda: speed.fast.use_path("bmm")  # noqa: E731 (no path timing: a quick test)
+    step = speed.make_step(speed.Variant("kw", model, context=bmm), "training", images, labels)
+    step()
+    assert all(p.grad is not None for name, p in model.named_parameters() if name.endswith("cells"))

@@ -1,0 +1,36 @@
+"""Fine-tuning helpers (kwconvert.training): optimiser groups for a converted model."""
+import torch
+import torchvision
+
+import kwconvert
+from kwconvert.layers import Warehouse, is_kw_layer
+from kwconvert.training import FINE_TUNE, parameter_groups
+
+
+def test_groups_hold_every_parameter_once_with_their_own_rates_and_decay():
+    torch.manual_seed(0)
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0)
+    groups = parameter_groups(model, 0.1, weight_decay=5e-4, cell_lr_scale=3.0, attention_lr_scale=0.01)
+    seen = [id(p) for group in groups for p in group["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))
+    cells = {id(m.cells) for m in model.modules() if isinstance(m, Warehouse)}
+    attention = {id(p) for m in model.modules() if is_kw_layer(m) for p in m.attention.parameters()}
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        expected = {"cells": (cells, 0.3), "attention": (attention, 0.001)}.get(group["kind"])
+        if expected:
+            assert ids <= expected[0] and abs(group["lr"] - expected[1]) < 1e-12
+        else:
+            assert not ids & (cells | attention) and group["lr"] == 0.1
+        assert group["weight_decay"] == (5e-4 if all(p.dim() >= 2 for p in group["params"]) else 0.0)
+        assert all((p.dim() >= 2) == (group["weight_decay"] > 0) for p in group["params"])
+    # the held logits (fc2's bias) are never decayed towards zero
+    held = {id(m.attention.fc2.bias) for m in model.modules() if is_kw_layer(m)}
+    assert all(group["weight_decay"] == 0 for group in groups if {id(p) for p in group["params"]} & held)
+    torch.optim.SGD(groups, lr=0.1)  # torch accepts them as they are
+
+
+def test_defaults_are_the_measured_recipe_and_plain_models_get_one_rate():
+    groups = parameter_groups(torchvision.models.resnet18(weights=None), 0.1)
+    assert {group["kind"] for group in groups} == {"other"} and all(g["lr"] == 0.1 for g in groups)
+    assert FINE_TUNE.temperature == 0.0 and FINE_TUNE.attention_lr_scale <= 1 <= FINE_TUNE.cell_lr_scale
