@@ -210,10 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
-    missing = fm.missing_files()
-    if missing:
-        console.print(f"[bold red]error:[/] Fashion-MNIST is not installed ({missing[0]} is missing); "
-                      "run `make data`", highlight=False)
+    if fm.report_missing(console):
         return 1
     recipe = dataclasses.replace(RECIPE, train_images=args.train_images or None, epochs=args.epochs,
                                  batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,

@@ -55,6 +55,15 @@ def missing_files(data_dir: Path = DATA_DIR) -> list[Path]:
     return [data_dir / name for pair in FILES.values() for name in pair if not (data_dir / name).is_file()]
 
 
+def report_missing(console) -> bool:
+    """Print one error line to a rich ``console`` when Fashion-MNIST is not installed; True then."""
+    missing = missing_files()
+    if missing:
+        console.print(f"[bold red]error:[/] Fashion-MNIST is not installed ({missing[0]} is missing); "
+                      "run `make data`", highlight=False)
+    return bool(missing)
+
+
 def read_idx(path: str | os.PathLike) -> Tensor:
     """One IDX file (gzip-compressed or not) as a tensor of its declared type and shape.
 
@@ -198,12 +207,17 @@ class Recipe:
         return asdict(self)
 
 
-def train(model: nn.Module, images: Tensor, labels: Tensor, recipe: Recipe, seed: int) -> dict:
-    """Train ``model`` in place; return the number of steps, the seconds and the last losses."""
+def train(model: nn.Module, images: Tensor, labels: Tensor, recipe: Recipe, seed: int,
+          optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Train ``model`` in place; return the number of steps, the seconds and the last losses.
+
+    ``optimizer``: one of the caller's over ``model`` (its groups' learning rates are the peaks
+    the schedule scales), else ``make_optimizer(model, recipe)``.
+    """
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
     total_steps = max(1, round(recipe.epochs * steps_per_epoch))
-    optimizer = make_optimizer(model, recipe)
+    optimizer = optimizer or make_optimizer(model, recipe)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps, recipe))
     temperature_warmup = recipe.temperature_fraction * total_steps / steps_per_epoch  # in epochs
     model.train()

@@ -32,7 +32,6 @@ import copy
 import dataclasses
 import importlib.metadata
 import importlib.util
-import math
 import os
 import platform
 import statistics
@@ -46,7 +45,6 @@ if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks.fashion_mnis
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -143,40 +141,13 @@ def make_optimizer(model: nn.Module, stage: fm.Recipe, multipliers: dict[str, fl
     return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, nesterov=True)
 
 
-def tau_at(step: int, total_steps: int, fraction: float) -> float:
-    """tau 1 -> 0 linearly over ``fraction`` of the steps, 0 after; 0 throughout when fraction is 0."""
-    if fraction <= 0:
-        return 0.0
-    return max(0.0, 1.0 - step / (fraction * total_steps))
-
-
 def train(model: nn.Module, images: Tensor, labels: Tensor, stage: fm.Recipe, seed: int, *,
           multipliers: dict[str, float] | None = None, tau_fraction: float = 0.0) -> dict:
-    """Train in place (warm-up then cosine, as fashion_mnist.train); the batches depend on ``seed`` only."""
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(images) / stage.batch_size)
-    total_steps = max(1, round(stage.epochs * steps_per_epoch))
-    optimizer = make_optimizer(model, stage, multipliers or {})
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fm._lr_factor(step, total_steps, stage))
-    model.train()
-    losses: list[float] = []
-    order = torch.empty(0, dtype=torch.long)
-    start = time.perf_counter()
-    for step in range(total_steps):
-        position = (step % steps_per_epoch) * stage.batch_size
-        if position == 0:
-            order = torch.randperm(len(images), generator=generator)
-        batch = order[position:position + stage.batch_size]
-        kwconvert.set_temperature(model, tau_at(step, total_steps, tau_fraction))
-        loss = F.cross_entropy(model(images[batch]), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    kwconvert.set_temperature(model, 0.0)  # the serving temperature
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": total_steps, "seconds": time.perf_counter() - start, "final_loss": sum(tail) / len(tail)}
+    """``fashion_mnist.train`` (warm-up then cosine; the batches depend on ``seed`` only) with the
+    KW arms' learning-rate ``multipliers`` and tau 1 -> 0 over ``tau_fraction`` of the steps
+    (0: tau = 0, the serving temperature, throughout); tau ends at 0."""
+    stage = dataclasses.replace(stage, temperature_fraction=tau_fraction)
+    return fm.train(model, images, labels, stage, seed, optimizer=make_optimizer(model, stage, multipliers or {}))
 
 
 def test(model: nn.Module, images: Tensor, labels: Tensor) -> float:
@@ -429,10 +400,7 @@ def preservation_landed() -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
-    missing = fm.missing_files()
-    if missing:
-        console.print(f"[bold red]error:[/] Fashion-MNIST is not installed ({missing[0]} is missing); "
-                      "run `make data`", highlight=False)
+    if fm.report_missing(console):
         return 1
     if "d" in args.arms and not args.sweep and importlib.util.find_spec("torch_pruning") is None:
         console.print("[bold red]error:[/] torch-pruning is not installed; run "
