@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench-plan bench-zoo bench-speed bench-accuracy bench-finetune data install install-test clean
+.PHONY: demo test test-all bench-plan bench-zoo bench-budgets bench-speed bench-accuracy bench-finetune data install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,14 @@ test-all: $(VENV)/.installed-test
 bench-plan: $(VENV)/.installed
 	$(BIN)/python benchmarks/plan_speed.py
 
+# Every model of the zoo planned, converted and checked at tau = 1 (~1 h); bench-budgets plans it
+# at b = 1, 1/2, 1/4 only and reports the ratios against the budget targets (minutes: 5-8 without timm,
+# benchmarks/results/zoo_budgets.json).
 bench-zoo: $(VENV)/.installed
 	$(BIN)/python benchmarks/zoo.py --jobs 2
+
+bench-budgets: $(VENV)/.installed
+	$(BIN)/python benchmarks/zoo.py --plans-only --jobs 2
 
 # Speed and memory of KW models against the plain models (issue 7's targets); 30-60 min.
 bench-speed: $(VENV)/.installed

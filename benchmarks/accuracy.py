@@ -10,6 +10,12 @@ baseline's accuracy before any fine-tuning.
 
     .venv/bin/python benchmarks/accuracy.py                 # the full run (~11 min on 2 quiet cores)
     .venv/bin/python benchmarks/accuracy.py --train-images 500 --test-images 1000 --seeds 1
+    .venv/bin/python benchmarks/accuracy.py --net mobile    # the MobileNetV2-like net, b = 1/2
+
+``--net mobile`` trains ``fashion_mnist.MobileCNN`` instead (``NET_VARIANTS["mobile"]`` unless
+``--variants`` says otherwise) and writes results/accuracy_mobile.json; it shows what the
+planner's allocator, which alone takes that net below 0.95x at b = 1/2, costs in accuracy.
+Both results files hold the plan's ratio at b = 1/2 with and without the allocator.
 
 Runs are spread over ``--jobs`` processes of ``--threads`` threads each (2 x 1 by
 default: on 2 cores two single-threaded runs do more work than one two-threaded run,
@@ -41,7 +47,8 @@ import kwconvert  # noqa: E402
 from benchmarks import fashion_mnist as fm  # noqa: E402
 from benchmarks.results_io import write_json  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.json"
+RESULTS = {"residual": Path(__file__).resolve().parent / "results" / "accuracy.json",
+           "mobile": Path(__file__).resolve().parent / "results" / "accuracy_mobile.json"}
 #: name -> plan options (an empty dict is the unconverted baseline).
 VARIANTS: dict[str, dict] = {
     "baseline": {},
@@ -53,7 +60,13 @@ VARIANTS: dict[str, dict] = {
     # spreads the attentions of the images of a batch apart (README); LayerNorm does not.
     "KW 1x, LN attention": {"budget": 1.0, "attention_norm": "layernorm"},
     "KW 1/2x, LN attention": {"budget": 0.5, "attention_norm": "layernorm"},
+    # The paper's layout at b everywhere: what KW 1/2x costs without the allocator's savings.
+    "KW 1/2x, no allocator": {"budget": 0.5, "allocate": False},
 }
+#: ``--net``'s default variants (the residual net's are those of results/accuracy.json).  The mobile
+#: net's show what the allocator's savings at b = 1/2 cost against the paper's layout at 1/2.
+NET_VARIANTS = {"residual": [v for v in VARIANTS if v != "KW 1/2x, no allocator"],
+                "mobile": ["baseline", "KW 1/2x", "KW 1/2x, no allocator"]}
 #: The one recipe every variant trains with: fashion_mnist's defaults (12,000 images, SGD Nesterov,
 #: weight decay 5e-4, 5 % warm-up then cosine, tau 1 -> 0 over the first 10 % of the steps as in the
 #: paper) for 2 epochs at batch 16 and a peak learning rate of 0.2.  The KW attention learns slowly:
@@ -83,21 +96,21 @@ def data(recipe: fm.Recipe, test_images: int | None) -> dict[str, tuple[torch.Te
     return _DATA[key]
 
 
-def build(variant: str, seed: int, widths: tuple[int, ...], blocks: int) -> torch.nn.Module:
+def build(variant: str, seed: int, net: str, net_options: dict) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = fm.ResidualCNN(widths, blocks)
+    model = fm.NETS[net](**net_options)
     options = dict(VARIANTS[variant])
     if not options:
         return model
     return fm.kernelwarehouse(model, options.pop("budget"), init="random", **options)
 
 
-def run_one(variant: str, seed: int, recipe: fm.Recipe, widths: tuple[int, ...], blocks: int,
+def run_one(variant: str, seed: int, recipe: fm.Recipe, net: str, net_options: dict,
             test_images: int | None, threads: int, preserve_check: bool) -> dict:
     """Train and test one (variant, seed); the baseline's first seed also runs the preserve check."""
     torch.set_num_threads(threads)
     sets = data(recipe, test_images)
-    model = build(variant, seed, widths, blocks)
+    model = build(variant, seed, net, net_options)
     row: dict = {"variant": variant, "seed": seed, "params": fm.parameter_count(model)}
     if variant != "baseline":
         plan = kwconvert.plan_of(model)
@@ -169,11 +182,11 @@ def targets(summary: list[dict], preserve: dict | None) -> dict[str, dict]:
     return result
 
 
-def table(summary: list[dict], recipe: fm.Recipe, seconds: float) -> Table:
+def table(summary: list[dict], recipe: fm.Recipe, seconds: float, model_class: str = "ResidualCNN") -> Table:
     base = next((s for s in summary if s["variant"] == "baseline"), None)
     images = recipe.train_images or 60000
-    out = Table(title=f"Fashion-MNIST test accuracy, {len(summary[0]['seeds'])} seed(s), {images} training "
-                      f"images x {recipe.epochs:g} epoch(s); {seconds / 60:.1f} min")
+    out = Table(title=f"Fashion-MNIST test accuracy of {model_class}, {len(summary[0]['seeds'])} seed(s), "
+                      f"{images} training images x {recipe.epochs:g} epoch(s); {seconds / 60:.1f} min")
     for column in ("model", "accuracy %", "per seed", "params", "vs baseline", "train s", "test s"):
         out.add_column(column, justify="left" if column == "model" else "right")
     for s in summary:
@@ -187,7 +200,10 @@ def table(summary: list[dict], recipe: fm.Recipe, seconds: float) -> Table:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = RECIPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--net", choices=list(fm.NETS), default="residual",
+                        help="residual: ResidualCNN; mobile: MobileCNN (MobileNetV2-like)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="default: NET_VARIANTS[--net]")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, ...)")
     parser.add_argument("--train-images", type=int, default=defaults.train_images,
                         help="class-balanced training subset (0: all 60,000)")
@@ -198,13 +214,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--temperature-fraction", type=float, default=defaults.temperature_fraction,
                         help="tau falls 1 -> 0 over this fraction of training (paper: 0.1)")
-    parser.add_argument("--widths", default="32,64,128", help="channels of the three stages")
-    parser.add_argument("--blocks", type=int, default=1, help="residual blocks per stage")
+    parser.add_argument("--widths", default=None, help="residual net: channels of the three stages (32,64,128)")
+    parser.add_argument("--blocks", type=int, default=None, help="residual net: residual blocks per stage (1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--no-preserve-check", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help="default results/accuracy.json, "
+                                                                 "results/accuracy_mobile.json for --net mobile")
+    args = parser.parse_args(argv)
+    if args.net != "residual" and (args.widths or args.blocks):
+        parser.error("--widths and --blocks shape the residual net only")
+    if args.variants is None:
+        args.variants = list(NET_VARIANTS[args.net])
+    args.out = args.out or RESULTS[args.net]
+    return args
+
+
+def net_options(args: argparse.Namespace) -> dict:
+    """Constructor arguments of the chosen net (the mobile net's defaults are its design)."""
+    if args.net != "residual":
+        return {}
+    return {"widths": tuple(int(w) for w in (args.widths or "32,64,128").split(",")),
+            "blocks_per_stage": args.blocks or 1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe = dataclasses.replace(RECIPE, train_images=args.train_images or None, epochs=args.epochs,
                                  batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                                  temperature_fraction=args.temperature_fraction)
-    widths = tuple(int(w) for w in args.widths.split(","))
+    options = net_options(args)
     test_images = args.test_images or None
     variants = list(args.variants)
     # Longest runs first so that the last ones to finish are short.
     order = sorted(variants, key=lambda v: v == "baseline")
-    tasks = [(v, seed, recipe, widths, args.blocks, test_images, args.threads,
+    tasks = [(v, seed, recipe, args.net, options, test_images, args.threads,
               v == "baseline" and seed == 0 and not args.no_preserve_check)
              for v in order for seed in range(args.seeds)]
     load_start = os.getloadavg()
@@ -241,11 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows, variants)
     preserve = next((r["preserve"] for r in rows if "preserve" in r), None)
     goals = targets(summary, preserve)
+    torch.manual_seed(0)
+    plan_at_half = fm.plan_ratios(fm.NETS[args.net](**options))
+    model_config = fm.net_config(args.net, **options)
     write_json({
         "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "data_dir": str(fm.DATA_DIR),
         "recipe": recipe.to_dict(), "test_images": test_images or 10000,
-        "model": {"class": "ResidualCNN", "widths": list(widths), "blocks_per_stage": args.blocks,
-                  "kw_options": {"stem": "plain", "init": "random"}},
+        "model": {**model_config, "kw_options": {"stem": "plain", "init": "random"}},
+        "plan_at_half": plan_at_half,
         "variants": {v: VARIANTS[v] for v in variants},
         "summary": summary, "preserve_check": preserve, "targets": goals,
         "wall_seconds": seconds, "jobs": args.jobs, "threads_per_job": args.threads,
@@ -255,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     }, args.out)
 
     out = Console()
-    out.print(table(summary, recipe, seconds))
+    out.print(table(summary, recipe, seconds, model_config["class"]))
+    out.print(f"plan at b = 1/2: {plan_at_half['ratio']:.3f}x of the parameters with the allocator, "
+              f"{plan_at_half['ratio_without_allocator']:.3f}x without (allocate=False)")
     if preserve:
         out.print(f"preserve check: baseline (seed 0) {preserve['baseline_accuracy']:.2f}% -> converted at b = 1, "
                   f"tau = 1, before fine-tuning {preserve['accuracy']:.2f}% ({preserve['predictions_changed']} "

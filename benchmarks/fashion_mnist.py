@@ -10,6 +10,12 @@ stages 2 and 3 downsamples with a strided conv and a 1x1 projection, as in ResNe
 global average pooling and a linear classifier.  That is the structure the paper's
 "reassigned stages" rule was made for, so kwconvert plans it like ResNet18.
 
+A second network, :class:`MobileCNN`, is a MobileNetV2 in miniature (depthwise-separable
+inverted-residual blocks, a wide last 1x1 conv, a linear classifier): the kind of model
+whose parameters sit in 1x1 and depthwise convs, where a budget below 1 only saves
+parameters because of the planner's allocator (``plan(..., allocate=False)`` keeps it at
+about 0.94x).  ``NETS`` names both for the benchmarks' ``--net``.
+
 One recipe for every variant, sized to minutes on two CPU cores: SGD with Nesterov
 momentum, a short linear warm-up then a cosine learning rate, weight decay on weights only
 (as the reference implementation's optimiser groups), and the paper's temperature
@@ -19,6 +25,7 @@ epochs in the paper), updated every iteration with :func:`kwconvert.temperature_
 from __future__ import annotations
 
 import gzip
+import inspect
 import math
 import os
 import struct
@@ -165,6 +172,75 @@ class ResidualCNN(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+            activation: bool = True) -> nn.Sequential:
+    """Conv (no bias) + BatchNorm (+ ReLU6): MobileNetV2's unit; no activation after a projection
+    (the "linear bottleneck": a ReLU there would destroy information in the narrow tensor)."""
+    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(out_channels)]
+    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if activation else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, 1x1 linear projection; the input is
+    added back when the block keeps the shape."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = in_channels * expansion
+        self.conv = nn.Sequential(conv_bn(in_channels, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                                  conv_bn(hidden, out_channels, 1, activation=False))
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileCNN(nn.Module):
+    """Stem (3x3, stride 2) -> stages of inverted residuals -> 1x1 conv -> pool -> linear; 1 x 28 x 28.
+
+    The defaults (156 k parameters; 14, 14, 7, 4, 4 pixels) are the smallest of the tried
+    shapes that the allocator brings under 0.8x at b = 1/2 with residual adds inside stages:
+    with stages 16-24-32-64 of 2 blocks each (102-162 k parameters) every warehouse's
+    attention, at least 16 hidden units wide, outweighs the cells it saves, and the plan
+    stays at 0.96-1.0x with the allocator or without.  The classifier reads a rank-2
+    input, so the allocator may give it a warehouse (plan option ``head``).
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), blocks: tuple[int, ...] = (1, 2, 2, 1),
+                 strides: tuple[int, ...] = (1, 2, 2, 1), expansion: int = 4, last_channels: int = 256,
+                 num_classes: int = CLASSES, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = conv_bn(in_channels, widths[0], 3, 2)
+        stages, channels = [], widths[0]
+        for width, count, stride in zip(widths, blocks, strides, strict=True):
+            for index in range(count):
+                stages.append(InvertedResidual(channels, width, stride if index == 0 else 1, expansion))
+                channels = width
+        self.blocks = nn.Sequential(*stages)
+        self.last = conv_bn(channels, last_channels, 1)
+        self.fc = nn.Linear(last_channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.last(self.blocks(self.stem(x))), 1).flatten(1))
+
+
+#: The benchmarks' ``--net`` choices.
+NETS: dict[str, type[nn.Module]] = {"residual": ResidualCNN, "mobile": MobileCNN}
+
+
+def net_config(name: str, **options) -> dict:
+    """The class and every constructor argument (defaults filled in) of ``NETS[name](**options)``,
+    for a results file to say exactly which network it trained."""
+    cls = NETS[name]
+    bound = inspect.signature(cls).bind(**options)
+    bound.apply_defaults()
+    return {"class": cls.__name__, **{k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()}}
+
+
 INPUT_SIZE = (1, 28, 28)
 
 
@@ -177,10 +253,22 @@ def kernelwarehouse(model: nn.Module, budget: float, *, init: str = "random", **
 
     The stem reads one grey channel: a warehouse for it would have cells of 1 input
     channel and an attention wider than the conv, so it stays a normal conv, as the
-    paper keeps ResNet's stem (``stem="plain"``).  The classifier stays plain (a head).
+    paper keeps ResNet's stem (``stem="plain"``).  The classifier is a head: plain, unless the
+    allocator needs it below b = 1 (``head="auto"``).
     """
     return kwconvert.convert(model, budget, init=init, example_inputs=example_input(), stem="plain",
                              **plan_options)
+
+
+def plan_ratios(model: nn.Module, budget: float = 0.5, **plan_options) -> dict:
+    """Converted / original parameters of ``kernelwarehouse(model, budget)``'s plan with the
+    allocator and without it (``allocate=False``: the paper's layout at b everywhere), and the
+    allocator's notes: what its savings are, next to what they cost in accuracy."""
+    plans = {allocate: kwconvert.plan(model, budget, example_inputs=example_input(), stem="plain",
+                                      allocate=allocate, **plan_options) for allocate in (True, False)}
+    return {"budget": budget, "ratio": plans[True].ratio, "ratio_without_allocator": plans[False].ratio,
+            "plain": {s.layer: s.reason for s in plans[True].plain},
+            "notes": [note for note in plans[True].notes if note.startswith("allocator:")]}
 
 
 # =======================================================================================

@@ -21,6 +21,12 @@ is ``RECIPE`` below; ``--sweep`` compares the variants of ``SWEEP`` on one seed.
     .venv/bin/python benchmarks/finetune.py            # the full run, 3 seeds (28 min on 2 cores shared with other jobs)
     .venv/bin/python benchmarks/finetune.py --quick    # a smoke run of every piece (< 2 min)
     .venv/bin/python benchmarks/finetune.py --sweep    # KW recipe variants, one seed, short
+    .venv/bin/python benchmarks/finetune.py --net mobile   # the MobileNetV2-like net instead
+
+``--net mobile`` pre-trains ``fashion_mnist.MobileCNN`` instead, a depthwise-separable net that
+only the planner's allocator takes well below 1x at b = 1/2, and writes
+results/finetune_mobile.json; every results file holds that plan's ratio with and without the
+allocator.
 
 Needs ``torch-pruning`` (``pip install -e ".[bench]"``; ``make bench-finetune`` installs it).
 Prints a table and writes benchmarks/results/finetune.json (atomically).
@@ -232,11 +238,12 @@ def max_logit_diff(a: nn.Module, b: nn.Module, images: Tensor) -> float:
 
 
 def run_seed(seed: int, recipe: FinetuneRecipe, sets: dict, arms: list[str], console: Console,
-             latency_batch: int, latency_reps: int, prune_tolerance: float) -> dict:
-    """Pre-train once, then each arm from a copy of the trained model; test, count, time."""
+             latency_batch: int, latency_reps: int, prune_tolerance: float, net: str = "residual") -> dict:
+    """Pre-train ``fashion_mnist.NETS[net]`` once, then each arm from a copy of the trained model;
+    test, count, time."""
     images, labels = sets["test"]
     torch.manual_seed(seed)
-    original = fm.ResidualCNN()
+    original = fm.NETS[net]()
     pretrain = train(original, *sets["train"], recipe.stage("pretrain"), seed)
     pretrained_accuracy = test(original, images, labels)
     console.log(f"seed {seed}: pre-trained {pretrained_accuracy:.2f}% ({pretrain['steps']} steps, "
@@ -342,6 +349,8 @@ def print_targets(out: Console, goals: dict[str, dict]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = RECIPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", choices=list(fm.NETS), default="residual",
+                        help="residual: ResidualCNN; mobile: MobileCNN (MobileNetV2-like)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds (0, 1, ...): one pre-training each")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--quick", action="store_true", help="a smoke run of every piece (< 2 min)")
@@ -363,7 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prune-tolerance", type=float, default=0.01, help="relative parameter-count mismatch")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON (default results/finetune.json, finetune_quick.json, finetune_sweep.json)")
+                        help="results JSON (default results/finetune.json, finetune_quick.json, finetune_sweep.json; "
+                             "finetune_mobile*.json for --net mobile)")
     args = parser.parse_args(argv)
     if args.quick:
         explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
@@ -377,8 +387,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if "--latency-reps" not in explicit:
             args.latency_reps = 5
     if args.out is None:
-        args.out = RESULTS_DIR / ("finetune_sweep.json" if args.sweep else
-                                  "finetune_quick.json" if args.quick else "finetune.json")
+        net = "" if args.net == "residual" else f"_{args.net}"
+        args.out = RESULTS_DIR / f"finetune{net}{'_sweep' if args.sweep else '_quick' if args.quick else ''}.json"
     return args
 
 
@@ -389,11 +399,11 @@ def recipe_of(args: argparse.Namespace) -> FinetuneRecipe:
                                kw_attention_lr=args.kw_attention_lr, kw_attention_norm=args.kw_attention_norm)
 
 
-def preservation_landed() -> float:
+def preservation_landed(net_name: str = "residual") -> float:
     """Max |logit difference| of an untrained net against its KW 1x conversion at tau = 0 (about 1e-6
     when ``convert(init="preserve")`` keeps the function at every temperature)."""
     torch.manual_seed(0)
-    net = fm.ResidualCNN().eval()
+    net = fm.NETS[net_name]().eval()
     return max_logit_diff(net, convert(net, 1.0, RECIPE), torch.randn(4, *fm.INPUT_SIZE))
 
 
@@ -409,14 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     recipe = recipe_of(args)
     sets = data(recipe, args.test_images or None)
-    preserved = preservation_landed()
+    preserved = preservation_landed(args.net)
     console.log(f"KW 1x at tau = 0 vs the original, untrained net: max |logit diff| {preserved:.2g} "
                 f"({'function preserved' if preserved < 1e-3 else 'NOT preserved at tau 0'})")
     load_start = os.getloadavg()
     start = time.perf_counter()
     common = {"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "test_images": args.test_images or 10000,
-              "model": {"class": "ResidualCNN", "widths": [32, 64, 128], "blocks_per_stage": 1,
-                        "kw_options": {"stem": "plain", "init": "preserve"}},
+              "model": {**fm.net_config(args.net), "kw_options": {"stem": "plain", "init": "preserve"}},
+              "plan_at_half": fm.plan_ratios(fm.NETS[args.net]()),
               "preserved_at_tau0_max_abs_logit_diff": preserved, "threads": args.threads,
               "latency": {"batch": args.latency_batch, "reps": args.latency_reps,
                           "how": "eval, no_grad, interleaved repetitions in one process, median"},
@@ -425,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         return sweep(args, recipe, sets, console, out, common, start, load_start)
     rows = [run_seed(seed, recipe, sets, args.arms, console, args.latency_batch, args.latency_reps,
-                     args.prune_tolerance) for seed in range(args.seeds)]
+                     args.prune_tolerance, args.net) for seed in range(args.seeds)]
     seconds = time.perf_counter() - start
     arms = [a for a in ARMS if a in args.arms]
     summary = summarise(rows, arms)
@@ -434,10 +444,14 @@ def main(argv: list[str] | None = None) -> int:
                 "targets": goals, "wall_seconds": seconds,
                 "machine": machine(load_start), "runs": rows}, args.out)
     images = recipe.train_images or 60000
-    out.print(table(summary, f"Fashion-MNIST fine-tuning, {args.seeds} seed(s), {images} training images: "
+    out.print(table(summary, f"Fashion-MNIST fine-tuning of {common['model']['class']}, {args.seeds} seed(s), "
+                             f"{images} training images: "
                              f"pre-train {recipe.pretrain_epochs:g} epoch(s), fine-tune {recipe.finetune_epochs:g}; "
                              f"{seconds / 60:.1f} min"))
     print_targets(out, goals)
+    half = common["plan_at_half"]
+    out.print(f"plan at b = 1/2: {half['ratio']:.3f}x of the parameters with the allocator, "
+              f"{half['ratio_without_allocator']:.3f}x without (allocate=False)")
     out.print(f"written to {args.out}")
     return 0
 
@@ -448,7 +462,7 @@ def sweep(args, recipe: FinetuneRecipe, sets: dict, console: Console, out: Conso
     arms = [a for a in ("a", "b", "c") if a in args.arms]
     results = {}
     torch.manual_seed(0)
-    original = fm.ResidualCNN()
+    original = fm.NETS[args.net]()
     pretrain = train(original, *sets["train"], recipe.stage("pretrain"), 0)
     images, labels = sets["test"]
     base = test(original, images, labels)

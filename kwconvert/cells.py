@@ -18,7 +18,8 @@ from typing import Sequence
 KINDS = ("conv1d", "conv2d", "conv3d", "linear")
 
 
-def cell_shape(weight_shapes: Sequence[Sequence[int]], budget: float) -> tuple[int, ...]:
+def cell_shape(weight_shapes: Sequence[Sequence[int]], budget: float,
+               ratio: tuple[float, float] | None = None) -> tuple[int, ...]:
     """Cell shape ``(f_e, c_e, 1, ...)`` for the layers sharing one warehouse.
 
     Paper Sec. 3.2 / App. "common dimension divisors": ``c_e`` is the GCD of the
@@ -27,12 +28,19 @@ def cell_shape(weight_shapes: Sequence[Sequence[int]], budget: float) -> tuple[i
     warehouse can hold fewer cells than there are mixtures; an odd GCD, which has no exact
     half, goes to its largest divisor below the half (:func:`half_divisor`), so the cells
     still tile every kernel.
+
+    ``ratio = (out, in)`` sets the cell as fractions of the GCDs instead, as the reference's
+    ``cell_outplane_ratio`` / ``cell_inplane_ratio`` do (its MobileNetV2 1/2x classifier:
+    ``(1, 0.025)`` cuts a 1000 x 1280 kernel into 1000 x 32 cells); each side is the
+    largest divisor of its GCD within that fraction (:func:`divisor_at_most`).
     """
     if not weight_shapes:
         raise ValueError("a warehouse needs at least one layer")
     f_e = reduce(math.gcd, (int(s[0]) for s in weight_shapes))
     c_e = reduce(math.gcd, (int(s[1]) for s in weight_shapes))
-    if budget < 1:
+    if ratio is not None:
+        f_e, c_e = divisor_at_most(f_e, f_e * ratio[0]), divisor_at_most(c_e, c_e * ratio[1])
+    elif budget < 1:
         f_e, c_e = half_divisor(f_e), half_divisor(c_e)
     spatial = max(len(s) for s in weight_shapes) - 2
     return (f_e, c_e) + (1,) * spatial
@@ -50,6 +58,18 @@ def half_divisor(gcd: int) -> int:
         raise ValueError(f"a channel GCD must be a positive integer, got {gcd}")
     smallest_factor = next((p for p in range(2, math.isqrt(gcd) + 1) if gcd % p == 0), gcd)
     return gcd // smallest_factor
+
+
+def divisor_at_most(value: int, bound: float) -> int:
+    """The largest divisor of ``value`` that is at most ``bound`` (at least 1).
+
+    The reference takes ``int(gcd * ratio)`` and trusts it to divide; a divisor keeps the
+    cells tiling every kernel for any ratio.  A tolerance absorbs float error
+    (``1280 * 0.025`` must give 32, not 31.999...).
+    """
+    limit = max(int(bound + 1e-9), 1)
+    small = [d for d in range(1, math.isqrt(value) + 1) if value % d == 0]
+    return max(d for d in small + [value // d for d in small] if d <= limit)
 
 
 def cells_in(weight_shape: Sequence[int], cell: Sequence[int]) -> int:

@@ -5,6 +5,7 @@ usually call ``kwconvert.plan`` / ``kwconvert.convert`` / ``kwconvert.save`` dir
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,8 @@ def parse_option(text: str) -> tuple[str, Any]:
 
     Lets the command line reach every ``PlanOptions`` field without a flag for each:
     ``true``/``false``, ``none``, numbers and fractions (``1/16``) convert, a comma makes a
-    tuple (``exclude=layer4.*,fc``); anything else stays a string.  The planner validates.
+    tuple (``exclude=layer4.*,fc``), a value starting with ``{`` or ``[`` is JSON
+    (``warehouses={"stem.*": {"budget": 1}}``); anything else stays a string.  The planner validates.
     """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -117,6 +119,11 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def _option_value(raw: str) -> Any:
+    if raw.startswith(("{", "[")):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"option value {raw!r} is not valid JSON: {err.msg}") from None
     if "," in raw:
         return tuple(_option_value(part.strip()) for part in raw.split(",") if part.strip())
     lowered = raw.lower()

@@ -194,12 +194,16 @@ class Plan:
                 table.add_row(layer.name + rows, _dims(layer.weight_shape), _dims(w.cell), str(layer.cells))
             parts.append(table)
         where = f" (module {self.module})" if self.module else ""
-        summary = Table(title=f"{self.model}{where} at b = {self.budget:g}: {len(self.warehouses)} warehouses",
-                        title_justify="left")
-        for column in ("warehouse", "layers", "cell", "m_t", "n", "warehouse params", "attention params"):
-            summary.add_column(column, justify="left" if column == "warehouse" else "right")
+        summary = Table(title=f"{self.model}{where} at b = {self.budget:g}: {len(self.warehouses)} warehouses "
+                              "(l layers sharing n cells for m_t mixtures)", title_justify="left", pad_edge=False)
+        own_budgets = any(w.budget != self.budget for w in self.warehouses)
+        columns = ("warehouse", "l", "cell", "n/m_t") + (("b'",) if own_budgets else ()) + (
+            "cell\nparams", "attention\nparams")
+        for column in columns:  # never cut: "stage5.conv..." would not tell split parts apart
+            summary.add_column(column, justify="left" if column == "warehouse" else "right", no_wrap=True)
         for w in self.warehouses:
-            summary.add_row(w.name, str(len(w.layers)), _dims(w.cell), str(w.m_t), str(w.n),
+            budget = (f"{w.budget:g}",) if own_budgets else ()
+            summary.add_row(w.name, str(len(w.layers)), _dims(w.cell), f"{w.n}/{w.m_t}", *budget,
                             f"{w.warehouse_params:,}", f"{w.attention_params:,}")
         parts.append(summary)
         if self.plain:
@@ -516,9 +520,23 @@ class PlanOptions:
     mode: str = field(default="kernelwarehouse", metadata={"help": (
         "'kernelwarehouse', or 'dynamic_conv': vanilla DY-Conv/CondConv as KernelWarehouse's "
         "degenerate case (whole kernels as cells, one warehouse per layer, n = max(int(b), 1))")})
+    head: str = field(default="auto", metadata={"help": (
+        "heads (layers on a rank-2 input: the classifier): 'auto' keeps them static unless the "
+        "allocator needs them below 1; 'warehouse' gives each a warehouse of its own with cells "
+        "of all its outputs and 1/40 of its inputs (the reference's MobileNetV2 1/2x classifier); "
+        "'plain' keeps them static")})
+    allocate: bool = field(default=True, metadata={"help": (
+        "below 1, spend the budget where the parameters are: while the model holds more than "
+        "b + 1/4 of its parameters, apply the change that saves the most (a warehouse at "
+        "b' = 1, a head in a warehouse, a narrower attention, the saver, a split, coarser "
+        "cells; README 'Budgets below 1'); false gives every warehouse the paper's layout at b")})
+    warehouses: dict = field(default_factory=dict, metadata={"help": (
+        "pin warehouses' layouts: {glob on the warehouse name (as in the plan, before a "
+        "split's -1, -2): {budget, cell: [out, in] fractions of the GCDs, reduction, "
+        "param_saver, static}}; the allocator never changes a pinned field")})
     max_params_ratio: float | str = field(default="auto", metadata={"help": (
         "budget guard: the converted model may hold at most this many times the baseline "
-        "parameters; 'auto' = b + 0.5 for b >= 1/2, else 1.0")})
+        "parameters; 'auto' = b + 0.5 for b >= 1, else 1.0 (a budget below 1 never grows a model)")})
 
     def __post_init__(self) -> None:
         def choice(name: str, value: Any, choices: tuple) -> None:
@@ -548,6 +566,10 @@ class PlanOptions:
                 raise ValueError(f"option {name} must be a number in (0, 1], got {value!r}")
         if not (isinstance(self.min_hidden, int) and self.min_hidden >= 1):
             raise ValueError(f"option min_hidden must be a positive integer, got {self.min_hidden!r}")
+        choice("head", self.head, ("auto", "plain", "warehouse"))
+        if not isinstance(self.allocate, bool):
+            raise ValueError(f"option allocate must be true or false, got {self.allocate!r}")
+        object.__setattr__(self, "warehouses", _checked_pins(self.warehouses))
         if self.max_params_ratio != "auto" and not (
                 isinstance(self.max_params_ratio, (int, float)) and self.max_params_ratio > 0):
             raise ValueError(f"option max_params_ratio must be 'auto' or a positive number, "
@@ -569,11 +591,54 @@ class PlanOptions:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
+    def pins(self, warehouse: str) -> dict[str, Any]:
+        """The ``warehouses`` option's settings for one warehouse (later patterns win)."""
+        found: dict[str, Any] = {}
+        for pattern, settings in self.warehouses.items():
+            if fnmatch.fnmatchcase(warehouse, pattern):
+                found.update(settings)
+        return found
+
     def params_ratio(self, budget: float) -> float:
         """The budget guard's bound on converted / baseline parameters."""
         if self.max_params_ratio != "auto":
             return float(self.max_params_ratio)
-        return budget + 0.5 if budget >= 0.5 else 1.0
+        return budget + 0.5 if budget >= 1 else 1.0
+
+
+_PIN_KEYS = ("budget", "cell", "reduction", "param_saver", "static")
+
+
+def _checked_pins(pins: Any) -> dict[str, dict[str, Any]]:
+    """The ``warehouses`` option, validated; budgets may be written "1/2"."""
+    where = "option warehouses"
+    if not isinstance(pins, dict):
+        raise ValueError(f"{where} must map warehouse-name patterns to settings, got {pins!r}")
+    checked = {}
+    for pattern, settings in pins.items():
+        if not isinstance(pattern, str) or not isinstance(settings, dict):
+            raise ValueError(f"{where}: {pattern!r} must map a name pattern to a dict of settings, got {settings!r}")
+        unknown = sorted(set(settings) - set(_PIN_KEYS))
+        if unknown:
+            raise ValueError(f"{where}[{pattern!r}]: unknown setting(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join(_PIN_KEYS)}")
+        settings = dict(settings)
+        if "budget" in settings:
+            value = settings["budget"]
+            settings["budget"] = parse_budget(value) if isinstance(value, str) else check_budget(value)
+        for key in ("param_saver", "static"):
+            if key in settings and not isinstance(settings[key], bool):
+                raise ValueError(f"{where}[{pattern!r}]: {key} must be true or false, got {settings[key]!r}")
+        if "reduction" in settings and not (_is_number(settings["reduction"]) and 0 < settings["reduction"] <= 1):
+            raise ValueError(f"{where}[{pattern!r}]: reduction must be a number in (0, 1], got {settings['reduction']!r}")
+        if "cell" in settings:
+            cell = settings["cell"]
+            if not (isinstance(cell, (list, tuple)) and len(cell) == 2
+                    and all(_is_number(v) and 0 < v <= 1 for v in cell)):
+                raise ValueError(f"{where}[{pattern!r}]: cell must be [out, in] fractions in (0, 1], got {cell!r}")
+            settings["cell"] = [float(v) for v in cell]
+        checked[pattern] = settings
+    return checked
 
 
 # =======================================================================================
@@ -625,12 +690,14 @@ def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, m
         graph = trace(model, example_inputs)
     name = model_name or (type(model).__name__ if model is not None else "model")
     grouping = group_layers(graph, budget, opts)
-    norm = _attention_norm(graph, opts)
-    sizing = _Sizing(budget, opts, norm)
-    groups, plain, notes = grouping.groups, dict(grouping.plain), list(graph.notes) + grouping.notes
-    limit = opts.params_ratio(budget) * graph.params_baseline
-    groups, saver = _honour_budget(graph, groups, plain, sizing, limit, notes)
-    warehouses = tuple(sizing.warehouse(g.name, g.members, saver) for g in groups)
+    sizing = _Sizing(opts, _attention_norm(graph, opts))
+    notes = list(graph.notes) + grouping.notes
+    groups = _layouts(grouping, budget, sizing, notes)
+    plain = grouping.plain
+    if budget < 1 and opts.allocate:
+        groups = _allocate(graph, groups, grouping.heads, plain, sizing, budget, notes)
+    groups = _honour_budget(graph, groups, plain, sizing, opts.params_ratio(budget) * graph.params_baseline, notes)
+    warehouses = tuple(sizing.warehouse(g.name, g.members, g.layout) for g in _renumber(groups))
     dropped = sum(math.prod(l.weight_shape) + graph.candidate(l.name).extra_params
                   for w in warehouses for l in w.layers)
     params = graph.params_baseline - dropped + sum(w.params for w in warehouses)
@@ -690,17 +757,20 @@ def _plan_module(model: nn.Module | None, budget: float, example_inputs, path: s
 
 @dataclass
 class Group:
-    """Layers that will share one warehouse (before sizing)."""
+    """Layers that will share one warehouse, and how it is sized (None until :func:`_layouts`)."""
     name: str
     members: list[Candidate]
+    layout: Layout | None = None
 
 
 @dataclass
 class Grouping:
-    """Warehouse groups (by first member), static layers with reasons, and notes."""
+    """Warehouse groups (by first member), static layers with reasons, notes, and the heads
+    (layers on a rank-2 input: classifiers), which are plain until a warehouse takes them."""
     groups: list[Group]
     plain: dict[str, str]
     notes: list[str]
+    heads: list[Candidate] = field(default_factory=list)
 
 
 def group_layers(graph: LayerGraph, budget: float, options: PlanOptions) -> Grouping:
@@ -734,6 +804,8 @@ def group_layers(graph: LayerGraph, budget: float, options: PlanOptions) -> Grou
                      f"rows ({split[0]}{', ...' if len(split) > 1 else ''})")
     if options.mode == "dynamic_conv":
         return Grouping([Group(c.name, [c]) for c in converted], plain, notes)
+    heads = [c for c in graph.candidates if plain.get(c.name) == "head"
+             and _static_reason(graph, c, options, head=True) is None]
     stems = set(graph.stems) if graph.exact else {graph.candidates[0].name}
     stages = _stages(graph, options, notes)
     split_expansion = budget > 1 if options.expansion_split == "auto" else options.expansion_split
@@ -742,16 +814,20 @@ def group_layers(graph: LayerGraph, budget: float, options: PlanOptions) -> Grou
         stage = "stem" if cand.name in stems else stages.get(cand.name, "pre")
         name = f"{stage}.{_role(graph, cand, options, split_expansion)}"
         keyed.setdefault(name, Group(name, [])).members.append(cand)
-    return Grouping(list(keyed.values()), plain, notes)
+    return Grouping(list(keyed.values()), plain, notes, heads)
 
 
-def _static_reason(graph: LayerGraph, cand: Candidate, options: PlanOptions) -> str | None:
-    """Why a candidate stays a normal layer, or None when it may be converted."""
+def _static_reason(graph: LayerGraph, cand: Candidate, options: PlanOptions, head: bool = False) -> str | None:
+    """Why a candidate stays a normal layer, or None when it may be converted.
+
+    Heads (a rank-2 input: the classifier) are "head" here; with ``head=True``, the
+    reason a head could not be converted either, or None when a warehouse may take it.
+    """
     if options.include and not any(fnmatch.fnmatchcase(cand.name, p) for p in options.include):
         return "excluded by option"
     if any(fnmatch.fnmatchcase(cand.name, p) for p in options.exclude):
         return "excluded by option"
-    if cand.input_shape is not None and len(cand.input_shape) == 2:
+    if cand.input_shape is not None and len(cand.input_shape) == 2 and not head:
         return "head"
     if cand.custom_forward and cand.custom_forward not in EQUIVALENT_FORWARDS | compat.EXTRAS.keys():
         return (f"{cand.custom_forward.rsplit('.', 1)[-1]} overrides torch's forward; a KernelWarehouse "
@@ -921,68 +997,193 @@ def _attention_norm(graph: LayerGraph, options: PlanOptions) -> str:
 
 
 @dataclass(frozen=True)
-class _Sizing:
-    """Cells, n and attention of a warehouse, from kwconvert.cells (paper Sec. 3)."""
+class Layout:
+    """How one warehouse is sized: its own budget b', cell, attention width and saver.
+
+    The paper gives every warehouse the model's b, cells of the GCDs (halved below 1),
+    attention reduction 1/16 and, at b < 1, the parameter saver where attention dominates.
+    Below 1 the allocator (:func:`_allocate`) may give a warehouse another layout, and the
+    ``warehouses`` option pins any field.  ``cell_ratio`` ``(out, in)`` are fractions of the
+    GCDs (:func:`kwconvert.cells.cell_shape`); None is the paper's rule.
+    """
     budget: float
+    cell_ratio: tuple[float, float] | None = None
+    reduction: float = 1 / 16
+    saver: bool = False
+
+
+#: A converted head's cell spans every output and 1/40 of the inputs, as the reference's
+#: MobileNetV2 1/2x classifier (cells 1000 x 32 of its 1000 x 1280 kernel: 40 mixtures).
+#: A head warehouse has one layer, so the GCDs are the kernel itself and the paper's rule
+#: would cut it into 4 cells: too few mixtures to be dynamic.
+HEAD_CELL_RATIO = (1.0, 1 / 40)
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    """Cells, n and attention of a warehouse under a layout, from kwconvert.cells (paper Sec. 3)."""
     options: PlanOptions
     norm: str
 
-    def warehouse(self, name: str, members: Sequence[Candidate], saver: bool = False) -> WarehousePlan:
-        cell, counts, n, basis_ratio = self._layout(members, saver)
+    def warehouse(self, name: str, members: Sequence[Candidate], layout: Layout) -> WarehousePlan:
+        cell, counts, n, basis_ratio = self._layout(members, layout)
         layers, offset = [], 0
         for cand, m in zip(members, counts):
             layers.append(LayerPlan(name=cand.name, kind=cand.kind, weight_shape=tuple(cand.weight_shape),
                                     in_channels=cand.in_channels, groups=cand.groups, cells=m,
-                                    offset=offset, hidden=self._hidden(cand), rows=cand.rows))
-            offset += cells.cells_handed_out(m, self.budget)
+                                    offset=offset, hidden=self._hidden(cand, layout), rows=cand.rows))
+            offset += cells.cells_handed_out(m, layout.budget)
         return WarehousePlan(name=name, layers=tuple(layers), cell=cell, m_t=sum(counts), n=n,
-                             budget=self.budget, attention_norm=self.norm, basis_ratio=basis_ratio,
+                             budget=layout.budget, attention_norm=self.norm, basis_ratio=basis_ratio,
                              warehouse_params=n * math.prod(cell),
-                             attention_params=self._attention(members, counts, n, basis_ratio))
+                             attention_params=self._attention(members, counts, n, layout, basis_ratio))
 
-    def cost(self, members: Sequence[Candidate], saver: bool = False) -> int:
+    def cost(self, members: Sequence[Candidate], layout: Layout) -> int:
         """Parameters a group adds over the static layers it replaces (may be negative).
 
-        The arithmetic of :meth:`warehouse` without building the plan: the budget guard
-        evaluates it for every split it considers.
+        The arithmetic of :meth:`warehouse` without building the plan: the allocator and
+        the budget guard evaluate it for every choice they consider.
         """
-        cell, counts, n, basis_ratio = self._layout(members, saver)
-        return (n * math.prod(cell) + self._attention(members, counts, n, basis_ratio)
+        cell, counts, n, basis_ratio = self._layout(members, layout)
+        return (n * math.prod(cell) + self._attention(members, counts, n, layout, basis_ratio)
                 - sum(c.weight_numel for c in members))
 
-    def _layout(self, members: Sequence[Candidate], saver: bool):
+    def _layout(self, members: Sequence[Candidate], layout: Layout):
         """``(cell, m per layer, n, basis_ratio)``; dynamic_conv cells are whole kernels."""
         shapes = [c.weight_shape for c in members]
         if self.options.mode == "dynamic_conv":
             cell = tuple(shapes[0])
         else:
-            cell = cells.cell_shape(shapes, self.budget)
+            cell = cells.cell_shape(shapes, layout.budget, layout.cell_ratio)
         counts = [cells.cells_in(shape, cell) for shape in shapes]
-        basis_ratio = self.options.basis_ratio if saver and self.budget < 1 else None
-        return cell, counts, cells.warehouse_size(sum(counts), self.budget), basis_ratio
+        basis_ratio = self.options.basis_ratio if layout.saver and layout.budget < 1 else None
+        return cell, counts, cells.warehouse_size(sum(counts), layout.budget), basis_ratio
 
-    def _hidden(self, cand: Candidate) -> int:
-        return cells.hidden_size(cand.in_channels, self.options.reduction, self.options.min_hidden)
+    def _hidden(self, cand: Candidate, layout: Layout) -> int:
+        return cells.hidden_size(cand.in_channels, layout.reduction, self.options.min_hidden)
 
-    def _attention(self, members: Sequence[Candidate], counts: Sequence[int], n: int,
+    def _attention(self, members: Sequence[Candidate], counts: Sequence[int], n: int, layout: Layout,
                    basis_ratio: float | None) -> int:
-        return sum(cells.attention_params(cand.in_channels, self._hidden(cand), m, n, norm=self.norm,
-                                          budget=self.budget, basis_ratio=basis_ratio)
+        return sum(cells.attention_params(cand.in_channels, self._hidden(cand, layout), m, n, norm=self.norm,
+                                          budget=layout.budget, basis_ratio=basis_ratio)
                    for cand, m in zip(members, counts))
 
 
-def _use_saver(sizing: _Sizing, groups: list[Group]) -> bool:
+def _use_saver(sizing: _Sizing, groups: list[Group], budget: float) -> bool:
     """Spec rule: the saver is on when b < 1 and attention > half the warehouse parameters."""
-    if sizing.budget >= 1 or sizing.options.param_saver is False or sizing.options.mode == "dynamic_conv":
+    options = sizing.options
+    if budget >= 1 or options.param_saver is False or options.mode == "dynamic_conv":
         return False
-    if sizing.options.param_saver is True:
+    if options.param_saver is True:
         return True
-    planned = [sizing.warehouse(g.name, g.members) for g in groups]
+    planned = [sizing.warehouse(g.name, g.members, g.layout) for g in groups]
     return sum(w.attention_params for w in planned) > 0.5 * sum(w.warehouse_params for w in planned)
 
 
+def _layouts(grouping: Grouping, budget: float, sizing: _Sizing, notes: list[str]) -> list[Group]:
+    """Every group's layout: the paper's, then the ``warehouses`` option's pins.
+
+    Heads (``head='warehouse'``) join as warehouses of their own with narrow cells
+    (:data:`HEAD_CELL_RATIO`); a warehouse pinned ``static`` leaves its layers plain.
+    """
+    options = sizing.options
+    paper = Layout(budget=budget, reduction=options.reduction)
+    groups = [dataclasses.replace(g, layout=paper) for g in grouping.groups]
+    if options.head == "warehouse":
+        groups += [Group(f"head.{cand.kind}", [cand], _head_layout(budget, options)) for cand in grouping.heads]
+        for cand in grouping.heads:
+            del grouping.plain[cand.name]
+    if _use_saver(sizing, groups, budget):
+        groups = [dataclasses.replace(g, layout=dataclasses.replace(g.layout, saver=True)) for g in groups]
+        notes.append(f"parameter saver on (basis ratio {options.basis_ratio:g}): at b < 1 the "
+                     "attention would otherwise hold more than half as many parameters as the warehouses")
+    pinned = []
+    for group in groups:
+        pins = options.pins(group.name)
+        if pins.get("static"):
+            grouping.plain.update((c.name, "kept static by option warehouses") for c in group.members)
+        else:
+            group.layout = _pinned(group.layout, pins)
+            pinned.append(group)
+    return pinned
+
+
+def _head_layout(budget: float, options: PlanOptions) -> Layout:
+    return Layout(budget=budget, cell_ratio=HEAD_CELL_RATIO, reduction=options.reduction)
+
+
+def _pinned(layout: Layout, pins: dict[str, Any]) -> Layout:
+    changes = {"budget": pins.get("budget"), "reduction": pins.get("reduction"), "saver": pins.get("param_saver"),
+               "cell_ratio": tuple(pins["cell"]) if "cell" in pins else None}
+    return dataclasses.replace(layout, **{k: v for k, v in changes.items() if v is not None})
+
+
+# =======================================================================================
+# Allocation below 1 and the budget guard
+# =======================================================================================
+def allocation_target(budget: float) -> float:
+    """Converted / baseline parameters the allocator works down to below 1.
+
+    ``b + 1/4`` up to b = 1/2, then halfway from b to 1 (0.875 at 3/4).  The budget scales
+    the warehouses' cells; a converted model also holds attention and the layers it keeps
+    static, so b itself is out of reach.  The target is what the paper's own b < 1 models
+    reach (ResNet18 1/4x 0.35, 1/2x 0.64, ResNet50 1/2x 0.69, the authors' MobileNetV2
+    1/2x 0.76, ConvNeXt-T 3/4x 0.86): the allocator leaves those layouts as they are.
+    """
+    return min(budget + 0.25, (1 + budget) / 2)
+
+
+def _allocate(graph: LayerGraph, groups: list[Group], heads: list[Candidate], plain: dict[str, str],
+              sizing: _Sizing, budget: float, notes: list[str]) -> list[Group]:
+    """Spend a budget below 1 where the parameters are.
+
+    The paper's layout at b everywhere leaves mobile models near 1x: attention grows with
+    m_t squared and their classifiers (a third of MobileNetV2) stay static.  While the model
+    holds more than :func:`allocation_target` of its baseline parameters, apply the change
+    that saves the most (:meth:`_Part.moves`): a warehouse at b' = 1, its GCD cells
+    one-to-one, where its attention at b costs more than the smaller cells save (the
+    reference's MobileNetV2 1/2x keeps its small early warehouses at ratio 1); a head in a
+    warehouse of its own; half a warehouse's attention width, down to a quarter of
+    ``reduction`` (the reference's MobileNetV2 1/2x uses 1/32); its parameter saver; a
+    split in two (:func:`_best_split`); cells of its whole GCDs (a quarter of the
+    mixtures, a sixteenth of the attention).  Each change is noted per warehouse.
+
+    No layer is kept static here, no b' leaves [b, 1], and the ``warehouses`` option's pins
+    are never changed.  The paper's b < 1 ResNets are under the target already and keep
+    their layouts.
+    """
+    options = sizing.options
+    parts = [_Part(g.name, g.members, g.layout, sizing, frozenset(options.pins(g.name))) for g in groups]
+    changes: dict[str, list[str]] = collections.defaultdict(list)
+    waiting = []  # heads the allocator may convert, as their pins would have them
+    for cand in heads if options.head == "auto" else []:
+        pins = options.pins(f"head.{cand.kind}")
+        if cand.name in plain and not pins.get("static"):
+            waiting.append(_Part(f"head.{cand.kind}", [cand], _pinned(_head_layout(budget, options), pins), sizing,
+                                 frozenset(pins), converted=False))
+    limit = allocation_target(budget) * graph.params_baseline
+    while graph.params_baseline + sum(p.cost for p in parts) > limit:
+        moves = [(move, part) for part in parts + waiting for move in part.moves()]
+        if not moves:
+            break
+        (saving, label, replacement), part = max(moves, key=lambda mp: mp[0][0])
+        if saving <= 0:
+            break
+        if part in waiting:
+            waiting.remove(part)
+            del plain[part.members[0].name]
+            parts.extend(replacement)
+        else:
+            index = parts.index(part)
+            parts[index:index + 1] = replacement
+        changes[part.name].append(f"{label} (saves {saving:,})")
+    for name, done in changes.items():
+        notes.append(f"allocator: {name}: " + "; ".join(done))
+    return [Group(p.name, p.members, p.layout) for p in parts]
+
+
 def _honour_budget(graph: LayerGraph, groups: list[Group], plain: dict[str, str], sizing: _Sizing,
-                   limit: float, notes: list[str]) -> tuple[list[Group], bool]:
+                   limit: float, notes: list[str]) -> list[Group]:
     """Budget guard: keep the converted model under ``limit`` parameters.
 
     The attention of a warehouse grows with m_t squared (fc2 is hidden x m x (n + 1) per
@@ -1001,20 +1202,15 @@ def _honour_budget(graph: LayerGraph, groups: list[Group], plain: dict[str, str]
     within each layer nearly as good as within each stage (ResNet18 KW 1x: 74.34 vs
     74.77 top-1), and a static layer loses the method altogether.
     """
-    saver = _use_saver(sizing, groups)
-    if saver:
-        notes.append(f"parameter saver on (basis ratio {sizing.options.basis_ratio:g}): at b < 1 the "
-                     "attention would otherwise hold more than half as many parameters as the warehouses")
     allowed = limit - graph.params_baseline  # total cost the warehouses may add
-    parts = [_Part(g.name, list(g.members), sizing, saver) for g in groups]
+    parts = [_Part(g.name, list(g.members), g.layout, sizing) for g in groups]
     splits: dict[str, int] = {}
     kept_static = []
     while sum(p.cost for p in parts) > allowed:
         index, part = max(enumerate(parts), key=lambda ip: (ip[1].split_saving, -ip[0]))
         if part.split_saving > 0:
             _, first, second = part.split
-            parts[index:index + 1] = [_Part(part.name, first, sizing, saver),
-                                      _Part(part.name, second, sizing, saver)]
+            parts[index:index + 1] = [part.with_members(first), part.with_members(second)]
             splits[part.name] = splits.get(part.name, 1) + 1
         else:
             index, part = max(enumerate(parts), key=lambda ip: (ip[1].drop[0], -ip[0]))
@@ -1024,7 +1220,7 @@ def _honour_budget(graph: LayerGraph, groups: list[Group], plain: dict[str, str]
             kept_static.append(part.members[drop].name)
             plain[part.members[drop].name] = "kept static to honour the budget"
             rest = part.members[:drop] + part.members[drop + 1:]
-            parts[index:index + 1] = [_Part(part.name, rest, sizing, saver)] if rest else []
+            parts[index:index + 1] = [part.with_members(rest)] if rest else []
     total = graph.params_baseline + sum(p.cost for p in parts)
     if splits:
         notes.append("budget guard: split " + ", ".join(f"{name} into {k}" for name, k in splits.items())
@@ -1034,30 +1230,74 @@ def _honour_budget(graph: LayerGraph, groups: list[Group], plain: dict[str, str]
     if total > limit:
         notes.append(f"budget guard: the plan holds {total / graph.params_baseline:.2f}x the baseline "
                      f"parameters, over the limit of {limit / graph.params_baseline:.2f}x; no remedy was left")
-    return _renumber([(p.name, p.members) for p in parts]), saver
+    return [Group(p.name, p.members, p.layout) for p in parts]
 
 
 class _Part:
-    """A warehouse under the guard: its cost, its best split and its costliest layer."""
+    """A warehouse under the allocator or the guard: its cost and the changes it allows.
 
-    def __init__(self, name: str, members: list[Candidate], sizing: _Sizing, saver: bool):
-        self.name, self.members, self.sizing, self.saver = name, members, sizing, saver
-        self.cost = sizing.cost(members, saver)
+    A head the allocator has not converted yet is a part with ``converted=False``: it costs
+    nothing, and its one move converts it.
+    """
+
+    def __init__(self, name: str, members: list[Candidate], layout: Layout, sizing: _Sizing,
+                 pinned: frozenset[str] = frozenset(), converted: bool = True):
+        self.name, self.members, self.layout, self.sizing = name, list(members), layout, sizing
+        self.pinned, self.converted = pinned, converted
+        self.cost = sizing.cost(members, layout) if converted else 0
+
+    def replaced(self, layout: Layout) -> "_Part":
+        return _Part(self.name, self.members, layout, self.sizing, self.pinned)
+
+    def with_members(self, members: list[Candidate]) -> "_Part":
+        return _Part(self.name, members, self.layout, self.sizing, self.pinned)
+
+    def moves(self) -> list[tuple[int, str, list["_Part"]]]:
+        """The allocator's changes to this part: ``(saving, label, replacement parts)``."""
+        if not self.converted:
+            head = self.replaced(self.layout)
+            return [(-head.cost, f"{self.members[0].name} converted, cells {_dims(head.cell)}", [head])]
+        layout, options, found = self.layout, self.sizing.options, []
+        if "budget" not in self.pinned and layout.budget < 1:
+            found.append(self._relayout("b' = 1", budget=1.0, saver=False))
+        if "reduction" not in self.pinned and layout.reduction > options.reduction / 4 * (1 + 1e-9):
+            found.append(self._relayout(f"attention reduction 1/{round(2 / layout.reduction)}",
+                                        reduction=layout.reduction / 2))
+        if "param_saver" not in self.pinned and layout.budget < 1 and not layout.saver \
+                and options.param_saver is not False:
+            found.append(self._relayout("parameter saver on", saver=True))
+        if "cell" not in self.pinned and layout.budget < 1 and layout.cell_ratio is None \
+                and options.mode != "dynamic_conv":
+            found.append(self._relayout("cells of the whole GCDs", cell_ratio=(1.0, 1.0)))
+        if self.split is not None:
+            saving, first, second = self.split
+            found.append((saving, f"split before {second[0].name}" if first[-1].order < second[0].order
+                          else f"split off {second[0].name} and {len(second) - 1} more",
+                          [self.with_members(first), self.with_members(second)]))
+        return found
+
+    def _relayout(self, label: str, **change: Any) -> tuple[int, str, list["_Part"]]:
+        other = self.replaced(dataclasses.replace(self.layout, **change))
+        return self.cost - other.cost, label, [other]
+
+    @property
+    def cell(self) -> tuple[int, ...]:
+        return self.sizing._layout(self.members, self.layout)[0]
 
     @functools.cached_property
     def split(self) -> tuple[int, list[Candidate], list[Candidate]] | None:
         """``(saving, first, second)`` of the best two-way split, None for one layer."""
         if len(self.members) < 2:
             return None
-        first, second, costs = _best_split(self.sizing, self.members, self.saver)
+        first, second, costs = _best_split(self.sizing, self.members, self.layout)
         return self.cost - sum(costs), first, second
 
     @functools.cached_property
     def drop(self) -> tuple[int, int]:
         """``(saving, index)`` of keeping the costliest layer static."""
         members = self.members
-        savings = [self.cost - (self.sizing.cost(members[:j] + members[j + 1:], self.saver) if len(members) > 1 else 0)
-                   for j in range(len(members))]
+        savings = [self.cost - (self.sizing.cost(members[:j] + members[j + 1:], self.layout)
+                                if len(members) > 1 else 0) for j in range(len(members))]
         best = max(range(len(members)), key=lambda j: (savings[j], -j))
         return savings[best], best
 
@@ -1066,7 +1306,7 @@ class _Part:
         return self.split[0] if self.split is not None else 0
 
 
-def _best_split(sizing: _Sizing, members: list[Candidate], saver: bool):
+def _best_split(sizing: _Sizing, members: list[Candidate], layout: Layout):
     """The two-way split of ``members`` whose parts cost the least: ``(left, right, costs)``.
 
     Candidates are every cut in execution order (fewer blocks per warehouse) and every
@@ -1075,7 +1315,7 @@ def _best_split(sizing: _Sizing, members: list[Candidate], saver: bool):
     """
     best = None
     for left, right in _two_way_splits(members):
-        costs = (sizing.cost(left, saver), sizing.cost(right, saver))
+        costs = (sizing.cost(left, layout), sizing.cost(right, layout))
         if best is None or sum(costs) < sum(best[2]):
             best = (left, right, costs)
     return best
@@ -1100,16 +1340,15 @@ def _two_way_splits(members: list[Candidate]):
                        [c for c in members if pattern(c) != value])
 
 
-def _renumber(parts: list[tuple[str, list[Candidate]]]) -> list[Group]:
+def _renumber(groups: list[Group]) -> list[Group]:
     """Groups ordered by first member; a split warehouse's parts are named NAME-1, NAME-2..."""
-    counts: dict[str, int] = {}
-    for name, _ in parts:
-        counts[name] = counts.get(name, 0) + 1
-    seen: dict[str, int] = {}
-    groups = []
-    for name, members in sorted(parts, key=lambda p: p[1][0].order):
+    counts = collections.Counter(group.name for group in groups)
+    seen: dict[str, int] = collections.defaultdict(int)
+    numbered = []
+    for group in sorted(groups, key=lambda g: g.members[0].order):
+        name = group.name
         if counts[name] > 1:
-            seen[name] = seen.get(name, 0) + 1
+            seen[name] += 1
             name = f"{name}-{seen[name]}"
-        groups.append(Group(name, list(members)))
-    return groups
+        numbered.append(Group(name, list(group.members), group.layout))
+    return numbered

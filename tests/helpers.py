@@ -1,13 +1,19 @@
 """Helpers shared by the tests (command line: test_cli.py, test_bad_input.py, test_models.py;
-per-sample kernels: test_export.py, test_fast.py, test_native.py)."""
+per-sample kernels: test_export.py, test_fast.py, test_native.py; planning torchvision
+models: test_plan.py, test_plan_allocator.py)."""
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
+
+from kwconvert.plan import Plan, plan
+from kwconvert.trace import LayerGraph, trace
 
 #: Tolerance of float32 results, relative to the largest value compared: 2**7 float32 epsilons
 #: (1.5e-5), room for the accumulation orders of different CPUs' kernels (AVX2, AVX-512, AMX).
@@ -49,3 +55,13 @@ def input_dependent(model: nn.Module) -> nn.Module:
         if is_kw_layer(module):
             module.attention.reset_parameters()
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def graph_of(name: str, **kwargs) -> LayerGraph:
+    """The traced graph of a torchvision model (random weights), once per test process."""
+    return trace(torchvision.models.get_model(name, weights=None, **kwargs))
+
+
+def plan_of(name: str, budget: float, **options) -> Plan:
+    return plan(None, budget, graph=graph_of(name), model_name=name, **options)

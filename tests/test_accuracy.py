@@ -61,7 +61,7 @@ def test_a_tiny_run_of_every_variant_writes_the_table(tmp_path, capsys):
                           "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
-    assert [s["variant"] for s in result["summary"]] == list(accuracy.VARIANTS)
+    assert [s["variant"] for s in result["summary"]] == accuracy.NET_VARIANTS["residual"]
     by_name = {s["variant"]: s for s in result["summary"]}
     assert by_name["KW 1/2x"]["params"] < by_name["baseline"]["params"] < by_name["KW 4x"]["params"]
     assert all(r["steps"] == round(accuracy.RECIPE.epochs * 320 / accuracy.RECIPE.batch_size)
@@ -89,3 +89,59 @@ def test_the_benchmark_trains_every_variant_with_one_recipe_and_the_papers_tempe
     assert (args.batch_size, args.lr, args.epochs) == (accuracy.RECIPE.batch_size, accuracy.RECIPE.lr,
                                                        accuracy.RECIPE.epochs)
     assert args.temperature_fraction == accuracy.RECIPE.temperature_fraction == 0.1
+
+
+# =======================================================================================
+# The MobileNetV2-like net (``--net mobile``)
+# =======================================================================================
+def test_the_mobile_net_is_depthwise_separable_and_small():
+    torch.manual_seed(0)
+    net = fm.MobileCNN().eval()
+    assert 100_000 <= fm.parameter_count(net) <= 250_000
+    assert net(torch.zeros(2, *fm.INPUT_SIZE)).shape == (2, fm.CLASSES)
+    depthwise = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(depthwise) == len(net.blocks) == sum(fm.net_config("mobile")["blocks"])
+    assert [block.residual for block in net.blocks] == [True, False, True, False, True, False]
+
+
+def test_the_allocator_takes_the_mobile_net_under_0_8_at_half():
+    """The point of the mobile benchmarks: without the allocator b = 1/2 barely shrinks this net."""
+    torch.manual_seed(0)
+    net = fm.MobileCNN()
+    ratios = fm.plan_ratios(net)
+    assert ratios["ratio"] < 0.8 < 0.9 < ratios["ratio_without_allocator"] < 1.0
+    assert ratios["notes"] and all(note.startswith("allocator:") for note in ratios["notes"])
+    # A warehouse for the 2,570-parameter classifier would hold more than it saves: it stays plain.
+    assert ratios["plain"]["fc"] == "head"
+    converted = fm.kernelwarehouse(net, 0.5, inplace=False)
+    assert fm.parameter_count(converted) == round(ratios["ratio"] * fm.parameter_count(net))
+    assert type(converted.fc) is torch.nn.Linear
+    assert converted.eval()(torch.zeros(2, *fm.INPUT_SIZE)).shape == (2, fm.CLASSES)
+
+
+def test_the_net_flag_selects_the_mobile_net_its_variants_and_its_results_file():
+    residual, mobile = accuracy.parse_args([]), accuracy.parse_args(["--net", "mobile"])
+    assert residual.net == "residual" and residual.variants == accuracy.NET_VARIANTS["residual"]
+    assert residual.out == accuracy.RESULTS["residual"] and residual.out.name == "accuracy.json"
+    assert accuracy.net_options(residual) == {"widths": (32, 64, 128), "blocks_per_stage": 1}
+    assert mobile.variants == accuracy.NET_VARIANTS["mobile"] == ["baseline", "KW 1/2x", "KW 1/2x, no allocator"]
+    assert mobile.out.name == "accuracy_mobile.json" and accuracy.net_options(mobile) == {}
+    assert isinstance(accuracy.build("KW 1/2x", 0, mobile.net, {}).blocks[0], fm.InvertedResidual)
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--net", "mobile", "--widths", "8,16,32"])
+
+
+@needs_data
+def test_a_tiny_run_of_the_mobile_net_records_the_plan_with_and_without_the_allocator(tmp_path):
+    out = tmp_path / "accuracy_mobile.json"
+    code = accuracy.main(["--net", "mobile", "--train-images", "64", "--test-images", "100", "--seeds", "1",
+                          "--jobs", "1", "--no-preserve-check", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["class"] == "MobileCNN" and result["model"]["widths"] == [16, 32, 64, 128]
+    assert [s["variant"] for s in result["summary"]] == accuracy.NET_VARIANTS["mobile"]
+    params = {s["variant"]: s["params"] for s in result["summary"]}
+    plan = result["plan_at_half"]
+    assert params["KW 1/2x"] == round(plan["ratio"] * params["baseline"])
+    assert params["KW 1/2x, no allocator"] == round(plan["ratio_without_allocator"] * params["baseline"])
+    assert plan["ratio"] < 0.8 < plan["ratio_without_allocator"]

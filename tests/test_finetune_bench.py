@@ -4,11 +4,13 @@ Pruning needs ``torch-pruning`` (the ``bench`` extra) and the end-to-end run nee
 (``make data``); without them those tests are skipped.  The full benchmark is
 ``make bench-finetune``.
 """
+import dataclasses
 import importlib.util
 import json
 
 import pytest
 import torch
+from rich.console import Console
 
 from benchmarks import fashion_mnist as fm
 from benchmarks import finetune
@@ -73,3 +75,29 @@ def test_a_tiny_run_writes_the_table_and_the_targets(tmp_path, capsys):
     assert len(result["targets"]) == 3 and all("met" in goal for goal in result["targets"].values())
     assert "latency_ratio" in result["summary"]["c"]
     assert "target (c) >= (d) + 0.5" in capsys.readouterr().out
+
+
+# =======================================================================================
+# The MobileNetV2-like net (``--net mobile``)
+# =======================================================================================
+def test_the_net_flag_selects_the_mobile_net_and_its_results_files():
+    assert finetune.parse_args([]).net == "residual" and finetune.parse_args([]).out.name == "finetune.json"
+    assert finetune.parse_args(["--net", "mobile"]).out.name == "finetune_mobile.json"
+    assert finetune.parse_args(["--net", "mobile", "--quick"]).out.name == "finetune_mobile_quick.json"
+    assert finetune.preservation_landed("mobile") < 1e-4
+
+
+@needs_pruning
+def test_every_arm_of_the_mobile_net_on_synthetic_data():
+    """One pre-training step, one fine-tuning step: (c) is the allocator's 1/2x plan, (d) pruned to it."""
+    generator = torch.Generator().manual_seed(0)
+    sets = {split: (torch.randn(count, *fm.INPUT_SIZE, generator=generator),
+                    torch.randint(0, fm.CLASSES, (count,), generator=generator))
+            for split, count in (("train", 32), ("test", 20))}
+    recipe = dataclasses.replace(finetune.RECIPE, train_images=32, pretrain_epochs=1.0, finetune_epochs=1.0)
+    row = finetune.run_seed(0, recipe, sets, ["a", "c", "d"], Console(quiet=True), latency_batch=2,
+                            latency_reps=0, prune_tolerance=0.01, net="mobile")
+    params = {arm: info["params"] for arm, info in row["arms"].items()}
+    assert params["a"] == fm.parameter_count(fm.MobileCNN())
+    assert params["c"] < 0.8 * params["a"] and abs(params["d"] / params["c"] - 1) <= 0.01
+    assert all(info["finetune"]["steps"] == 1 for info in row["arms"].values())

@@ -19,14 +19,7 @@ from kwconvert import cells
 from kwconvert.plan import Plan, PlanOptions, check_consistent, parse_budget, plan
 from kwconvert.trace import trace
 
-
-@functools.lru_cache(maxsize=None)
-def graph_of(name: str, **kwargs):
-    return trace(torchvision.models.get_model(name, weights=None, **kwargs))
-
-
-def plan_of(name: str, budget: float, **options) -> Plan:
-    return plan(None, budget, graph=graph_of(name), model_name=name, **options)
+from .helpers import graph_of, plan_of
 
 
 def conv_share(name: str, result: Plan) -> float:
@@ -121,7 +114,7 @@ def test_resnet50_plain_layers_and_parameter_saver():
         ("layer1.0.downsample.0", "stem-fed pointwise conv"), ("fc", "head")]
     assert {w.basis_ratio for w in result.warehouses} == {1 / 16}
     assert plan_of("resnet18", 0.5).warehouses[0].basis_ratio is None  # 0.24 < 1/2: saver off
-    without = plan_of("resnet50", 0.5, param_saver=False)
+    without = plan_of("resnet50", 0.5, param_saver=False, allocate=False)
     assert without.params_converted > result.params_converted
 
 
@@ -140,8 +133,9 @@ def walk_fits(result: Plan) -> None:
         offset = 0
         for layer in warehouse.layers:
             assert layer.offset == offset
-            offset += cells.cells_handed_out(layer.cells, result.budget)
-        assert offset <= warehouse.n == cells.warehouse_size(warehouse.m_t, result.budget)
+            offset += cells.cells_handed_out(layer.cells, warehouse.budget)
+        assert offset <= warehouse.n == cells.warehouse_size(warehouse.m_t, warehouse.budget)
+        assert result.budget <= warehouse.budget <= max(result.budget, 1)  # the allocator's b' range
 
 
 @pytest.mark.parametrize("budget", ANY_BUDGETS)
@@ -305,7 +299,7 @@ def test_table_renders_warehouses_summary_plain_layers_and_totals():
     console = Console(record=True, width=160)
     console.print(plan_of("resnet50", 0.5).table())
     text = console.export_text()
-    for expected in ("stage1.conv2d", "layer2.0.downsample.0", "512x256x1x1", "attention params",
+    for expected in ("stage1.conv2d", "layer2.0.downsample.0", "512x256x1x1", "attention",
                      "stem-fed pointwise conv", "17,638,264", "25,557,032", "0.690"):
         assert expected in text
 
@@ -419,7 +413,8 @@ def test_odd_channel_gcd_at_small_budget_gives_cells_that_tile_and_convert():
     """At b < 1 the odd GCD 45 goes to 15, its largest divisor below the half (not 45 // 2 = 22)."""
     model = OddChannels().eval()
     x = torch.randn(1, 3, 8, 8)
-    result = plan(model, 0.5, x, stem="plain", stem_fed_pointwise_plain=False, max_params_ratio=100)
+    result = plan(model, 0.5, x, stem="plain", stem_fed_pointwise_plain=False, max_params_ratio=100,
+                  allocate=False)
     assert [(w.cell, [layer.cells for layer in w.layers]) for w in result.warehouses] == [((15, 32, 1, 1), [6, 54])]
     assert Plan.from_json(result.to_json()) == result
     converted = kwconvert.convert(model, result, inplace=False)
@@ -438,7 +433,7 @@ def test_odd_m_plans_and_converts_at_any_budget(budget):
     cells for n = floor(171 / 2) = 85; floor shares hand out 40 + 40 + 4 = 84."""
     model = odd_cells().eval()
     x = torch.randn(1, 3, 6, 6)
-    result = plan(model, budget, x, stem="plain", max_params_ratio=100)
+    result = plan(model, budget, x, stem="plain", max_params_ratio=100, allocate=False)
     (warehouse,) = result.warehouses
     assert [layer.cells for layer in warehouse.layers] == ([81, 81, 9] if budget < 1 else [9, 9, 1])
     walk_fits(result)

@@ -111,7 +111,8 @@ def test_at_b_1_and_above_the_original_is_kept_at_every_temperature(name, budget
 @pytest.mark.parametrize("name", ["conv2d-grouped-depthwise", "conv1d", "linear-tokens"])
 def test_below_b_1_every_temperature_gives_the_fitted_model_of_tau_1(name, budget, dtype):
     build, input_size, options = GRID[name]
-    original, converted, x = convert(build(), budget, input_size, dtype, **EVERYTHING, **options)
+    # every warehouse at b (tiny models' attention outweighs their cells: the allocator would set b' = 1)
+    original, converted, x = convert(build(), budget, input_size, dtype, **EVERYTHING, **options, allocate=False)
     plan = kwconvert.plan_of(converted)
     assert all(0 < w.init_error < 1 for w in plan.warehouses)  # the fit is still reported
     at_one = outputs_at(converted, x, 1.0, False)
@@ -122,25 +123,33 @@ def test_below_b_1_every_temperature_gives_the_fitted_model_of_tau_1(name, budge
 
 
 ZOO = {
-    # name: (build, input size, budget, what it covers)
-    "resnet18": (lambda: torchvision.models.resnet18(weights=None), (3, 64, 64), 1.0),
-    "resnet50-b1/2": (lambda: torchvision.models.resnet50(weights=None), (3, 32, 32), 0.5),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), (3, 64, 64), 1.0),
-    "deit_tiny": (lambda: __import__("timm").create_model("deit_tiny_patch16_224"), (3, 224, 224), 1.0),
+    # name: (build, input size, budget, plan options)
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None), (3, 64, 64), 1.0, {}),
+    "resnet18-head": (lambda: torchvision.models.resnet18(weights=None), (3, 32, 32), 1.0, {"head": "warehouse"}),
+    "resnet50-b1/2": (lambda: torchvision.models.resnet50(weights=None), (3, 32, 32), 0.5, {}),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), (3, 64, 64), 1.0, {}),
+    # the allocator: b' = 1 and 1/2 side by side, narrowed attentions, the classifier fitted
+    "mobilenet_v2-b1/2": (lambda: torchvision.models.mobilenet_v2(weights=None), (3, 32, 32), 0.5, {}),
+    "deit_tiny": (lambda: __import__("timm").create_model("deit_tiny_patch16_224"), (3, 224, 224), 1.0, {}),
 }
 
 
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_models_keep_their_function_at_every_temperature(name):
-    build, input_size, budget = ZOO[name]
-    original, converted, x = convert(build(), budget, input_size)
+    build, input_size, budget, options = ZOO[name]
+    original, converted, x = convert(build(), budget, input_size, **options)
+    plan = kwconvert.plan_of(converted)
+    assert sum(p.numel() for p in converted.parameters()) == plan.params_converted
+    heads = [w for w in plan.warehouses if w.name == "head.linear"]  # the classifier as a mixture
+    assert bool(heads) == (name in ("resnet18-head", "mobilenet_v2-b1/2"))
+    assert all((head.init_error == 0) == (budget >= 1) for head in heads)  # exact, or fitted and reported
     x = x[:2]
     reference = outputs_at(original, x, None, False) if budget >= 1 else outputs_at(converted, x, 1.0, False)
     for tau in TEMPERATURES:
         diff = (outputs_at(converted, x, tau, False) - reference).abs().max()
         assert diff <= TOLERANCE[torch.float32] * scale_of(reference), (tau, float(diff))
     if name == "resnet50-b1/2":  # the parameter saver's logits are held too
-        assert all(w.basis_ratio for w in kwconvert.plan_of(converted).warehouses)
+        assert all(w.basis_ratio for w in plan.warehouses)
     if name == "deit_tiny":  # query and key stay static, values and MLPs are mixtures
         assert any(name.endswith("mlp.fc1") for name, _ in converted_layers(converted))
 
@@ -176,7 +185,8 @@ def attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if ".attention." in name and p.numel()}
 
 
-@pytest.mark.parametrize("budget, options", [(1.0, {}), (0.5, {"param_saver": True})], ids=["b1", "b1/2-saver"])
+@pytest.mark.parametrize("budget, options", [(1.0, {}), (0.5, {"param_saver": True, "allocate": False})],
+                         ids=["b1", "b1/2-saver"])
 def test_every_attention_parameter_learns_within_two_steps(budget, options):
     """The held start is not a dead end: the zero projection passes gradients on."""
     torch.manual_seed(0)

@@ -31,6 +31,7 @@ def test_model_plans_converts_and_matches_the_original_at_tau_1(model):
     row = zoo.run_case(model, timeout=300)
     assert row["status"] == "pass", f"{model}: {row['status']}: {row['reason']}"
     assert row["ratio_b1"] <= 1.5 and row["ratio_b05"] <= 1.0
+    assert row["ratio_b025"] < row["ratio_b05"] and row["why_b025"].startswith("static: ")
     assert row["layer_diff"] <= zoo.LAYER_TOLERANCE and row["max_diff"] <= row["tolerance"]
 
 
@@ -187,3 +188,106 @@ def test_whole_zoo_meets_its_targets(tmp_path):
     assert summary["timm"]["pass_percent"] >= 95.0
     unexplained = [r for r in rows if r["status"] != "pass" and (r["status"] != "refused" or not r["reason"])]
     assert not unexplained, [(r["model"], r["status"], r["reason"]) for r in unexplained]
+
+
+# --- budgets below 1: the budget report ---------------------------------------------------
+def synthetic_row(model, params, b05, b025, why="static: head 12%, stem 3%; cells 40%", status="pass"):
+    return {"model": model, "group": model.partition(":")[0], "status": status, "reason": "",
+            "params_baseline": params, "ratio_b1": None if b05 is None else 1.2, "ratio_b05": b05,
+            "ratio_b025": b025, "why_b05": why, "why_b025": why}
+
+
+def test_budget_report_gives_the_distribution_and_lists_models_above_their_target_with_why():
+    rows = [synthetic_row("torchvision:big", 5_000_000, 0.90, 0.50, why="static: head 30%; cells 40%"),
+            synthetic_row("torchvision:small", 1_000_000, 0.95, 0.55),  # under 2 M: no target of its own
+            synthetic_row("torchvision:mobilenet_v2", 3_500_000, 0.80, 0.70),  # 0.77 is stricter than 0.85
+            synthetic_row("torchvision:fine", 5_000_000, 0.60, 0.40),
+            synthetic_row("torchvision:broken", None, None, None, status="error"),
+            synthetic_row("timm:huge", 50_000_000, 0.99, 0.98)]  # targets are torchvision's only
+    rows[4]["reason"] = "plan: RuntimeError: boom"
+    report = zoo.budget_report(rows)
+    line = {(d["group"], d["budget"]): d for d in report["distribution"]}
+    half = line["torchvision", 0.5]
+    assert (half["models"], half["of"]) == (4, 5)
+    assert (half["min"], half["median"], half["max"]) == (0.60, 0.85, 0.95)
+    assert (half["min_model"], half["max_model"]) == ("torchvision:fine", "torchvision:small")
+    assert half["target"] == zoo.MEDIAN_TARGETS[0.5] and half["met"] is False
+    quarter = line["torchvision", 0.25]
+    assert quarter["median"] == pytest.approx(0.525) and quarter["met"] is True
+    assert line["timm", 0.5]["target"] is None and line["timm", 0.5]["met"] is None
+    assert line["all", 0.5]["median"] == 0.90 and line["all", 0.5]["met"] is None
+    above = {(a["model"], a["budget"]): a for a in report["above_target"]}
+    assert set(above) == {("torchvision:big", 0.5), ("torchvision:mobilenet_v2", 0.5),
+                          ("torchvision:broken", 0.5), ("torchvision:broken", 0.25)}
+    assert above["torchvision:big", 0.5]["target"] == 0.85 and "head 30%" in above["torchvision:big", 0.5]["why"]
+    assert above["torchvision:mobilenet_v2", 0.5]["target"] == 0.77
+    assert above["torchvision:broken", 0.25]["ratio"] is None and "boom" in above["torchvision:broken", 0.25]["why"]
+    json.dumps(report)  # it goes into the results file
+
+
+def test_model_target_is_the_stricter_rule_and_torchvision_only():
+    mobilenet = synthetic_row("torchvision:mobilenet_v2", 3_500_000, 0.8, 0.5)
+    assert zoo.model_target(mobilenet, 0.5) == (0.77, "its own target")
+    assert zoo.model_target(synthetic_row("torchvision:x", 2_000_000, 0.8, 0.5), 0.5)[0] == 0.85
+    assert zoo.model_target(synthetic_row("torchvision:x", 1_999_999, 0.8, 0.5), 0.5) is None
+    assert zoo.model_target(synthetic_row("video:x", 9_000_000, 0.8, 0.5), 0.5) is None
+    assert zoo.model_target(mobilenet, 0.25) is None
+
+
+def test_why_gives_shares_of_the_baseline_largest_static_reason_first_and_the_last_allocator_note():
+    from types import SimpleNamespace
+
+    from kwconvert.plan import StaticLayer
+    plan = SimpleNamespace(
+        params_baseline=1000, params_converted=700,
+        plain=(StaticLayer("conv0", "stem"), StaticLayer("fc", "head"),
+               StaticLayer("q", "query/key projection (static in ViTs, as in the paper)")),
+        warehouses=(SimpleNamespace(warehouse_params=300, attention_params=60),
+                    SimpleNamespace(warehouse_params=100, attention_params=40)),
+        notes=("budget guard: split a into 2", "allocator: w: " + "x" * 300, "query and key stay static"))
+    why = zoo._why(plan, {"conv0": 30, "fc": 150, "q": 2})
+    assert why.startswith("static: head 15%, stem 3%, query/key projection <1%; cells 40%; attention 10%; rest 2%; ")
+    last = why.split("last of 2 note(s): ")[1]
+    assert last.startswith("allocator: w: xxx") and last.endswith("...") and len(last) == zoo.WHY_NOTE_CHARS
+
+
+class ValueReader(nn.Module):
+    """Reads a value in its forward: it cannot be traced or planned on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3))
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        y = self.body(x)
+        y = y if float(y.mean()) > -1e9 else -y
+        return self.head(y.mean((2, 3)))
+
+
+def test_plans_only_plans_on_the_meta_device_as_on_the_cpu_and_falls_back_to_the_cpu(monkeypatch):
+    row = zoo.run_case("custom:conv1d_resnet", plans_only=True)
+    assert (row["status"], row["device"], row["max_diff"]) == ("planned", "meta", None), row["reason"]
+    cpu = {}
+    with torch.no_grad():
+        zoo._plan_on(zoo.Case("custom:conv1d_resnet"), cpu, "cpu")
+    for field in ("ratio_b1", "ratio_b05", "ratio_b025", "why_b05", "why_b025", "params_baseline"):
+        assert row[field] == cpu[field], field
+    assert row["ratio_b025"] < row["ratio_b05"] < row["ratio_b1"]
+    monkeypatch.setitem(zoo.CUSTOM, "value_reader", (ValueReader, (3, 16, 16)))
+    row = zoo.run_case("custom:value_reader", plans_only=True)
+    assert (row["status"], row["device"]) == ("planned", "cpu"), row["reason"]
+
+
+def test_plans_only_writes_its_own_file_with_the_budget_report(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(zoo, "RESULTS", tmp_path / "zoo.json")
+    monkeypatch.setattr(zoo, "BUDGET_RESULTS", tmp_path / "zoo_budgets.json")
+    monkeypatch.setattr(zoo, "sweep", lambda cases, jobs, threads, timeout, fast_path, on_row, plans_only: [
+        on_row(zoo.run_case(case.id, timeout, fast_path, plans_only)) for case in cases])
+    assert zoo.main(["--plans-only", "--subset", "custom:conv1d_resnet", "--no-timm"]) == 0
+    assert not (tmp_path / "zoo.json").exists()
+    data = json.loads((tmp_path / "zoo_budgets.json").read_text())
+    assert data["settings"]["plans_only"] is True and data["summary"]["custom"]["planned"] == 1
+    assert [(d["group"], d["budget"]) for d in data["budgets"]["distribution"]] == [
+        (group, budget) for group in ("custom", "all") for budget in (1.0, 0.5, 0.25)]
+    assert "above target: none" in capsys.readouterr().out
