@@ -42,8 +42,9 @@ class OneLineErrors(TyperGroup):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except ClickError as error:
-            if type(error).__name__ == "NoArgsIsHelpError":
-                sys.exit(2)  # typer has printed the help
+            if type(error).__name__ == "NoArgsIsHelpError":  # run bare: the help, not silence
+                out.print(error.ctx.get_help(), markup=False, highlight=False)
+                sys.exit(2)
             hint = f"; see '{error.ctx.command_path} --help'" if getattr(error, "ctx", None) else ""
             _print_error(error.format_message().strip().replace("\n", " ").rstrip(".") + hint)
             sys.exit(getattr(error, "exit_code", 2))
@@ -54,7 +55,21 @@ class OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Turn a PyTorch vision model into a KernelWarehouse dynamic-convolution model.")
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import version
+        out.print(f"kwconvert {version('kwconvert')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="print the version and exit")] = None) -> None:
+    """Options before the command (``kwconvert --version``)."""
 
 
 class Failure(Exception):
@@ -237,7 +252,7 @@ def export_saved(
 def run() -> None:
     """Console-script entry: ``kwconvert MODEL ...`` means ``kwconvert convert MODEL ...``."""
     args = sys.argv[1:]
-    if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h"):
+    if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h", "--version"):
         sys.argv.insert(1, "convert")
     app()
 

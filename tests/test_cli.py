@@ -144,3 +144,18 @@ def test_installed_script_runs_as_a_subprocess(tmp_path):
                          timeout=300)
     assert bad.returncode == 2
     assert "did you mean" in one_line(bad.stderr)
+
+
+@pytest.mark.parametrize("args, code", [([], 2), (["-h"], 0), (["--help"], 0), (["resnet18", "-h"], 0)],
+                         ids=["bare", "-h", "--help", "convert -h"])
+def test_help_prints_for_bare_and_short_flags(args, code):
+    """Run bare, kwconvert used to exit 2 and print nothing; -h was 'No such option'."""
+    done = subprocess.run([installed_script(), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert done.stdout.startswith("Usage: kwconvert") and not done.stderr
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+    done = subprocess.run([installed_script(), "--version"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, f"kwconvert {version('kwconvert')}")
