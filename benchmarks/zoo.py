@@ -441,15 +441,7 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
     from kwconvert.trace import trace
     from kwconvert.vit import unpacked_attention
 
-    row["stage"] = "build"
-    torch.manual_seed(0)
-    try:
-        model = case.build().eval()
-    except Exception as err:
-        raise _ModelError(f"the model does not build: {type(err).__name__}: {_one_line(err)}") from None
-    own = case.own_size(model)
-    row["own_size"] = list(own)
-    row["params_baseline"] = sum(p.numel() for p in model.parameters())
+    model, own = _build(case, row)
 
     row["stage"] = "original forward"
     size, x, expected = _first_accepted(model, case.check_sizes(own), seed=1)
@@ -500,6 +492,20 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
                         f"{plan_b1.params_converted:,}")
     row.update(status="fail" if problems else "pass", reason="; ".join(problems))
     return "done"
+
+
+def _build(case: Case, row: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, tuple[int, ...]]:
+    """The model in eval mode (seed 0) and its own input size; fills the row's size and parameters."""
+    row["stage"] = "build"
+    torch.manual_seed(0)
+    try:
+        with torch.device(device):
+            model = case.build().eval()
+    except Exception as err:
+        raise _ModelError(f"the model does not build: {type(err).__name__}: {_one_line(err)}") from None
+    own = case.own_size(model)
+    row.update(own_size=list(own), params_baseline=sum(p.numel() for p in model.parameters()))
+    return model, own
 
 
 def _plan_budgets(case: Case, model: nn.Module, graph, row: dict[str, Any], plan_b1) -> dict[float, Any]:
@@ -612,15 +618,8 @@ def _plan_on(case: Case, row: dict[str, Any], device: str) -> dict[float, Any]:
     from kwconvert.plan import plan
     from kwconvert.trace import trace
 
-    row.update(stage="build", device=device)
-    torch.manual_seed(0)
-    try:
-        with torch.device(device):
-            model = case.build().eval()
-    except Exception as err:
-        raise _ModelError(f"the model does not build: {type(err).__name__}: {_one_line(err)}") from None
-    own = case.own_size(model)
-    row.update(own_size=list(own), params_baseline=sum(p.numel() for p in model.parameters()))
+    row["device"] = device
+    model, own = _build(case, row, device)
 
     row["stage"] = "plan"
     started = time.perf_counter()

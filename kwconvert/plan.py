@@ -1163,7 +1163,7 @@ def _allocate(graph: LayerGraph, groups: list[Group], heads: list[Candidate], pl
                                  frozenset(pins), converted=False))
     limit = allocation_target(budget) * graph.params_baseline
     while graph.params_baseline + sum(p.cost for p in parts) > limit:
-        moves = [(move, part) for part in parts + waiting for move in part.moves()]
+        moves = [(move, part) for part in parts + waiting for move in part.moves]
         if not moves:
             break
         (saving, label, replacement), part = max(moves, key=lambda mp: mp[0][0])
@@ -1252,8 +1252,12 @@ class _Part:
     def with_members(self, members: list[Candidate]) -> "_Part":
         return _Part(self.name, members, self.layout, self.sizing, self.pinned)
 
+    @functools.cached_property
     def moves(self) -> list[tuple[int, str, list["_Part"]]]:
-        """The allocator's changes to this part: ``(saving, label, replacement parts)``."""
+        """The allocator's changes to this part: ``(saving, label, replacement parts)``.
+
+        Cached: a part never changes (the allocator replaces it), so each loop of the
+        allocator only sizes the moves of the parts the last change made."""
         if not self.converted:
             head = self.replaced(self.layout)
             return [(-head.cost, f"{self.members[0].name} converted, cells {_dims(head.cell)}", [head])]
