@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The stamps re-run pip only when the project files change (pip also compiles kwconvert/_native.c).
-PROJECT := pyproject.toml setup.py kwconvert/_native.c
+PROJECT := pyproject.toml setup.py kwconvert/_native.c kwconvert/_native_tile.h
 $(VENV)/.installed: $(PROJECT) | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	touch $@
@@ -29,9 +29,9 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/kwconvert resnet50 --budget 0.5
 
-# PORTABLE: the layers' tests again without the compiled kernel (KWCONVERT_NATIVE=0), so that a
-# machine with AVX-512 also checks the paths an AVX2 machine or one without a compiler runs
-# (torch.compile never calls the kernel: its tests are not repeated); 2-3 minutes.
+# PORTABLE: the layers' tests again without the compiled kernel (KWCONVERT_NATIVE=0), so that the
+# paths of a machine without a compiler are checked too (every copy of the kernel this CPU runs is
+# checked in tests/test_native.py; the torch.compile tests are not repeated); 2-3 minutes.
 PORTABLE := KWCONVERT_NATIVE=0 $(BIN)/python -m pytest -q -n 2 -k "not compile" tests/test_fast.py tests/test_layers.py tests/test_native.py
 
 test: $(VENV)/.installed-test

@@ -1,11 +1,31 @@
 """Builds kwconvert's optional compiled kernel; everything else is declared in pyproject.toml.
 
-``kwconvert/_native.c`` is compiled for this machine (``-march=native``) with OpenMP.  The
-extension is optional: when the compiler is missing or refuses the flags, pip still installs
-kwconvert, ``kwconvert.native.available()`` is False and the pure-PyTorch paths run.
+``kwconvert/_native.c`` is compiled once per instruction set, each copy its own module:
+``_native_baseline`` with the compiler's default target (any CPU of the architecture) and, on
+x86-64, ``_native_avx2`` (AVX2 + FMA) and ``_native_avx512`` (AVX-512F).  No copy is tied
+to the CPU that built it (never ``-march=native``): ``kwconvert.native`` loads, at run time,
+the best copy the CPU executes (``KWCONVERT_ISA`` forces one).  Every copy is optional: when
+the compiler is missing or refuses a flag, pip still installs kwconvert and the
+pure-PyTorch paths (or the copies that did build) run.  OpenMP where the compiler has it
+(not Apple's clang): without it the kernel runs on one thread.
 """
+import platform
+import sys
+
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("kwconvert._native", ["kwconvert/_native.c"],
-                             extra_compile_args=["-O3", "-march=native", "-fopenmp"],
-                             extra_link_args=["-fopenmp"], optional=True)])
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+OPENMP = [] if sys.platform in ("darwin", "win32") else ["-fopenmp"]
+#: module suffix -> the compiler flags of its instruction set
+ISAS = {"baseline": [], **({"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mavx2", "-mfma"]}
+                           if X86_64 and sys.platform != "win32" else {})}
+
+
+def native_extension(isa: str, flags: list[str]) -> Extension:
+    module = f"_native_{isa}"
+    return Extension(f"kwconvert.{module}", ["kwconvert/_native.c"], depends=["kwconvert/_native_tile.h"],
+                     define_macros=[("KW_MODULE", module)], extra_compile_args=["-O3", *flags, *OPENMP],
+                     extra_link_args=OPENMP, optional=True)
+
+
+setup(ext_modules=[native_extension(isa, flags) for isa, flags in ISAS.items()])

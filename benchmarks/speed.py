@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu": cpu_description(), "cpus": os.cpu_count(),
                 "image": IMAGE, "small_image": list(INPUTS[SMALL][0]), "tau": TAU, "reps": reps,
                 "processes": args.processes,
-                "native": kwconvert.native.available(), "native_avx512": kwconvert.native.avx512(),
+                "native": kwconvert.native.available(), "native_isa": kwconvert.native.isa(),
                 "command": " ".join([sys.executable] + sys.argv)}
     console.log(f"threads {settings['threads']}, allocator {json.dumps(settings['allocator'])}")
 

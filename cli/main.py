@@ -126,6 +126,14 @@ def _input_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
         raise UsageError(f"--input-size: {error}") from None
 
 
+def _device(text: str):
+    from kwconvert.io import checked_device
+    try:
+        return checked_device(text)
+    except ValueError as error:
+        raise UsageError(f"--device: {error}") from None
+
+
 def _plan_option(text: str) -> tuple[str, object]:
     from kwconvert.pipeline import parse_option
     try:
@@ -218,6 +226,7 @@ def export_saved(
     batch: Annotated[int, typer.Option(min=1, help="batch of the example input that is traced; the exported batch stays dynamic")] = 2,
     opset: Annotated[int, typer.Option(help="ONNX opset, 18 or newer")] = 18,
     temperature: Annotated[Optional[float], typer.Option(help="CAF temperature tau, 0 to 1, to export at (default: the temperatures saved with the model)")] = None,
+    device: Annotated[str, typer.Option(help="device to load the model on and trace it: cpu, cuda, cuda:1, ...")] = "cpu",
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
     """Export a saved model to ONNX or torch.export with a dynamic batch, checked against eager."""
@@ -232,8 +241,9 @@ def export_saved(
                              f"got {opset}")
         if temperature is not None and not 0.0 <= temperature <= 1.0:
             raise UsageError(f"--temperature must lie in [0, 1], got {temperature:g}")
+        target_device = _device(device)
         input_size = read_metadata(directory).get("input_size")
-        model = load(directory)
+        model = load(directory, device=target_device)
         if temperature is not None:
             set_temperature(model, temperature)
         target = out_file or directory.resolve().with_name(directory.resolve().name + FORMATS[format])

@@ -14,8 +14,9 @@ from .rewrite import convert, plan_of  # noqa: E402
 from .io import load, save  # noqa: E402
 from .export import export  # noqa: E402
 from .trace import trace  # noqa: E402
+from .fast import tune  # noqa: E402
 
 __all__ = [
     "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "Warehouse", "Plan", "convert", "export", "load",
-    "parse_budget", "plan", "plan_of", "save", "set_temperature", "temperature_at", "trace",
+    "parse_budget", "plan", "plan_of", "save", "set_temperature", "temperature_at", "trace", "tune",
 ]

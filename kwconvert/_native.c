@@ -16,19 +16,29 @@
  * Depthwise layers (kw_native_depthwise, below) need no table: their blocks already are
  * each sample's (kernel position, channel) taps.
  *
- * Built at install time with the machine's compiler (setup.py, optional).  AVX-512 register
- * tiles of up to 6 rows x 64 columns when the compiler targets AVX-512 (6 rows x 8 columns for
- * panels of 8); plain C loops otherwise.
+ * Built at install time, once per instruction set (setup.py; each copy optional): AVX-512
+ * register tiles of up to 6 rows x 64 columns, AVX2 + FMA tiles of 6 rows x 16 columns, and
+ * plain C loops for any other CPU.  kwconvert/native.py picks at run time the best copy the
+ * CPU can execute, so one build runs on every x86-64 CPU.
  */
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define KW_AVX512 1
+/* Which instructions this copy may use: setup.py builds the file once per ISA (flags per
+ * object, never -march=native) and kwconvert/native.py loads the best one the CPU runs. */
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define KW_ISA "avx512"
+#define KW_VECTOR 512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KW_ISA "avx2"
+#define KW_VECTOR 256
 #else
-#define KW_AVX512 0
+#define KW_ISA "baseline"
+#define KW_VECTOR 0
+#endif
+#if KW_VECTOR
+#include <immintrin.h>
 #endif
 
 #define MAX_ROWS 6                 /* rows of a register tile */
@@ -37,7 +47,7 @@
 #define CHUNK_ROWS 256             /* K rows per chunk when a panel does not */
 #define MAX_SEGMENTS 1024          /* as native.py's _MAX_SEGMENTS */
 
-int kw_native_avx512(void) { return KW_AVX512; }
+const char *kw_native_isa(void) { return KW_ISA; }
 
 /* Row tiles of near-equal height (49 rows: 6,6,6,6,5,5,5,5,5, not eight of 6 and a slow one of 1). */
 static inline int tile_rows(int rows, int r0)
@@ -48,77 +58,54 @@ static inline int tile_rows(int rows, int r0)
     return index < extra ? base + 1 : base;
 }
 
-#if KW_AVX512
-/* acc (R x NV vectors) over segments [g0, g1), rows [q0, q1) of each; first: start from bias or 0. */
-static inline __attribute__((always_inline)) void tile(
-    const int R, const int NV, int first, const float *A, long lda, const float *const *panels, int g0, int g1,
-    int seg_len, int q0, int q1, int NP, float *C, long ldc, const float *bias)
-{
-    __m512 acc[MAX_ROWS][4];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++)
-            acc[r][v] = first ? (bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps())
-                              : _mm512_loadu_ps(C + r * ldc + 16 * v);
-    for (int g = g0; g < g1; g++) {
-        const float *w = panels[g] + (long)q0 * NP;
-        const float *a = A + (long)g * seg_len;
-        for (int q = q0; q < q1; q++, w += NP) {
-            __m512 wv[4];
-            for (int v = 0; v < NV; v++)
-                wv[v] = _mm512_loadu_ps(w + 16 * v);
-            for (int r = 0; r < R; r++) {
-                __m512 x = _mm512_set1_ps(a[r * lda + q]);
-                for (int v = 0; v < NV; v++)
-                    acc[r][v] = _mm512_fmadd_ps(x, wv[v], acc[r][v]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++)
-            _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
-}
+/* Register tiles, one per vector width: acc (R rows x NV vectors) over segments [g0, g1), rows
+ * [q0, q1) of each, for the panel columns [col, col + NV * width); first: start from bias or 0. */
+#if KW_VECTOR >= 256
+#define TILE_NAME tile256
+#define TILE_VEC __m256
+#define TILE_WIDTH 8
+#define TILE_MAX_VECTORS 2         /* 6 x 2 sums + 2 weights + 1 broadcast: 15 of 16 registers */
+#define TILE_LOAD _mm256_loadu_ps
+#define TILE_STORE _mm256_storeu_ps
+#define TILE_SET1 _mm256_set1_ps
+#define TILE_ZERO _mm256_setzero_ps
+#define TILE_FMA _mm256_fmadd_ps
+#include "_native_tile.h"
+#endif
+#if KW_VECTOR >= 512
+#define TILE_NAME tile512
+#define TILE_VEC __m512
+#define TILE_WIDTH 16
+#define TILE_MAX_VECTORS 4         /* 6 x 4 sums + 4 weights of 32 registers */
+#define TILE_LOAD _mm512_loadu_ps
+#define TILE_STORE _mm512_storeu_ps
+#define TILE_SET1 _mm512_set1_ps
+#define TILE_ZERO _mm512_setzero_ps
+#define TILE_FMA _mm512_fmadd_ps
+#include "_native_tile.h"
+#endif
 
-/* The same for panels of 8 channels (cells of f_e = 8, mobilenet_v2's early layers): 256-bit vectors. */
-static inline __attribute__((always_inline)) void tile8(
-    const int R, int first, const float *A, long lda, const float *const *panels, int g0, int g1, int seg_len,
-    int q0, int q1, float *C, long ldc, const float *bias)
-{
-    __m256 acc[MAX_ROWS];
-    for (int r = 0; r < R; r++)
-        acc[r] = first ? (bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps()) : _mm256_loadu_ps(C + r * ldc);
-    for (int g = g0; g < g1; g++) {
-        const float *w = panels[g] + (long)q0 * 8;
-        const float *a = A + (long)g * seg_len;
-        for (int q = q0; q < q1; q++, w += 8) {
-            __m256 wv = _mm256_loadu_ps(w);
-            for (int r = 0; r < R; r++)
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(a[r * lda + q]), wv, acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        _mm256_storeu_ps(C + r * ldc, acc[r]);
-}
+#define TILE_CASE(NAME, R, NV) case (R) * 8 + (NV): \
+    NAME(R, NV, first, A, lda, panels, g0, g1, seg_len, q0, q1, NP, col, C, ldc, bias); break;
+#define TILE_ROWS(NAME, NV) TILE_CASE(NAME, 1, NV) TILE_CASE(NAME, 2, NV) TILE_CASE(NAME, 3, NV) \
+    TILE_CASE(NAME, 4, NV) TILE_CASE(NAME, 5, NV) TILE_CASE(NAME, 6, NV)
 
-#define TILE_CASE(R, NV) case (R) * 8 + (NV): \
-    tile(R, NV, first, A, lda, panels, g0, g1, seg_len, q0, q1, NP, C, ldc, bias); break;
-#define TILE_ROWS(NV) TILE_CASE(1, NV) TILE_CASE(2, NV) TILE_CASE(3, NV) TILE_CASE(4, NV) \
-    TILE_CASE(5, NV) TILE_CASE(6, NV)
-
-#define TILE8_CASE(R) case (R) * 8: tile8(R, first, A, lda, panels, g0, g1, seg_len, q0, q1, C, ldc, bias); break;
-
+/* R rows of one panel (NP = 8, 16, 32 or 64 columns) in the widest tiles that fit in registers. */
 static void run_tile(int R, int first, const float *A, long lda, const float *const *panels, int g0, int g1,
                      int seg_len, int q0, int q1, int NP, float *C, long ldc, const float *bias)
 {
-    switch (R * 8 + NP / 16) {
-        TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(4)
-        TILE8_CASE(1) TILE8_CASE(2) TILE8_CASE(3) TILE8_CASE(4) TILE8_CASE(5) TILE8_CASE(6)
-        default: break;
+#if KW_VECTOR >= 512
+    if (NP >= 16) {
+        const int col = 0;
+        switch (R * 8 + NP / 16) { TILE_ROWS(tile512, 1) TILE_ROWS(tile512, 2) TILE_ROWS(tile512, 4) default: break; }
+        return;
     }
-}
+#endif
+#if KW_VECTOR >= 256
+    const int NV = NP == 8 ? 1 : 2;
+    for (int col = 0; col < NP; col += 8 * NV)
+        switch (R * 8 + NV) { TILE_ROWS(tile256, 1) TILE_ROWS(tile256, 2) default: break; }
 #else
-static void run_tile(int R, int first, const float *A, long lda, const float *const *panels, int g0, int g1,
-                     int seg_len, int q0, int q1, int NP, float *C, long ldc, const float *bias)
-{
     for (int r = 0; r < R; r++) {
         float *c = C + r * ldc;
         if (first)
@@ -132,15 +119,16 @@ static void run_tile(int R, int first, const float *A, long lda, const float *co
                     c[j] += x * w[j];
             }
     }
-}
 #endif
+}
 
 /*
  * C[b] (rows x O, row stride ldc) = A[b] (rows x K, row stride lda) @ W_b^T (+ bias) for every
  * sample b < batch; offsets[P * segments + g] locate W_b^T's blocks as described above.
  * Three walks, by how much of W_b^T fits in cache (the per-core L2 here is 1 MB):
- *  - all of it (small K x O, e.g. 1x1 layers on large maps): row tiles outside, panels
- *    inside, so each output row is written whole (items: sample x chunk of rows);
+ *  - all of it (small K x O, e.g. 1x1 layers on large maps) and enough rows to keep every
+ *    thread busy: row tiles outside, panels inside, so each output row is written whole
+ *    (items: sample x chunk of rows);
  *  - one panel (K x NP): each row tile keeps its sums in registers over all of K;
  *  - less: K in chunks of CHUNK_ROWS, every row tile per chunk (items: sample x panel).
  * Items run on `threads` OpenMP threads (the runtime torch loaded, when this library is loaded
@@ -155,7 +143,9 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
     if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || segments > MAX_SEGMENTS)
         return -1;
     const long panel_bytes = (long)segments * seg_len * NP * (long)sizeof(float);
-    const int rows_outside = panel_bytes * num_panels <= BLOCK_BYTES;
+    /* rows outside when all of W_b stays in cache, unless that leaves threads idle (batch 1, few rows) */
+    const int rows_outside = panel_bytes * num_panels <= BLOCK_BYTES
+                             && (long)batch * ((rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM) >= threads;
     const int chunks = rows_outside ? (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM : num_panels;
     const long items = (long)batch * chunks;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -223,18 +213,42 @@ typedef struct {
     int H, W, C, OW, oh, kh, kw, sh, sw, pt, pl, dh, dw;
 } dw_row;
 
-#if KW_AVX512
-/* Masked loads and stores only for the last, partial vector of channels: masked stores are
- * slow on some AVX-512 machines (AMD's), which made the kernel 4x slower when every access was masked. */
-#define DW_LOAD(p) (FULL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask, p))
-#define DW_STORE(p, v) (FULL ? _mm512_storeu_ps(p, v) : _mm512_mask_storeu_ps(p, mask, v))
+#if KW_VECTOR
+/* The widest vectors of this build; masks only for the last, partial vector of channels:
+ * masked stores are slow on some AVX-512 machines (AMD's), which made the kernel 4x slower
+ * when every access was masked. */
+#if KW_VECTOR >= 512
+#define DW_WIDTH 16
+typedef __m512 dw_vec;
+typedef __mmask16 dw_mask;
+#define DW_MASK(count) ((count) >= 16 ? (dw_mask)0xFFFF : (dw_mask)((1u << (count)) - 1))
+#define DW_MASKED_LOAD(p, m) _mm512_maskz_loadu_ps(m, p)
+#define DW_MASKED_STORE(p, m, v) _mm512_mask_storeu_ps(p, m, v)
+#define DW_LOADU _mm512_loadu_ps
+#define DW_STOREU _mm512_storeu_ps
+#define DW_ZERO _mm512_setzero_ps
+#define DW_FMA _mm512_fmadd_ps
+#else
+#define DW_WIDTH 8
+typedef __m256 dw_vec;
+typedef __m256i dw_mask;
+#define DW_MASK(count) _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+#define DW_MASKED_LOAD(p, m) _mm256_maskload_ps(p, m)
+#define DW_MASKED_STORE(p, m, v) _mm256_maskstore_ps(p, m, v)
+#define DW_LOADU _mm256_loadu_ps
+#define DW_STOREU _mm256_storeu_ps
+#define DW_ZERO _mm256_setzero_ps
+#define DW_FMA _mm256_fmadd_ps
+#endif
+#define DW_LOAD(p) (FULL ? DW_LOADU(p) : DW_MASKED_LOAD(p, mask))
+#define DW_STORE(p, v) (FULL ? DW_STOREU(p, v) : DW_MASKED_STORE(p, mask, v))
 
-/* Output pixels [ow0, ow1) of one row for channels [c0, c0 + 16), checking bounds per tap. */
-static inline __attribute__((always_inline)) void dw_edge(const int FULL, const dw_row *r, int c0, __mmask16 mask,
-                                                          const __m512 *taps, __m512 start, int ow0, int ow1)
+/* Output pixels [ow0, ow1) of one row for channels [c0, c0 + DW_WIDTH), checking bounds per tap. */
+static inline __attribute__((always_inline)) void dw_edge(const int FULL, const dw_row *r, int c0, dw_mask mask,
+                                                          const dw_vec *taps, dw_vec start, int ow0, int ow1)
 {
     for (int ow = ow0; ow < ow1; ow++) {
-        __m512 acc = start;
+        dw_vec acc = start;
         for (int i = 0; i < r->kh; i++) {
             const int ih = r->oh * r->sh - r->pt + i * r->dh;
             if (ih < 0 || ih >= r->H)
@@ -242,8 +256,7 @@ static inline __attribute__((always_inline)) void dw_edge(const int FULL, const 
             for (int j = 0; j < r->kw; j++) {
                 const int iw = ow * r->sw - r->pl + j * r->dw;
                 if (iw >= 0 && iw < r->W)
-                    acc = _mm512_fmadd_ps(DW_LOAD(r->x + ((long)ih * r->W + iw) * r->C + c0), taps[i * r->kw + j],
-                                          acc);
+                    acc = DW_FMA(DW_LOAD(r->x + ((long)ih * r->W + iw) * r->C + c0), taps[i * r->kw + j], acc);
             }
         }
         DW_STORE(r->y + (long)ow * r->C + c0, acc);
@@ -252,13 +265,13 @@ static inline __attribute__((always_inline)) void dw_edge(const int FULL, const 
 
 /* Interior pixels [ow0, ow1): no bounds to check across the row, DW_PIXELS independent sums at a time. */
 static inline __attribute__((always_inline)) void dw_interior(const int FULL, const dw_row *r, int c0,
-                                                              __mmask16 mask, const __m512 *taps, __m512 start,
+                                                              dw_mask mask, const dw_vec *taps, dw_vec start,
                                                               int ow0, int ow1)
 {
     int ow = ow0;
     const long step = (long)r->sw * r->C;
     for (; ow + DW_PIXELS <= ow1; ow += DW_PIXELS) {
-        __m512 acc[DW_PIXELS];
+        dw_vec acc[DW_PIXELS];
         for (int u = 0; u < DW_PIXELS; u++)
             acc[u] = start;
         for (int i = 0; i < r->kh; i++) {
@@ -267,9 +280,9 @@ static inline __attribute__((always_inline)) void dw_interior(const int FULL, co
                 continue;
             for (int j = 0; j < r->kw; j++) {
                 const float *x = r->x + ((long)ih * r->W + ow * r->sw - r->pl + j * r->dw) * r->C + c0;
-                const __m512 tap = taps[i * r->kw + j];
+                const dw_vec tap = taps[i * r->kw + j];
                 for (int u = 0; u < DW_PIXELS; u++)
-                    acc[u] = _mm512_fmadd_ps(DW_LOAD(x + u * step), tap, acc[u]);
+                    acc[u] = DW_FMA(DW_LOAD(x + u * step), tap, acc[u]);
             }
         }
         for (int u = 0; u < DW_PIXELS; u++)
@@ -287,13 +300,14 @@ static void dw_compute_row(const dw_row *r)
         hi = 0;
     lo = lo < r->OW ? lo : r->OW;
     hi = hi < lo ? lo : (hi > r->OW ? r->OW : hi);
-    __m512 taps[MAX_TAPS];
-    for (int c0 = 0; c0 < r->C; c0 += 16) {
-        const __mmask16 mask = r->C - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (r->C - c0)) - 1);
+    dw_vec taps[MAX_TAPS];
+    for (int c0 = 0; c0 < r->C; c0 += DW_WIDTH) {
+        const int full = r->C - c0 >= DW_WIDTH;
+        const dw_mask mask = DW_MASK(r->C - c0);
         for (int s = 0; s < r->kh * r->kw; s++)
-            taps[s] = _mm512_maskz_loadu_ps(mask, r->k + (long)s * r->C + c0);
-        const __m512 start = r->bias ? _mm512_maskz_loadu_ps(mask, r->bias + c0) : _mm512_setzero_ps();
-        if (mask == (__mmask16)0xFFFF) {
+            taps[s] = DW_MASKED_LOAD(r->k + (long)s * r->C + c0, mask);
+        const dw_vec start = r->bias ? DW_MASKED_LOAD(r->bias + c0, mask) : DW_ZERO();
+        if (full) {
             dw_edge(1, r, c0, mask, taps, start, 0, lo);
             dw_interior(1, r, c0, mask, taps, start, lo, hi);
             dw_edge(1, r, c0, mask, taps, start, hi, r->OW);
@@ -347,9 +361,18 @@ int kw_native_depthwise(const float *X, int H, int W, int C, const float *Kw, lo
     return 0;
 }
 
-/* Importable as a module too (setuptools builds it as one); kwconvert/native.py loads it with ctypes. */
-static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native",
+/* Importable as a module too (setuptools builds each ISA's copy as one, KW_MODULE naming it);
+ * kwconvert/native.py loads it with ctypes. */
+#ifndef KW_MODULE
+#define KW_MODULE _native
+#endif
+#define KW_STRING2(x) #x
+#define KW_STRING(x) KW_STRING2(x)
+#define KW_INIT2(x) PyInit_##x
+#define KW_INIT(x) KW_INIT2(x)
+
+static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, KW_STRING(KW_MODULE),
                                            "kwconvert's compiled per-sample convolution (use kwconvert.native)",
                                            -1, NULL};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
+PyMODINIT_FUNC KW_INIT(KW_MODULE)(void) { return PyModule_Create(&native_module); }

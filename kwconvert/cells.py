@@ -220,7 +220,7 @@ class Tiling:
 
     @property
     def spatial(self) -> int:
-        return math.prod(w // c for w, c in zip(self.weight_shape[2:], self.cell[2:]))
+        return math.prod([w // c for w, c in zip(self.weight_shape[2:], self.cell[2:])])  # a list, for torch.compile
 
     @property
     def cells(self) -> int:

@@ -1,21 +1,24 @@
 """Export a model, converted or not, to ``torch.export`` (.pt2) or ONNX with a dynamic batch.
 
 A KernelWarehouse layer convolves every sample with its own kernel, rebuilt from the
-warehouse by that sample's attention (paper Sec. 3.2).  Neither of the two ways eager
-mode runs it exports with a batch dimension that stays free:
+warehouse by that sample's attention (paper Sec. 3.2).
 
-* the fast CPU paths of :mod:`kwconvert.fast` use custom autograd Functions, oneDNN ops,
-  per-shape timing and packed caches, so ``torch.export`` specialises the batch;
-* the straightforward path (``reference_path()``) folds the batch into the convolution's
-  groups, so ONNX's ``Conv`` would need a ``group`` attribute that depends on the batch,
-  which ONNX attributes cannot (the exporter stops with "Unsupported attribute type").
-
-``export_path(model)`` (``use_path("im2col")``) therefore runs the convolutions as im2col
-and one batched matrix product: ``Tensor.unfold`` cuts the windows of the padded input, and each sample's
-columns are multiplied by that sample's kernel (``Gather``, ``Transpose``, ``Reshape``
-and ``MatMul`` in ONNX).  No op attribute depends on the batch, and the arithmetic is the
-same as eager's to float rounding.  The assembly ``w_i = sum_j alpha_ij e_j`` and KWLinear
-already are batched matrix products on the reference path, which the block selects.
+* ``torch.export`` (.pt2) traces the fast CPU path of :mod:`kwconvert.fast` as it is: the
+  compiled kernel is a set of registered operators (``torch.ops.kwconvert.conv``,
+  ``depthwise``, ``mix``) with shape-only fake implementations, and under tracing every
+  layer takes a path without a Python loop over the batch, so the batch stays dynamic.
+  Loading such a program needs ``import kwconvert`` first (it registers the operators);
+  where the kernel is not built, the operators compute the same in PyTorch ops.
+* ONNX has no such operators, and the straightforward path (``reference_path()``) folds
+  the batch into the convolution's groups, so ONNX's ``Conv`` would need a ``group``
+  attribute that depends on the batch, which ONNX attributes cannot (the exporter stops
+  with "Unsupported attribute type").  ``export_path(model)`` (``use_path("im2col")``)
+  therefore runs the convolutions as im2col and one batched matrix product:
+  ``Tensor.unfold`` cuts the windows of the padded input, and each sample's columns are
+  multiplied by that sample's kernel (``Gather``, ``Transpose``, ``Reshape`` and ``MatMul``
+  in ONNX).  No op attribute depends on the batch, and the arithmetic is the same as
+  eager's to float rounding.  The assembly ``w_i = sum_j alpha_ij e_j`` and KWLinear
+  already are batched matrix products on the reference path, which the block selects.
 
 ``export`` traces the model in eval mode at its current temperature (a plain float, so
 it is baked into the graph), writes the file atomically, then loads what it wrote and
@@ -84,8 +87,9 @@ def export_path(model: nn.Module) -> contextlib.AbstractContextManager:
     The straightforward path (batched-matmul assembly, bmm for KWLinear) with each KW
     convolution's per-sample convolution as im2col and one batched matrix product
     (``use_path("im2col")``, ``_KWConvNd._im2col_conv``).  Use it to call
-    ``torch.export``, ``torch.onnx.export`` or ``torch.jit.trace`` directly.  ``model`` is
-    taken for symmetry with ``export``; the switch is process-wide, like ``use_path``.
+    ``torch.onnx.export`` or ``torch.jit.trace`` directly (``torch.export`` needs no switch).
+    ``model`` is taken for symmetry with ``export``; the switch holds in this thread only,
+    like ``use_path``.
     """
     del model
     return fast.use_path("im2col")
@@ -147,7 +151,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
     batches = CHECK_BATCHES if dynamic_batch else (example_input.shape[0],)
     target = Path(path)
     with _eval_mode(model), torch.no_grad(), _atomic_file(target, FORMATS[format]) as staging:
-        with export_path(model):
+        with export_path(model) if format == "onnx" else contextlib.nullcontext():
             program = _torch_export(model, traced, dynamic_batch)
             if format == "onnx":
                 _write_onnx(program, staging, opset)

@@ -10,22 +10,22 @@ convolution is a poor fit for oneDNN once maps are small and channels many.
 
 This module keeps the same arithmetic and changes how it is executed:
 
-* the assembly and every per-sample matrix product run in oneDNN's inner-product kernels
-  (``torch.ops.mkldnn._linear_pointwise``, float32 only; other dtypes, bfloat16 included,
-  use ``F.linear``, which works on every CPU), which also accept the warehouse in its
-  stored layout without a copy;
-* in inference (no gradient needed) the warehouse is kept packed in oneDNN's layout, so
-  the assembly does not re-pack it on every call (twice as fast at batch 1); the packed
-  copy is rebuilt when the cells change (their version counter, storage or a sample of
-  their values tells);
+* every matrix product goes through public PyTorch ops (``F.linear``, ``torch.bmm``), which
+  also accept the warehouse in its stored layout without a copy;
+* in inference (no gradient needed) the compiled kernel's assembly (``native.mix``) reads
+  the warehouse packed once in its panel layout, so the assembly does not re-pack it on
+  every call (1.6-1.8x a whole resnet at batch 1); the packed copy is rebuilt when the
+  cells change (their version counter, storage or a sample of their values tells);
 * each sample's kernel is read in OHWI order ``(C_out, kh, kw, C_in)``, what both consumers
   want (oneDNN's channels-last convolution and the NHWC im2col product); it is re-ordered
   from the assembly's output one sample at a time, into a buffer that stays in cache, and
   for a 1x1 convolution whose cells span the input channels (and for Linear) it needs no
   copy at all;
-* four ways to convolve each sample are timed (forward only) on the real shape, once per
-  layer configuration and input shape, and the fastest is kept: ``"matmul"`` (NHWC im2col
-  and one oneDNN product per sample, best for small maps and batch 1), ``"conv"`` (one
+* the ways to convolve each sample are timed (forward only) on the real shape, once per
+  layer configuration and input shape, and the fastest is kept (``tune`` does it ahead of
+  time; the choice is guarded by a lock, and ``use_path`` forces a path in one thread
+  only): ``"matmul"`` (NHWC im2col and one matrix product per sample, best for small maps
+  and batch 1), ``"conv"`` (one
   oneDNN convolution per sample, best for large maps), ``"grouped"`` (the batch folded
   into the groups, the reference's convolution) and ``"folded"`` (the same, with the batch
   folded into the channels of a channels-last image: 2-6x faster for depthwise layers on
@@ -54,10 +54,12 @@ because the process then keeps its peak memory for its whole life.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import math
 import os
 import platform
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -70,17 +72,22 @@ from torch import Tensor
 from . import native
 from .cells import Tiling
 
-__all__ = ["PATHS", "allocator_settings", "chosen_paths", "clear_caches", "keep_freed_memory", "linear", "mix",
-           "packing", "reference_path", "use_path"]
+__all__ = ["PATHS", "allocator_settings", "chosen_paths", "clear_caches", "keep_freed_memory", "mix",
+           "packing", "reference_path", "restore_choices", "saved_choices", "tune", "use_path"]
 
 #: Ways a KW Conv2d can run.  "reference" is the straightforward path of ``layers.py``;
 #: "im2col" is the same with the per-sample convolution written as im2col and one batched
 #: matrix product, which no op attribute ties to the batch (for export, any conv rank).
 PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul", "bmm", "premix", "native")
 _STRAIGHTFORWARD = ("reference", "im2col")
-_forced_path: str | None = None
+#: The path forced by ``use_path`` in this thread (or task): a context variable, so that
+#: a thread forcing a path for a comparison does not change what another thread serves.
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kwconvert_path", default=None)
 #: Chosen path per layer configuration and input: (configuration, input key) -> path.
 _chosen: dict[tuple, str] = {}
+#: Guards ``_chosen`` and the packed copies; timing runs under it, one layer at a time, so two
+#: threads meeting a new shape time it once and never time while the other is timing.
+_lock = threading.RLock()
 
 
 # --- selecting the path --------------------------------------------------------------------
@@ -88,19 +95,19 @@ _chosen: dict[tuple, str] = {}
 
 @contextlib.contextmanager
 def use_path(path: str | None) -> Iterator[None]:
-    """Run every KW layer on ``path`` inside the block (``None``: the fastest, by timing).
+    """Run every KW layer on ``path`` inside the block, in this thread (``None``: the fastest,
+    by timing).
 
     A path a layer cannot take (``"matmul"`` for a grouped convolution, anything but the
     reference for Conv1d/3d) falls back to ``"grouped"`` for that layer.
     """
-    global _forced_path
     if path is not None and path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
-    previous, _forced_path = _forced_path, path
+    token = _forced.set(path)
     try:
         yield
     finally:
-        _forced_path = previous
+        _forced.reset(token)
 
 
 def reference_path() -> contextlib.AbstractContextManager:
@@ -112,16 +119,17 @@ def reference_path() -> contextlib.AbstractContextManager:
 
 def is_reference() -> bool:
     """Whether KW layers take the straightforward formulation (``"reference"`` or ``"im2col"``)."""
-    return _forced_path in _STRAIGHTFORWARD
+    return _forced.get() in _STRAIGHTFORWARD
 
 
 def is_im2col() -> bool:
-    return _forced_path == "im2col"
+    return _forced.get() == "im2col"
 
 
 def chosen_paths() -> dict[tuple, str]:
     """The timed choices made so far: (layer configuration, input key) -> path."""
-    return dict(_chosen)
+    with _lock:
+        return dict(_chosen)
 
 
 # --- allocator -----------------------------------------------------------------------------
@@ -160,63 +168,38 @@ def allocator_settings() -> dict:
             "mallopt": _allocator_applied}
 
 
-# --- oneDNN products -------------------------------------------------------------------------
-
-
-_HAS_ONEDNN = torch.backends.mkldnn.is_available()
-
-
-def _onednn(x: Tensor, weight: Tensor) -> bool:
-    """Whether oneDNN's private inner product may run this product: float32 CPU tensors only.
-
-    bfloat16 goes through ``F.linear`` on every CPU: oneDNN's bfloat16 inner product needs
-    AVX-512 (it refuses to create its primitive on an AVX2 CPU, "could not create a primitive
-    descriptor for the inner product forward propagation primitive"), and ``F.linear`` picks
-    a bfloat16 kernel the CPU has.
-    """
-    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == x.dtype and x.numel() > 0 and weight.numel() > 0)
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` without autograd; oneDNN for float32 CPU tensors, else ``F.linear``.
-
-    ``weight`` (N, K) may be row-major or the transpose view of a (K, N) matrix: oneDNN
-    reads both directly, which is what lets the warehouse enter the assembly without a copy.
-    """
-    if _onednn(x, weight) and (bias is None or bias.dtype == x.dtype) and not torch.compiler.is_compiling():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)  # inductor lowers this itself (it wants oneDNN weights constant)
-
-
-# The assembly reads the whole warehouse in every layer.  Given the warehouse as a plain
-# matrix, oneDNN re-packs it on every call, which halves the speed of the few-row products
-# of batch 1 (and costs ~10 % at batch 16); packed once, it is read as is.  Packing is
-# for inference (no gradient needed): a packed copy is kept per warehouse and reused while
-# the cells keep their storage, their version counter and a sample of their values (the
-# sample catches edits through ``.data``, which the version counter does not see).
-_PACK_ROWS = 144  # oneDNN's row-count hint when packing; measured good from 2 to 288 rows
+# --- the assembly ------------------------------------------------------------------------
+#
+# Every product is ``F.linear`` (or ``torch.bmm``): a weight given as the transpose view of
+# a matrix is read directly, which is what lets the warehouse enter the assembly without a
+# copy.  The assembly reads the whole warehouse in every layer.  Given the warehouse as a
+# plain matrix, a library GEMM packs it on every call, which costs as much as the product in
+# the few-row products of batch 1 (a whole KW resnet18 / resnet50 at batch 1 ran 1.6-1.8x
+# slower).  In inference (no gradient needed) the compiled kernel's ``native.mix`` reads a
+# copy packed once, reused while the cells keep their storage, their version counter and a
+# sample of their values (the sample catches edits through ``.data``, which the version
+# counter does not see).
 _PROBES = 256
 #: id(cells) -> {column order: (key, probe, packed)}; entries die with the cells
 _packed: dict[int, dict[int | None, tuple]] = {}
-_packing = True
+_packing: contextvars.ContextVar[bool] = contextvars.ContextVar("kwconvert_packing", default=True)
 
 
 @contextlib.contextmanager
 def packing(enabled: bool) -> Iterator[None]:
-    """Allow or forbid packed warehouse copies for inference inside the block."""
-    global _packing
-    previous, _packing = _packing, enabled
+    """Allow or forbid packed warehouse copies for inference inside the block (this thread only)."""
+    token = _packing.set(enabled)
     try:
         yield
     finally:
-        _packing = previous
+        _packing.reset(token)
 
 
 def clear_caches() -> None:
     """Drop the packed warehouse copies and the timed path choices."""
-    _packed.clear()
-    _chosen.clear()
+    with _lock:
+        _packed.clear()
+        _chosen.clear()
 
 
 def _probe(cells: Tensor) -> Tensor:
@@ -231,22 +214,25 @@ def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
 
 
 def _packed_cells(cells: Tensor, panels: int | None = None) -> Tensor | None:
-    """oneDNN's packed layout of a warehouse ``(n, *cell)`` for the assembly, or None."""
-    if not (_packing and _HAS_ONEDNN and cells.device.type == "cpu" and cells.dtype == torch.float32) \
-            or torch.compiler.is_compiling():
+    """The warehouse ``(n, *cell)`` packed for ``native.mix``, or None where it cannot serve."""
+    if torch.compiler.is_compiling() or not (
+            _packing.get() and cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
+            and native.mix_width(math.prod(cells.shape[1:])) is not None):
         return None
     key = (cells.data_ptr(), cells._version, tuple(cells.shape))
-    entries = _packed.get(id(cells))
-    entry = None if entries is None else entries.get(panels)
     probe = _probe(cells)
-    if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
-        return entry[2]
-    matrix = _cell_columns(cells.detach(), panels).t().contiguous()  # (cell, n): the product's weight
-    packed = torch.ops.mkldnn._reorder_linear_weight(matrix, _PACK_ROWS)
-    if entries is None:
-        weakref.finalize(cells, _packed.pop, id(cells), None)
-        entries = _packed[id(cells)] = {}
-    entries[panels] = (key, probe, packed)
+    with _lock:
+        entries = _packed.get(id(cells))
+        entry = None if entries is None else entries.get(panels)
+        if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
+            return entry[2]
+    packed = native.mix_panels(_cell_columns(cells.detach(), panels))
+    with _lock:
+        entries = _packed.get(id(cells))
+        if entries is None:
+            weakref.finalize(cells, _packed.pop, id(cells), None)
+            entries = _packed[id(cells)] = {}
+        entries[panels] = (key, probe, packed)
     return packed
 
 
@@ -255,12 +241,42 @@ def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool, panels: int | None = Non
     ``panels``: each row comes out in the compiled kernel's panel order."""
     packed = _packed_cells(cells, panels) if pack and alpha.dtype == cells.dtype else None
     if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(alpha, packed, None, "none", [], "")
-    return linear(alpha, _cell_columns(cells, panels).t())
+        return native.mix(alpha.contiguous(), packed)
+    return F.linear(alpha, _cell_columns(cells, panels).t())
 
 
+def _keeps_autocast(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Under autocast, run the Function in the autocast dtype, forward and backward, with
+    autocast off inside (what ``torch.amp.custom_fwd(cast_inputs=...)`` does for one device
+    type, here for the device of the first tensor argument).  Autocast would otherwise cast
+    only some of the products inside, and a backward would meet bfloat16 gradients and
+    float32 kernels in one op (``convolution_backward``, ``bmm``) and fail; autograd casts
+    each returned gradient back to its input's dtype."""
+    forward, backward = function.forward, function.backward
+
+    def forward_keeping(ctx, *args):
+        device = next(arg.device.type for arg in args if isinstance(arg, Tensor))
+        ctx.device = device if torch.amp.is_autocast_available(device) else None
+        if ctx.device is None or not torch.is_autocast_enabled(device):
+            return forward(ctx, *args)
+        dtype = torch.get_autocast_dtype(device)
+        args = [arg.to(dtype) if isinstance(arg, Tensor) and arg.is_floating_point() else arg for arg in args]
+        with torch.autocast(device, enabled=False):
+            return forward(ctx, *args)
+
+    def backward_keeping(ctx, *grads):
+        if ctx.device is None:
+            return backward(ctx, *grads)
+        with torch.autocast(ctx.device, enabled=False):
+            return backward(ctx, *grads)
+
+    function.forward, function.backward = staticmethod(forward_keeping), staticmethod(backward_keeping)
+    return function
+
+
+@_keeps_autocast
 class _Mix(torch.autograd.Function):
-    """blocks ``(M, cell)`` = alpha ``(M, n)`` @ cells ``(n, *cell)``, oneDNN both ways."""
+    """blocks ``(M, cell)`` = alpha ``(M, n)`` @ cells ``(n, *cell)``."""
 
     @staticmethod
     def forward(ctx, alpha: Tensor, cells: Tensor) -> Tensor:
@@ -272,8 +288,8 @@ class _Mix(torch.autograd.Function):
         alpha, cells = ctx.saved_tensors
         grad = grad.contiguous()
         flat = cells.reshape(cells.shape[0], -1)
-        grad_alpha = linear(grad, flat) if ctx.needs_input_grad[0] else None
-        grad_cells = linear(alpha.t().contiguous(), grad.t()).view_as(cells) if ctx.needs_input_grad[1] else None
+        grad_alpha = F.linear(grad, flat) if ctx.needs_input_grad[0] else None
+        grad_cells = F.linear(alpha.t().contiguous(), grad.t()).view_as(cells) if ctx.needs_input_grad[1] else None
         return grad_alpha, grad_cells
 
 
@@ -434,7 +450,7 @@ def _col2im(spec: ConvSpec, grad_cols: Tensor, shape: torch.Size) -> Tensor:
 def _matmul_forward(spec: ConvSpec, x: Tensor, kernels: _Kernels, bias: Tensor | None) -> Tensor:
     cols, (out_h, out_w) = _im2col(spec, x)
     out_channels = spec.tiling.weight_shape[0]
-    out = _per_sample(lambda i: linear(cols[i], kernels[i].view(out_channels, -1), bias), x.shape[0])
+    out = _per_sample(lambda i: F.linear(cols[i], kernels[i].view(out_channels, -1), bias), x.shape[0])
     return out.view(x.shape[0], out_h, out_w, out_channels).permute(0, 3, 1, 2)
 
 
@@ -446,13 +462,13 @@ def _matmul_backward(spec: ConvSpec, x: Tensor, kernels: _Kernels, grad: Tensor,
     cols = _im2col(spec, x)[0] if grad_grid is not None else None
 
     def kernel_grad(i: int) -> None:
-        grad_kernel = linear(grad_rows[i].t().contiguous(), cols[i].t())
+        grad_kernel = F.linear(grad_rows[i].t().contiguous(), cols[i].t())
         grad_grid[i].copy_(grad_kernel.view(grad_grid.shape[1:]))
 
     def input_grad(i: int) -> Tensor:
         if grad_grid is not None:
             kernel_grad(i)
-        return linear(grad_rows[i], kernels[i].view(out_channels, -1).t())
+        return F.linear(grad_rows[i], kernels[i].view(out_channels, -1).t())
 
     if not need_x:
         for i in range(batch):
@@ -504,6 +520,7 @@ _FORWARD = {"matmul": _matmul_forward, "conv": _conv_forward}
 _BACKWARD = {"matmul": _matmul_backward, "conv": _conv_backward}
 
 
+@_keeps_autocast
 class _KWConv2d(torch.autograd.Function):
     """Assembly and per-sample convolution as one autograd node.
 
@@ -534,10 +551,10 @@ class _KWConv2d(torch.autograd.Function):
             batch, mixtures, n = alpha.shape
             grad_blocks = grad_blocks.view(batch * mixtures, -1)
             if need_alpha:
-                grad_alpha = linear(grad_blocks, cells.reshape(n, -1)).view_as(alpha)
+                grad_alpha = F.linear(grad_blocks, cells.reshape(n, -1)).view_as(alpha)
             if need_cells:
                 alpha_t = alpha.reshape(batch * mixtures, n).t().contiguous()
-                grad_cells = linear(alpha_t, grad_blocks.t()).view_as(cells)
+                grad_cells = F.linear(alpha_t, grad_blocks.t()).view_as(cells)
         if need_bias:
             grad_bias = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_alpha, grad_cells, grad_bias, None
@@ -584,6 +601,7 @@ def _bmm_forward(spec: ConvSpec, x: Tensor, kernels: Tensor, bias: Tensor | None
     return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
+@_keeps_autocast
 class _KWConv2dBatched(torch.autograd.Function):
     """Assembly and convolution as one autograd node, every product batched (path ``"bmm"``).
 
@@ -617,7 +635,7 @@ class _KWConv2dBatched(torch.autograd.Function):
         grad_x = grad_alpha = grad_cells = grad_bias = None
         if need_x:
             if kernels is None:
-                kernels = _hwio(tiling, linear(alpha_rows, columns.t()).view(batch, mixtures, -1))
+                kernels = _hwio(tiling, F.linear(alpha_rows, columns.t()).view(batch, mixtures, -1))
             grad_x = _col2im(spec, torch.bmm(grad_rows, kernels.transpose(1, 2)), x.shape)
             kernels = None  # noqa: F841 (a batch of kernels: release it before the next products)
         if need_alpha or need_cells:
@@ -625,9 +643,9 @@ class _KWConv2dBatched(torch.autograd.Function):
             grad_blocks = _hwio_blocks(tiling, torch.bmm(cols.transpose(1, 2), grad_rows))
             cols = None  # noqa: F841
             if need_alpha:
-                grad_alpha = linear(grad_blocks, columns).view_as(alpha)
+                grad_alpha = F.linear(grad_blocks, columns).view_as(alpha)
             if need_cells:
-                grad_columns = linear(alpha_rows.t().contiguous(), grad_blocks.t())  # (n, c_e * f_e)
+                grad_columns = F.linear(alpha_rows.t().contiguous(), grad_blocks.t())  # (n, c_e * f_e)
                 f_e, c_e = tiling.cell[:2]
                 grad_cells = grad_columns.view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)
         if need_bias:
@@ -711,6 +729,7 @@ def _premix_forward(spec: ConvSpec, x: Tensor, alpha: Tensor, cells: Tensor, bia
     return out.permute(0, 3, 1, 2)
 
 
+@_keeps_autocast
 class _KWConv2dPremixed(torch.autograd.Function):
     """The convolution without assembling any kernel (path ``"premix"``).
 
@@ -786,8 +805,11 @@ def _available(layer, x: Tensor) -> tuple[str, ...]:
     if tuple(layer.warehouse.cell[2:]) != (1,) * (len(layer.warehouse.cell) - 2):
         return ("grouped",)  # cells spanning several kernel positions: only the generic path
     compiled = ("native",) if native.supports(layer.tiling, layer.groups, x) else ()
+    # "premix" sums the inputs mixed per cell: in bfloat16 (autocast or a bfloat16 model) its
+    # cells' gradients strayed (cosine 0.74 with float32's, the other paths 0.99)
+    premix = ("premix",) if x.dtype != torch.bfloat16 and not torch.is_autocast_enabled(x.device.type) else ()
     if layer.groups == 1:  # "folded" measured no faster on resnet18 / mobilenet_v2's dense layers
-        return ("grouped", "conv", "matmul", "bmm", "premix") + compiled
+        return ("grouped", "conv", "matmul", "bmm") + premix + compiled
     return ("grouped", "folded", "conv") + compiled
 
 
@@ -874,21 +896,94 @@ def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
 def conv2d(layer, x: Tensor, alpha: Tensor) -> Tensor:
     """A KW Conv2d's output for a batched input ``x`` and its attention ``alpha`` (B, m, n)."""
     available = _available(layer, x)
-    path = _forced_path if _forced_path in available else None
-    if path is None and _forced_path is not None:
-        path = "grouped"
-    if path is None:
+    forced = _forced.get()
+    if forced is not None:
+        path = forced if forced in available else "grouped"
+    else:
         path = _path_for(layer, x, alpha, available)
+    recorder = _recorder.get()
+    if recorder is not None:
+        recorder[layer.name or f"{type(layer).__name__}@{id(layer):x}"] = path
     return _run(layer, x, alpha, path)
 
 
-def _configuration(layer, x: Tensor, alpha: Tensor) -> tuple:
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad
-                                              or layer.warehouse.cells.requires_grad)
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+#: Where ``tune`` collects each layer's path while it runs the model (None: not tuning).
+_recorder: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kwconvert_tuning", default=None)
+
+
+def tune(model: torch.nn.Module, *example_inputs, backward: bool = False) -> dict[str, str]:
+    """Time every KW Conv2d's paths for these inputs now, so that no request pays for it.
+
+    A layer times its paths the first time it meets an input shape (a few forwards of the
+    layer, up to seconds for a whole model); ``tune`` runs the model once on
+    ``example_inputs`` (``backward``: forward and backward, as a training step does) so
+    that every later call with the same shapes, dtype and thread count goes straight to
+    the chosen path.  Returns ``{layer name: path}``.
+    """
+    paths: dict[str, str] = {}
+    token = _recorder.set(paths)
+    try:
+        if backward:
+            out = model(*example_inputs)
+            torch.autograd.backward(_tensors(out), [torch.ones_like(t) for t in _tensors(out)])
+        else:
+            with torch.no_grad():
+                model(*example_inputs)
+    finally:
+        _recorder.reset(token)
+    return paths
+
+
+def _tensors(out) -> list[Tensor]:
+    """The floating-point tensors of a model's output (a tensor, a tuple / list or a dict of them)."""
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
+    return [value for value in values if isinstance(value, Tensor) and value.is_floating_point()
+            and value.requires_grad]
+
+
+def _layer_key(layer) -> tuple:
     return (layer.weight_shape, layer.warehouse.cell, layer.warehouse.n, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, layer.padding_mode, layer.bias is not None,
-            tuple(x.shape), x.dtype, channels_last, needs_grad, torch.get_num_threads())
+            layer.padding, layer.dilation, layer.groups, layer.padding_mode, layer.bias is not None)
+
+
+def _training(layer, x: Tensor, alpha: Tensor) -> bool:
+    return _needs_grad(x, alpha, layer.warehouse.cells)
+
+
+def _configuration(layer, x: Tensor, alpha: Tensor) -> tuple:
+    needs_grad = _training(layer, x, alpha)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return (*_layer_key(layer), tuple(x.shape), str(x.dtype), channels_last, needs_grad, torch.get_num_threads(),
+            x.device.type)
+
+
+def saved_choices(model: torch.nn.Module) -> list[list]:
+    """The timed choices of ``model``'s layers as JSON-ready ``[key, path]`` pairs, so that a
+    saved model carries them (``kwconvert.save``) and a loaded one serves without timing."""
+    layers = {_layer_key(module) for module in model.modules()
+              if hasattr(module, "tiling") and hasattr(module, "padding_mode") and len(module.weight_shape) == 4}
+    with _lock:
+        return [[_as_lists(key), path] for key, path in _chosen.items() if key[:_LAYER_KEY_LENGTH] in layers]
+
+
+def restore_choices(entries: list[list]) -> None:
+    """Take choices written by ``saved_choices``; an entry for another thread count, dtype or
+    shape simply never matches, and one naming an unknown path is skipped."""
+    with _lock:
+        for key, path in entries:
+            if path in PATHS:
+                _chosen.setdefault(_as_tuples(key), path)
+
+
+_LAYER_KEY_LENGTH = 10  # the fields of _layer_key, first in every key of _chosen
+
+
+def _as_lists(value):
+    return [_as_lists(item) for item in value] if isinstance(value, tuple) else value
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
 
 
 #: A batch of kernels up to this size may be kept from forward to backward in training
@@ -918,15 +1013,28 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
     ``torch.compile`` no timing runs: a rule of thumb picks the path.
     """
     if torch.compiler.is_compiling():
-        return "matmul" if "matmul" in available else "grouped"
+        return _compiled_path(layer, x, alpha, available)
     key = _configuration(layer, x, alpha)
-    path = _chosen.get(key)
-    if path is not None:
-        return path
-    needs_grad = key[-2]
+    with _lock:
+        path = _chosen.get(key)
+        if path is None:
+            path = _chosen[key] = _time_paths(layer, x, alpha, available, needs_grad=_training(layer, x, alpha))
+    return path
+
+
+def _compiled_path(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> str:
+    """The path under torch.compile, where nothing is timed: one that holds no Python loop
+    over the batch, so that a graph with a dynamic batch runs it for every batch size (the
+    compiled kernel's operator in inference, one batched product in training)."""
+    if "native" in available and not _needs_grad(x, alpha, layer.warehouse.cells, layer.bias):
+        return "native"
+    return "bmm" if "bmm" in available else "grouped"
+
+
+def _time_paths(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], needs_grad: bool) -> str:
     small = _small_kernels(layer, x)
     if needs_grad:
-        # "native" has no backward; "grouped" and "folded" keep a batch of kernels alive
+        # "native" has no fast backward; "grouped" and "folded" keep a batch of kernels alive
         # until backward (autograd saves them for the convolution), memory the fused paths
         # do not need unless it is small
         trainable = tuple(path for path in available if path != "native")
@@ -934,10 +1042,8 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
             available = tuple(path for path in trainable if path not in ("grouped", "folded")) or trainable
         else:
             available = trainable
-    with packing(_packing and not needs_grad):  # training never uses a packed copy: make none
-        path = _fastest(layer, x, alpha, available, backward=needs_grad and small)
-    _chosen[key] = path
-    return path
+    with packing(_packing.get() and not needs_grad):  # training never uses a packed copy: make none
+        return _fastest(layer, x, alpha, available, backward=needs_grad and small)
 
 
 def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 5,
@@ -991,7 +1097,7 @@ def linear_layer(layer, rows: Tensor, alpha: Tensor) -> Tensor:
     image = image.contiguous(memory_format=torch.channels_last)
     cells = layer.warehouse.cells
     if not _needs_grad(image, alpha, cells, layer.bias):
-        if native.supports(tiling, 1, rows) and _forced_path in (None, "native"):
+        if native.supports(tiling, 1, rows) and _forced.get() in (None, "native"):
             blocks = _assembled(tiling, alpha, cells, pack=True, panels=native.panel_width(tiling))
             return native.conv(tiling, rows.contiguous(), blocks, layer.bias)
         kernels = _Kernels(tiling, _assembled(tiling, alpha, cells, pack=True))

@@ -4,6 +4,10 @@ A saved model is a directory with ``model.safetensors`` (every parameter and buf
 shared tensor stored once) and ``kwconvert.json`` (plan, source, input size, versions,
 format, and the weights' SHA-256).  Loading rebuilds the base model from its source (or
 takes the user's instance), applies the plan, and loads the weights strictly.
+
+Format 2 names the tensors as ``model.state_dict()`` does: a warehouse's cells under every
+layer that shares them (``layer1.0.conv1.warehouse.cells``, the others aliases of it).
+Format 1 kept them once, in a ``kw_warehouses`` module of the model; it still loads.
 """
 from __future__ import annotations
 
@@ -20,13 +24,16 @@ import torch
 from torch import nn
 
 from . import __version__
-from .layers import is_kw_layer
+from .fast import restore_choices, saved_choices
+from .layers import Warehouse, is_kw_layer
 from .models import build_model
 from .plan import Plan
 from .rewrite import convert, plan_of
 
 #: Version of the saved directory's layout; bump when a field changes meaning.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Where format 1 kept the cells: ``kw_warehouses.<warehouse name, dots as _>.cells``.
+FORMAT_1_WAREHOUSES = "kw_warehouses."
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "kwconvert.json"
 
@@ -55,6 +62,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
         save_file(tensors, str(weights_path), metadata={"format": str(FORMAT_VERSION)})
         meta = _metadata(plan, source or plan.model, input_size or plan.input_size, aliases,
                          _sha256(weights_path), _temperatures(model))
+        meta["paths"] = saved_choices(model)  # each layer's timed path (kwconvert.tune): no timing after load
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         _fsync_dir(staging)
         _apply_umask(staging)
@@ -65,8 +73,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
     return target
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a saved model: base model (from its source, or ``model``) + plan + weights."""
+def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
+         device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a saved model: base model (from its source, or ``model``) + plan + weights.
+
+    ``device`` (torch.load's ``map_location``) moves the loaded model there; by default it
+    stays where it was built (the CPU, or ``model``'s device).
+    """
+    device = checked_device(device) if device is not None else None
     path = _resolve_saved(Path(directory))
     meta = read_metadata(path)
     try:  # a plan edited by hand is refused here, before any model is built
@@ -83,9 +97,27 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
         converted = convert(model, plan, init="none")
     except ValueError as err:
         raise SavedModelError(f"{path}: the saved plan does not fit the model: {err}") from None
+    if meta["format"] < 2:
+        state = _cells_under_their_layers(converted, state)
     _load_strict(converted, state, path)
     _set_temperatures(converted, meta.get("temperatures", {}), path)
-    return converted
+    restore_choices(meta.get("paths", []))
+    return converted.to(device) if device is not None else converted
+
+
+def checked_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that exists here, or a ValueError saying why not.
+
+    Checked before anything is built: a misspelt or absent device (``cuda`` on a machine
+    without one) should fail in a second, not after the model was rebuilt.
+    """
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as err:
+        reason = str(err).strip().split(". ")[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"device '{device}' cannot be used here: {reason}") from None
+    return device
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -202,6 +234,27 @@ def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise SavedModelError(f"cannot read {weights}: {err}") from None
     for alias, original in meta["weights"].get("aliases", {}).items():
         state[alias] = state[original]
+    return state
+
+
+def _cells_under_their_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A format-1 state with each warehouse's cells under every path that reaches it now.
+
+    Format 1 held each warehouse once, in a ``kw_warehouses`` ModuleDict keyed by its name;
+    the layers now hold it themselves, one shared tensor under each layer's name.  Keys no
+    warehouse claims stay, so ``_load_strict`` reports them.
+    """
+    state = dict(state)
+    claimed = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, Warehouse):
+            continue
+        old = f"{FORMAT_1_WAREHOUSES}{module.name.replace('.', '_')}.cells"
+        if old in state:
+            state[f"{name}.cells"] = state[old]
+            claimed.add(old)
+    for old in claimed:
+        del state[old]
     return state
 
 

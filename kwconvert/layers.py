@@ -75,8 +75,11 @@ class Warehouse(nn.Module):
     The cells are the only convolution weights a converted stage has: every layer of the
     stage rebuilds its kernel from them.  A cell is ``(f_e, c_e, 1, ...)`` in every
     published configuration, or a whole kernel for vanilla dynamic convolution (m = 1).
-    The rewriter registers each warehouse once on the model; the layers only hold a
-    reference, so ``state_dict`` and DDP see every cell once.
+    Every layer of the stage registers the same Warehouse as its ``warehouse`` submodule,
+    PyTorch's way of tying weights: ``parameters()`` of the model, of a block or of one
+    layer yield the cells (once, however many layers share them), so optimisers, DDP and
+    ``.to()`` reach them from anywhere; ``state_dict`` lists the one tensor under each
+    layer's name, and ``kwconvert.save`` stores it once.
     """
 
     def __init__(self, n: int, cell: Sequence[int], name: str = "", device=None, dtype=None) -> None:
@@ -390,7 +393,7 @@ def _place_layer(label: str, weight_shape: tuple[int, ...], warehouse: Warehouse
 
 
 class _KWLayer(nn.Module):
-    """What KW Conv and Linear share: the warehouse reference, attention, assembly, bias."""
+    """What KW Conv and Linear share: the shared warehouse, attention, assembly, bias."""
 
     _static_type: type[nn.Module]
 
@@ -403,9 +406,7 @@ class _KWLayer(nn.Module):
         self.cells = _place_layer(self._label, self.weight_shape, warehouse, offset, budget)
         self.offset, self.budget = offset, float(budget)
         self.tiling = Tiling(self.weight_shape, warehouse.cell)
-        # A tuple keeps the shared warehouse out of this layer's submodules (it is registered
-        # once on the model) while deepcopy / pickle still follow the reference.
-        self._warehouse = (warehouse,)
+        self.warehouse = warehouse  # a submodule shared with the stage's other layers (tied weights)
         self.attention = KWAttention(in_channels, hidden, self.cells, warehouse.n, offset=offset,
                                      budget=budget, norm=attention_norm, basis_ratio=basis_ratio,
                                      device=device, dtype=dtype)
@@ -418,10 +419,6 @@ class _KWLayer(nn.Module):
     @property
     def _label(self) -> str:
         return f"layer {self.name}" if self.name else f"layer {type(self).__name__}"
-
-    @property
-    def warehouse(self) -> Warehouse:
-        return self._warehouse[0]
 
     @property
     def tau(self) -> float:
@@ -500,8 +497,8 @@ class _KWLayer(nn.Module):
         return out + self.bias.view(shape)
 
     def _kw_repr(self) -> str:
-        return (f"cells={self.cells}, offset={self.offset}, budget={self.budget}, "
-                f"warehouse={self.warehouse.name or _dims(self.warehouse.cells.shape)}")
+        # The warehouse prints as a child of one line, with its name and size.
+        return f"cells={self.cells}, offset={self.offset}, budget={self.budget}"
 
 
 def _as_tuple(value, dims: int, what: str, label: str) -> tuple[int, ...]:

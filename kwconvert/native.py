@@ -9,9 +9,12 @@ so that the assembly writes, for each run of ``NP`` output channels and each cel
 row-major ``(c_e, NP)`` block, and the product walks those blocks through a table of
 offsets.  Inference only; training keeps the pure-PyTorch paths (``kwconvert.fast``).
 
-The extension is built by ``pip install`` with the machine's compiler (``setup.py``;
-optional: when it does not build, ``available()`` is False and ``kwconvert.fast`` never
-offers the ``"native"`` path).  ``KWCONVERT_NATIVE=0`` in the environment turns it off.
+``pip install`` builds the kernel once per instruction set (``setup.py``: AVX-512, AVX2 +
+FMA, and a baseline copy for any CPU; every copy optional: when none builds, ``available()``
+is False and ``kwconvert.fast`` never offers the ``"native"`` path).  At run time the best
+copy the CPU executes is loaded, so a build made on one machine runs on any other of its
+architecture; ``KWCONVERT_ISA=baseline|avx2|avx512`` forces one (a copy the CPU cannot
+execute is refused with a warning) and ``KWCONVERT_NATIVE=0`` turns the kernel off.
 Its results equal the pure-PyTorch paths to float rounding (tests/test_native.py).
 """
 from __future__ import annotations
@@ -19,64 +22,105 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import math
 import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .cells import Tiling
 
-__all__ = ["available", "conv", "depthwise", "is_depthwise", "panel_order", "panel_width", "supports"]
+__all__ = ["ISAS", "available", "built_isas", "conv", "cpu_isas", "depthwise", "is_depthwise", "isa",
+           "panel_order", "panel_width", "supports"]
 
 _PANEL_WIDTHS = (64, 32, 16, 8)
 _MAX_SEGMENTS = 1024  # as in _native.c
 _MAX_TAPS = 64  # kernel positions of a depthwise layer, as in _native.c
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("KWCONVERT_NATIVE", "1") == "0":
-        return None
-    spec = importlib.util.find_spec("kwconvert._native")
+#: Instruction sets of the compiled copies, best first (setup.py builds one module each).
+ISAS = ("avx512", "avx2", "baseline")
+#: torch's CPU capability -> the copies such a CPU executes, best first
+_RUNNABLE = {"AVX512": ISAS, "AVX2": ISAS[1:]}
+
+
+def cpu_isas() -> tuple[str, ...]:
+    """The copies this CPU can execute, best first, as torch's own dispatch sees the CPU
+    (``torch.backends.cpu.get_cpu_capability()``, which also honours ``ATEN_CPU_CAPABILITY``)."""
+    return _RUNNABLE.get(torch.backends.cpu.get_cpu_capability(), ("baseline",))
+
+
+def built_isas() -> tuple[str, ...]:
+    """The copies this installation holds (whatever the CPU), best first."""
+    return tuple(isa for isa in ISAS if _module_file(isa) is not None)
+
+
+def _module_file(isa: str) -> str | None:
+    spec = importlib.util.find_spec(f"kwconvert._native_{isa}")
     if spec is None or spec.origin is None or not spec.origin.endswith((".so", ".pyd", ".dylib")):
         return None
-    library = ctypes.CDLL(spec.origin)
+    return spec.origin
+
+
+@functools.cache
+def _load(isa: str) -> ctypes.CDLL | None:
+    """One copy through ctypes, or None when it was not built."""
+    path = _module_file(isa)
+    if path is None:
+        return None
+    library = ctypes.CDLL(path)
     pointer, size, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     library.kw_native_conv.argtypes = [pointer, size, size, pointer, size, pointer, i32, i32, i32, i32, pointer,
                                        size, size, pointer, i32, size, i32]
     library.kw_native_conv.restype = i32
     library.kw_native_depthwise.argtypes = [pointer, i32, i32, i32, pointer, size, pointer, pointer] + [i32] * 12
     library.kw_native_depthwise.restype = i32
-    library.kw_native_avx512.restype = i32
-    if library.kw_native_avx512() and not cpu_has_avx512():
-        # built with -march=native on an AVX-512 machine and moved to one without: calling
-        # in would end the process with an illegal instruction
-        warnings.warn("kwconvert's compiled kernel was built for a CPU with AVX-512 and this one has none: "
-                      "reinstall kwconvert on this machine (pip install -e .); the pure-PyTorch paths run meanwhile",
-                      RuntimeWarning, stacklevel=2)
-        return None
+    library.kw_native_isa.restype = ctypes.c_char_p
+    if library.kw_native_isa().decode() != isa:
+        raise ImportError(f"{path} holds the {library.kw_native_isa().decode()} kernel, not {isa}: reinstall kwconvert")
     return library
 
 
-def cpu_has_avx512() -> bool:
-    """Whether this CPU has AVX-512F (Linux's /proc/cpuinfo; elsewhere assumed, as the build was)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
-    except OSError:
-        return True
+@functools.cache
+def _choose(enabled: str, forced: str) -> tuple[str, ctypes.CDLL] | None:
+    """The copy to run for these values of ``KWCONVERT_NATIVE`` and ``KWCONVERT_ISA``."""
+    if enabled == "0":
+        return None
+    runnable = cpu_isas()
+    wanted = runnable
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"KWCONVERT_ISA must be one of {', '.join(ISAS)} (or unset), got {forced!r}")
+        if forced in runnable:
+            wanted = (forced,)
+        else:  # loading it would end the process with an illegal instruction
+            warnings.warn(f"KWCONVERT_ISA={forced}: this CPU cannot execute that kernel (it runs "
+                          f"{', '.join(runnable)}); using the best it can", RuntimeWarning, stacklevel=3)
+    for isa in wanted:
+        library = _load(isa)
+        if library is not None:
+            return isa, library
+    return None
 
 
+def _library() -> ctypes.CDLL | None:
+    chosen = _choose(os.environ.get("KWCONVERT_NATIVE", "1"), os.environ.get("KWCONVERT_ISA", ""))
+    return None if chosen is None else chosen[1]
+
+
+@torch.compiler.assume_constant_result  # a compiled graph bakes the answer in rather than tracing ctypes
 def available() -> bool:
-    """Whether the compiled extension is built and loaded (``KWCONVERT_NATIVE=0``: never)."""
+    """Whether a compiled copy is built and loaded (``KWCONVERT_NATIVE=0``: never)."""
     return _library() is not None
 
 
-def avx512() -> bool:
-    """Whether the extension was compiled for AVX-512 (else it runs a plain C loop)."""
-    library = _library()
-    return bool(library is not None and library.kw_native_avx512())
+@torch.compiler.assume_constant_result
+def isa() -> str | None:
+    """The instruction set of the copy that runs: ``"avx512"``, ``"avx2"``, ``"baseline"``, or None."""
+    chosen = _choose(os.environ.get("KWCONVERT_NATIVE", "1"), os.environ.get("KWCONVERT_ISA", ""))
+    return None if chosen is None else chosen[0]
 
 
 def panel_width(tiling: Tiling) -> int | None:
@@ -91,9 +135,8 @@ def is_depthwise(tiling: Tiling, groups: int) -> bool:
 
 def supports(tiling: Tiling, groups: int, x: Tensor) -> bool:
     """Whether the compiled kernel can run this layer: float32 on CPU, 1x1 cells, and either
-    no groups with f_e a multiple of 8 (``conv``) or a depthwise layer (``depthwise``); never
-    under torch.compile (an opaque foreign call would break the graph)."""
-    if torch.compiler.is_compiling() or not available() or x.device.type != "cpu" or x.dtype != torch.float32 \
+    no groups with f_e a multiple of 8 (``conv``) or a depthwise layer (``depthwise``)."""
+    if not available() or x.device.type != "cpu" or x.dtype != torch.float32 \
             or any(size != 1 for size in tiling.cell[2:]):
         return False
     if groups == 1:
@@ -110,23 +153,115 @@ def panel_order(cells: Tensor, width: int) -> Tensor:
 
 @functools.lru_cache(maxsize=512)
 def _offsets(tiling: Tiling, width: int) -> Tensor:
-    """``offsets[P, g]``: where panel P's rows of segment g start in one sample's blocks."""
-    f_e, c_e = tiling.cell[:2]
-    cell = f_e * c_e
-    out_channels = tiling.weight_shape[0]
-    blocks_out, blocks_in, spatial = tiling.blocks_out, tiling.blocks_in, tiling.spatial
-    offsets = torch.empty(out_channels // width, spatial * blocks_in, dtype=torch.int64)
-    for panel in range(out_channels // width):
-        block_out, within = divmod(panel * width, f_e)
-        for position in range(spatial):
-            for block_in in range(blocks_in):
-                mixture = (position * blocks_out + block_out) * blocks_in + block_in
-                offsets[panel, position * blocks_in + block_in] = mixture * cell + within * c_e
-    return offsets
+    """``offsets[P, g]``: where panel P's rows of segment g start in one sample's blocks (the
+    first element of each (segment, panel) block of ``_kernel_index``)."""
+    index = _kernel_index(tiling, width, torch.device("cpu"))
+    return index[::tiling.cell[1], ::width].t().contiguous()
 
 
 def _pointer(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+def _check(name: str, tensor: Tensor, dims: int) -> None:
+    """What the operators assume of a tensor, said as an error rather than found as a crash."""
+    if tensor.dim() != dims or not tensor.is_floating_point():
+        raise ValueError(f"kwconvert's operators take {name} as a {dims}-d floating-point tensor, got "
+                         f"{tensor.dim()}-d {tensor.dtype}")
+
+
+def _kernel_for(*tensors: Tensor | None) -> ctypes.CDLL | None:
+    """The compiled kernel when it can take these tensors (float32 on the CPU), else None: the
+    operator then computes the same in PyTorch ops (a program exported where the kernel ran,
+    run where it is not built, on another device or in another dtype)."""
+    if all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors):
+        return _library()
+    return None
+
+
+def _refused(code: int, what: str) -> None:
+    if code:
+        raise RuntimeError(f"kwconvert's compiled kernel refused {what}")
+
+
+# --- the operators ------------------------------------------------------------------------
+#
+# Each compiled routine is a torch.library operator: torch.compile and torch.export see an op
+# with a fake implementation (shapes only) instead of an opaque foreign call, and autograd a
+# formula in plain PyTorch ops (the kernels themselves are forward only).  Arguments are
+# tensors and integers, so nothing outside the op's schema decides what it computes.
+
+
+@torch.library.custom_op("kwconvert::conv", mutates_args=())
+def _conv(cols: Tensor, blocks: Tensor, bias: Tensor | None, weight_shape: list[int], cell: list[int]) -> Tensor:
+    tiling = Tiling(tuple(weight_shape), tuple(cell))
+    width = panel_width(tiling)
+    _check("cols", cols, 3)
+    _check("blocks", blocks, 3)
+    batch, rows, depth = cols.shape
+    out_channels = tiling.weight_shape[0]
+    if width is None or blocks.shape != (batch, tiling.cells, math.prod(tiling.cell)) \
+            or depth != math.prod(tiling.weight_shape[1:]) or (bias is not None and bias.shape != (out_channels,)):
+        raise ValueError(f"kwconvert::conv: cols {tuple(cols.shape)}, blocks {tuple(blocks.shape)} and bias do "
+                         f"not fit a kernel {tiling.weight_shape} of cells {tiling.cell}")
+    library = _kernel_for(cols, blocks, bias)
+    if library is None:
+        kernels = blocks.reshape(batch, -1)[:, _kernel_index(tiling, width, blocks.device)]
+        return torch.bmm(cols, kernels) if bias is None else torch.baddbmm(bias, cols, kernels)
+    cols, blocks = cols.contiguous(), blocks.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    offsets = _offsets(tiling, width)
+    out = torch.empty(batch, rows, out_channels, dtype=cols.dtype, device=cols.device)
+    panels, segments = offsets.shape
+    _refused(library.kw_native_conv(
+        cols.data_ptr(), rows * depth, depth, blocks.data_ptr(), blocks[0].numel(), offsets.data_ptr(), panels,
+        segments, tiling.cell[1], width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias), rows,
+        batch, torch.get_num_threads()), f"panel width {width} / {segments} segments")
+    return out
+
+
+@_conv.register_fake
+def _(cols, blocks, bias, weight_shape, cell):
+    return cols.new_empty(cols.shape[0], cols.shape[1], weight_shape[0])
+
+
+def _kernel_index(tiling: Tiling, width: int, device: torch.device) -> Tensor:
+    """``index[k, o]``: where element (k, o) of a sample's ``kernel^T`` (K, C_out) lies in its
+    flattened blocks (the table ``_offsets`` holds, per element; a permutation, since every
+    block element is one kernel element).  Built from ``arange`` on ``device`` rather than
+    cached, so that traced code (a fake or exported graph) builds it too."""
+    f_e, c_e = tiling.cell[:2]
+    blocks_out, blocks_in = tiling.blocks_out, tiling.blocks_in
+    k = torch.arange(math.prod(tiling.weight_shape[1:]), device=device).unsqueeze(1)
+    o = torch.arange(tiling.weight_shape[0], device=device).unsqueeze(0)
+    position, block_in, channel = k // (blocks_in * c_e), (k // c_e) % blocks_in, k % c_e
+    mixture = (position * blocks_out + o // f_e) * blocks_in + block_in
+    return mixture * (f_e * c_e) + (o - o % width) % f_e * c_e + channel * width + o % width
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    cols, blocks, bias, weight_shape, cell = inputs
+    ctx.tiling = Tiling(tuple(weight_shape), tuple(cell))
+    ctx.save_for_backward(cols, blocks)
+
+
+def _conv_backward(ctx, grad: Tensor):
+    """Each sample's kernel^T gathered from its blocks; then the two products of a linear map."""
+    cols, blocks = ctx.saved_tensors
+    index = _kernel_index(ctx.tiling, panel_width(ctx.tiling), blocks.device)
+    flat = blocks.reshape(blocks.shape[0], -1)
+    grad_cols = grad_blocks = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_cols = torch.bmm(grad, flat[:, index].transpose(1, 2))
+    if ctx.needs_input_grad[1]:
+        grad_kernel = torch.bmm(cols.transpose(1, 2), grad).reshape(blocks.shape[0], -1)
+        grad_blocks = grad_kernel[:, torch.argsort(index.reshape(-1))].view_as(blocks)
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad.sum(dim=(0, 1))
+    return grad_cols, grad_blocks, grad_bias, None, None
+
+
+_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def conv(tiling: Tiling, cols: Tensor, blocks: Tensor, bias: Tensor | None) -> Tensor:
@@ -135,24 +270,92 @@ def conv(tiling: Tiling, cols: Tensor, blocks: Tensor, bias: Tensor | None) -> T
     ``cols`` is the NHWC im2col ``(B, rows, K)`` (K in OHWI's order), ``blocks`` the
     assembly's output ``(B, m, cell)`` from a warehouse in ``panel_order``.  Work is split
     over ``torch.get_num_threads()`` OpenMP threads (torch's own pool); the GIL is released
-    meanwhile.
+    meanwhile.  The operator ``torch.ops.kwconvert.conv``.
     """
-    library = _library()
-    width = panel_width(tiling)
-    cols, blocks = cols.contiguous(), blocks.contiguous()
-    bias = None if bias is None else bias.detach().contiguous()
-    offsets = _offsets(tiling, width)
-    batch, rows, depth = cols.shape
-    out_channels = tiling.weight_shape[0]
-    out = torch.empty(batch, rows, out_channels, dtype=cols.dtype, device=cols.device)
-    panels, segments = offsets.shape
-    code = library.kw_native_conv(
-        cols.data_ptr(), rows * depth, depth, blocks.data_ptr(), blocks[0].numel(), offsets.data_ptr(), panels,
-        segments, tiling.cell[1], width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias), rows,
-        batch, torch.get_num_threads())
-    if code:
-        raise RuntimeError(f"kwconvert native kernel refused panel width {width} / {segments} segments")
+    return _conv(cols, blocks, bias, list(tiling.weight_shape), list(tiling.cell))
+
+
+@torch.library.custom_op("kwconvert::depthwise", mutates_args=())
+def _depthwise(x: Tensor, blocks: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+               dilation: list[int], kernel: list[int], out_size: list[int]) -> Tensor:
+    _check("x", x, 4)
+    _check("blocks", blocks, 3)
+    batch, channels, height, width = x.shape
+    if blocks.shape[0] != batch or blocks[0].numel() != math.prod(kernel) * channels \
+            or math.prod(kernel) > _MAX_TAPS or (bias is not None and bias.shape != (channels,)):
+        raise ValueError(f"kwconvert::depthwise: x {tuple(x.shape)}, blocks {tuple(blocks.shape)} and bias do "
+                         f"not fit a {tuple(kernel)} depthwise kernel")
+    library = _kernel_for(x, blocks, bias)
+    if library is None:
+        padded, weight = _folded_depthwise(x, blocks, _pads(x, padding, dilation, kernel, stride, out_size), kernel)
+        out = F.conv2d(padded, weight, bias.repeat(batch) if bias is not None else None, stride, 0, dilation,
+                       batch * channels)
+        return out.view(batch, channels, *out_size).contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    blocks = blocks.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(batch, channels, *out_size, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    _refused(library.kw_native_depthwise(
+        x.data_ptr(), height, width, channels, blocks.data_ptr(), blocks[0].numel(), _pointer(bias), out.data_ptr(),
+        *out_size, *kernel, *stride, *padding, *dilation, batch, torch.get_num_threads()),
+        f"a {tuple(kernel)} depthwise kernel")
     return out
+
+
+@_depthwise.register_fake
+def _(x, blocks, bias, stride, padding, dilation, kernel, out_size):
+    return torch.empty(x.shape[0], x.shape[1], *out_size, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _depthwise_setup(ctx, inputs, output) -> None:
+    x, blocks, bias, stride, padding, dilation, kernel, out_size = inputs
+    ctx.geometry = (stride, padding, dilation, kernel, out_size)
+    ctx.save_for_backward(x, blocks)
+
+
+def _pads(x: Tensor, padding: list[int], dilation: list[int], kernel: list[int], stride: list[int],
+          out_size: list[int]) -> tuple[int, int, int, int]:
+    """``F.pad``'s (left, right, top, bottom) that make a padding-free convolution give
+    ``out_size``; right and bottom may be negative (columns the kernel never reads)."""
+    (top, left), (dh, dw), (kh, kw), (sh, sw), (out_h, out_w) = padding, dilation, kernel, stride, out_size
+    bottom = (out_h - 1) * sh + dh * (kh - 1) + 1 - x.shape[2] - top
+    right = (out_w - 1) * sw + dw * (kw - 1) + 1 - x.shape[3] - left
+    return left, right, top, bottom
+
+
+def _folded_depthwise(x: Tensor, blocks: Tensor, pads: tuple[int, int, int, int], kernel: list[int]
+                      ) -> tuple[Tensor, Tensor]:
+    """The reference's layout: the padded input as one image of ``B * C`` channels and every
+    sample's kernel as its ``B * C`` depthwise filters."""
+    batch, channels = x.shape[:2]
+    padded = F.pad(x, pads)
+    padded = padded.reshape(1, batch * channels, *padded.shape[2:])
+    weight = blocks.reshape(batch, -1, channels).transpose(1, 2).reshape(batch * channels, 1, *kernel)
+    return padded, weight
+
+
+def _depthwise_backward(ctx, grad: Tensor):
+    """ATen's convolution backward on the batch folded into the groups."""
+    x, blocks = ctx.saved_tensors
+    stride, padding, dilation, kernel, out_size = ctx.geometry
+    batch, channels = x.shape[:2]
+    pads = _pads(x, padding, dilation, kernel, stride, out_size)
+    padded, weight = _folded_depthwise(x, blocks, pads, kernel)
+    needs = ctx.needs_input_grad
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad.reshape(1, batch * channels, *out_size), padded, weight, None, stride, [0, 0], dilation, False,
+        [0, 0], batch * channels, [needs[0], needs[1], False])
+    if needs[0]:
+        left, right, top, bottom = pads
+        grad_x = F.pad(grad_x.view(batch, channels, *grad_x.shape[2:]), (-left, -right, -top, -bottom))
+    if needs[1]:
+        grad_weight = grad_weight.view(batch, channels, -1).transpose(1, 2).reshape(blocks.shape)
+    grad_bias = grad.sum(dim=(0, 2, 3)) if needs[2] else None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+_depthwise.register_autograd(_depthwise_backward, setup_context=_depthwise_setup)
 
 
 def depthwise(x: Tensor, blocks: Tensor, bias: Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
@@ -161,18 +364,82 @@ def depthwise(x: Tensor, blocks: Tensor, bias: Tensor | None, stride: tuple[int,
 
     ``x`` is the channels-last input ``(B, C, H, W)``, ``blocks`` the assembly's output
     ``(B, m, f_e)``, which for a depthwise layer is each sample's ``(kh * kw, C)`` kernel in
-    that order; ``padding`` is the zero padding at the top and the left.
+    that order; ``padding`` is the zero padding at the top and the left.  The operator
+    ``torch.ops.kwconvert.depthwise``.
     """
-    batch, channels, height, width = x.shape
-    x = x.contiguous(memory_format=torch.channels_last)
-    blocks = blocks.contiguous()
-    bias = None if bias is None else bias.detach().contiguous()
-    out_h, out_w = out_size
-    out = torch.empty(batch, channels, out_h, out_w, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last)
-    code = _library().kw_native_depthwise(
-        x.data_ptr(), height, width, channels, blocks.data_ptr(), blocks[0].numel(), _pointer(bias), out.data_ptr(),
-        out_h, out_w, *kernel, *stride, *padding, *dilation, batch, torch.get_num_threads())
-    if code:
-        raise RuntimeError(f"kwconvert native kernel refused a {kernel} depthwise kernel")
+    return _depthwise(x, blocks, bias, list(stride), list(padding), list(dilation), list(kernel), list(out_size))
+
+
+# --- the assembly ---------------------------------------------------------------------------
+#
+# The assembly ``alpha (M, n) @ warehouse (n, cell)`` has few rows at batch 1 and reads the
+# whole warehouse: a library GEMM packs the warehouse on every call, which costs as much as
+# the product.  Packed once in panels of ``width`` columns (``mix_panels``), the warehouse
+# is read by the conv kernel as one sample's kernel^T with a single segment.
+
+_MIX_ROWS_BYTES = 256 * 1024  # rows of alpha per call: the rows stay in cache across panels
+
+
+def mix_width(columns: int) -> int | None:
+    """Panel width for a warehouse of ``columns`` elements per cell (None: the kernel cannot):
+    the widest the copy's register tile reads at once (64 columns with AVX-512, 16 else),
+    so that a panel of the warehouse stays in the L1 cache across the tiles of rows."""
+    widest = 64 if isa() == "avx512" else 16
+    return next((width for width in _PANEL_WIDTHS if width <= widest and columns % width == 0), None)
+
+
+def mix_panels(matrix: Tensor) -> Tensor:
+    """The warehouse matrix ``(n, columns)`` packed for ``mix``: ``(columns / width, n, width)``."""
+    n, columns = matrix.shape
+    return matrix.reshape(n, columns // mix_width(columns), -1).transpose(0, 1).contiguous()
+
+
+@torch.library.custom_op("kwconvert::mix", mutates_args=())
+def _mix(alpha: Tensor, panels: Tensor) -> Tensor:
+    _check("alpha", alpha, 2)
+    _check("panels", panels, 3)
+    count, n, width = panels.shape
+    if alpha.shape[1] != n or width not in _PANEL_WIDTHS:
+        raise ValueError(f"kwconvert::mix: alpha {tuple(alpha.shape)} does not fit panels {tuple(panels.shape)}")
+    library = _kernel_for(alpha, panels)
+    if library is None:
+        return torch.einsum("rn,pnw->rpw", alpha, panels).reshape(alpha.shape[0], -1)
+    alpha, panels = alpha.contiguous(), panels.contiguous()
+    rows = alpha.shape[0]
+    out = torch.empty(rows, count * width, dtype=alpha.dtype, device=alpha.device)
+    offsets = torch.arange(count, dtype=torch.int64) * (n * width)
+    step = max(1, _MIX_ROWS_BYTES // (4 * n))
+    for first in range(0, rows, step):
+        chunk = min(step, rows - first)
+        _refused(library.kw_native_conv(
+            alpha[first].data_ptr(), chunk * n, n, panels.data_ptr(), panels.numel(), offsets.data_ptr(), count, 1,
+            n, width, out[first].data_ptr(), chunk * count * width, count * width, None, chunk, 1,
+            torch.get_num_threads()), f"an assembly of panel width {width}")
     return out
+
+
+@_mix.register_fake
+def _(alpha, panels):
+    return alpha.new_empty(alpha.shape[0], panels.shape[0] * panels.shape[2])
+
+
+def _mix_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _mix_backward(ctx, grad: Tensor):
+    alpha, panels = ctx.saved_tensors
+    count, n, width = panels.shape
+    grad_rows = grad.view(-1, count, width)
+    grad_alpha = torch.einsum("rpw,pnw->rn", grad_rows, panels) if ctx.needs_input_grad[0] else None
+    grad_panels = torch.einsum("rn,rpw->pnw", alpha, grad_rows) if ctx.needs_input_grad[1] else None
+    return grad_alpha, grad_panels
+
+
+_mix.register_autograd(_mix_backward, setup_context=_mix_setup)
+
+
+def mix(alpha: Tensor, panels: Tensor) -> Tensor:
+    """``alpha (M, n) @ warehouse (n, columns)`` from the warehouse's ``mix_panels``: ``(M, columns)``.
+    The operator ``torch.ops.kwconvert.mix``."""
+    return _mix(alpha, panels)

@@ -2,9 +2,9 @@
 
 Like PEFT's tuners, model-level code only finds the planned layers by qualified name and
 swaps them (``get_submodule`` on the parent, then ``setattr``): the model keeps its own
-class, forward, buffers and every other module.  Each warehouse is registered once, in a
-``kw_warehouses`` ModuleDict on the converted (sub)module, so state_dict, optimisers and
-DDP see every shared cell exactly once while the layers hold it by reference.
+class, forward, buffers and every other module.  The layers of a warehouse all register
+the same ``Warehouse`` as a submodule (tied weights), so the cells move, train and save
+with any part of the model that holds one of its layers; ``parameters()`` yields them once.
 
 Three layers are not swapped one for one (the plan says which): a fused qkv whose value
 rows alone are converted becomes a ``PartlyDynamicLinear``, the ``nn.MultiheadAttention``
@@ -28,8 +28,7 @@ from .layers import HOLDABLE_BETA_L1, KWConv1d, KWConv2d, KWConv3d, KWLinear, Wa
 from .plan import LayerPlan, Plan, WarehousePlan, check_consistent, plan as make_plan
 from .vit import PartlyDynamicLinear, linear_rows, unpack_attention, unpacked_attention
 
-#: Where the converted model keeps its warehouses and its plan.
-WAREHOUSES_ATTR = "kw_warehouses"
+#: Where the converted model keeps its plan.
 PLAN_ATTR = "_kwconvert_plan"
 
 _KW_CLASS = {"conv1d": KWConv1d, "conv2d": KWConv2d, "conv3d": KWConv3d, "linear": KWLinear}
@@ -46,6 +45,9 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
     this exact for b >= 1 at tau = 1); ``init="random"`` is the paper's from-scratch
     initialisation; ``init="none"`` leaves the cells as allocated and keeps the plan's
     recorded fit errors, for loading saved weights right after.  ``inplace=False`` converts a deep copy and leaves ``model`` untouched.
+    Every new tensor is made on the model's device and dtype.  A model on the ``meta``
+    device has shapes but no values: it converts shape for shape, nothing is fitted, and
+    the plan's ``init_error`` is left unknown (None).
     """
     if init not in INIT_MODES:
         raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, got '{init}'")
@@ -65,7 +67,6 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
         model = copy.deepcopy(model)
     unpack_attention(model, plan.unpacked_attention)
     paths = _paths_by_module(model)
-    container = WarehouseStore()
     fitted = []
     for warehouse_plan in plan.warehouses:
         originals = [model.get_submodule(layer.name) for layer in warehouse_plan.layers]
@@ -87,22 +88,9 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
                 replacement = kw_layer
             for path in paths[id(original)]:
                 _set_submodule(model, path, replacement)
-        container[_key(warehouse_plan.name)] = warehouse
         fitted.append(dataclasses.replace(warehouse_plan, init_error=error))
-    model.add_module(WAREHOUSES_ATTR, container)
     setattr(model, PLAN_ATTR, dataclasses.replace(plan, warehouses=tuple(fitted)))
     return model
-
-
-class WarehouseStore(nn.ModuleDict):
-    """The converted model's warehouses, registered once (``model.kw_warehouses``).
-
-    Called, it returns its first argument unchanged: an ``nn.Sequential`` calls every
-    child in turn, so a converted Sequential passes its output through the store.
-    """
-
-    def forward(self, x, *args, **kwargs):
-        return x
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -211,11 +199,6 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _key(name: str) -> str:
-    """ModuleDict keys cannot hold dots."""
-    return name.replace(".", "_")
-
-
 def _new_warehouse(plan: WarehousePlan, first_static: nn.Module) -> Warehouse:
     weight = first_static.weight
     return Warehouse(plan.n, tuple(plan.cell), name=plan.name, device=weight.device, dtype=weight.dtype)
@@ -239,6 +222,8 @@ def _initialise(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.Mo
             for layer in plan.layers:
                 span = kw_cells.cells_handed_out(layer.cells, plan.budget)
                 warehouse.reset_cells(layer.offset, layer.offset + span)
+            return None
+        if warehouse.cells.is_meta:  # shapes only: there are no kernel values to keep
             return None
         if plan.budget >= 1:
             for kw_layer, static in zip(kw_layers, statics):
@@ -283,13 +268,14 @@ def _fit_low_rank(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.
     starting attention (beta, the tau = 1 point of the CAF, paper Sec. 3.3) becomes its
     row of U_n.
     """
-    blocks = [kernel_to_blocks(kw_layer.tiling, static.weight.detach().to(torch.float64))
+    dtype = _fit_dtype(warehouse.cells.device)
+    blocks = [kernel_to_blocks(kw_layer.tiling, static.weight.detach().to(dtype))
               for static, kw_layer in zip(statics, kw_layers)]
     stacked = torch.cat(blocks, dim=0)
     coefficients, cells, smallest = _truncated_svd(stacked, warehouse.n)
     rank = coefficients.shape[1]
     if rank < warehouse.n:  # cells no block needs: small random ones, free to learn later
-        spare = torch.empty(warehouse.n - rank, stacked.shape[1], dtype=torch.float64, device=stacked.device)
+        spare = torch.empty(warehouse.n - rank, stacked.shape[1], dtype=dtype, device=stacked.device)
         nn.init.normal_(spare, std=smallest / math.sqrt(stacked.shape[1]) if smallest > 0 else 0.01)
         cells = torch.cat([cells, spare])
         coefficients = torch.cat([coefficients, coefficients.new_zeros(coefficients.shape[0], warehouse.n - rank)], 1)
@@ -303,8 +289,13 @@ def _fit_low_rank(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.
     return float(residual / norm) if norm > 0 else 0.0
 
 
+def _fit_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the least-squares fit, where the device has it (Apple's MPS has not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``U_r``, ``S_r V_r^T`` and the smallest singular value of ``matrix`` (float64).
+    """``U_r``, ``S_r V_r^T`` and the smallest singular value of ``matrix`` (on its device).
 
     Through the eigenvectors of the smaller Gram matrix rather than LAPACK's SVD: the
     blocks matrix is wide (ResNet50's stage 3 at b = 1/2 is 552 x 16,384), where the SVD's

@@ -232,7 +232,7 @@ CASES: dict[str, Case] = {
                                            r"exists and is not a kwconvert save", someone_elses_directory),
     # Saved directories.
     "show-nothing-there": Case(("show", "nowhere"), 1, r"nowhere does not exist"),
-    "show-newer-format": Case(("show", "{input}"), 1, r"has format 2, newer than this kwconvert reads",
+    "show-newer-format": Case(("show", "{input}"), 1, r"has format \d+, newer than this kwconvert reads",
                               save_with_newer_format),
     "show-weights-cut-short": Case(("show", "{input}"), 1, r"does not match the checksum", save_with_weights_cut_short),
     "show-metadata-not-json": Case(("show", "{input}"), 1, r"is not valid JSON", save_with_broken_json),
@@ -252,6 +252,9 @@ CASES: dict[str, Case] = {
     "show-plan-with-field-of-wrong-type": Case(("show", "{input}"), 1, r"plan JSON: warehouse pre\.conv2d: 'm' must "
                                                r"be a list of integers, got a string '9,18'$",
                                                save_with_plan_field_of_wrong_type),
+    "export-to-unknown-device": Case(("export", "{input}", "--device", "bogus"), 2,
+                                     r"--device: device 'bogus' cannot be used here: Expected one of cpu, ",
+                                     saved_small_cnn),
 }
 SUBPROCESS_CASES = ("module-not-importable", "unknown-option", "weights-pickle-with-code", "show-weights-cut-short",
                     "every-layer-excluded", "module-misspelled", "show-plan-with-wrong-m")
@@ -286,7 +289,7 @@ def check(case: Case, code: int, stderr: str, before: dict, tmp_path: Path) -> N
 
 def run_cli(args: list[str], cwd: Path, monkeypatch) -> tuple[int, str]:
     monkeypatch.chdir(cwd)
-    result = CliRunner().invoke(app, args if args[0] == "show" else ["convert", *args])
+    result = CliRunner().invoke(app, args if args[0] in ("show", "export") else ["convert", *args])
     return result.exit_code, result.stderr
 
 

@@ -33,7 +33,6 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import kwconvert
-from kwconvert.rewrite import WAREHOUSES_ATTR
 
 WORLD = 2
 PER_RANK = 3
@@ -155,7 +154,7 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 
 
 def assert_warehouses_learn(gradients: dict[str, torch.Tensor]) -> None:
-    shared = [k for k in gradients if k.startswith(f"{WAREHOUSES_ATTR}.")]
+    shared = [k for k in gradients if k.endswith(".warehouse.cells")]
     attention = [k for k in gradients if ".attention." in k]
     assert shared and attention
     assert all(gradients[k].abs().sum() > 0 for k in shared + attention)
@@ -169,7 +168,7 @@ def test_every_batchnorm_becomes_syncbatchnorm_and_warehouses_are_shared():
     assert any(name.endswith(".attention.norm") for name in norms)
     plan = kwconvert.plan_of(model)
     assert max(len(w.layers) for w in plan.warehouses) >= 6
-    cells = [name for name, _ in model.named_parameters() if name.startswith(f"{WAREHOUSES_ATTR}.")]
+    cells = [name for name, _ in model.named_parameters() if name.endswith(".warehouse.cells")]
     assert len(cells) == len(plan.warehouses)  # a shared warehouse is one parameter
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 
 import pytest
 import torch
@@ -321,6 +322,60 @@ def test_use_path_rejects_unknown_names_and_restores_the_previous_setting():
         with reference_path():
             assert fast.is_reference()
         assert not fast.is_reference()
+
+
+def test_two_threads_serving_one_model_get_the_reference_outputs(kw_resnet18):
+    """Both threads meet a new shape at once (timing, packing, the choice cache) and one of
+    them forces the reference path meanwhile: neither sees the other's setting."""
+    model = kw_resnet18.eval()
+    inputs = [torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad(), reference_path():
+        expected = [model(x) for x in inputs]
+    fast.clear_caches()
+    results, seen = {}, {}
+    barrier = threading.Barrier(3)
+
+    def serve(i: int) -> None:
+        barrier.wait()
+        with torch.no_grad():
+            results[i] = [model(inputs[i]) for _ in range(2)]
+        seen[i] = fast.is_reference()
+
+    def compare() -> None:
+        barrier.wait()
+        with reference_path(), torch.no_grad():
+            results["forced"] = model(inputs[0])
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(2)] + [threading.Thread(target=compare)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {0: False, 1: False}  # the third thread's reference_path stayed in it
+    for i in range(2):
+        for out in results[i]:
+            assert relative_error(out, expected[i]) <= FLOAT32
+    assert relative_error(results["forced"], expected[0]) <= FLOAT32
+
+
+def test_tune_chooses_every_path_ahead_so_serving_times_nothing(kw_resnet18, monkeypatch):
+    model = kw_resnet18.eval()
+    x = torch.randn(2, 3, 48, 48)
+    fast.clear_caches()
+    paths = kwconvert.tune(model, x)
+    convs = [name for name, module in model.named_modules() if isinstance(module, KWConv2d)]
+    assert sorted(paths) == sorted(module.name for name, module in model.named_modules()
+                                   if isinstance(module, KWConv2d)) and len(convs) == len(paths)
+    assert set(paths.values()) <= set(fast.PATHS) - {"reference", "im2col"}
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a tuned model timed a path while serving")
+
+    monkeypatch.setattr(fast, "_fastest", no_timing)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 48, 48))
+    with pytest.raises(AssertionError, match="timed a path"), torch.no_grad():
+        model(torch.randn(3, 3, 48, 48))  # a shape tune never saw is timed
 
 
 def test_unavailable_forced_path_falls_back_to_grouped():

@@ -52,6 +52,26 @@ def test_load_rebuilds_from_the_recorded_source(tmp_path):
     assert read_metadata(tmp_path / "m")["source"] == "torchvision:resnet18"
 
 
+def test_a_tuned_model_loads_with_its_paths_and_serves_without_timing(tmp_path, monkeypatch):
+    model = converted_resnet18(1.0).eval()
+    x = torch.randn(2, 3, 48, 48)
+    kwconvert.fast.clear_caches()
+    kwconvert.tune(model, x)
+    kwconvert.save(model, tmp_path / "m")
+    chosen = kwconvert.fast.chosen_paths()
+    assert len(read_metadata(tmp_path / "m")["paths"]) == len(chosen) > 0
+    kwconvert.fast.clear_caches()  # as in a fresh serving process
+    loaded = kwconvert.load(tmp_path / "m", model=torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    assert kwconvert.fast.chosen_paths() == chosen
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a loaded tuned model timed a path")
+
+    monkeypatch.setattr(kwconvert.fast, "_fastest", no_timing)
+    with torch.no_grad():
+        loaded(x)
+
+
 def test_temperatures_survive_the_round_trip(tmp_path):
     """A model trained past its warm-up runs at tau = 0; loaded at tau = 1 it would compute
     something else."""
@@ -132,6 +152,34 @@ def test_tampered_plan_and_newer_format_are_refused(saved, tmp_path):
         kwconvert.load(directory)
 
 
+def rewrite_as_format_1(model: torch.nn.Module, directory: Path) -> None:
+    """Rewrite a save in format 1's layout: the layers without cells, and each warehouse's
+    cells once under ``kw_warehouses.<name, dots as _>.cells``, a module of its own then."""
+    from safetensors.torch import save_file
+
+    import kwconvert.io as kio
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".warehouse.cells")}
+    for module in model.modules():
+        if isinstance(module, kwconvert.Warehouse):
+            state[f"kw_warehouses.{module.name.replace('.', '_')}.cells"] = module.cells.detach()
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "1"})
+    meta = json.loads((directory / META_FILE).read_text())
+    meta.update(format=1)
+    meta["weights"].update(sha256=kio._sha256(directory / WEIGHTS_FILE), aliases={})
+    (directory / META_FILE).write_text(json.dumps(meta))
+
+
+def test_a_save_in_format_1_still_loads(saved, tmp_path):
+    model, directory = saved
+    directory = copy_save(directory, tmp_path / "format1")
+    rewrite_as_format_1(model, directory)
+    loaded = kwconvert.load(directory, model=torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    assert loaded.layer1[0].conv1.warehouse is loaded.layer1[1].conv2.warehouse  # still one module
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
 def test_plan_for_another_model_is_refused(saved):
     with pytest.raises(SavedModelError, match="does not fit"):
         kwconvert.load(saved[1], model=torchvision.models.resnet34(weights=None, num_classes=10))
@@ -176,7 +224,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         kwconvert.save(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-    assert kio.FORMAT_VERSION == 1
+    assert kio.FORMAT_VERSION == 2
 
 
 def test_a_loaded_model_is_still_held_at_every_temperature(tmp_path):

@@ -279,10 +279,10 @@ def test_parameter_counts_match_the_formulas(kind, norm):
         + (hidden + 1) * m * (n + 1)
     assert by_hand == cells.attention_params(in_channels, hidden, m, n, norm=norm)
     assert params(layer.attention) == by_hand
-    assert params(layer) == by_hand + 64  # attention + bias: the warehouse is not the layer's
     assert params(warehouse) == n * 16 * 16
+    assert params(layer) == by_hand + 64 + params(warehouse)  # attention, bias and the shared warehouse
     assert "attention.beta" in layer.state_dict()  # saved: a fitted beta (b < 1) must survive a reload
-    assert not any(key.endswith("cells") for key in layer.state_dict())
+    assert layer.state_dict()["warehouse.cells"].data_ptr() == warehouse.cells.data_ptr()  # shared, not copied
 
 
 # --- b < 1 ---------------------------------------------------------------------------------
@@ -450,12 +450,12 @@ def test_channels_last_input_gives_the_same_output(dims):
 
 
 def test_bfloat16_runs_close_to_float32():
-    layer, warehouse = random_layer(tau=0.5)
-    model = nn.ModuleDict({"warehouse": warehouse, "layer": layer}).eval()
-    low = copy.deepcopy(model).to(torch.bfloat16)
+    layer, _ = random_layer(tau=0.5)
+    layer.eval()
+    low = copy.deepcopy(layer).to(torch.bfloat16)
     x = torch.randn(2, 8, 6, 6)
-    reference = model["layer"](x)
-    out = low["layer"](x.to(torch.bfloat16))
+    reference = layer(x)
+    out = low(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
     assert max_diff(out.float(), reference) <= 0.05 * reference.abs().max().item()
 
@@ -525,16 +525,17 @@ def test_deepcopy_keeps_layers_on_the_copied_shared_warehouse():
     warehouse = Warehouse(20, (4, 4, 1, 1), name="stage1")
     first = KWConv2d(8, 4, 3, padding=1, warehouse=warehouse, offset=0, budget=1, hidden=16)
     second = KWConv2d(4, 8, 1, warehouse=warehouse, offset=18, budget=1, hidden=16)
-    model = nn.Sequential(nn.ModuleDict({"stage1": warehouse}), first, second).eval()
-    assert params(model) == params(warehouse) + params(first) + params(second)
-    assert [key for key in model.state_dict() if key.endswith("cells")] == ["0.stage1.cells"]
+    model = nn.Sequential(first, second).eval()
+    assert params(model) == params(first) + params(second) - params(warehouse)  # the cells count once
+    assert [key for key in model.state_dict() if key.endswith("cells")] == ["0.warehouse.cells",
+                                                                          "1.warehouse.cells"]
 
     clone = copy.deepcopy(model)
-    assert clone[1].warehouse is clone[0]["stage1"] is clone[2].warehouse
-    assert clone[1].warehouse is not warehouse
+    assert clone[0].warehouse is clone[1].warehouse
+    assert clone[0].warehouse is not warehouse
     x = torch.randn(2, 8, 5, 5)
-    before = model[1](x)
+    before = model[0](x)
     with torch.no_grad():
-        clone[0]["stage1"].cells.mul_(2)
-    assert torch.allclose(clone[1](x), 2 * before, atol=1e-5)
-    assert torch.equal(model[1](x), before)
+        clone[1].warehouse.cells.mul_(2)
+    assert torch.allclose(clone[0](x), 2 * before, atol=1e-5)
+    assert torch.equal(model[0](x), before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from kwconvert.layers import KWConv2d, KWLinear, Warehouse, reference_path, set_
 
 from .helpers import FLOAT32, input_dependent
 
-needs_native = pytest.mark.skipif(not native.available(), reason="kwconvert._native is not built")
+needs_native = pytest.mark.skipif(not native.available(), reason="kwconvert's compiled kernel is not built")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -215,23 +216,147 @@ def test_the_environment_switch_turns_the_extension_off():
 
 
 @pytest.mark.skipif(os.environ.get("KWCONVERT_NATIVE") == "0", reason="turned off by KWCONVERT_NATIVE=0")
-def test_the_extension_is_built_where_a_compiler_is():
-    """pip builds it with the machine's compiler: where there is one, a missing build is a bug."""
+def test_every_copy_is_built_where_a_compiler_is_and_the_best_runnable_one_runs():
+    """pip builds one copy per instruction set with the machine's compiler: where there is one,
+    a missing copy is a bug; the copy that runs is the best this CPU executes."""
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler on this machine")
-    assert native.available(), "kwconvert._native did not build: see `pip install -v -e .`"
-    assert native.avx512() == native.cpu_has_avx512()  # -march=native: AVX-512 exactly where the CPU has it
+    expected = native.ISAS if platform.machine().lower() in ("x86_64", "amd64") else ("baseline",)
+    assert native.built_isas() == expected, "a kernel copy did not build: see `pip install -v -e .`"
+    assert native.available() and native.isa() == native.cpu_isas()[0]
 
 
-@pytest.mark.skipif(not native.avx512(), reason="the extension is not built for AVX-512 here")
-def test_an_avx512_build_on_a_cpu_without_it_is_not_loaded(monkeypatch):
-    """A build moved to an older CPU would die of an illegal instruction: it is refused, with a warning."""
-    monkeypatch.setattr(native, "cpu_has_avx512", lambda: False)
-    native._library.cache_clear()
+def test_no_copy_needs_more_than_its_instruction_set():
+    """The baseline copy holds no AVX instruction and the AVX2 copy no AVX-512 one, so a build
+    runs on any x86-64 CPU (what -march=native broke: it put the build machine's ISA everywhere)."""
+    objdump = shutil.which("objdump")
+    if objdump is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("needs objdump on x86-64")
+    forbidden = {"baseline": ("%ymm", "%zmm"), "avx2": ("%zmm",)}
+    for isa in set(forbidden) & set(native.built_isas()):
+        code = subprocess.run([objdump, "-d", native._module_file(isa)], capture_output=True, text=True,
+                              check=True).stdout
+        assert not any(register in code for register in forbidden[isa]), isa
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_every_copy_this_cpu_runs_equals_the_reference(isa, monkeypatch):
+    """Forced with KWCONVERT_ISA, each copy gives the float64 reference on dense layers of every
+    panel width, a partial row tile, and depthwise layers with a partial vector of channels."""
+    if isa not in native.built_isas() or isa not in native.cpu_isas():
+        pytest.skip(f"the {isa} copy is not built or this CPU cannot execute it")
+    monkeypatch.setenv("KWCONVERT_ISA", isa)
+    monkeypatch.delenv("KWCONVERT_NATIVE", raising=False)
+    assert native.isa() == isa
+    for cin, cout, cell in ((16, 8, (8, 16)), (16, 48, (16, 16)), (32, 64, (32, 16)), (16, 128, (64, 16))):
+        assert_native_matches_float64_reference(kw_layer(cin, cout, 3, cell, padding=1, bias=True),
+                                                 torch.randn(2, cin, 7, 5))
+    for channels in (24, 20):
+        depthwise = kw_layer(channels, channels, 3, (channels, 1), groups=channels, padding=1, bias=True)
+        assert_native_matches_float64_reference(depthwise, torch.randn(2, channels, 11, 10))
+
+
+def test_a_copy_the_cpu_cannot_execute_is_refused_with_a_warning(monkeypatch):
+    """Loading it would end the process with an illegal instruction: a warning, and the best it can."""
+    monkeypatch.setattr(native, "cpu_isas", lambda: ("baseline",))
+    monkeypatch.setenv("KWCONVERT_ISA", "avx512")
+    monkeypatch.delenv("KWCONVERT_NATIVE", raising=False)
+    native._choose.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"built for a CPU with AVX-512 and this one has none: reinstall"):
-            assert not native.available()
+        with pytest.warns(RuntimeWarning, match="this CPU cannot execute that kernel"):
+            assert native.isa() == ("baseline" if "baseline" in native.built_isas() else None)
+        monkeypatch.setenv("KWCONVERT_ISA", "sse9")
+        with pytest.raises(ValueError, match="KWCONVERT_ISA must be one of avx512, avx2, baseline"):
+            native.available()
     finally:
         monkeypatch.undo()
-        native._library.cache_clear()
-    assert native.available()
+        native._choose.cache_clear()
+
+
+# --- the operators ---------------------------------------------------------------------------
+
+
+def conv_operands(batch: int = 2, grad: bool = False):
+    """cols, blocks and bias of a 3x3 layer of 2 x 2 blocks of 16 x 16 cells, in panel order."""
+    torch.manual_seed(5)
+    tiling = native.Tiling((32, 32, 3, 3), (16, 16, 1, 1))
+    cols = torch.randn(batch, 7, 32 * 9, requires_grad=grad)
+    blocks = torch.randn(batch, tiling.cells, 256, requires_grad=grad)
+    bias = torch.randn(32, requires_grad=grad)
+    return tiling, cols, blocks, bias
+
+
+def depthwise_operands(batch: int = 2, grad: bool = False):
+    torch.manual_seed(6)
+    x = torch.randn(batch, 20, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    return x, torch.randn(batch, 9, 20, requires_grad=grad), torch.randn(20, requires_grad=grad)
+
+
+def test_the_operators_pass_opcheck():
+    """Schema, fake (shape-only) implementation, autograd registration and AOT dispatch with a
+    dynamic batch, as torch.library.opcheck checks them; with and without a bias."""
+    tiling, cols, blocks, bias = conv_operands(grad=True)
+    for b in (bias, None):
+        torch.library.opcheck(torch.ops.kwconvert.conv.default,
+                              (cols, blocks, b, list(tiling.weight_shape), list(tiling.cell)))
+    x, taps, dw_bias = depthwise_operands(grad=True)
+    for stride, out_size in ((1, [9, 8]), (2, [5, 4])):
+        torch.library.opcheck(torch.ops.kwconvert.depthwise.default,
+                              (x, taps, dw_bias, [stride, stride], [1, 1], [1, 1], [3, 3], out_size))
+    alpha = torch.randn(5, 6, requires_grad=True)
+    panels = torch.randn(3, 6, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.kwconvert.mix.default, (alpha, panels))
+
+
+def test_the_operators_compute_what_their_pytorch_formulas_do(monkeypatch):
+    """The compiled kernel, the PyTorch fallback (kernel not built) and the autograd formula agree:
+    the gradients of the kernel's forward equal the gradients of a plain PyTorch product."""
+    tiling, cols, blocks, bias = conv_operands(grad=True)
+    out = native.conv(tiling, cols, blocks, bias)
+    with monkeypatch.context() as patched:
+        patched.setattr(native, "_library", lambda: None)
+        fallback = native.conv(tiling, cols, blocks, bias)
+    # blocks in panel order of width f_e = 16: each cell transposed; back to (f_e, c_e) cells
+    cells = blocks.view(2, tiling.cells, 16, 16).transpose(2, 3).reshape(2, tiling.cells, 256)
+    kernels = kwconvert.layers.blocks_to_kernel(tiling, cells)  # (B, O, I, kh, kw)
+    expected = torch.baddbmm(bias, cols, kernels.permute(0, 1, 3, 4, 2).reshape(2, 32, -1).transpose(1, 2))
+    assert relative_error(out, expected) <= FLOAT32 and relative_error(fallback, expected) <= FLOAT32
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (cols, blocks, bias), grad)
+    wanted = torch.autograd.grad(expected, (cols, blocks, bias), grad)
+    for g, w in zip(got, wanted):
+        assert relative_error(g, w) <= FLOAT32
+    alpha, panels = torch.randn(50, 6), torch.randn(3, 6, 16)
+    matrix = panels.transpose(0, 1).reshape(6, 48)
+    assert relative_error(native.mix(alpha, panels), alpha @ matrix) <= FLOAT32
+    assert torch.equal(native.mix_panels(matrix), panels)
+
+
+def test_the_operators_check_their_operands():
+    tiling, cols, blocks, bias = conv_operands()
+    with pytest.raises(ValueError, match=r"do not fit a kernel \(32, 32, 3, 3\)"):
+        native.conv(tiling, cols[:, :, :-1], blocks, bias)
+    with pytest.raises(ValueError, match="3-d floating-point"):
+        native.conv(tiling, cols[0], blocks, bias)
+    with pytest.raises(ValueError, match="does not fit panels"):
+        native.mix(torch.randn(5, 7), torch.randn(3, 6, 16))
+
+
+@needs_native
+def test_compiled_with_a_dynamic_batch_the_model_runs_the_kernel_in_one_graph(kw_resnet18):
+    """torch.compile(fullgraph=True, dynamic=True) keeps the compiled kernel (its operator) in the
+    graph, compiles once for every batch size, and matches eager."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(kw_resnet18, backend=backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 3, 64, 64)
+            assert relative_error(compiled(x), kw_resnet18(x)) <= FLOAT32
+    assert len(graphs) == 1
+    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert torch.ops.kwconvert.conv.default in targets

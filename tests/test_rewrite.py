@@ -12,7 +12,7 @@ from torch import nn
 import kwconvert
 from kwconvert import rewrite
 from kwconvert.layers import KW_LAYER_TYPES, set_temperature
-from kwconvert.rewrite import WAREHOUSES_ATTR, check_plan_fits
+from kwconvert.rewrite import check_plan_fits
 
 
 def n_params(model: nn.Module) -> int:
@@ -115,13 +115,14 @@ def test_converted_model_keeps_class_forward_and_other_modules():
     assert all(layer.tau == 1.0 for layer in converted.modules() if isinstance(layer, KW_LAYER_TYPES))
 
 
-def test_each_warehouse_is_registered_once_and_shared_by_reference():
+def test_the_layers_of_a_warehouse_share_one_warehouse_module():
     converted = kwconvert.convert(torchvision.models.resnet18(weights=None), 1.0)
-    warehouses = getattr(converted, WAREHOUSES_ATTR)
-    names = [n for n, _ in converted.named_parameters() if ".cells" in n]
-    assert len(names) == len(warehouses) == len(set(names))
-    layer = converted.layer2[0].conv2
-    assert any(layer.warehouse is w for w in warehouses.values())
+    plan = kwconvert.plan_of(converted)
+    for warehouse_plan in plan.warehouses:
+        layers = [converted.get_submodule(layer.name) for layer in warehouse_plan.layers]
+        assert all(layer.warehouse is layers[0].warehouse for layer in layers)
+    cells = [n for n, _ in converted.named_parameters() if n.endswith(".cells")]
+    assert len(cells) == len(plan.warehouses)  # parameters() yields each shared warehouse once
 
 
 class TwiceUsed(nn.Module):
