@@ -84,6 +84,7 @@ class Failure(Exception):
 def reported(debug: bool) -> Iterator[None]:
     """Turn library errors into one stderr line and an exit code (traceback with --debug)."""
     from kwconvert.models import CheckpointError, ModelSourceError
+    from kwconvert.plan import PatternError
     from kwconvert.trace import UnknownModuleError
     try:
         yield
@@ -92,7 +93,7 @@ def reported(debug: bool) -> Iterator[None]:
     except Exception as error:  # every failure ends here, worded for the user
         if debug:
             raise
-        code = 2 if isinstance(error, (ModelSourceError, UnknownModuleError, UsageError)) else 1
+        code = 2 if isinstance(error, (ModelSourceError, PatternError, UnknownModuleError, UsageError)) else 1
         if isinstance(error, Failure):
             code = error.code
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

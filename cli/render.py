@@ -8,6 +8,8 @@ from rich.console import Console, Group
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kwconvert.plan import count
+
 
 @contextmanager
 def progress(console: Console, enabled: bool = True) -> Iterator[Callable[[str], None]]:
@@ -29,8 +31,8 @@ def summary(job) -> Group:
     table.add_column("value")
     ratio = plan.params_converted / plan.params_baseline
     table.add_row("parameters", f"{plan.params_baseline:,} -> {plan.params_converted:,} ({ratio:.2f}x)")
-    table.add_row("warehouses", f"{len(plan.warehouses)} holding {len(plan.converted_layers)} layers; "
-                                f"{len(plan.plain)} layers kept static")
+    table.add_row("warehouses", f"{len(plan.warehouses)} holding {count(len(plan.converted_layers), 'layer')}; "
+                                f"{count(len(plan.plain), 'layer')} kept static")
     if job.max_abs_diff is not None:
         for tau, diff in sorted(job.diff_at_temperature.items(), reverse=True):
             relative = diff / job.output_scale if job.output_scale and diff is not None else 0.0

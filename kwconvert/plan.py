@@ -173,6 +173,14 @@ class Plan:
                 return warehouse
         return None
 
+    def __repr__(self) -> str:
+        """One line: ``print(plan)`` of a dataclass this size would print pages
+        (``plan.table()`` draws the tables, ``plan.to_json()`` gives everything)."""
+        layers = sum(len(w.layers) for w in self.warehouses)
+        return (f"Plan(model={self.model!r}, budget={self.budget:g}, {count(len(self.warehouses), 'warehouse')} "
+                f"of {count(layers, 'layer')}, {len(self.plain)} static, parameters {self.params_baseline:,} -> "
+                f"{self.params_converted:,} ({self.ratio:.2f}x))")
+
     @property
     def ratio(self) -> float:
         """Converted / baseline parameters."""
@@ -217,6 +225,11 @@ class Plan:
                           f"{self.params_converted:,}   ratio {self.ratio:.3f}"))
         parts.extend(Text(f"note: {note}", style="dim") for note in self.notes)
         return Group(*parts)
+
+
+def count(number: int, noun: str) -> str:
+    """``"1 layer"``, ``"3 layers"``."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -783,6 +796,7 @@ def group_layers(graph: LayerGraph, budget: float, options: PlanOptions) -> Grou
     latest add upstream ("pre" when there is none).  The warehouse key is then (stage,
     layer kind, depthwise / grouped / expansion role).
     """
+    _check_patterns_match(graph, options)
     plain = {name: reason for name, reason in graph.unused}
     notes: list[str] = []
     converted, split = [], []
@@ -815,6 +829,22 @@ def group_layers(graph: LayerGraph, budget: float, options: PlanOptions) -> Grou
         name = f"{stage}.{_role(graph, cand, options, split_expansion)}"
         keyed.setdefault(name, Group(name, [])).members.append(cand)
     return Grouping(list(keyed.values()), plain, notes, heads)
+
+
+class PatternError(ValueError):
+    """An ``include`` / ``exclude`` glob names no layer of the model."""
+
+
+def _check_patterns_match(graph: LayerGraph, options: PlanOptions) -> None:
+    """An ``include`` or ``exclude`` glob that names no layer is a typo: said, rather than a
+    plan that silently keeps every layer static (include) or converts what was meant out."""
+    names = [cand.name for cand in graph.candidates]
+    for option in ("include", "exclude"):
+        for pattern in getattr(options, option):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                examples = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                raise PatternError(f"{option} pattern {pattern!r} matches no layer of the model (its layers: "
+                                   f"{examples}; a dry run without the pattern lists them all)")
 
 
 def _static_reason(graph: LayerGraph, cand: Candidate, options: PlanOptions, head: bool = False) -> str | None:

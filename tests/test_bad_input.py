@@ -203,6 +203,8 @@ CASES: dict[str, Case] = {
                                  r"no Conv1d/Conv2d/Conv3d/Linear layer to convert"),
     "every-layer-excluded": Case((SMALL, "--input-size", SMALL_INPUT, "--exclude", "*"), 1,
                                  r"the plan converts no layer: all 4 candidate layers stay plain"),
+    "include-matching-nothing": Case((SMALL, "--input-size", SMALL_INPUT, "--include", "nomatch*"), 2,
+                                     r"include pattern 'nomatch\*' matches no layer of the model \(its layers: "),
     # Options.
     "budget-1e400": Case((SMALL, "--budget", "1e400"), 2, r"--budget: .*positive finite"),
     "budget-empty": Case((SMALL, "--budget", ""), 2, r"--budget: .*positive finite"),

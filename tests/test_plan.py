@@ -265,6 +265,16 @@ def test_include_and_exclude_patterns():
     result = plan_of("resnet18", 1, include="layer1.*")
     assert set(result.converted_layers) == {"layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1",
                                             "layer1.1.conv2"}
+    for option in ("include", "exclude"):  # a typo said, not a plan that quietly ignores it
+        with pytest.raises(ValueError, match=rf"{option} pattern 'layer9\*' matches no layer of the model "
+                                             r"\(its layers: conv1, layer1.0.conv1, layer1.0.conv2, \.\.\."):
+            plan_of("resnet18", 1, **{option: ["layer1.*", "layer9*"]})
+
+
+def test_a_plan_prints_as_one_line():
+    result = plan_of("resnet18", 1)
+    assert repr(result) == (f"Plan(model='resnet18', budget=1, 4 warehouses of 19 layers, 2 static, parameters "
+                            f"{result.params_baseline:,} -> {result.params_converted:,} ({result.ratio:.2f}x))")
 
 
 def test_dynamic_conv_mode_is_whole_kernels_one_layer_each():
