@@ -54,6 +54,7 @@ def test_the_installed_dataset_loads_whole_and_balanced():
     assert len(subset) == 305 and torch.bincount(labels[subset]).tolist() == [31] * 5 + [30] * 5
 
 
+@pytest.mark.slow  # two minutes of training; the mobile net's tiny run below keeps accuracy.main in `make test`
 @needs_data
 def test_a_tiny_run_of_every_variant_writes_the_table(tmp_path, capsys):
     out = tmp_path / "accuracy.json"
