@@ -3,7 +3,7 @@
 ``kwconvert/_native.c`` is compiled once per instruction set, each copy its own module:
 ``_native_baseline`` with the compiler's default target (any CPU of the architecture) and, on
 x86-64, ``_native_avx2`` (AVX2 + FMA) and ``_native_avx512`` (AVX-512F).  No copy is tied
-to the CPU that built it (never ``-march=native``): ``kwconvert.native`` loads, at run time,
+to the CPU that built it (no flag asks for the build machine's own ISA): ``kwconvert.native`` loads, at run time,
 the best copy the CPU executes (``KWCONVERT_ISA`` forces one).  Every copy is optional: when
 the compiler is missing or refuses a flag, pip still installs kwconvert and the
 pure-PyTorch paths (or the copies that did build) run.  OpenMP where the compiler has it

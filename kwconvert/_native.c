@@ -26,7 +26,7 @@
 #include <stdint.h>
 
 /* Which instructions this copy may use: setup.py builds the file once per ISA (flags per
- * object, never -march=native) and kwconvert/native.py loads the best one the CPU runs. */
+ * object, none naming the build machine's CPU) and kwconvert/native.py loads the best one the CPU runs. */
 #if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define KW_ISA "avx512"
 #define KW_VECTOR 512

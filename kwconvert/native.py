@@ -105,8 +105,12 @@ def _choose(enabled: str, forced: str) -> tuple[str, ctypes.CDLL] | None:
     return None
 
 
+def _chosen() -> tuple[str, ctypes.CDLL] | None:
+    return _choose(os.environ.get("KWCONVERT_NATIVE", "1"), os.environ.get("KWCONVERT_ISA", ""))
+
+
 def _library() -> ctypes.CDLL | None:
-    chosen = _choose(os.environ.get("KWCONVERT_NATIVE", "1"), os.environ.get("KWCONVERT_ISA", ""))
+    chosen = _chosen()
     return None if chosen is None else chosen[1]
 
 
@@ -119,7 +123,7 @@ def available() -> bool:
 @torch.compiler.assume_constant_result
 def isa() -> str | None:
     """The instruction set of the copy that runs: ``"avx512"``, ``"avx2"``, ``"baseline"``, or None."""
-    chosen = _choose(os.environ.get("KWCONVERT_NATIVE", "1"), os.environ.get("KWCONVERT_ISA", ""))
+    chosen = _chosen()
     return None if chosen is None else chosen[0]
 
 

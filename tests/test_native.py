@@ -228,7 +228,7 @@ def test_every_copy_is_built_where_a_compiler_is_and_the_best_runnable_one_runs(
 
 def test_no_copy_needs_more_than_its_instruction_set():
     """The baseline copy holds no AVX instruction and the AVX2 copy no AVX-512 one, so a build
-    runs on any x86-64 CPU (what -march=native broke: it put the build machine's ISA everywhere)."""
+    runs on any x86-64 CPU (a build for the build machine's own CPU put its ISA everywhere)."""
     objdump = shutil.which("objdump")
     if objdump is None or platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("needs objdump on x86-64")
