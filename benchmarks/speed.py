@@ -200,7 +200,7 @@ def timing_worker(spec: dict) -> dict:
     variants = variants_for(spec["model"], spec["budgets"], spec["compile"], spec["reference"])
     timings = {mode: time_workload(spec["model"], spec["batch"], mode, variants, spec["reps"], console)
                for mode in spec["modes"]}
-    return {"times": timings, "paths": dict(collections.Counter(fast.chosen_paths().values()))}
+    return {"times": timings, "paths": dict(collections.Counter(fast.timed_paths().values()))}
 
 
 def measure_workload(spec: dict, processes: int, console: Console) -> tuple[dict[str, list[dict]], collections.Counter]:

@@ -166,6 +166,7 @@ def convert(
     option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="any plan option as KEY=VALUE, e.g. stem=warehouse (repeatable; see README 'Plan options')")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan only: print the tables, convert nothing")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print only the plan JSON on stdout")] = False,
+    device: Annotated[str, typer.Option(help="device to build, trace and convert the model on: cpu, cuda, cuda:1, meta (with --dry-run: plans without allocating weights)")] = "cpu",
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
     """Plan, convert and save MODEL (or only plan it with --dry-run)."""
@@ -173,13 +174,16 @@ def convert(
         from kwconvert.pipeline import Conversion
         if init not in ("preserve", "random"):
             raise UsageError(f"--init must be preserve or random, got '{init}'")
+        on_device = _device(device)
+        if on_device.type == "meta" and not dry_run:
+            raise UsageError("--device meta holds no weights to convert or save: add --dry-run, or pick cpu / cuda")
         options = {"max_blocks_per_stage": max_blocks_per_stage,
                    "exclude": tuple(exclude or ()), "include": tuple(include or ())}
         options = {k: v for k, v in options.items() if v not in (None, ())}
         options.update(_plan_option(text) for text in option or ())
         _check_plan_options(options)
         job = Conversion(model, _budget(budget), input_size=_input_size(input_size), weights=weights,
-                         init=init, plan_options=options, module=module)
+                         init=init, plan_options=options, module=module, device=on_device)
         # A spinner only on a terminal: elsewhere rich would leave a blank line before errors.
         with render.progress(err, enabled=not json_output and err.is_terminal) as step:
             step("building the model")

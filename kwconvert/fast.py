@@ -68,12 +68,14 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import native
 from .cells import Tiling
 
-__all__ = ["PATHS", "allocator_settings", "chosen_paths", "clear_caches", "keep_freed_memory", "mix",
-           "packing", "reference_path", "restore_choices", "saved_choices", "tune", "use_path"]
+__all__ = ["PATHS", "allocator_settings", "cells_changed", "chosen_paths", "clear_caches", "forget_paths",
+           "keep_freed_memory", "mix", "packing", "reference_path", "restore_choices", "saved_choices", "timed_paths",
+           "tune", "use_path"]
 
 #: Ways a KW Conv2d can run.  "reference" is the straightforward path of ``layers.py``;
 #: "im2col" is the same with the per-sample convolution written as im2col and one batched
@@ -83,9 +85,12 @@ _STRAIGHTFORWARD = ("reference", "im2col")
 #: The path forced by ``use_path`` in this thread (or task): a context variable, so that
 #: a thread forcing a path for a comparison does not change what another thread serves.
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kwconvert_path", default=None)
-#: Chosen path per layer configuration and input: (configuration, input key) -> path.
-_chosen: dict[tuple, str] = {}
-#: Guards ``_chosen`` and the packed copies; timing runs under it, one layer at a time, so two
+#: Each layer keeps its own choice per input (``layer.path_choices``: input key -> path); a
+#: layer meeting a new input takes the path timed in this process for a layer of the same
+#: configuration (the blocks of a stage, a model and its copy), so identical layers time
+#: once, take the same path and give bit-identical results: configuration -> path.
+_timed: dict[tuple, str] = {}
+#: Guards the choices and the packed copies; timing runs under it, one layer at a time, so two
 #: threads meeting a new shape time it once and never time while the other is timing.
 _lock = threading.RLock()
 
@@ -126,10 +131,21 @@ def is_im2col() -> bool:
     return _forced.get() == "im2col"
 
 
-def chosen_paths() -> dict[tuple, str]:
-    """The timed choices made so far: (layer configuration, input key) -> path."""
+def chosen_paths(model: torch.nn.Module) -> dict[str, dict[tuple, str]]:
+    """The paths ``model``'s KW Conv2d layers have chosen: {layer name: {input key: path}}
+    (layers that have run on no input yet are left out)."""
     with _lock:
-        return dict(_chosen)
+        return {name: dict(layer.path_choices) for name, layer in _timed_layers(model) if layer.path_choices}
+
+
+def timed_paths() -> dict[tuple, str]:
+    """The paths timed in this process: {layer configuration and input key: path}."""
+    with _lock:
+        return dict(_timed)
+
+
+def _timed_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, module) for name, module in model.named_modules() if hasattr(module, "path_choices")]
 
 
 # --- allocator -----------------------------------------------------------------------------
@@ -176,12 +192,15 @@ def allocator_settings() -> dict:
 # plain matrix, a library GEMM packs it on every call, which costs as much as the product in
 # the few-row products of batch 1 (a whole KW resnet18 / resnet50 at batch 1 ran 1.6-1.8x
 # slower).  In inference (no gradient needed) the compiled kernel's ``native.mix`` reads a
-# copy packed once, reused while the cells keep their storage, their version counter and a
-# sample of their values (the sample catches edits through ``.data``, which the version
-# counter does not see).
+# copy packed once, reused while the cells keep their storage, no optimizer has stepped and
+# no state dict was loaded since (``_generation``, moved by public hooks) and a sample of
+# their values is unchanged (the sample catches most edits by hand; ``cells_changed()``
+# says so for any other).
 _PROBES = 256
 #: id(cells) -> {column order: (key, probe, packed)}; entries die with the cells
 _packed: dict[int, dict[int | None, tuple]] = {}
+#: Moves whenever cells may have changed in place: every packed copy made before is stale.
+_generation = 0
 _packing: contextvars.ContextVar[bool] = contextvars.ContextVar("kwconvert_packing", default=True)
 
 
@@ -196,10 +215,30 @@ def packing(enabled: bool) -> Iterator[None]:
 
 
 def clear_caches() -> None:
-    """Drop the packed warehouse copies and the timed path choices."""
+    """Drop the packed warehouse copies and the paths timed in this process (a layer keeps
+    the choices it made: ``forget_paths`` drops those)."""
     with _lock:
         _packed.clear()
-        _chosen.clear()
+        _timed.clear()
+
+
+def forget_paths(model: torch.nn.Module) -> None:
+    """Drop the path choices of ``model``'s layers: each times (or takes a timed) path again."""
+    with _lock:
+        for _, layer in _timed_layers(model):
+            layer.path_choices.clear()
+
+
+def cells_changed(*_) -> None:
+    """Say that warehouse cells were changed in place, so that no packed copy made before
+    serves again.  Called after every optimizer step (a hook on all torch optimizers) and
+    after a warehouse loads a state dict; call it after editing cells by hand."""
+    global _generation
+    with _lock:
+        _generation += 1
+
+
+register_optimizer_step_post_hook(cells_changed)
 
 
 def _probe(cells: Tensor) -> Tensor:
@@ -219,7 +258,7 @@ def _packed_cells(cells: Tensor, panels: int | None = None) -> Tensor | None:
             _packing.get() and cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
             and native.mix_width(math.prod(cells.shape[1:])) is not None):
         return None
-    key = (cells.data_ptr(), cells._version, tuple(cells.shape))
+    key = (cells.data_ptr(), _generation, tuple(cells.shape))
     probe = _probe(cells)
     with _lock:
         entries = _packed.get(id(cells))
@@ -950,32 +989,32 @@ def _training(layer, x: Tensor, alpha: Tensor) -> bool:
     return _needs_grad(x, alpha, layer.warehouse.cells)
 
 
-def _configuration(layer, x: Tensor, alpha: Tensor) -> tuple:
+def _input_key(layer, x: Tensor, alpha: Tensor) -> tuple:
+    """What of an input a path choice depends on (with the thread count it was timed on)."""
     needs_grad = _training(layer, x, alpha)
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    return (*_layer_key(layer), tuple(x.shape), str(x.dtype), channels_last, needs_grad, torch.get_num_threads(),
-            x.device.type)
+    return (tuple(x.shape), str(x.dtype), channels_last, needs_grad, torch.get_num_threads(), x.device.type)
 
 
-def saved_choices(model: torch.nn.Module) -> list[list]:
-    """The timed choices of ``model``'s layers as JSON-ready ``[key, path]`` pairs, so that a
-    saved model carries them (``kwconvert.save``) and a loaded one serves without timing."""
-    layers = {_layer_key(module) for module in model.modules()
-              if hasattr(module, "tiling") and hasattr(module, "padding_mode") and len(module.weight_shape) == 4}
+def saved_choices(model: torch.nn.Module) -> dict[str, list[list]]:
+    """The path choices of ``model``'s layers, JSON-ready ({layer name: [[input key, path],
+    ...]}), so that a saved model carries them (``kwconvert.save``) and a loaded one serves
+    without timing."""
+    return {name: [[_as_lists(key), path] for key, path in choices.items()]
+            for name, choices in chosen_paths(model).items()}
+
+
+def restore_choices(model: torch.nn.Module, saved: dict[str, list[list]]) -> None:
+    """Give ``model``'s layers the choices written by ``saved_choices``.  An entry for another
+    thread count, dtype or shape simply never matches; one naming an unknown path or layer
+    is skipped."""
+    layers = dict(_timed_layers(model))
     with _lock:
-        return [[_as_lists(key), path] for key, path in _chosen.items() if key[:_LAYER_KEY_LENGTH] in layers]
-
-
-def restore_choices(entries: list[list]) -> None:
-    """Take choices written by ``saved_choices``; an entry for another thread count, dtype or
-    shape simply never matches, and one naming an unknown path is skipped."""
-    with _lock:
-        for key, path in entries:
-            if path in PATHS:
-                _chosen.setdefault(_as_tuples(key), path)
-
-
-_LAYER_KEY_LENGTH = 10  # the fields of _layer_key, first in every key of _chosen
+        for name, entries in saved.items():
+            layer = layers.get(name)
+            for key, path in entries if layer is not None else ():
+                if path in PATHS:
+                    layer.path_choices.setdefault(_as_tuples(key), path)
 
 
 def _as_lists(value):
@@ -1006,19 +1045,21 @@ def _small_kernels(layer, x: Tensor) -> bool:
 
 
 def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> str:
-    """The fastest path for this layer configuration and input, timed once and remembered.
-
-    Keyed by configuration rather than by layer, so identical layers (a model and its
-    reloaded copy) take the same path and give bit-identical results.  Under
-    ``torch.compile`` no timing runs: a rule of thumb picks the path.
-    """
+    """The layer's path for this input: its own choice, else the one timed for its
+    configuration in this process (``_timed``), else the fastest, timed now.  Under
+    ``torch.compile`` no timing runs: a rule of thumb picks the path."""
     if torch.compiler.is_compiling():
         return _compiled_path(layer, x, alpha, available)
-    key = _configuration(layer, x, alpha)
+    key = _input_key(layer, x, alpha)
     with _lock:
-        path = _chosen.get(key)
+        path = layer.path_choices.get(key)
         if path is None:
-            path = _chosen[key] = _time_paths(layer, x, alpha, available, needs_grad=_training(layer, x, alpha))
+            configuration = (*_layer_key(layer), *key)
+            path = _timed.get(configuration)
+            if path is None:
+                needs_grad = _training(layer, x, alpha)
+                path = _timed[configuration] = _time_paths(layer, x, alpha, available, needs_grad)
+            layer.path_choices[key] = path
     return path
 
 

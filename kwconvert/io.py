@@ -101,7 +101,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
         state = _cells_under_their_layers(converted, state)
     _load_strict(converted, state, path)
     _set_temperatures(converted, meta.get("temperatures", {}), path)
-    restore_choices(meta.get("paths", []))
+    paths = meta.get("paths", {})
+    if isinstance(paths, dict):  # saves of 2026-12-01 listed choices per configuration: timed again
+        restore_choices(converted, paths)
     return converted.to(device) if device is not None else converted
 
 

@@ -94,6 +94,7 @@ class Warehouse(nn.Module):
         self.name = name
         self.cells = nn.Parameter(torch.empty((n, *cell), device=device, dtype=dtype))
         self.reset_cells(0, n)
+        self.register_load_state_dict_post_hook(fast.cells_changed)  # no stale packed copy serves
 
     @property
     def n(self) -> int:
@@ -551,6 +552,8 @@ class _KWConvNd(_KWLayer):
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         self.groups, self.padding_mode = groups, padding_mode
         self._reversed_padding_repeated_twice = _explicit_padding(padding, kernel_size, dilation)
+        #: The fast path this layer takes per input (fast.py: timed once, kept with a save)
+        self.path_choices: dict[tuple, str] = {}
 
     @staticmethod
     def _static_arguments(module: nn.Module) -> tuple:

@@ -99,14 +99,30 @@ def _choose(enabled: str, forced: str) -> tuple[str, ctypes.CDLL] | None:
             warnings.warn(f"KWCONVERT_ISA={forced}: this CPU cannot execute that kernel (it runs "
                           f"{', '.join(runnable)}); using the best it can", RuntimeWarning, stacklevel=3)
     for isa in wanted:
-        library = _load(isa)
+        try:
+            library = _load(isa)
+        except (OSError, ImportError, AttributeError) as error:  # e.g. a missing OpenMP runtime, a stale build
+            warnings.warn(f"kwconvert's {isa} kernel cannot be loaded ({error}); the next copy or the "
+                          f"pure-PyTorch paths run instead", RuntimeWarning, stacklevel=3)
+            continue
         if library is not None:
             return isa, library
     return None
 
 
+#: The copy chosen at the last eager look (None: none runs), what a torch.compile trace reads:
+#: a plain global is a constant to it, where reading the environment and loading a library
+#: through ctypes would break the graph (torch.compiler.assume_constant_result would do the
+#: same, but importing torch._dynamo for it cost every process 2.5 s at start).
+_current: tuple[str, ctypes.CDLL] | None = None
+
+
 def _chosen() -> tuple[str, ctypes.CDLL] | None:
-    return _choose(os.environ.get("KWCONVERT_NATIVE", "1"), os.environ.get("KWCONVERT_ISA", ""))
+    global _current
+    if torch.compiler.is_compiling():
+        return _current
+    _current = _choose(os.environ.get("KWCONVERT_NATIVE", "1"), os.environ.get("KWCONVERT_ISA", ""))
+    return _current
 
 
 def _library() -> ctypes.CDLL | None:
@@ -114,17 +130,21 @@ def _library() -> ctypes.CDLL | None:
     return None if chosen is None else chosen[1]
 
 
-@torch.compiler.assume_constant_result  # a compiled graph bakes the answer in rather than tracing ctypes
 def available() -> bool:
     """Whether a compiled copy is built and loaded (``KWCONVERT_NATIVE=0``: never)."""
     return _library() is not None
 
 
-@torch.compiler.assume_constant_result
 def isa() -> str | None:
     """The instruction set of the copy that runs: ``"avx512"``, ``"avx2"``, ``"baseline"``, or None."""
     chosen = _chosen()
     return None if chosen is None else chosen[0]
+
+
+try:
+    _chosen()  # so that a graph traced before any eager call already sees the copy that runs
+except ValueError:
+    pass  # a misspelt KWCONVERT_ISA: said at the first eager call, not as an import error
 
 
 def panel_width(tiling: Tiling) -> int | None:

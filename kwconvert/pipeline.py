@@ -35,6 +35,7 @@ class Conversion:
     init: str = "preserve"
     plan_options: dict[str, Any] = field(default_factory=dict)
     module: str | None = None  # convert only this sub-module (traced on what it receives)
+    device: torch.device | None = None  # where to build, trace, convert and compare (None: the CPU)
     model: nn.Module | None = None
     plan: Plan | None = None
     converted: nn.Module | None = None
@@ -49,12 +50,14 @@ class Conversion:
         self.model = build_model(self.source).eval()
         if self.weights is not None:
             load_weights(self.model, self.weights)
+        if self.device is not None:
+            self.model.to(self.device)
         self.input_size = tuple(self.input_size or default_input_size(self.model))
         return self.model
 
     def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, *self.input_size, generator=generator)
+        generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same input on every device
+        return torch.randn(batch, *self.input_size, generator=generator).to(self.device or "cpu")
 
     def make_plan(self) -> Plan:
         self.plan = make_plan(self.model, self.budget, (self.example_input(),),

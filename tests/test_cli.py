@@ -43,6 +43,14 @@ def test_json_is_the_documented_schema_and_only_output():
     assert all({"layer", "reason"} == set(p) for p in data["plain"])
 
 
+def test_a_dry_run_on_the_meta_device_plans_what_the_cpu_plans():
+    """The meta device plans a model too big for the machine's memory: no weight is allocated."""
+    on_cpu = invoke("convert", "resnet18", "--budget", "1/2", "--dry-run", "--json")
+    on_meta = invoke("convert", "resnet18", "--budget", "1/2", "--dry-run", "--json", "--device", "meta")
+    assert on_meta.exit_code == 0, on_meta.output
+    assert json.loads(on_meta.stdout) == json.loads(on_cpu.stdout)
+
+
 @pytest.mark.parametrize("args,code,pattern", [
     (("resnet05", "--dry-run"), 2, r"unknown torchvision model 'resnet05'.*did you mean resnet50"),
     (("resnet18", "--budget", "abc", "--dry-run"), 2, r"--budget"),
@@ -54,6 +62,8 @@ def test_json_is_the_documented_schema_and_only_output():
     (("resnet18", "--input-size", "3,x", "--dry-run"), 2, r"--input-size"),
     (("resnet18", "--input-size", "1,64,64", "--dry-run"), 1, r"input"),
     (("resnet18", "--init", "zeros"), 2, r"--init must be preserve or random"),
+    (("resnet18", "--device", "meta"), 2, r"--device meta holds no weights.*--dry-run"),
+    (("resnet18", "--device", "gpu9", "--dry-run"), 2, r"--device: device 'gpu9' cannot be used here"),
 ])
 def test_bad_input_is_one_line_and_an_exit_code(args, code, pattern, tmp_path):
     os.chdir(tmp_path)

@@ -269,26 +269,32 @@ def test_small_layers_are_timed_forward_and_backward_in_training_without_touchin
     fast.clear_caches()
     out = layer(x)
     assert all(p.grad is None for p in layer.parameters())
-    (path,) = fast.chosen_paths().values()
+    (path,) = fast.chosen_paths(layer)[""].values()
     assert path in ("grouped", "conv", "matmul", "bmm", "premix")
     out.sum().backward()
     assert layer.warehouse.cells.grad is not None
     fast.clear_caches()
 
 
-def test_timed_choice_is_remembered_per_configuration():
+def test_each_layer_keeps_its_choice_per_input_and_identical_layers_time_once(monkeypatch):
     layer = kw_conv(8, 8, 3, padding=1, dtype=torch.float32).eval()
     twin = copy.deepcopy(layer)
     x = torch.randn(2, 8, 7, 7)
     fast.clear_caches()  # earlier tests may have timed this configuration already
-    before = len(fast.chosen_paths())
+    timings = []
+    timed = fast._fastest
+    monkeypatch.setattr(fast, "_fastest", lambda *args, **kwargs: timings.append(args[3]) or timed(*args, **kwargs))
     with torch.no_grad():
         layer(x)
-        twin(x)
-        layer(x[:1])
-    chosen = fast.chosen_paths()
-    assert len(chosen) == before + 2  # the twin reuses the first choice; batch 1 is a new shape
-    assert set(chosen.values()) <= set(fast.PATHS) - {"reference"}
+        twin(x)  # takes the path its identical twin timed
+        layer(x[:1])  # a new input shape: timed again
+    assert len(timings) == 2
+    assert len(layer.path_choices) == 2 and len(twin.path_choices) == 1
+    assert twin.path_choices.items() <= layer.path_choices.items()
+    assert set(layer.path_choices.values()) <= set(fast.PATHS) - {"reference"}
+    assert fast.chosen_paths(nn.Sequential(layer, twin)) == {"0": layer.path_choices, "1": twin.path_choices}
+    fast.forget_paths(layer)
+    assert layer.path_choices == {} and len(twin.path_choices) == 1
 
 
 def test_packed_warehouse_follows_every_change_of_the_cells():
@@ -300,15 +306,27 @@ def test_packed_warehouse_follows_every_change_of_the_cells():
         with torch.no_grad():
             with reference_path():
                 expected = layer(x)
-            assert relative_error(layer(x), expected) <= FLOAT32
+            with fast.use_path("native"):  # the path that reads the packed copy, where built
+                assert relative_error(layer(x), expected) <= FLOAT32
 
     check()
     with torch.no_grad():
-        cells.mul_(-2)  # in place: the version counter moves
+        cells.mul_(-2)  # in place: the sampled values tell
     check()
-    cells.data.add_(1.0)  # through .data: only the sampled values tell
+    cells.data.add_(1.0)  # through .data: the same
     check()
     cells.data = cells.data.clone() * 3  # new storage
+    check()
+    # one value no sample sees, changed by an optimizer step, then by loading a state dict
+    unseen = 1
+    assert cells.numel() // fast._PROBES > unseen
+    cells.grad = torch.zeros_like(cells)
+    cells.grad.view(-1)[unseen] = 1.0
+    torch.optim.SGD([cells], lr=10.0).step()
+    check()
+    state = {name: value.clone() for name, value in layer.warehouse.state_dict().items()}
+    state["cells"].view(-1)[unseen] = 7.0
+    layer.warehouse.load_state_dict(state)
     check()
     with fast.packing(False):
         check()
@@ -332,6 +350,7 @@ def test_two_threads_serving_one_model_get_the_reference_outputs(kw_resnet18):
     with torch.no_grad(), reference_path():
         expected = [model(x) for x in inputs]
     fast.clear_caches()
+    fast.forget_paths(model)
     results, seen = {}, {}
     barrier = threading.Barrier(3)
 
@@ -362,6 +381,7 @@ def test_tune_chooses_every_path_ahead_so_serving_times_nothing(kw_resnet18, mon
     model = kw_resnet18.eval()
     x = torch.randn(2, 3, 48, 48)
     fast.clear_caches()
+    fast.forget_paths(model)
     paths = kwconvert.tune(model, x)
     convs = [name for name, module in model.named_modules() if isinstance(module, KWConv2d)]
     assert sorted(paths) == sorted(module.name for name, module in model.named_modules()

@@ -58,11 +58,12 @@ def test_a_tuned_model_loads_with_its_paths_and_serves_without_timing(tmp_path, 
     kwconvert.fast.clear_caches()
     kwconvert.tune(model, x)
     kwconvert.save(model, tmp_path / "m")
-    chosen = kwconvert.fast.chosen_paths()
-    assert len(read_metadata(tmp_path / "m")["paths"]) == len(chosen) > 0
+    chosen = kwconvert.fast.chosen_paths(model)
+    convs = sum(isinstance(module, kwconvert.KWConv2d) for module in model.modules())
+    assert len(read_metadata(tmp_path / "m")["paths"]) == len(chosen) == convs == 19  # all but the stem
     kwconvert.fast.clear_caches()  # as in a fresh serving process
     loaded = kwconvert.load(tmp_path / "m", model=torchvision.models.resnet18(weights=None, num_classes=10)).eval()
-    assert kwconvert.fast.chosen_paths() == chosen
+    assert kwconvert.fast.chosen_paths(loaded) == chosen
 
     def no_timing(*args, **kwargs):
         raise AssertionError("a loaded tuned model timed a path")

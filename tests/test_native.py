@@ -201,11 +201,13 @@ def test_without_the_extension_the_fallback_runs_and_agrees(kw_resnet18, monkeyp
         timed = kw_resnet18(x)  # the timed choice: "native" where it is the fastest
         monkeypatch.setattr(native, "_library", lambda: None)
         fast.clear_caches()
+        fast.forget_paths(kw_resnet18)
         assert not native.available()
         fallback = kw_resnet18(x)
-    assert "native" not in fast.chosen_paths().values()
+    assert "native" not in {path for choices in fast.chosen_paths(kw_resnet18).values() for path in choices.values()}
     assert relative_error(fallback, timed) <= FLOAT32
     fast.clear_caches()
+    fast.forget_paths(kw_resnet18)
 
 
 def test_the_environment_switch_turns_the_extension_off():
@@ -268,6 +270,35 @@ def test_a_copy_the_cpu_cannot_execute_is_refused_with_a_warning(monkeypatch):
         monkeypatch.setenv("KWCONVERT_ISA", "sse9")
         with pytest.raises(ValueError, match="KWCONVERT_ISA must be one of avx512, avx2, baseline"):
             native.available()
+    finally:
+        monkeypatch.undo()
+        native._choose.cache_clear()
+
+
+def test_a_copy_that_cannot_be_loaded_gives_way_to_the_next_with_a_warning(monkeypatch):
+    """A missing shared library (an OpenMP runtime on the serving machine) is not a crash at the
+    first forward: the next copy runs, or the pure-PyTorch paths, and the model still computes."""
+    best = native.cpu_isas()[0]
+    loaded = native._load
+
+    def load(isa: str):
+        if isa == best:
+            raise OSError("libgomp.so.1: cannot open shared object file")
+        return loaded(isa)
+
+    monkeypatch.setattr(native, "_load", load)
+    monkeypatch.delenv("KWCONVERT_ISA", raising=False)
+    monkeypatch.delenv("KWCONVERT_NATIVE", raising=False)
+    native._choose.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"{best} kernel cannot be loaded .*libgomp"):
+            assert native.isa() != best
+        layer, x = kw_layer(16, 16, 3, (16, 16), padding=1), torch.randn(2, 16, 5, 5)
+        with torch.no_grad():
+            with use_path("native"):
+                out = layer(x)
+            with reference_path():
+                assert relative_error(out, layer(x)) <= FLOAT32
     finally:
         monkeypatch.undo()
         native._choose.cache_clear()
