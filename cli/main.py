@@ -127,6 +127,14 @@ def _input_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
         raise UsageError(f"--input-size: {error}") from None
 
 
+def _check_input_size(model, size: tuple[int, ...]) -> None:
+    from kwconvert.models import check_input_size
+    try:
+        check_input_size(model, size)
+    except ValueError as error:
+        raise UsageError(f"--input-size: {error}") from None
+
+
 def _device(text: str):
     from kwconvert.io import checked_device
     try:
@@ -157,7 +165,7 @@ def convert(
     budget: Annotated[str, typer.Option("--budget", "-b", help="warehouse budget b = n / m_t, any b > 0: 0.5, 1/2, 0.4, 1, 4")] = "1",
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory [default: ./kwconvert-out/<model>-b<budget>/]")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="checkpoint for the base model: .safetensors, or a .pt/.pth state dict")] = None,
-    input_size: Annotated[Optional[str], typer.Option(help="one sample's input size C,H,W [default: the model's own, else 3,224,224]")] = None,
+    input_size: Annotated[Optional[str], typer.Option(help="one sample's input size C,H,W (C,L / C,T,H,W for Conv1d / Conv3d models) [default: the model's own, else 3,224,224]")] = None,
     init: Annotated[str, typer.Option(help="preserve (cells from the model's kernels) or random (paper's from-scratch init)")] = "preserve",
     max_blocks_per_stage: Annotated[Optional[int], typer.Option(min=1, help="cut long stages into warehouses of at most N residual blocks")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="glob of layer names to keep static (repeatable)")] = None,
@@ -188,6 +196,8 @@ def convert(
         with render.progress(err, enabled=not json_output and err.is_terminal) as step:
             step("building the model")
             job.build()
+            if input_size is not None:
+                _check_input_size(job.model, job.input_size)
             step("tracing and planning")
             job.make_plan()
             if not dry_run:
@@ -212,14 +222,16 @@ def show(
     json_output: Annotated[bool, typer.Option("--json", help="print only the plan JSON")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
-    """Print a saved model's plan tables."""
+    """Print a saved model's origin, temperatures and fit error, and its plan tables."""
     with reported(debug):
         from kwconvert.io import check_saved
         from kwconvert.plan import Plan
-        plan = Plan.from_dict(check_saved(directory)["plan"])
+        meta = check_saved(directory)
+        plan = Plan.from_dict(meta["plan"])
         if json_output:
             print(plan.to_json())
         else:
+            out.print(render.saved(directory, meta, plan))
             out.print(plan.table())
 
 
@@ -236,7 +248,7 @@ def export_saved(
 ) -> None:
     """Export a saved model to ONNX or torch.export with a dynamic batch, checked against eager."""
     with reported(debug):
-        from kwconvert.export import FORMATS, MIN_OPSET, example_input_for, export
+        from kwconvert.export import FORMATS, MIN_OPSET, example_input_for, export, require_onnx
         from kwconvert.io import load, read_metadata
         from kwconvert.layers import set_temperature
         if format not in FORMATS:
@@ -247,6 +259,8 @@ def export_saved(
         if temperature is not None and not 0.0 <= temperature <= 1.0:
             raise UsageError(f"--temperature must lie in [0, 1], got {temperature:g}")
         target_device = _device(device)
+        if format == "onnx":
+            require_onnx()
         input_size = read_metadata(directory).get("input_size")
         model = load(directory, device=target_device)
         if temperature is not None:

@@ -44,9 +44,42 @@ def summary(job) -> Group:
     if job.not_comparable:  # e.g. a detector's boxes: each model may find a different number
         table.add_row("outputs not comparable", f"{len(job.not_comparable)} tensor(s) differ in shape or "
                                                 f"structure (first: {job.not_comparable[0]})")
-    errors = [w.init_error for w in plan.warehouses if w.init_error]
-    if errors:
-        table.add_row("kernel fit error (b < 1)", f"{min(errors):.3f} .. {max(errors):.3f} relative")
+    _add_fit_error(table, plan)
     table.add_row("saved to", str(job.saved_to))
     load = (f"import kwconvert\nmodel = kwconvert.load({str(job.saved_to)!r})")
     return Group(table, "Load it with:", load)
+
+
+def saved(directory, meta: dict, plan) -> Table:
+    """What ``kwconvert show`` tells of a save beyond its plan: where it came from, the
+    temperatures its layers run at, the fit error of b < 1, the versions that wrote it."""
+    table = Table(title=f"{directory}: {plan.model} at budget {plan.budget:g}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("source", meta.get("source") or "not recorded: load(dir, model=...) needs the unconverted model")
+    if meta.get("input_size"):
+        table.add_row("input size", ",".join(str(size) for size in meta["input_size"]))
+    table.add_row("temperatures", _temperatures(meta.get("temperatures") or {}))
+    _add_fit_error(table, plan)
+    paths = meta.get("paths")
+    if isinstance(paths, dict) and paths:
+        table.add_row("timed paths", f"{count(len(paths), 'layer')} (kwconvert.tune): served without timing")
+    versions = meta.get("versions") or {}
+    table.add_row("written by", ", ".join(f"{name} {version}" for name, version in versions.items()))
+    return table
+
+
+def _temperatures(taus: dict[str, float]) -> str:
+    values = sorted(set(taus.values()))
+    if not values:
+        return "none recorded"
+    where = "1: where training starts" if values == [1.0] else "0: as served" if values == [0.0] else None
+    if len(values) == 1:
+        return f"tau = {where or f'{values[0]:g}'} (all {count(len(taus), 'layer')})"
+    return f"tau from {values[0]:g} to {values[-1]:g} over {count(len(taus), 'layer')}"
+
+
+def _add_fit_error(table: Table, plan) -> None:
+    errors = [w.init_error for w in plan.warehouses if w.init_error]
+    if errors:
+        table.add_row("kernel fit error (b < 1)", f"{min(errors):.3f} .. {max(errors):.3f} relative")

@@ -141,7 +141,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
         if opset < MIN_OPSET:
             raise ValueError(f"opset must be {MIN_OPSET} or newer, got {opset}: torch's ONNX exporter writes "
                              f"opset {MIN_OPSET} at the lowest")
-        _require_onnx(check)
+        require_onnx(check)
     if example_input is None:
         example_input = example_input_for(model)
     if not isinstance(example_input, Tensor) or example_input.dim() < 1:
@@ -181,9 +181,27 @@ def _write_onnx(program: torch.export.ExportedProgram, destination: Path, opset:
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the exporter's progress lines
         try:
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
+            _name_batch_axis(onnx_program.model.graph)
             onnx_program.save(destination, external_data=False)
         except Exception as error:
             raise ExportError(f"ONNX export (opset {opset}) failed: {_reason(error)}") from error
+
+
+def _name_batch_axis(graph) -> None:
+    """Call the first input's dynamic batch dimension "batch" wherever it appears: the exporter
+    names it after a sympy symbol ("s77"), which is what onnxruntime and Netron would show."""
+    import onnx_ir as ir
+
+    first = graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape else None
+    if not isinstance(first, ir.SymbolicDim) or first.value is None:
+        return  # a static batch
+
+    def renamed(dim):
+        return ir.SymbolicDim("batch") if isinstance(dim, ir.SymbolicDim) and dim.value == first.value else dim
+
+    for value in itertools.chain(graph.inputs, graph.outputs, (out for node in graph for out in node.outputs)):
+        if value.shape is not None:
+            value.shape = ir.Shape([renamed(dim) for dim in value.shape])
 
 
 def _verify(model: nn.Module, written: Path, format: str, example: Tensor, batches: Sequence[int],
@@ -231,7 +249,9 @@ def _max_abs_diff(got: Tensor, expected: Tensor) -> float:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _require_onnx(check: bool) -> None:
+def require_onnx(check: bool = True) -> None:
+    """Raise ``MissingExportPackages`` unless the ONNX packages (and onnxruntime, for ``check``)
+    import: the CLI asks before spending seconds loading a model it could not export."""
     needed = ("onnx", "onnxscript") + (("onnxruntime",) if check else ())
     missing = []
     for name in needed:

@@ -51,6 +51,11 @@ def _suggest(name: str, known: list[str]) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+#: Arguments whose default torchvision warns about (a FutureWarning on every build), given
+#: as the value the default takes today.
+_STATED_DEFAULTS = {"googlenet": {"init_weights": True}, "inception_v3": {"init_weights": True}}
+
+
 def _build_torchvision(name: str) -> nn.Module:
     import torchvision
 
@@ -60,7 +65,7 @@ def _build_torchvision(name: str) -> nn.Module:
             f"unknown torchvision model '{name}'{_suggest(name, known)} "
             "(use a torchvision name, timm:NAME or pkg.module:callable)")
     builder = torchvision.models.get_model_builder(name)
-    kwargs: dict[str, Any] = {"weights": None}
+    kwargs: dict[str, Any] = {"weights": None, **_STATED_DEFAULTS.get(name, {})}
     # Detection and segmentation builders fetch backbone weights unless told not to.
     if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs["weights_backbone"] = None
@@ -94,7 +99,13 @@ def _build_from_callable(module_name: str, attr: str) -> nn.Module:
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """The input one sample of this model expects, (C, H, W); 3x224x224 unless it says."""
+    """The input one sample of this model expects, (C, H, W); 3x224x224 unless it says.
+
+    torchvision's video models take clips (C, T, H, W): 16 frames, at the crop size their
+    weights were trained on (112 for the ResNets, 224 for S3D, MViT and Swin3D)."""
+    if type(model).__module__.startswith("torchvision.models.video"):
+        side = 112 if type(model).__name__ == "VideoResNet" else 224
+        return (3, 16, side, side)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return tuple(int(v) for v in cfg["input_size"])
@@ -104,6 +115,19 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
     if type(model).__name__ == "Inception3":
         return (3, 299, 299)
     return (3, 224, 224)
+
+
+def check_input_size(model: nn.Module, size: tuple[int, ...]) -> None:
+    """A ValueError when ``size`` cannot be one sample's input of ``model``'s first
+    convolution: a Conv2d takes C,H,W, a Conv1d C,L, a Conv3d C,T,H,W."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    if first is None:
+        return
+    wanted = {1: "C,L", 2: "C,H,W", 3: "C,T,H,W"}[len(first.kernel_size)]
+    if len(size) != len(first.kernel_size) + 1:
+        raise ValueError(f"input size {','.join(map(str, size))} has {len(size)} numbers, but the model starts "
+                         f"with a {type(first).__name__}, which takes {wanted} (e.g. "
+                         f"{first.in_channels},{','.join(['64'] * len(first.kernel_size))})")
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
+import kwconvert
 from kwconvert_cli.main import app
 
 from .helpers import CodePayload, installed_script, one_line
@@ -62,6 +63,8 @@ def test_a_dry_run_on_the_meta_device_plans_what_the_cpu_plans():
     (("resnet18", "--input-size", "3,x", "--dry-run"), 2, r"--input-size"),
     (("resnet18", "--input-size", "1,64,64", "--dry-run"), 1, r"input"),
     (("resnet18", "--init", "zeros"), 2, r"--init must be preserve or random"),
+    (("resnet18", "--input-size", "64,64", "--dry-run"), 2,
+     r"--input-size: input size 64,64 has 2 numbers, but the model starts with a Conv2d, which takes C,H,W"),
     (("resnet18", "--device", "meta"), 2, r"--device meta holds no weights.*--dry-run"),
     (("resnet18", "--device", "gpu9", "--dry-run"), 2, r"--device: device 'gpu9' cannot be used here"),
 ])
@@ -98,6 +101,19 @@ def test_convert_saves_and_show_prints_it(tmp_path):
     assert shown.exit_code == 0 and "layer4.1.conv2" in shown.stdout
     shown_json = invoke("show", str(out), "--json")
     assert json.loads(shown_json.stdout)["warehouses"][0]["m_t"] == 56
+
+
+def test_show_tells_the_temperatures_and_the_fit_error_of_a_save(tmp_path):
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None), 0.5)
+    kwconvert.set_temperature(model, 0.0)  # as trained past the warm-up
+    kwconvert.save(model, tmp_path / "m", source="torchvision:resnet18")
+    shown = invoke("show", str(tmp_path / "m"))
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.stdout.split())
+    assert "tau = 0: as served (all 19 layers)" in text
+    errors = [w.init_error for w in kwconvert.plan_of(model).warehouses if w.init_error]
+    assert f"{min(errors):.3f} .. {max(errors):.3f} relative" in text
+    assert "torchvision:resnet18" in text and f"torch {torch.__version__}" in text
 
 
 def test_weights_that_do_not_match_name_the_keys(tmp_path):

@@ -180,7 +180,8 @@ def test_onnx_with_a_dynamic_batch_runs_in_onnxruntime_like_eager(name, tmp_path
     proto = onnx.load(tmp_path / "model.onnx")
     assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {18}
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
-    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic, not a number
+    assert batch_dim.dim_param == "batch" and not batch_dim.dim_value  # symbolic, named, not a number
+    assert all(out.type.tensor_type.shape.dim[0].dim_param == "batch" for out in proto.graph.output)
     assert "Conv" not in {node.op_type for node in proto.graph.node}
     for batch in (1, 4, 3):
         x = torch.randn(batch, *input_size)
@@ -318,8 +319,9 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(args, code, pattern, saved
     assert list(tmp_path.iterdir()) == [] and sorted(saved.parent.iterdir()) == before
 
 
-def test_cli_export_without_onnx_packages_is_one_line(saved, tmp_path, monkeypatch):
+def test_cli_export_without_onnx_packages_is_one_line_before_loading(saved, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
+    monkeypatch.setattr(kwconvert.io, "load", lambda *a, **k: pytest.fail("loaded a model it cannot export"))
     result = invoke("export", str(saved), "--out", str(tmp_path / "x.onnx"))
     assert result.exit_code == 1
     assert "install kwconvert[export]" in one_line(result.stderr)

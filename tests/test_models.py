@@ -1,5 +1,6 @@
 """Model sources and checkpoints: names resolve, bad ones say what to do, nothing unpickles."""
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kwconvert.models import (CheckpointError, ModelSourceError, build_model, canonical_source,
-                              default_input_size, load_weights, parse_input_size, read_state_dict)
+                              check_input_size, default_input_size, load_weights, parse_input_size,
+                              read_state_dict)
 
 from .helpers import CodePayload
 
@@ -29,6 +31,32 @@ def test_torchvision_name_builds_with_random_weights():
     model = build_model("resnet18")
     assert type(model).__name__ == "ResNet"
     assert canonical_source("resnet18") == "torchvision:resnet18"
+
+
+@pytest.mark.parametrize("name,size", [("r3d_18", (3, 16, 112, 112)), ("mvit_v2_s", (3, 16, 224, 224)),
+                                       ("inception_v3", (3, 299, 299)), ("resnet18", (3, 224, 224))])
+def test_default_input_size_is_what_the_model_takes(name, size):
+    """Video models take clips at their weights' crop size; the default must run as it is."""
+    model = build_model(name).eval()
+    assert default_input_size(model) == size
+    if name == "r3d_18":
+        with torch.no_grad():
+            assert model(torch.randn(1, *size)).shape == (1, 400)
+
+
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_models_build_without_torchvision_warnings(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_model(name)
+
+
+def test_an_input_size_of_the_wrong_rank_names_what_the_model_takes():
+    check_input_size(build_model("resnet18"), (3, 64, 64))
+    with pytest.raises(ValueError, match=r"has 2 numbers, but the model starts with a Conv2d, which takes C,H,W"):
+        check_input_size(build_model("resnet18"), (64, 64))
+    with pytest.raises(ValueError, match=r"Conv3d, which takes C,T,H,W \(e.g. 3,64,64,64\)"):
+        check_input_size(build_model("r3d_18"), (3, 112, 112))
 
 
 def test_unknown_torchvision_name_suggests_close_names():

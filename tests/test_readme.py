@@ -19,6 +19,20 @@ def test_readme_python_example_runs(index, tmp_path, monkeypatch):
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
 
 
+def test_readme_json_schema_names_every_field_the_plan_writes():
+    import torch
+    import torchvision
+
+    import kwconvert
+    schema = re.search(r"print this schema.*?```\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    documented = set(re.findall(r'"(\w+)":', schema))
+    data = kwconvert.plan(torchvision.models.resnet18(weights=None), 0.5, (torch.randn(1, 3, 32, 32),)).to_dict()
+    warehouse = data["warehouses"][0]
+    written = set(data) | set(warehouse) | set(warehouse["layer_details"][0]) | set(warehouse["params"]) \
+        | set(warehouse["attention"]) | set(data["params"]) | set(data["plain"][0])
+    assert written - documented == set()
+
+
 def test_readme_documents_every_plan_option():
     from kwconvert.plan import PlanOptions
     text = README.read_text()
