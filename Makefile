@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench-plan bench-zoo bench-budgets bench-speed bench-accuracy bench-finetune data install install-test clean
+.PHONY: demo test test-all browser bench-plan bench-zoo bench-budgets bench-speed bench-accuracy bench-finetune data install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,8 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(BIN)/kwconvert resnet50 --budget 0.5
+	$(BIN)/kwconvert resnet50 --budget 0.5 --force
+	$(BIN)/kwconvert show kwconvert-out/resnet50-b0.5
 
 # PORTABLE: the layers' tests again without the compiled kernel (KWCONVERT_NATIVE=0), so that the
 # paths of a machine without a compiler are checked too (every copy of the kernel this CPU runs is
@@ -38,7 +39,11 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)
 	$(PORTABLE) -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(VENV)/.installed-test
+# Debian's chromium renders the --report page in the slow test of tests/test_report.py.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+test-all: $(VENV)/.installed-test browser
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 	$(PORTABLE) $(PYTEST_ARGS)
 

@@ -78,6 +78,12 @@ QUICK = {("resnet18", 16): ("inference", "training"), ("resnet50", 1): ("inferen
 MEMORY_QUICK = [("resnet18", 16), ("resnet50", 8)]
 
 
+def target_workloads() -> list[tuple[str, int, tuple[str, ...]]]:
+    """Every (model, batch, modes) that has a target, in FULL's order (``--targets``)."""
+    return [(name, batch, modes) for name, batch in FULL
+            if (modes := tuple(mode for mode in ("inference", "training") if (name, batch, mode) in TARGETS))]
+
+
 @dataclass
 class Variant:
     name: str
@@ -324,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="resnet18 b16, resnet50 b1, mobilenet_v2 b16, fashion_cnn b64 training; b = 1")
+    parser.add_argument("--targets", action="store_true",
+                        help="only the rows with a target (issues 7 and 20) and their memory row; b = 1")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions [7, quick: 5]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
@@ -351,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         fast.keep_freed_memory()
     console = Console(stderr=True)
     reps = args.reps or (5 if args.quick else 7)
-    budgets = [1.0] if args.quick else [1.0, 0.5, 4.0]
-    workloads = [(m, b, QUICK[(m, b)]) for m, b in QUICK] if args.quick else \
-        [(m, b, ("inference", "training")) for m, b in FULL]
+    budgets = [1.0] if args.quick or args.targets else [1.0, 0.5, 4.0]
+    workloads = [(m, b, QUICK[(m, b)]) for m, b in QUICK] if args.quick else target_workloads() if args.targets \
+        else [(m, b, ("inference", "training")) for m, b in FULL]
     if args.models:
         workloads = [w for w in workloads if w[0] in args.models]
     settings = {"threads": torch.get_num_threads(), "allocator_mode": args.allocator,
@@ -390,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
 
     memory = []
     if not args.no_memory:
-        pairs = MEMORY_QUICK if args.quick else [(name, batch) for name, batch, _ in workloads]
+        pairs = MEMORY_QUICK if args.quick else list(MEMORY_TARGETS) if args.targets else \
+            [(name, batch) for name, batch, _ in workloads]
         for name, batch in pairs:
             if args.models and name not in args.models:
                 continue

@@ -12,7 +12,7 @@ kwconvert promises "any model" (issue 6).  For every model of the zoo this scrip
    BatchNorm statistics are first set to that batch's (``_calibrate_batchnorm``), so
    activations have the scale of a trained model's;
 3. checks the paper's bounds: outputs equal the original's (max |diff| within ``tolerance``,
-   and every converted layer within 1e-5 of its static original: ``_LayerCheck``), parameters <= 1.5x the baseline at b = 1 and <= 1.0x at b = 1/2, and the
+   and every converted layer within 1e-5 of its static original: ``kwconvert.pipeline.LayerCheck``), parameters <= 1.5x the baseline at b = 1 and <= 1.0x at b = 1/2, and the
    converted model holds exactly the parameters the plan predicted;
 4. reports the distribution of converted / baseline parameters per group and budget
    (min / median / max) against the targets of the issue "budgets below 1 shrink every
@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import contextlib
-import copy
 import datetime
 import fnmatch
 import gc
@@ -76,6 +75,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.results_io import write_json  # noqa: E402
+from kwconvert.pipeline import LAYER_TOLERANCE  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "zoo.json"
@@ -108,9 +108,6 @@ FLOAT64_MAX_PARAMS = 700_000_000
 #: Relative bound (fraction of max |original output|) when the float32 error is not measured.
 RELATIVE_TOLERANCE = 1e-5
 #: Spatial sizes tried for the comparison, smallest first (then the model's own size).
-#: Bound on every converted layer's max |diff| from its static original on the same input,
-#: relative to that output's max |value| (float32 rounding of one layer: ~1e-7..1e-6).
-LAYER_TOLERANCE = 1e-5
 CHECK_SIZES = (64, 96, 128, 160, 192, 224)
 CHECK_BATCH = 2
 STATUSES = ("pass", "refused", "fail", "error", "model-error", "timeout", "planned")
@@ -129,7 +126,7 @@ def tolerance(output_scale: float, float32_error: float | None) -> float:
     outputs differ by 0.1).  So the bound is 1e-4 absolute, or FLOAT32_ERROR_FACTOR times
     the original's own float32 error (max |float32 - float64| on the same batch) when that
     is larger; for models too big to run in float64, RELATIVE_TOLERANCE of max |output|.
-    The per-layer check (``_LayerCheck``) is not blurred by depth and stays at 1e-5.
+    The per-layer check (``kwconvert.pipeline.LayerCheck``) is not blurred by depth and stays at 1e-5.
     """
     if float32_error is None:
         return max(ABSOLUTE_TOLERANCE, RELATIVE_TOLERANCE * output_scale)
@@ -329,58 +326,6 @@ class _ModelError(Exception):
     """The original model (not kwconvert) failed."""
 
 
-class _LayerCheck:
-    """Forward hooks comparing each converted layer with its static original on the same input.
-
-    The model-level check alone can be blind: a zero-initialised head (torchvision's ViT)
-    or residual branch (timm's ``zero_init_last``), or a layer scale of 1e-6 (ConvNeXt),
-    hides a converted layer's output from the logits; and in a deep model the rounding of
-    every layer before it blurs it.  Each converted layer's output is compared with a copy
-    of the static layer it replaced, run on the very input the converted layer received,
-    relative to that output's max |value|: the conversion's own error, layer by layer.
-    """
-
-    def __init__(self, model: nn.Module, originals: dict[str, nn.Module]):
-        self.model, self.originals = model, originals
-        self.diffs: dict[str, float] = {}
-        self.handles = []
-
-    def __enter__(self) -> "_LayerCheck":
-        for name in self.originals:
-            self.handles.append(self.model.get_submodule(name).register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            expected = self.originals[name](*args)
-            if expected.shape != output.shape:
-                relative = math.inf
-            elif not expected.numel():
-                relative = 0.0
-            else:
-                scale = float(expected.abs().max())
-                diff = float((output.float() - expected.float()).abs().max())
-                relative = diff / scale if scale > 0 else diff
-                relative = relative if math.isfinite(relative) else math.inf  # NaN counts as worst
-            self.diffs[name] = max(self.diffs.get(name, 0.0), relative)
-        return hook
-
-    @property
-    def missing(self) -> list[str]:
-        """Converted layers the forward never called."""
-        return [name for name in self.originals if name not in self.diffs]
-
-    def worst(self) -> tuple[str | None, float]:
-        if not self.diffs:
-            return None, 0.0
-        name = max(self.diffs, key=self.diffs.__getitem__)
-        return name, self.diffs[name]
-
-
 def _float32_error(model: nn.Module, x: torch.Tensor, expected: Any) -> float | None:
     """max |float32 output - float64 output| of the original on ``x``: its own rounding error.
 
@@ -435,11 +380,10 @@ def run_case(case_id: str, timeout: float | None = None, fast_path: bool = False
 def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
     from kwconvert.fast import reference_path
     from kwconvert.layers import set_temperature
-    from kwconvert.pipeline import _max_abs_diff, compare_outputs
+    from kwconvert.pipeline import LayerCheck, _max_abs_diff, compare_outputs, static_originals
     from kwconvert.plan import plan
     from kwconvert.rewrite import convert
     from kwconvert.trace import trace
-    from kwconvert.vit import unpacked_attention
 
     model, own = _build(case, row)
 
@@ -457,8 +401,7 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
     plan_b1 = plan(model, 1.0, graph=graph, model_name=case.id)
     planned = time.perf_counter() - started
     plans = _plan_budgets(case, model, graph, row, plan_b1)
-    with unpacked_attention(model, plan_b1.unpacked_attention):  # the layers the plan names
-        originals = {name: copy.deepcopy(model.get_submodule(name)) for name in plan_b1.converted_layers}
+    originals = static_originals(model, plan_b1)
 
     row["stage"] = "convert"
     started = time.perf_counter()
@@ -470,7 +413,7 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
     set_temperature(converted, 1.0)
     started = time.perf_counter()
     with (contextlib.nullcontext() if fast_path else reference_path()), \
-            _LayerCheck(converted, originals) as compared:
+            LayerCheck(converted, originals) as compared:
         actual = converted(x)
     row["forward_s"] = round(time.perf_counter() - started, 3)
     diff = _max_abs_diff(expected, actual)

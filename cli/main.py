@@ -5,6 +5,8 @@ one line on stderr, with the traceback only under ``--debug``.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +24,19 @@ except ImportError:  # older typer, on click itself
 
 from . import render
 
-out = Console()
-err = Console(stderr=True)
+#: Output read by a program or kept in a log is as wide as this (rich's 80 would fold every
+#: table); a terminal, or COLUMNS, sets its own width.
+PIPED_WIDTH = 160
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=PIPED_WIDTH if piped else None)
+
+
+out = _console()
+err = _console(stderr=True)
 COMMANDS = ("convert", "show", "export")
 
 
@@ -135,6 +148,17 @@ def _check_input_size(model, size: tuple[int, ...]) -> None:
         raise UsageError(f"--input-size: {error}") from None
 
 
+def _writable_out(out_dir: Optional[Path], model: str, budget: float, force: bool) -> Path:
+    """--out (or the default), checked before a conversion spends its seconds."""
+    from kwconvert.io import SavedModelError, check_target
+    from kwconvert.models import canonical_source
+    from kwconvert.pipeline import default_out_dir
+    try:
+        return check_target(out_dir or default_out_dir(canonical_source(model), budget), replace=force)
+    except SavedModelError as error:
+        raise UsageError(f"--out: {error}") from None
+
+
 def _device(text: str):
     from kwconvert.io import checked_device
     try:
@@ -143,12 +167,12 @@ def _device(text: str):
         raise UsageError(f"--device: {error}") from None
 
 
-def _plan_option(text: str) -> tuple[str, object]:
+def _key_value(flag: str, text: str) -> tuple[str, object]:
     from kwconvert.pipeline import parse_option
     try:
         return parse_option(text)
     except ValueError as error:
-        raise UsageError(f"--option: {error}") from None
+        raise UsageError(f"{flag}: {error}") from None
 
 
 def _check_plan_options(options: dict) -> None:
@@ -171,9 +195,13 @@ def convert(
     exclude: Annotated[Optional[list[str]], typer.Option(help="glob of layer names to keep static (repeatable)")] = None,
     include: Annotated[Optional[list[str]], typer.Option(help="glob of layer names that may be converted (repeatable)")] = None,
     module: Annotated[Optional[str], typer.Option("--module", metavar="PATH", help="convert only this sub-module (e.g. backbone.body), traced on the input it receives in one forward of the whole model")] = None,
+    model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", "-M", help="argument of the model's constructor as KEY=VALUE, e.g. num_classes=10 (repeatable; saved, so load rebuilds the same model)")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="any plan option as KEY=VALUE, e.g. stem=warehouse (repeatable; see README 'Plan options')")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan only: print the tables, convert nothing")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="print only the plan JSON on stdout")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE.html", help="write the plan as one self-contained HTML page: layers in execution order coloured by warehouse, the tables, parameters against the budget from 1/4 to 4")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace a kwconvert save already at --out")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing but errors (and --json's output)")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print only JSON on stdout: the plan, and once converted where it saved and the output check")] = False,
     device: Annotated[str, typer.Option(help="device to build, trace and convert the model on: cpu, cuda, cuda:1, meta (with --dry-run: plans without allocating weights)")] = "cpu",
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
@@ -185,15 +213,19 @@ def convert(
         on_device = _device(device)
         if on_device.type == "meta" and not dry_run:
             raise UsageError("--device meta holds no weights to convert or save: add --dry-run, or pick cpu / cuda")
+        if not dry_run:
+            out_dir = _writable_out(out_dir, model, _budget(budget), force)
+        if report is not None and not report.parent.is_dir():
+            raise UsageError(f"--report: {report.parent} is not a directory")
         options = {"max_blocks_per_stage": max_blocks_per_stage,
                    "exclude": tuple(exclude or ()), "include": tuple(include or ())}
         options = {k: v for k, v in options.items() if v not in (None, ())}
-        options.update(_plan_option(text) for text in option or ())
+        options.update(_key_value("--option", text) for text in option or ())
         _check_plan_options(options)
         job = Conversion(model, _budget(budget), input_size=_input_size(input_size), weights=weights,
-                         init=init, plan_options=options, module=module, device=on_device)
-        # A spinner only on a terminal: elsewhere rich would leave a blank line before errors.
-        with render.progress(err, enabled=not json_output and err.is_terminal) as step:
+                         init=init, plan_options=options, module=module, device=on_device,
+                         model_args=dict(_key_value("--model-arg", text) for text in model_arg or ()))
+        with render.progress(err, enabled=not quiet) as step:
             step("building the model")
             job.build()
             if input_size is not None:
@@ -204,16 +236,23 @@ def convert(
                 step("converting")
                 job.convert()
                 if init == "preserve":
-                    step("comparing outputs at tau = 1 and 0")
+                    step("comparing outputs and each converted layer with the original at tau = 1 and 0")
                     job.compare()
                 step("saving")
                 job.save(out_dir)
+            if report is not None:
+                step("planning at budgets 1/4 to 4 for the report")
+                job.report(report)
         if json_output:
-            print(job.result_plan.to_json())
+            print(json.dumps(render.result(job), indent=2))
+        elif quiet:
+            pass
         elif dry_run:
             out.print(job.plan.table())
         else:
             out.print(render.summary(job))
+        if report is not None and not (quiet or json_output):
+            out.print(f"report: {report}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -244,6 +283,8 @@ def export_saved(
     opset: Annotated[int, typer.Option(help="ONNX opset, 18 or newer")] = 18,
     temperature: Annotated[Optional[float], typer.Option(help="CAF temperature tau, 0 to 1, to export at (default: the temperatures saved with the model)")] = None,
     device: Annotated[str, typer.Option(help="device to load the model on and trace it: cpu, cuda, cuda:1, ...")] = "cpu",
+    base_model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="the unconverted model (as for convert) when the save records no source")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing but errors")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
     """Export a saved model to ONNX or torch.export with a dynamic batch, checked against eager."""
@@ -262,13 +303,20 @@ def export_saved(
         if format == "onnx":
             require_onnx()
         input_size = read_metadata(directory).get("input_size")
-        model = load(directory, device=target_device)
-        if temperature is not None:
-            set_temperature(model, temperature)
+        base = None
+        if base_model is not None:
+            from kwconvert.models import build_model
+            base = build_model(base_model)
         target = out_file or directory.resolve().with_name(directory.resolve().name + FORMATS[format])
-        with render.progress(err, enabled=err.is_terminal) as step:
+        with render.progress(err, enabled=not quiet) as step:
+            step("loading the saved model")
+            model = load(directory, base, device=target_device)
+            if temperature is not None:
+                set_temperature(model, temperature)
             step(f"exporting to {format} and checking it against eager")
             report = export(model, target, format, example_input_for(model, batch, input_size), opset=opset)
+        if quiet:
+            return
         checked = "onnxruntime" if format == "onnx" else "torch.export.load"
         diffs = ", ".join(f"{diff:.2g} at batch {size}" for size, diff in report.max_abs_diff.items())
         opset_note = f", opset {report.opset}" if report.opset else ""

@@ -1,6 +1,8 @@
 """What the command line shows: a progress display and the conversion summary."""
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -8,19 +10,77 @@ from rich.console import Console, Group
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kwconvert.pipeline import LAYER_TOLERANCE
 from kwconvert.plan import count
+
+
+#: Off a terminal (a log), a step running this long gets a line, and another this often.
+LOG_AFTER_SECONDS = 10.0
 
 
 @contextmanager
 def progress(console: Console, enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """A transient spinner on stderr naming the current step; ``step(text)`` advances it."""
+    """Say on stderr which step runs; ``step(text)`` starts the next one.
+
+    On a terminal: a transient spinner with the elapsed time.  Elsewhere (a log, a CI job):
+    plain lines, only for steps that run longer than ``LOG_AFTER_SECONDS`` (one when it
+    passes that, one every that many seconds more, one when it ends), so a log is never
+    silent for long while a quick run, or a quick failure, prints nothing but its result.
+    """
     if not enabled:
         yield lambda text: None
-        return
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("starting", total=None)
-        yield lambda text: bar.update(task, description=text)
+    elif console.is_terminal:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+            yield lambda text: bar.update(task, description=text)
+    else:
+        with _LogProgress(console) as log:
+            yield log.step
+
+
+class _LogProgress:
+    """Progress lines for a log: a watcher thread prints for the steps that run long."""
+
+    def __init__(self, console: Console, every: float | None = None):
+        self.console, self.every = console, every or LOG_AFTER_SECONDS
+        self.lock, self.wake = threading.Lock(), threading.Event()
+        self.started = time.monotonic()
+        self.text: str | None = None
+        self.step_started, self.reported = self.started, False
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "_LogProgress":
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            if exc[0] is None:
+                self._finish()
+            self.text = None
+        self.wake.set()
+        self.watcher.join()
+
+    def step(self, text: str) -> None:
+        with self.lock:
+            self._finish()
+            self.text, self.step_started, self.reported = text, time.monotonic(), False
+
+    def _finish(self) -> None:
+        if self.text is not None and self.reported:
+            self._line(f"{self.text}: done in {time.monotonic() - self.step_started:.0f} s")
+
+    def _watch(self) -> None:
+        while not self.wake.wait(self.every):
+            with self.lock:
+                if self.text is not None and time.monotonic() - self.step_started >= self.every:
+                    self._line(f"{self.text}: {time.monotonic() - self.step_started:.0f} s so far")
+                    self.reported = True
+
+    def _line(self, message: str) -> None:
+        self.console.print(f"kwconvert [{time.monotonic() - self.started:5.0f} s] {message}", markup=False,
+                           highlight=False, soft_wrap=True)
 
 
 def summary(job) -> Group:
@@ -39,8 +99,15 @@ def summary(job) -> Group:
             when = "where training starts" if tau == 1 else "as served" if tau == 0 else "in training"
             table.add_row(f"max |output diff| at tau = {tau:g}",
                           f"{diff:.3g} = {relative:.2g} of max |output| ({when})")
+        if job.output_too_small:
+            table.add_row("outputs", f"too small to compare (max |output| {job.output_scale:.2g}): "
+                                     "the per-layer check below is the check")
         table.add_row("function", "the original's at every temperature" if plan.budget >= 1 else
                       "a least-squares fit of the original's kernels at every temperature: fine-tune to recover")
+    for tau, (layer, relative) in sorted(job.layer_diff_at_temperature.items(), reverse=True):
+        if layer is not None:
+            table.add_row(f"each exact layer vs its original at tau = {tau:g}",
+                          f"at most {relative:.2g} of its max |output| ({layer}; bound {LAYER_TOLERANCE:g})")
     if job.not_comparable:  # e.g. a detector's boxes: each model may find a different number
         table.add_row("outputs not comparable", f"{len(job.not_comparable)} tensor(s) differ in shape or "
                                                 f"structure (first: {job.not_comparable[0]})")
@@ -48,6 +115,23 @@ def summary(job) -> Group:
     table.add_row("saved to", str(job.saved_to))
     load = (f"import kwconvert\nmodel = kwconvert.load({str(job.saved_to)!r})")
     return Group(table, "Load it with:", load)
+
+
+def result(job) -> dict:
+    """``--json``: the plan's JSON, and after a conversion a ``conversion`` entry saying where
+    it saved and what the output check found (max |diff| per temperature, the output scale)."""
+    data = job.result_plan.to_dict()
+    if job.saved_to is not None:
+        data["conversion"] = {
+            "saved_to": str(job.saved_to),
+            "max_abs_diff": {f"{tau:g}": diff for tau, diff in sorted(job.diff_at_temperature.items(), reverse=True)},
+            "output_scale": job.output_scale,
+            "output_too_small": job.output_too_small,
+            "not_comparable": list(job.not_comparable),
+            "layer_diff": {f"{tau:g}": {"layer": layer, "relative": relative}
+                           for tau, (layer, relative) in sorted(job.layer_diff_at_temperature.items(), reverse=True)},
+        }
+    return data
 
 
 def saved(directory, meta: dict, plan) -> Table:

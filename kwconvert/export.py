@@ -27,6 +27,7 @@ compares it with the eager model at batch 1 and 4 before putting it in place.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import tempfile
@@ -166,8 +167,9 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
 
 def _torch_export(model: nn.Module, x: Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    try:
-        return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
+    try:  # a failed trace logs its whole FX graph to stderr (a thousand lines): the error says enough
+        with contextlib.redirect_stderr(io.StringIO()):
+            return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
     except Exception as error:
         raise ExportError(f"torch.export failed on an input of size {_dims(x.shape)}: {_reason(error)}") from error
 

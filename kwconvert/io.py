@@ -12,6 +12,7 @@ Format 1 kept them once, in a ``kw_warehouses`` module of the model; it still lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from .fast import restore_choices, saved_choices
 from .layers import Warehouse, is_kw_layer
 from .models import build_model
 from .plan import Plan
-from .rewrite import convert, plan_of
+from .rewrite import PLAN_ATTR, convert, plan_of
 
 #: Version of the saved directory's layout; bump when a field changes meaning.
 FORMAT_VERSION = 2
@@ -36,6 +37,8 @@ FORMAT_VERSION = 2
 FORMAT_1_WAREHOUSES = "kw_warehouses."
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "kwconvert.json"
+#: Where a saved or loaded model keeps its constructor's arguments (``save(model_args=...)``).
+MODEL_ARGS_ATTR = "_kwconvert_model_args"
 
 
 class SavedModelError(ValueError):
@@ -43,18 +46,25 @@ class SavedModelError(ValueError):
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None = None,
-         input_size: tuple[int, ...] | None = None) -> Path:
+         input_size: tuple[int, ...] | None = None, model_args: dict[str, Any] | None = None) -> Path:
     """Write a converted model to ``directory`` atomically; return the directory.
+
+    ``source`` (``torchvision:resnet18``, ``timm:NAME``, ``pkg.module:callable``) and
+    ``model_args`` (its constructor's arguments, e.g. ``num_classes``) let ``load`` rebuild
+    the base model alone; a loaded model remembers both, so a later save keeps them.
 
     Everything is first written to a hidden sibling directory, then swapped in with two
     renames, so a save killed half-way leaves the previous save (or nothing) in place;
     ``load`` also recovers the previous save if the kill fell between the two renames.
     """
     plan = plan_of(model)
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_leftovers(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    target = check_target(directory)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_leftovers(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise SavedModelError(f"cannot write {target}: {err.strerror or type(err).__name__}") from None
     try:
         tensors, aliases = _unique_tensors(model.state_dict())
         weights_path = staging / WEIGHTS_FILE
@@ -62,6 +72,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
         save_file(tensors, str(weights_path), metadata={"format": str(FORMAT_VERSION)})
         meta = _metadata(plan, source or plan.model, input_size or plan.input_size, aliases,
                          _sha256(weights_path), _temperatures(model))
+        meta["model_args"] = dict(model_args if model_args is not None else getattr(model, MODEL_ARGS_ATTR, {}))
         meta["paths"] = saved_choices(model)  # each layer's timed path (kwconvert.tune): no timing after load
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         _fsync_dir(staging)
@@ -70,6 +81,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _remember_source(model, meta["source"], meta["model_args"])
     return target
 
 
@@ -90,8 +102,11 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     if model is None:
         if not meta.get("source"):
             raise SavedModelError(f"{path} records no model source; pass the unconverted model: "
-                                  "kwconvert.load(directory, model=...)")
-        model = build_model(meta["source"])
+                                  "kwconvert.load(directory, model=...), or --model MODEL on the command line")
+        model_args = meta.get("model_args") or {}
+        if not isinstance(model_args, dict):
+            raise SavedModelError(f"{path}: model_args in {META_FILE} is not an object; the save is damaged")
+        model = build_model(meta["source"], **model_args)
     state = _read_weights(path, meta)
     try:
         converted = convert(model, plan, init="none")
@@ -101,10 +116,22 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
         state = _cells_under_their_layers(converted, state)
     _load_strict(converted, state, path)
     _set_temperatures(converted, meta.get("temperatures", {}), path)
+    _remember_source(converted, meta.get("source"), meta.get("model_args", {}))
     paths = meta.get("paths", {})
     if isinstance(paths, dict):  # saves of 2026-12-01 listed choices per configuration: timed again
         restore_choices(converted, paths)
     return converted.to(device) if device is not None else converted
+
+
+def _remember_source(model: nn.Module, source: str | None, model_args: dict[str, Any]) -> None:
+    """Let the model's plan name its source (and the model keep its constructor's arguments),
+    so that a model loaded, fine-tuned and saved again still records how to rebuild it
+    (``load(dir)`` without ``model=``)."""
+    plan = plan_of(model)
+    if source and plan.model != source:
+        setattr(model, PLAN_ATTR, dataclasses.replace(plan, model=source))
+    if source:
+        setattr(model, MODEL_ARGS_ATTR, dict(model_args))
 
 
 def checked_device(device: str | torch.device) -> torch.device:
@@ -294,6 +321,33 @@ def _apply_umask(directory: Path) -> None:
     directory.chmod(0o777 & ~umask)
     for child in directory.iterdir():
         child.chmod(0o666 & ~umask)
+
+
+def check_target(directory: str | os.PathLike, replace: bool = True) -> Path:
+    """``directory`` as a place a save can go, or a ``SavedModelError`` saying why not: checked
+    before a conversion starts, so that a bad ``--out`` fails in a second, not after it.
+
+    It may be absent (its nearest existing parent must be a writable directory), an empty
+    directory, or a kwconvert save (replaced only with ``replace``); anything else is refused.
+    """
+    target = Path(directory)
+    if target.exists():
+        if not target.is_dir():
+            raise SavedModelError(f"{target} is a file, not a directory; choose another --out")
+        if (target / META_FILE).is_file():
+            if not replace:
+                raise SavedModelError(f"{target} holds a kwconvert save already; --force replaces it")
+        elif any(target.iterdir()):
+            raise SavedModelError(f"{target} exists and is not a kwconvert save; choose another --out")
+    parent = target.parent.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:  # what the save will do there: make a directory (os.access would not see /proc's refusal)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=parent))
+    except OSError as err:
+        raise SavedModelError(f"cannot write {target}: {parent} is not a writable directory "
+                              f"({err.strerror or type(err).__name__})") from None
+    return target
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

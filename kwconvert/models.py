@@ -10,7 +10,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import pickle
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -35,15 +37,32 @@ def canonical_source(spec: str) -> str:
     return f"torchvision:{spec}"
 
 
-def build_model(spec: str) -> nn.Module:
-    """Build the model a source string names, with random weights."""
+def build_model(spec: str, **model_args: Any) -> nn.Module:
+    """Build the model a source string names, with random weights; ``model_args`` go to its
+    constructor (``num_classes=10``, ``width_mult=0.5``: what the builder, timm's
+    ``create_model`` or the callable accepts)."""
     source = canonical_source(spec)
+    downloading = sorted(set(model_args) & {"weights", "weights_backbone", "pretrained", "pretrained_cfg"})
+    if downloading:
+        raise ModelSourceError(f"the model argument {downloading[0]} would fetch weights, which kwconvert never "
+                               "does: pass a checkpoint file with --weights (load_weights) instead")
     prefix, _, name = source.partition(":")
     if prefix == "torchvision":
-        return _build_torchvision(name)
+        return _build_torchvision(name, model_args)
     if prefix == "timm":
-        return _build_timm(name)
-    return _build_from_callable(prefix, name)
+        return _build_timm(name, model_args)
+    return _build_from_callable(prefix, name, model_args)
+
+
+def _constructed(spec: str, build: Callable[[], Any], model_args: dict[str, Any]) -> Any:
+    """``build()``, where a constructor refusing the user's ``model_args`` is said in one line."""
+    try:
+        return build()
+    except TypeError as err:
+        if not model_args:
+            raise
+        raise ModelSourceError(f"{spec} does not take the model arguments "
+                               f"{', '.join(f'{k}={v!r}' for k, v in model_args.items())}: {err}") from None
 
 
 def _suggest(name: str, known: list[str]) -> str:
@@ -56,7 +75,7 @@ def _suggest(name: str, known: list[str]) -> str:
 _STATED_DEFAULTS = {"googlenet": {"init_weights": True}, "inception_v3": {"init_weights": True}}
 
 
-def _build_torchvision(name: str) -> nn.Module:
+def _build_torchvision(name: str, model_args: dict[str, Any]) -> nn.Module:
     import torchvision
 
     known = torchvision.models.list_models()
@@ -65,32 +84,49 @@ def _build_torchvision(name: str) -> nn.Module:
             f"unknown torchvision model '{name}'{_suggest(name, known)} "
             "(use a torchvision name, timm:NAME or pkg.module:callable)")
     builder = torchvision.models.get_model_builder(name)
-    kwargs: dict[str, Any] = {"weights": None, **_STATED_DEFAULTS.get(name, {})}
+    kwargs: dict[str, Any] = {**_STATED_DEFAULTS.get(name, {}), **model_args, "weights": None}
     # Detection and segmentation builders fetch backbone weights unless told not to.
     if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs["weights_backbone"] = None
-    return builder(**kwargs)
+    return _constructed(f"torchvision:{name}", lambda: builder(**kwargs), model_args)
 
 
-def _build_timm(name: str) -> nn.Module:
+def _build_timm(name: str, model_args: dict[str, Any]) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
         raise ModelSourceError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
-    return timm.create_model(name, pretrained=False)
+    return _constructed(f"timm:{name}", lambda: timm.create_model(name, **{**model_args, "pretrained": False}),
+                        model_args)
 
 
-def _build_from_callable(module_name: str, attr: str) -> nn.Module:
+def _import_here_too(module_name: str):
+    """Import ``module_name`` from the import path, else from the current directory: a
+    package beside the user, as ``python -m`` would find it (a console script's path lacks
+    the directory it runs in).  Looked up last, so a local file never shadows an installed
+    package that is found."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        here, top = os.getcwd(), module_name.partition(".")[0]
+        beside = (Path(here) / top).is_dir() or (Path(here) / f"{top}.py").is_file()
+        if err.name != top or not beside or here in sys.path or "" in sys.path:
+            raise
+    sys.path.append(here)
+    return importlib.import_module(module_name)
+
+
+def _build_from_callable(module_name: str, attr: str, model_args: dict[str, Any]) -> nn.Module:
     spec = f"{module_name}:{attr}"
     try:
-        module = importlib.import_module(module_name)
+        module = _import_here_too(module_name)
     except ImportError as err:
         raise ModelSourceError(f"cannot import '{module_name}' for {spec}: {err}") from None
     factory: Callable[[], Any] | None = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelSourceError(f"'{module_name}' has no callable '{attr}' (for {spec})")
     try:
-        model = factory()
+        model = factory(**model_args)
     except Exception as err:  # the user's code: report it, whatever it raised
         raise ModelSourceError(f"{spec} raised {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):

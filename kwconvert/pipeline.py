@@ -5,7 +5,9 @@ usually call ``kwconvert.plan`` / ``kwconvert.convert`` / ``kwconvert.save`` dir
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +17,29 @@ import torch
 from torch import nn
 
 from . import io
+from .fast import reference_path
 from .layers import set_temperature
 from .models import build_model, canonical_source, default_input_size, load_weights
 from .plan import Plan, plan as make_plan
+from .report import SWEEP_BUDGETS, html_report, write_report
 from .rewrite import convert, plan_of
+from .trace import LayerGraph, trace
+from .vit import unpacked_attention
 
 DEFAULT_OUT = Path("kwconvert-out")
 #: Where the output check looks: the start of training (tau = 1) and serving (tau = 0).
 COMPARED_TEMPERATURES = (1.0, 0.0)
+#: Bound on each converted layer's max |diff| from its static original on the same input,
+#: relative to that output's max |value|, where the conversion is exact (warehouse budget
+#: >= 1): float32 rounding of one layer is ~1e-7..1e-6.
+LAYER_TOLERANCE = 1e-5
+#: Outputs whose max |value| is below this compare nothing (a zero-initialised head, or
+#: random weights that shrink the signal to ~1e-8): the per-layer check is then the check.
+SMALL_OUTPUT = 1e-6
+
+
+class ConversionMismatch(Exception):
+    """A conversion that should reproduce the original does not (a bug, or a broken model)."""
 
 
 @dataclass
@@ -36,18 +53,22 @@ class Conversion:
     plan_options: dict[str, Any] = field(default_factory=dict)
     module: str | None = None  # convert only this sub-module (traced on what it receives)
     device: torch.device | None = None  # where to build, trace, convert and compare (None: the CPU)
+    model_args: dict[str, Any] = field(default_factory=dict)  # to the model's constructor (-M)
     model: nn.Module | None = None
+    graph: LayerGraph | None = None  # the whole model's trace, shared by every budget's plan
     plan: Plan | None = None
     converted: nn.Module | None = None
     max_abs_diff: float | None = None
     diff_at_temperature: dict[float, float | None] = field(default_factory=dict)
     output_scale: float | None = None
     not_comparable: tuple[str, ...] = ()
+    #: tau -> (converted layer, max |diff| / max |output|) of the layer furthest from its original
+    layer_diff_at_temperature: dict[float, tuple[str | None, float]] = field(default_factory=dict)
     saved_to: Path | None = None
 
     def build(self) -> nn.Module:
         self.source = canonical_source(self.source)
-        self.model = build_model(self.source).eval()
+        self.model = build_model(self.source, **self.model_args).eval()
         if self.weights is not None:
             load_weights(self.model, self.weights)
         if self.device is not None:
@@ -60,9 +81,26 @@ class Conversion:
         return torch.randn(batch, *self.input_size, generator=generator).to(self.device or "cpu")
 
     def make_plan(self) -> Plan:
-        self.plan = make_plan(self.model, self.budget, (self.example_input(),),
-                              model_name=self.source, module=self.module, **self.plan_options)
+        self.plan = self._plan_at(self.budget)
         return self.plan
+
+    def _plan_at(self, budget: float) -> Plan:
+        """The model planned at ``budget``; the whole model is traced once for every budget."""
+        if self.module is None and self.graph is None:
+            self.graph = trace(self.model, (self.example_input(),))
+        return make_plan(self.model, budget, (self.example_input(),), model_name=self.source, module=self.module,
+                         graph=self.graph if self.module is None else None, **self.plan_options)
+
+    def report(self, path: Path) -> Path:
+        """Write the plan's HTML page (:mod:`kwconvert.report`) with the chart over ``SWEEP_BUDGETS``."""
+        sweep = []
+        for budget in SWEEP_BUDGETS:
+            try:
+                sweep += [self._plan_at(budget)] if budget != self.plan.budget else []
+            except ValueError:  # a budget the guard refuses for this model (memory): not on the chart
+                continue
+        order = [candidate.name for candidate in self.graph.candidates] if self.graph is not None else None
+        return write_report(path, html_report(self.result_plan, sweep, order))
 
     def convert(self) -> nn.Module:
         if not self.plan.warehouses:  # every candidate plain: a "conversion" would change nothing
@@ -75,7 +113,8 @@ class Conversion:
 
     @torch.no_grad()
     def compare(self) -> float | None:
-        """Max |converted - original| on random inputs in eval mode, at tau = 1 and tau = 0.
+        """Max |converted - original| on random inputs in eval mode, at tau = 1 and tau = 0,
+        for the whole output and for every converted layer on the input it receives.
 
         tau = 1 is where training starts, tau = 0 where a trained KW model is served; with
         ``init="preserve"`` both give the original's function (b >= 1) or the same fit of it
@@ -83,22 +122,50 @@ class Conversion:
         Outputs are compared tensor by tensor (:func:`compare_outputs`); tensors whose
         shapes differ (a detector's boxes, of which each model may find a different
         number) are listed in ``not_comparable`` instead.  None when no tensor compares.
-        The converted model is left at tau = 1.
+
+        The output alone can compare nothing (a zero-initialised head gives 0 = 0, random
+        weights may shrink it to 1e-8), so each converted layer is also compared with its
+        static original (:class:`LayerCheck`); where the conversion is exact (warehouse
+        budget >= 1) a layer beyond ``LAYER_TOLERANCE`` raises ``ConversionMismatch``.
+        The forwards take the paper's straightforward path: the same function, without
+        timing the fast paths on a shape the model is never served at.  The converted model
+        is left at tau = 1.
         """
         sample = self.example_input(batch=2, seed=1)
         expected = self.model(sample)
+        originals = static_originals(self.model, self.plan)
         for tau in COMPARED_TEMPERATURES:
             set_temperature(self.converted, tau)
-            diff = compare_outputs(expected, self.converted(sample))
+            with reference_path(), LayerCheck(self.converted, originals) as layers:
+                diff = compare_outputs(expected, self.converted(sample))
             self.diff_at_temperature[tau] = diff.max_abs_diff
+            self.layer_diff_at_temperature[tau] = layers.worst(self._exact_layers())
         set_temperature(self.converted, 1.0)
         self.max_abs_diff, self.output_scale = self.diff_at_temperature[1.0], diff.output_scale
         self.not_comparable = diff.not_comparable
+        self._refuse_a_mismatch()
         return self.max_abs_diff
+
+    def _exact_layers(self) -> set[str]:
+        """Converted layers whose warehouse holds every kernel exactly (its budget >= 1)."""
+        return {name for w in self.result_plan.warehouses if w.budget >= 1 for name in w.layer_names}
+
+    def _refuse_a_mismatch(self) -> None:
+        for tau, (layer, relative) in self.layer_diff_at_temperature.items():
+            if layer is not None and not relative <= LAYER_TOLERANCE:  # NaN fails too
+                raise ConversionMismatch(
+                    f"layer {layer} differs from its original by {relative:.3g} of its output at tau = {tau:g}, "
+                    f"where the conversion should be exact (<= {LAYER_TOLERANCE:g}); nothing was saved")
+
+    @property
+    def output_too_small(self) -> bool:
+        """Whether the outputs were too small for their difference to mean anything."""
+        return self.output_scale is not None and self.output_scale < SMALL_OUTPUT
 
     def save(self, directory: Path | None = None) -> Path:
         directory = directory or default_out_dir(self.source, self.budget)
-        self.saved_to = io.save(self.converted, directory, source=self.source, input_size=self.input_size)
+        self.saved_to = io.save(self.converted, directory, source=self.source, input_size=self.input_size,
+                                model_args=self.model_args)
         return self.saved_to
 
     @property
@@ -165,6 +232,67 @@ class OutputDiff:
     max_abs_diff: float | None
     output_scale: float | None
     not_comparable: tuple[str, ...]
+
+
+def static_originals(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
+    """Copies of the static layers ``plan`` converts, by name (attention the plan unpacks
+    included), for :class:`LayerCheck`; take them before converting in place."""
+    with unpacked_attention(model, plan.unpacked_attention):
+        return {name: copy.deepcopy(model.get_submodule(name)) for name in plan.converted_layers}
+
+
+class LayerCheck:
+    """Forward hooks comparing each converted layer with its static original on the same input.
+
+    The model-level check alone can be blind: a zero-initialised head (torchvision's ViT)
+    or residual branch (timm's ``zero_init_last``), or a layer scale of 1e-6 (ConvNeXt),
+    hides a converted layer's output from the logits; and in a deep model the rounding of
+    every layer before it blurs it.  Each converted layer's output is compared with a copy
+    of the static layer it replaced, run on the very input the converted layer received,
+    relative to that output's max |value|: the conversion's own error, layer by layer.
+    """
+
+    def __init__(self, model: nn.Module, originals: dict[str, nn.Module]):
+        self.model, self.originals = model, originals
+        self.diffs: dict[str, float] = {}
+        self.handles = []
+
+    def __enter__(self) -> "LayerCheck":
+        for name in self.originals:
+            self.handles.append(self.model.get_submodule(name).register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            expected = self.originals[name](*args)
+            if expected.shape != output.shape:
+                relative = math.inf
+            elif not expected.numel():
+                relative = 0.0
+            else:
+                scale = float(expected.abs().max())
+                diff = float((output.float() - expected.float()).abs().max())
+                relative = diff / scale if scale > 0 else diff
+                relative = relative if math.isfinite(relative) else math.inf  # NaN counts as worst
+            self.diffs[name] = max(self.diffs.get(name, 0.0), relative)
+        return hook
+
+    @property
+    def missing(self) -> list[str]:
+        """Converted layers the forward never called."""
+        return [name for name in self.originals if name not in self.diffs]
+
+    def worst(self, among: set[str] | None = None) -> tuple[str | None, float]:
+        """The layer furthest from its original (of ``among``, if given) and its relative diff."""
+        diffs = {name: diff for name, diff in self.diffs.items() if among is None or name in among}
+        if not diffs:
+            return None, 0.0
+        name = max(diffs, key=diffs.__getitem__)
+        return name, diffs[name]
 
 
 def compare_outputs(expected: Any, actual: Any) -> OutputDiff:

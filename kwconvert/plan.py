@@ -192,31 +192,41 @@ class Plan:
         from rich.table import Table
         from rich.text import Text
 
+        # Names fold onto a second line where the width runs out, numbers never shrink, and
+        # titles stand above their table (a table's title wraps at the table's width): at 80
+        # columns "stage5.conv..." would not tell a stage's split parts apart.
         parts = []
         for w in self.warehouses:
-            table = Table(title=f"{w.name}: cell {_dims(w.cell)}, m_t {w.m_t}, n {w.n}", title_justify="left")
-            for column, justify in (("layer", "left"), ("kernel", "right"), ("cell", "right"), ("m", "right")):
-                table.add_column(column, justify=justify)
+            parts.append(Text(f"{w.name}: cell {_dims(w.cell)}, m_t {w.m_t}, n {w.n}", style="italic"))
+            table = Table()
+            table.add_column("layer", overflow="fold")
+            for column in ("kernel", "cell", "m"):
+                table.add_column(column, justify="right", no_wrap=True)
             for layer in w.layers:
                 rows = f" (rows {layer.rows[0]}:{layer.rows[1]})" if layer.rows else ""
                 table.add_row(layer.name + rows, _dims(layer.weight_shape), _dims(w.cell), str(layer.cells))
             parts.append(table)
         where = f" (module {self.module})" if self.module else ""
-        summary = Table(title=f"{self.model}{where} at b = {self.budget:g}: {len(self.warehouses)} warehouses "
-                              "(l layers sharing n cells for m_t mixtures)", title_justify="left", pad_edge=False)
+        parts.append(Text(f"{self.model}{where} at b = {self.budget:g}: {len(self.warehouses)} warehouses "
+                          "(l layers sharing n cells for m_t mixtures)", style="italic"))
+        summary = Table(pad_edge=False)
         own_budgets = any(w.budget != self.budget for w in self.warehouses)
         columns = ("warehouse", "l", "cell", "n/m_t") + (("b'",) if own_budgets else ()) + (
             "cell\nparams", "attention\nparams")
-        for column in columns:  # never cut: "stage5.conv..." would not tell split parts apart
-            summary.add_column(column, justify="left" if column == "warehouse" else "right", no_wrap=True)
+        for column in columns:
+            if column == "warehouse":
+                summary.add_column(column, overflow="fold")
+            else:
+                summary.add_column(column, justify="right", no_wrap=True)
         for w in self.warehouses:
             budget = (f"{w.budget:g}",) if own_budgets else ()
             summary.add_row(w.name, str(len(w.layers)), _dims(w.cell), f"{w.n}/{w.m_t}", *budget,
                             f"{w.warehouse_params:,}", f"{w.attention_params:,}")
         parts.append(summary)
         if self.plain:
-            plain = Table(title="plain layers", title_justify="left")
-            plain.add_column("layer")
+            parts.append(Text("plain layers", style="italic"))
+            plain = Table()
+            plain.add_column("layer", overflow="fold")
             plain.add_column("reason")
             for static in self.plain:
                 plain.add_row(static.layer, static.reason)

@@ -30,8 +30,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+try:  # the fake mode ShapeProp's ``fake_mode`` argument takes lives in a private module of torch:
+    from torch._subclasses.fake_tensor import FakeTensorMode  # a speed-up only, never relied on
+except ImportError:
+    FakeTensorMode = None
 
 from .vit import unpacked_attention
 
@@ -457,8 +461,11 @@ def _propagate_shapes(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) 
     """ShapeProp on fake tensors: shapes without the arithmetic (vit_h_14: 0.3 s, not 3 s).
 
     Returns False when fake propagation fails (an op without a fake kernel, a module that
-    cannot be copied); the caller then propagates real tensors.
+    cannot be copied) or this torch has no FakeTensorMode where we look for it; the caller
+    then propagates real tensors (public ShapeProp alone).
     """
+    if FakeTensorMode is None:
+        return False
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")

@@ -3,7 +3,8 @@
 Two ways to train a KernelWarehouse model:
 
 * **from scratch** (``convert(..., init="random")``): the paper's recipe, tau annealed from
-  1 to 0 over the first tenth of training (Sec. 3.3, :func:`kwconvert.temperature_at`);
+  1 to 0 over the first tenth of training (Sec. 3.3), per iteration by
+  :class:`TemperatureScheduler`, which saves and resumes like torch's LR schedulers;
 * **from a trained model** (``init="preserve"``, the default): every attention starts on
   beta whatever the input and whatever tau (:meth:`kwconvert.layers.KWAttention.hold_beta`),
   so the model starts as the original and nothing needs annealing.  ``FINE_TUNE`` below is
@@ -17,12 +18,13 @@ their own for the cells and the attention.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from torch import nn
 
-from .layers import Warehouse, is_kw_layer
+from .layers import Warehouse, is_kw_layer, set_temperature, temperature_at
 
-__all__ = ["FINE_TUNE", "FineTuneRecipe", "parameter_groups"]
+__all__ = ["FINE_TUNE", "FineTuneRecipe", "TemperatureScheduler", "parameter_groups"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +70,47 @@ def parameter_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.0,
             grouped.setdefault((kind, parameter.dim() >= 2), []).append(parameter)
     return [{"params": params, "lr": lr * scales[kind], "weight_decay": weight_decay if decays else 0.0,
              "kind": kind} for (kind, decays), params in grouped.items()]
+
+
+class TemperatureScheduler:
+    """The paper's temperature schedule (Sec. 3.3), stepped once per iteration like torch's LR
+    schedulers: tau goes linearly from ``start`` to ``end`` over ``warmup_steps`` calls of
+    :meth:`step`, then stays at ``end``.
+
+    The paper anneals over the first 10 % of training (``warmup_steps = total_steps // 10``).
+    Construction sets every KW layer of ``model`` to the tau of ``last_step``; ``state_dict``
+    / ``load_state_dict`` carry the position, so a resumed run continues the schedule where
+    the checkpoint left it instead of restarting at tau = 1.
+    """
+
+    def __init__(self, model: nn.Module, warmup_steps: int, *, start: float = 1.0, end: float = 0.0,
+                 last_step: int = 0) -> None:
+        if warmup_steps < 0 or last_step < 0:
+            raise ValueError(f"warmup_steps and last_step must be >= 0, got {warmup_steps} and {last_step}")
+        if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+            raise ValueError(f"start and end are temperatures in [0, 1], got {start} and {end}")
+        self.model = model
+        self.warmup_steps, self.start, self.end, self.last_step = warmup_steps, start, end, last_step
+        if set_temperature(model, self.tau) == 0:
+            raise ValueError("the model has no KW layer: convert it first (kwconvert.convert)")
+
+    @property
+    def tau(self) -> float:
+        """The temperature at ``last_step``."""
+        return self.end + (self.start - self.end) * temperature_at(self.last_step, self.warmup_steps)
+
+    def step(self) -> float:
+        """Advance one iteration and set the model's layers to the new tau (returned)."""
+        self.last_step += 1
+        set_temperature(self.model, self.tau)
+        return self.tau
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_steps": self.warmup_steps, "start": self.start, "end": self.end,
+                "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the schedule a ``state_dict`` recorded (and set the layers' tau to it)."""
+        self.warmup_steps, self.start, self.end = state["warmup_steps"], state["start"], state["end"]
+        self.last_step = state["last_step"]
+        set_temperature(self.model, self.tau)

@@ -103,6 +103,91 @@ def test_convert_saves_and_show_prints_it(tmp_path):
     assert json.loads(shown_json.stdout)["warehouses"][0]["m_t"] == 56
 
 
+def test_json_of_a_conversion_names_the_save_and_the_output_check(tmp_path):
+    out = tmp_path / "small"
+    result = invoke("convert", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16", "--out", str(out),
+                    "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["warehouses"] and data["conversion"]["saved_to"] == str(out) and (out / "kwconvert.json").is_file()
+    assert set(data["conversion"]["max_abs_diff"]) == {"1", "0"}
+    assert all(diff <= 1e-5 * data["conversion"]["output_scale"] for diff in data["conversion"]["max_abs_diff"].values())
+
+
+def test_a_conversion_that_should_be_exact_and_is_not_exits_1_and_saves_nothing(tmp_path, monkeypatch):
+    from kwconvert.pipeline import Conversion
+    converted = Conversion.convert
+
+    def broken(job):
+        model = converted(job)
+        with torch.no_grad():
+            for name, cells in model.named_parameters():
+                if name.endswith(".cells"):
+                    cells.mul_(1.001)
+        return model
+
+    monkeypatch.setattr(Conversion, "convert", broken)
+    result = invoke("convert", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16", "--out",
+                    str(tmp_path / "small"))
+    assert result.exit_code == 1
+    assert re.search(r"^error: layer \S+ differs from its original by .* at tau = 1, where the conversion should "
+                     r"be exact \(<= 1e-05\); nothing was saved$", one_line(result.stderr))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_in_a_log_is_plain_lines_for_long_steps_only():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from kwconvert_cli import render
+    log = io.StringIO()
+    with render._LogProgress(Console(file=log, force_terminal=False, width=200), every=0.1) as progress:
+        progress.step("quick step")
+        progress.step("slow step")
+        time.sleep(0.35)
+        progress.step("last step")
+    lines = log.getvalue().splitlines()
+    assert lines and all(re.fullmatch(r"kwconvert \[ +\d+ s\] slow step: (\d+ s so far|done in \d+ s)", line)
+                         for line in lines), lines
+    assert lines[-1].endswith("done in 0 s") and "quick step" not in log.getvalue()
+
+
+def test_quiet_prints_nothing_and_a_log_hears_of_long_steps(tmp_path, monkeypatch):
+    from kwconvert_cli import render
+    args = ("convert", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16")
+    quiet = invoke(*args, "--out", str(tmp_path / "a"), "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (tmp_path / "a" / "kwconvert.json").is_file()
+    monkeypatch.setattr(render, "LOG_AFTER_SECONDS", 0.01)
+    logged = invoke(*args, "--out", str(tmp_path / "b"))
+    assert logged.exit_code == 0 and "saved to" in logged.stdout
+    assert re.search(r"^kwconvert \[ +\d+ s\] \w[\w ,=.]+: (\d+ s so far|done in \d+ s)$", logged.stderr, flags=re.M)
+
+
+def test_model_args_reach_the_constructor_and_the_save_rebuilds_the_same_model(tmp_path):
+    out = tmp_path / "r18-10"
+    result = invoke("convert", "resnet18", "-M", "num_classes=10", "--model-arg", "zero_init_residual=true",
+                    "--input-size", "3,32,32", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "kwconvert.json").read_text())
+    assert meta["model_args"] == {"num_classes": 10, "zero_init_residual": True}
+    loaded = kwconvert.load(out)  # rebuilt from the source with the same arguments
+    assert loaded.fc.out_features == 10
+
+
+@pytest.mark.parametrize("arg,pattern", [
+    ("num_clases=10", r"torchvision:resnet18 does not take the model arguments num_clases=10"),
+    ("weights=DEFAULT", r"would fetch weights, which kwconvert never does: pass a checkpoint file with --weights"),
+    ("ten", r"--model-arg: option 'ten' is not KEY=VALUE"),
+])
+def test_bad_model_args_are_one_line(arg, pattern, tmp_path):
+    result = invoke("convert", "resnet18", "-M", arg, "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert re.search(pattern, one_line(result.stderr))
+
+
 def test_show_tells_the_temperatures_and_the_fit_error_of_a_save(tmp_path):
     model = kwconvert.convert(torchvision.models.resnet18(weights=None), 0.5)
     kwconvert.set_temperature(model, 0.0)  # as trained past the warm-up
@@ -140,13 +225,35 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_unwritable_out_is_one_line_and_leaves_nothing(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    result = invoke("convert", "resnet18", "--input-size", "3,32,32", "--out", str(blocker / "sub"))
-    assert result.exit_code == 1
-    one_line(result.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+@pytest.mark.parametrize("where,pattern", [
+    ("file/sub", r"--out: cannot write .*file/sub: .*file is not a writable directory"),
+    ("file", r"--out: .*file is a file, not a directory"),
+    ("notes", r"--out: .*notes exists and is not a kwconvert save; choose another --out"),
+    ("/proc/kwconvert-out", r"--out: cannot write /proc/kwconvert-out: /proc is not a writable directory"),
+])
+def test_an_out_it_cannot_write_is_refused_before_any_work(where, pattern, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    monkeypatch.setattr("kwconvert.pipeline.Conversion.build", lambda job: pytest.fail("built a model first"))
+    out = where if where.startswith("/") else str(tmp_path / where)
+    result = invoke("convert", "resnet18", "--input-size", "3,32,32", "--out", out)
+    assert result.exit_code == 2, result.output
+    assert re.search(pattern, one_line(result.stderr))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+
+
+def test_an_existing_save_is_replaced_only_with_force(tmp_path):
+    out = tmp_path / "small"
+    args = ("convert", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16", "--out", str(out))
+    assert invoke(*args).exit_code == 0
+    first = (out / "model.safetensors").read_bytes()
+    refused = invoke(*args, "--budget", "2")
+    assert refused.exit_code == 2 and "holds a kwconvert save already; --force replaces it" in one_line(refused.stderr)
+    assert (out / "model.safetensors").read_bytes() == first
+    assert invoke(*args, "--budget", "2", "--force").exit_code == 0
+    assert json.loads((out / "kwconvert.json").read_text())["budget"] == 2
 
 
 def test_show_of_a_damaged_directory(tmp_path):

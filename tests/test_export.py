@@ -207,6 +207,26 @@ def test_a_written_file_that_differs_from_eager_is_refused_and_nothing_is_left(t
     assert list(tmp_path.iterdir()) == []  # no file, no temporary, no directory made for it
 
 
+class DataDependent(nn.Module):
+    """Control flow on a value: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_an_untraceable_model_is_one_error_without_pages_of_graph_on_stderr(tmp_path, capfd):
+    model = converted(DataDependent(), 1.0, (3, 12, 12))
+    with pytest.raises(ExportError, match="torch.export failed on an input of size 2x3x12x12"):
+        kwconvert.export(model, tmp_path / "model.pt2", format="torch_export")
+    assert len(capfd.readouterr().err.splitlines()) <= 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_onnx_packages_say_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     model = converted(TinyCNN(), 1.0, (3, 16, 16))
@@ -317,6 +337,17 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(args, code, pattern, saved
     line = one_line(result.stderr)
     assert line.startswith("error: ") and re.search(pattern, line), line
     assert list(tmp_path.iterdir()) == [] and sorted(saved.parent.iterdir()) == before
+
+
+def test_cli_exports_a_save_without_a_source_given_the_model(tmp_path):
+    model = kwconvert.convert(tiny_cnn(), 1.0, example_inputs=torch.randn(1, 3, 12, 12), stem="warehouse",
+                              max_params_ratio=100)
+    kwconvert.save(model, tmp_path / "nameless")  # an API conversion: no source recorded
+    refused = invoke("export", str(tmp_path / "nameless"), "--format", "torch_export")
+    assert refused.exit_code == 1 and "--model MODEL" in one_line(refused.stderr)
+    done = invoke("export", str(tmp_path / "nameless"), "--format", "torch_export", "--model", "tests.test_export:tiny_cnn")
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "nameless.pt2").is_file()
 
 
 def test_cli_export_without_onnx_packages_is_one_line_before_loading(saved, tmp_path, monkeypatch):

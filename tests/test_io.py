@@ -52,6 +52,20 @@ def test_load_rebuilds_from_the_recorded_source(tmp_path):
     assert read_metadata(tmp_path / "m")["source"] == "torchvision:resnet18"
 
 
+def test_a_loaded_fine_tuned_and_saved_again_model_keeps_its_source(tmp_path):
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None), 1.0)  # the API: no name given
+    kwconvert.save(model, tmp_path / "first", source="torchvision:resnet18")
+    loaded = kwconvert.load(tmp_path / "first").train()
+    loaded(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+    torch.optim.SGD(loaded.parameters(), lr=1e-3).step()  # a fine-tuning step
+    kwconvert.save(loaded, tmp_path / "again")  # no source given this time
+    assert read_metadata(tmp_path / "again")["source"] == "torchvision:resnet18"
+    again = kwconvert.load(tmp_path / "again").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), loaded.eval()(x))
+
+
 def test_a_tuned_model_loads_with_its_paths_and_serves_without_timing(tmp_path, monkeypatch):
     model = converted_resnet18(1.0).eval()
     x = torch.randn(2, 3, 48, 48)

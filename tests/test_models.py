@@ -1,5 +1,6 @@
 """Model sources and checkpoints: names resolve, bad ones say what to do, nothing unpickles."""
 import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -57,6 +58,23 @@ def test_an_input_size_of_the_wrong_rank_names_what_the_model_takes():
         check_input_size(build_model("resnet18"), (64, 64))
     with pytest.raises(ValueError, match=r"Conv3d, which takes C,T,H,W \(e.g. 3,64,64,64\)"):
         check_input_size(build_model("r3d_18"), (3, 112, 112))
+
+
+def test_a_package_in_the_current_directory_builds_without_pythonpath(tmp_path, monkeypatch):
+    """As a console script runs: the directory it runs in is not on the import path."""
+    (tmp_path / "kwc_local_models").mkdir()
+    (tmp_path / "kwc_local_models" / "__init__.py").write_text("")
+    (tmp_path / "kwc_local_models" / "nets.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    model = build_model("kwc_local_models.nets:build")
+    assert isinstance(model[0], nn.Conv2d)
+    assert sys.path[-1] == str(tmp_path)
+    for name in ("kwc_local_models.nets", "kwc_local_models"):
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ModelSourceError, match="cannot import 'kwc_absent_models.nets'"):
+        build_model("kwc_absent_models.nets:build")
 
 
 def test_unknown_torchvision_name_suggests_close_names():

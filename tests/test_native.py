@@ -97,6 +97,17 @@ def test_native_any_number_of_rows_and_samples(batch, height, width):
 
 
 @needs_native
+def test_a_batch_too_big_for_one_call_runs_in_slices_with_the_same_result(monkeypatch):
+    """Slices of at most NATIVE_SLICE_BYTES of temporaries keep glibc from handing big
+    buffers back on every call; a batch of 5 in slices of 2, 2 and 1 gives the reference."""
+    layer = kw_layer(16, 32, 3, (16, 16), padding=1, bias=True)
+    x = torch.randn(5, 16, 6, 6)
+    per_sample = (36 * 16 * 9 + 32 * 16 * 9) * 4
+    monkeypatch.setattr(fast, "NATIVE_SLICE_BYTES", 2 * per_sample)
+    assert fast._native_slice(fast._spec_for(layer, "native"), x, 36) == 2
+    assert_native_matches_float64_reference(layer, x)
+
+
 def test_native_walks_long_kernels_in_chunks():
     """512 input channels x 9 positions x 64 columns is 1.2 MB: the kernel walks K in chunks."""
     layer = kw_layer(512, 64, 3, (64, 512), padding=1)

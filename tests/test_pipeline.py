@@ -1,11 +1,13 @@
-"""One conversion job (kwconvert.pipeline): comparing outputs that are not one tensor."""
+"""One conversion job (kwconvert.pipeline): comparing outputs that are not one tensor, and
+each converted layer with its original."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from kwconvert.pipeline import Conversion, compare_outputs
+import kwconvert
+from kwconvert.pipeline import LAYER_TOLERANCE, Conversion, ConversionMismatch, LayerCheck, compare_outputs
 
 
 class TinyDetector(nn.Module):
@@ -60,3 +62,71 @@ def test_compare_outputs_of_other_structures():
 def test_max_abs_diff_is_nan_when_tensors_do_not_compare(a, b):
     from kwconvert.pipeline import _max_abs_diff  # benchmarks/zoo.py's check: NaN fails its bound
     assert math.isnan(_max_abs_diff(a, b))
+
+
+def test_the_layer_check_finds_a_wrong_conversion():
+    """Each converted layer is compared with its static original on the same input."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(4096, 2))
+    plan = kwconvert.plan(model, 1, torch.randn(1, 3, 12, 12))
+    assert plan.converted_layers == ("0", "2")
+    originals = {name: model.get_submodule(name) for name in plan.converted_layers}
+    converted = kwconvert.convert(model, plan, inplace=False)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        with LayerCheck(converted, originals) as check:
+            converted(x)
+        assert check.worst()[1] <= LAYER_TOLERANCE and not check.missing
+        corrupt(converted)
+        with LayerCheck(converted, originals) as check:
+            converted(x)
+    name, diff = check.worst()
+    assert diff > LAYER_TOLERANCE and name in plan.converted_layers
+
+
+def corrupt(model: nn.Module) -> None:
+    with torch.no_grad():
+        for name, cells in model.named_parameters():
+            if name.endswith(".cells"):
+                cells.mul_(1.01)
+
+
+class ZeroHead(nn.Module):
+    """torchvision's ViT in small: its head starts at zero, so every output is 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.head = nn.Linear(32, 5)
+        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def zero_head() -> nn.Module:
+    return ZeroHead()
+
+
+def test_a_zero_output_is_called_too_small_and_the_layers_are_compared_instead():
+    job = Conversion("tests.test_pipeline:zero_head", 1.0, input_size=(3, 12, 12))
+    job.build(), job.make_plan(), job.convert()
+    assert job.compare() == 0.0 and job.output_scale == 0.0 and job.output_too_small
+    for layer, relative in job.layer_diff_at_temperature.values():
+        assert layer in job.plan.converted_layers and relative <= LAYER_TOLERANCE
+
+
+def test_an_exact_conversion_that_is_not_exact_is_refused():
+    job = Conversion("tests.test_pipeline:zero_head", 1.0, input_size=(3, 12, 12))
+    job.build(), job.make_plan(), job.convert()
+    corrupt(job.converted)
+    with pytest.raises(ConversionMismatch, match=r"layer body\.\d differs from its original by .* at tau = 1, "
+                                                 r"where the conversion should be exact .*nothing was saved"):
+        job.compare()
+
+
+def test_below_budget_1_the_fit_error_is_reported_not_refused():
+    job = Conversion("tests.test_pipeline:zero_head", 0.5, input_size=(3, 12, 12))
+    job.build(), job.make_plan(), job.convert()
+    job.compare()
+    assert all(w.budget < 1 for w in job.result_plan.warehouses)
+    assert all(layer is None for layer, _ in job.layer_diff_at_temperature.values())  # no exact layer

@@ -673,3 +673,19 @@ def test_layers_kwconvert_cannot_swap_stay_static_with_the_reason():
     assert reasons["doubled"].startswith("Doubled overrides torch's forward")
     assert reasons["proj"].startswith("the model reads its weight outside its forward")
     assert result.converted_layers == ("stem",)
+
+
+def test_tables_never_cut_a_name_or_a_number_at_80_columns():
+    """efficientnet's split stages differ only at the end of their names."""
+    import io
+
+    plan = kwconvert.plan(torchvision.models.efficientnet_b0(weights=None), 0.5, (torch.randn(1, 3, 64, 64),))
+    text = io.StringIO()
+    Console(file=text, width=80, force_terminal=False).print(plan.table())
+    shown = text.getvalue()
+    assert "\u2026" not in shown and "..." not in shown  # nothing ellipsised
+    lines = shown.splitlines()
+    for w in plan.warehouses:  # titles on a line of their own, whole
+        assert f"{w.name}: cell {'x'.join(map(str, w.cell))}, m_t {w.m_t}, n {w.n}" in lines
+        assert f"{w.warehouse_params:,}" in shown
+    assert max(len(line) for line in lines) <= 80

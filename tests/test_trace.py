@@ -1,5 +1,7 @@
 """The tracer: candidates in execution order with their shapes, the residual structure,
 and the hook fallback where fx cannot trace."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,14 @@ def test_resnet18_candidates_are_recorded_in_execution_order_with_shapes(resnet1
     assert resnet18_graph.params_baseline == 11_689_512
     assert resnet18_graph.norm_types == frozenset({"batchnorm"})
     assert resnet18_graph.traced_with == "fx" and not resnet18_graph.notes
+
+
+def test_without_the_fake_mode_shapes_come_from_real_tensors_and_agree(resnet18_graph, monkeypatch):
+    """Fake tensors are a speed-up from a private torch module; without them the trace is the same."""
+    monkeypatch.setattr(importlib.import_module("kwconvert.trace"), "FakeTensorMode", None)
+    graph = trace(torchvision.models.resnet18(weights=None))
+    assert graph.candidates == resnet18_graph.candidates and graph.traced_with == "fx"
+    assert dict(graph.dataflow.nodes(data="shape")) == dict(resnet18_graph.dataflow.nodes(data="shape"))
 
 
 def test_resnet18_residual_blocks_span_fork_to_add(resnet18_graph):

@@ -1,10 +1,11 @@
 """Fine-tuning helpers (kwconvert.training): optimiser groups for a converted model."""
+import pytest
 import torch
 import torchvision
 
 import kwconvert
 from kwconvert.layers import Warehouse, is_kw_layer
-from kwconvert.training import FINE_TUNE, parameter_groups
+from kwconvert.training import FINE_TUNE, TemperatureScheduler, parameter_groups
 
 
 def test_groups_hold_every_parameter_once_with_their_own_rates_and_decay():
@@ -34,3 +35,36 @@ def test_defaults_are_the_measured_recipe_and_plain_models_get_one_rate():
     groups = parameter_groups(torchvision.models.resnet18(weights=None), 0.1)
     assert {group["kind"] for group in groups} == {"other"} and all(g["lr"] == 0.1 for g in groups)
     assert FINE_TUNE.temperature == 0.0 and FINE_TUNE.attention_lr_scale <= 1 <= FINE_TUNE.cell_lr_scale
+
+
+def taus(model) -> set[float]:
+    return {module.tau for module in model.modules() if is_kw_layer(module)}
+
+
+def test_temperature_scheduler_anneals_per_step_and_resumes_from_its_state(tmp_path):
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0, init="random")
+    schedule = TemperatureScheduler(model, warmup_steps=4)
+    seen = [schedule.tau] + [schedule.step() for _ in range(6)]
+    assert seen == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0]  # Sec. 3.3: linear, then held at 0
+    schedule = TemperatureScheduler(model, warmup_steps=4)
+    schedule.step(), schedule.step()
+    assert taus(model) == {0.5}
+    torch.save(schedule.state_dict(), tmp_path / "t.pt")
+    fresh = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0, init="random")
+    resumed = TemperatureScheduler(fresh, warmup_steps=4)
+    assert taus(fresh) == {1.0}
+    resumed.load_state_dict(torch.load(tmp_path / "t.pt", weights_only=True))
+    assert taus(fresh) == {0.5} and resumed.step() == 0.25 and taus(fresh) == {0.25}
+    ranged = TemperatureScheduler(fresh, warmup_steps=2, start=0.8, end=0.2)
+    assert [ranged.tau, ranged.step(), ranged.step(), ranged.step()] == pytest.approx([0.8, 0.5, 0.2, 0.2])
+    assert TemperatureScheduler(fresh, warmup_steps=0).tau == 0.0
+
+
+def test_temperature_scheduler_refuses_what_it_cannot_schedule():
+    with pytest.raises(ValueError, match="no KW layer: convert it first"):
+        TemperatureScheduler(torch.nn.Linear(2, 2), warmup_steps=10)
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0)
+    with pytest.raises(ValueError, match="warmup_steps and last_step must be >= 0"):
+        TemperatureScheduler(model, warmup_steps=-1)
+    with pytest.raises(ValueError, match="temperatures in \\[0, 1\\]"):
+        TemperatureScheduler(model, warmup_steps=5, start=2.0)

@@ -40,27 +40,6 @@ def test_zoo_writes_its_results_with_the_shared_atomic_writer():
     assert zoo.write_json is results_io.write_json
 
 
-def test_the_layer_check_finds_a_wrong_conversion():
-    """Each converted layer is compared with its static original on the same input."""
-    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(4096, 2))
-    plan = kwconvert.plan(model, 1, torch.randn(1, 3, 12, 12))
-    assert plan.converted_layers == ("0", "2")
-    originals = {name: model.get_submodule(name) for name in plan.converted_layers}
-    converted = kwconvert.convert(model, plan, inplace=False)
-    x = torch.randn(2, 3, 12, 12)
-    with torch.no_grad():
-        with zoo._LayerCheck(converted, originals) as check:
-            converted(x)
-        assert check.worst()[1] <= zoo.LAYER_TOLERANCE and not check.missing
-        for name, cells in converted.named_parameters():
-            if name.endswith(".cells"):
-                cells.mul_(1.01)
-        with zoo._LayerCheck(converted, originals) as check:
-            converted(x)
-    name, diff = check.worst()
-    assert diff > zoo.LAYER_TOLERANCE and name in plan.converted_layers
-
-
 def test_tolerance_follows_the_models_own_float32_error():
     assert zoo.tolerance(1.0, 1e-7) == zoo.ABSOLUTE_TOLERANCE
     assert zoo.tolerance(674.0, 0.05) == pytest.approx(zoo.FLOAT32_ERROR_FACTOR * 0.05)
