@@ -108,6 +108,7 @@ def test_a_batch_too_big_for_one_call_runs_in_slices_with_the_same_result(monkey
     assert_native_matches_float64_reference(layer, x)
 
 
+@needs_native
 def test_native_walks_long_kernels_in_chunks():
     """512 input channels x 9 positions x 64 columns is 1.2 MB: the kernel walks K in chunks."""
     layer = kw_layer(512, 64, 3, (64, 512), padding=1)
