@@ -86,9 +86,10 @@ class Conversion:
 
     def _plan_at(self, budget: float) -> Plan:
         """The model planned at ``budget``; the whole model is traced once for every budget."""
+        inputs = (self.example_input(),)
         if self.module is None and self.graph is None:
-            self.graph = trace(self.model, (self.example_input(),))
-        return make_plan(self.model, budget, (self.example_input(),), model_name=self.source, module=self.module,
+            self.graph = trace(self.model, inputs)
+        return make_plan(self.model, budget, inputs, model_name=self.source, module=self.module,
                          graph=self.graph if self.module is None else None, **self.plan_options)
 
     def report(self, path: Path) -> Path:
@@ -134,12 +135,13 @@ class Conversion:
         sample = self.example_input(batch=2, seed=1)
         expected = self.model(sample)
         originals = static_originals(self.model, self.plan)
+        exact = self._exact_layers()
         for tau in COMPARED_TEMPERATURES:
             set_temperature(self.converted, tau)
             with reference_path(), LayerCheck(self.converted, originals) as layers:
                 diff = compare_outputs(expected, self.converted(sample))
             self.diff_at_temperature[tau] = diff.max_abs_diff
-            self.layer_diff_at_temperature[tau] = layers.worst(self._exact_layers())
+            self.layer_diff_at_temperature[tau] = layers.worst(exact)
         set_temperature(self.converted, 1.0)
         self.max_abs_diff, self.output_scale = self.diff_at_temperature[1.0], diff.output_scale
         self.not_comparable = diff.not_comparable
