@@ -602,42 +602,91 @@ class _KWConv2d(torch.autograd.Function):
 # --- the batched product (small maps) -------------------------------------------------------
 
 
-def _hwio(tiling: Tiling, blocks: Tensor) -> Tensor:
-    """Every sample's kernel as a ``(K, C_out)`` matrix, K in the NHWC im2col order.
-
-    ``blocks`` ``(B, m, c_e * f_e)`` come from a warehouse whose cells were transposed
-    (``native.panel_order`` of width f_e: each cell ``(c_e, f_e)`` row-major); mixture order
-    (kernel position, output block, input block) then makes one sample's blocks the matrix
-    ``(kh * kw * C_in, C_out)`` itself when there is one output block (no copy), and a
-    permutation of it otherwise (one copy).
-    """
-    batch = blocks.shape[0]
-    f_e, c_e = tiling.cell[:2]
-    depth = tiling.spatial * tiling.blocks_in * c_e
+def _block_major(tiling: Tiling, alpha: Tensor) -> Tensor:
+    """alpha ``(B, m, n)`` with its mixtures re-ordered output block first: (output block,
+    kernel position, input block) instead of the tiling's (kernel position, output block,
+    input block).  A copy of alpha only (small), where the kernels' permutation would copy
+    a whole batch of kernels (``_block_kernels``)."""
     if tiling.blocks_out == 1:
-        return blocks.view(batch, depth, f_e)
-    grid = blocks.view(batch, tiling.spatial, tiling.blocks_out, tiling.blocks_in, c_e, f_e)
-    return grid.permute(0, 1, 3, 4, 2, 5).reshape(batch, depth, tiling.weight_shape[0])
+        return alpha
+    batch, _, n = alpha.shape
+    grid = alpha.view(batch, tiling.spatial, tiling.blocks_out, tiling.blocks_in, n)
+    return grid.transpose(1, 2).reshape(alpha.shape)
 
 
-def _hwio_blocks(tiling: Tiling, kernels: Tensor) -> Tensor:
-    """The inverse of ``_hwio``: ``(B, K, C_out)`` -> blocks ``(B * m, c_e * f_e)``."""
-    batch = kernels.shape[0]
-    f_e, c_e = tiling.cell[:2]
-    if tiling.blocks_out > 1:
-        grid = kernels.view(batch, tiling.spatial, tiling.blocks_in, c_e, tiling.blocks_out, f_e)
-        kernels = grid.permute(0, 1, 4, 2, 3, 5)
-    return kernels.reshape(batch * tiling.cells, f_e * c_e)
+def _tiling_major(tiling: Tiling, alpha: Tensor) -> Tensor:
+    """The inverse of ``_block_major`` (for alpha's gradient)."""
+    if tiling.blocks_out == 1:
+        return alpha
+    batch, _, n = alpha.shape
+    grid = alpha.view(batch, tiling.blocks_out, tiling.spatial, tiling.blocks_in, n)
+    return grid.transpose(1, 2).reshape(alpha.shape)
+
+
+def _block_kernels(tiling: Tiling, blocks: Tensor) -> Tensor:
+    """Blocks assembled from ``_block_major`` alpha and transposed cells
+    (``native.panel_order`` of width f_e: each cell ``(c_e, f_e)`` row-major) as every
+    sample's kernel ``(B, OB, K, f_e)``, no copy: output block o's ``(K, f_e)`` matrix has
+    its rows in the NHWC im2col's K order (kernel position, input block, channel)."""
+    f_e = tiling.cell[0]
+    return blocks.view(blocks.shape[0], tiling.blocks_out, -1, f_e)
+
+
+def _bmm_product(cols: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+    """``(B, L, C_out)``: the im2col rows times each output block's kernels, one batched
+    product per output block (strided views of the kernels: no copy of them)."""
+    f_e = kernels.shape[3]
+    parts = []
+    for block in range(kernels.shape[1]):
+        if bias is None:
+            parts.append(torch.bmm(cols, kernels[:, block]))
+        else:
+            parts.append(torch.baddbmm(bias[block * f_e:(block + 1) * f_e].view(1, 1, -1), cols, kernels[:, block]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _bmm_forward(spec: ConvSpec, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
-    """NHWC im2col of the whole batch and one batched product with the ``_hwio`` kernels."""
+    """NHWC im2col of the whole batch and a batched product with the ``_block_kernels``."""
     cols, (out_h, out_w) = _im2col(spec, x)
-    if bias is None:
-        out = torch.bmm(cols, kernels)
-    else:
-        out = torch.baddbmm(bias.view(1, 1, -1), cols, kernels)
+    out = _bmm_product(cols, kernels, bias)
     return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+def _bmm_input_grad(grad_rows: Tensor, kernels: Tensor) -> Tensor:
+    """``(B, L, K)``: the gradient of ``_bmm_product``'s im2col rows."""
+    f_e = kernels.shape[3]
+    grad_cols = torch.bmm(grad_rows[..., :f_e], kernels[:, 0].transpose(1, 2))
+    for block in range(1, kernels.shape[1]):
+        grad_cols.baddbmm_(grad_rows[..., block * f_e:(block + 1) * f_e], kernels[:, block].transpose(1, 2))
+    return grad_cols
+
+
+def _bmm_kernel_grad(cols: Tensor, grad_rows: Tensor, blocks_out: int) -> Tensor:
+    """``(B, OB, K, f_e)``: the gradient of ``_bmm_product``'s kernels, written in place
+    per output block (the layout ``_block_kernels`` reads, so no permutation follows)."""
+    batch, length, out_channels = grad_rows.shape
+    f_e = out_channels // blocks_out
+    rows = cols.transpose(1, 2)
+    if blocks_out == 1:
+        return torch.bmm(rows, grad_rows).unsqueeze(1)
+    grad = grad_rows.new_empty(batch, blocks_out, rows.shape[1], f_e)
+    for block in range(blocks_out):
+        torch.bmm(rows, grad_rows[..., block * f_e:(block + 1) * f_e], out=grad[:, block])
+    return grad
+
+
+#: Bytes of kernels the batched path (``"bmm"``) assembles at a time in training: the batch
+#: goes through forward and backward in slices of samples whose kernels fit.  Whole-batch
+#: products on resnet18's layer4 at batch 16 (151 MB of kernels, of their gradients) ran
+#: 1.3-2x slower than in slices of 2-4 samples (fresh pages for every big temporary, and
+#: a batch of kernels that leaves the caches between the products that read it), and never
+#: holding a whole batch of kernels lowers the peak memory of the step.
+BATCHED_SLICE_BYTES = 32 << 20
+
+
+def _batch_slices(batch: int, sample_bytes: int) -> list[slice]:
+    step = max(1, BATCHED_SLICE_BYTES // max(1, sample_bytes))
+    return [slice(start, start + step) for start in range(0, batch, step)]
 
 
 @_keeps_autocast
@@ -647,48 +696,67 @@ class _KWConv2dBatched(torch.autograd.Function):
     The per-sample paths (``"matmul"``, ``"conv"``) call one small product per sample, which
     on small maps (28 x 28 / 32 x 32 inputs, batch 64: 7 x 7 and 4 x 4 maps in the late
     stages) costs more in calls than in arithmetic.  Here the assembly writes every kernel
-    straight in the ``(K, C_out)`` order a batched product reads (the warehouse's cells
-    transposed, ``_hwio``), and forward and backward are one ``torch.bmm`` each way plus
-    the im2col.  Like the fused per-sample paths it saves only alpha, the warehouse and
-    the input, and assembles the kernels again in backward.
+    straight in the ``(K, f_e)`` order a batched product reads, per output block (alpha's
+    mixtures re-ordered output block first and the warehouse's cells transposed,
+    ``_block_kernels``), and forward and backward are one ``torch.bmm`` per output block
+    each way plus the im2col: nothing the size of a batch of kernels is ever permuted
+    (on a 4 x 4 map those permutations, forward and backward, took a fifth of the layer's
+    training step).  The batch runs in slices (``BATCHED_SLICE_BYTES``).  Like the fused
+    per-sample paths it saves only alpha, the warehouse and the input, and assembles the
+    kernels again in backward unless they are small.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         ctx.spec = spec
-        blocks = _assembled(spec.tiling, alpha, cells, panels=spec.tiling.cell[0])
-        kernels = _hwio(spec.tiling, blocks)
-        keep = ctx.needs_input_grad[0] and blocks.numel() * blocks.element_size() <= _keep_limit(x)
+        tiling = spec.tiling
+        batch, mixtures, n = alpha.shape
+        columns = native.panel_order(cells, tiling.cell[0]).t()  # (c_e * f_e, n): each cell transposed
+        alpha = _block_major(tiling, alpha)
+        sample_bytes = math.prod(tiling.weight_shape) * cells.element_size()
+        keep = ctx.needs_input_grad[0] and batch * sample_bytes <= _keep_limit(x)
+        slices = [slice(0, batch)] if keep else _batch_slices(batch, sample_bytes)
+        out_h, out_w = spec.output_size(*x.shape[2:])
+        rows = x.new_empty(batch, out_h * out_w, tiling.weight_shape[0])
+        for part in slices:
+            kernels = _block_kernels(tiling, F.linear(alpha[part], columns))
+            rows[part] = _bmm_product(_im2col(spec, x[part])[0], kernels, bias)
         ctx.save_for_backward(x, alpha, cells, kernels if keep else None)
-        return _bmm_forward(spec, x, kernels, bias)
+        return rows.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, alpha, cells, kernels = ctx.saved_tensors
+        x, alpha, cells, kept = ctx.saved_tensors  # alpha: block major (_block_major)
         spec, tiling = ctx.spec, ctx.spec.tiling
         need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
         batch, mixtures, n = alpha.shape
-        columns = native.panel_order(cells, tiling.cell[0])  # (n, c_e * f_e): each cell transposed
-        alpha_rows = alpha.reshape(batch * mixtures, n)
+        f_e, c_e = tiling.cell[:2]
+        columns = native.panel_order(cells, f_e)  # (n, c_e * f_e)
         grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, -1, grad.shape[1])  # (B, L, C_out)
-        grad_x = grad_alpha = grad_cells = grad_bias = None
-        if need_x:
-            if kernels is None:
-                kernels = _hwio(tiling, F.linear(alpha_rows, columns.t()).view(batch, mixtures, -1))
-            grad_x = _col2im(spec, torch.bmm(grad_rows, kernels.transpose(1, 2)), x.shape)
-            kernels = None  # noqa: F841 (a batch of kernels: release it before the next products)
-        if need_alpha or need_cells:
-            cols = _im2col(spec, x)[0]
-            grad_blocks = _hwio_blocks(tiling, torch.bmm(cols.transpose(1, 2), grad_rows))
-            cols = None  # noqa: F841
-            if need_alpha:
-                grad_alpha = F.linear(grad_blocks, columns).view_as(alpha)
-            if need_cells:
-                grad_columns = F.linear(alpha_rows.t().contiguous(), grad_blocks.t())  # (n, c_e * f_e)
-                f_e, c_e = tiling.cell[:2]
-                grad_cells = grad_columns.view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)
-        if need_bias:
-            grad_bias = grad.sum(dim=(0, 2, 3))
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+        grad_alpha = torch.empty_like(alpha) if need_alpha else None
+        grad_columns = columns.new_zeros(columns.shape) if need_cells else None
+        slices = [slice(0, batch)] if kept is not None else \
+            _batch_slices(batch, math.prod(tiling.weight_shape) * cells.element_size())
+        for part in slices:
+            if need_x:
+                kernels = kept if kept is not None else \
+                    _block_kernels(tiling, F.linear(alpha[part], columns.t()))
+                grad_x[part] = _col2im(spec, _bmm_input_grad(grad_rows[part], kernels), x[part].shape)
+                kernels = None  # noqa: F841 (release the slice's kernels before the next products)
+            if need_alpha or need_cells:
+                grad_blocks = _bmm_kernel_grad(_im2col(spec, x[part])[0], grad_rows[part], tiling.blocks_out)
+                grad_blocks = grad_blocks.view(-1, columns.shape[1])  # (slice * m, c_e * f_e)
+                if need_alpha:
+                    grad_alpha[part] = F.linear(grad_blocks, columns).view(-1, mixtures, n)
+                if need_cells:
+                    grad_columns.addmm_(alpha[part].reshape(-1, n).t(), grad_blocks)
+        if need_alpha:
+            grad_alpha = _tiling_major(tiling, grad_alpha)
+        grad_cells = None
+        if need_cells:
+            grad_cells = grad_columns.view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)
+        grad_bias = grad.sum(dim=(0, 2, 3)) if need_bias else None
         return grad_x, grad_alpha, grad_cells, grad_bias, None
 
 
@@ -852,6 +920,18 @@ def _available(layer, x: Tensor) -> tuple[str, ...]:
     return ("grouped", "folded", "conv") + compiled
 
 
+def _premix_writes_less(layer, x: Tensor) -> bool:
+    """Whether ``"premix"``'s inputs mixed per cell (B x OB x n x L x c_e floats) are no bigger
+    than the batch of kernels the other paths assemble (B x C_out x K).  It only wins where
+    they are (late stages, small maps); elsewhere they are up to 300 times bigger (686 MB in
+    resnet18's layer1 at batch 16), and merely timing it there raised resnet50's first training
+    step at batch 8 to 3.9x the plain model's peak memory."""
+    tiling = layer.tiling
+    out_h, out_w = _spec_for(layer, "premix").output_size(*x.shape[2:])
+    mixed = tiling.blocks_out * layer.warehouse.n * out_h * out_w * tiling.cell[1]
+    return mixed <= math.prod(layer.weight_shape)
+
+
 def _grouped(layer, x: Tensor, alpha: Tensor) -> Tensor:
     """The reference's convolution (the batch folded into the groups) on fast-assembled kernels."""
     return layer._add_bias(layer._per_sample_conv(x, layer.assemble_kernels(alpha)), channel_dim=1)
@@ -890,8 +970,9 @@ def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
         if path == "premix":
             return _premix_forward(spec, x, alpha, cells, layer.bias)
         if path == "bmm":
-            blocks = _assembled(spec.tiling, alpha, cells, pack=True, panels=spec.tiling.cell[0])
-            return _bmm_forward(spec, x, _hwio(spec.tiling, blocks), layer.bias)
+            blocks = _assembled(spec.tiling, _block_major(spec.tiling, alpha), cells, pack=True,
+                                panels=spec.tiling.cell[0])
+            return _bmm_forward(spec, x, _block_kernels(spec.tiling, blocks), layer.bias)
         kernels = _Kernels(spec.tiling, _assembled(spec.tiling, alpha, cells, pack=True))
         return _FORWARD[path](spec, x, kernels, layer.bias)
     if path == "bmm":
@@ -1103,6 +1184,8 @@ def _compiled_path(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) 
 
 def _time_paths(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], needs_grad: bool) -> str:
     small = _small_kernels(layer, x)
+    if "premix" in available and not _premix_writes_less(layer, x):
+        available = tuple(path for path in available if path != "premix")
     if needs_grad:
         # "native" has no fast backward; "grouped" and "folded" keep a batch of kernels alive
         # until backward (autograd saves them for the convolution), memory the fused paths

@@ -261,6 +261,37 @@ def test_bmm_keeps_a_small_batch_of_kernels_and_computes_the_same(monkeypatch):
     assert_same_as_reference(layer, x, "bmm", tolerance=1e-10)
 
 
+@pytest.mark.parametrize("batch,slice_samples", [(4, 1), (5, 2), (3, 8)])
+def test_bmm_in_slices_of_the_batch_computes_the_same(batch, slice_samples, monkeypatch):
+    """The batched path runs forward and backward in slices of ``BATCHED_SLICE_BYTES`` of
+    kernels (the last slice shorter; one slice when the batch fits), with output blocks
+    (``_block_major``), a bias and kernels assembled again in backward; float64 gradients."""
+    layer = kw_conv(16, 32, 3, padding=1, budget=0.5, bias=True)  # four output blocks
+    assert layer.tiling.blocks_out > 1
+    monkeypatch.setattr(fast, "KEEP_KERNELS_BYTES", 0)
+    monkeypatch.setattr(fast, "BATCHED_SLICE_BYTES", slice_samples * 32 * 16 * 9 * 8)
+    assert len(fast._batch_slices(batch, 32 * 16 * 9 * 8)) == -(-batch // slice_samples)
+    assert_same_as_reference(layer, torch.randn(batch, 16, 6, 5, dtype=torch.float64), "bmm", tolerance=1e-10)
+
+
+def test_premix_is_timed_only_where_it_writes_less_than_the_kernels(monkeypatch):
+    """``"premix"`` mixes the inputs per cell: fewer floats than a batch of kernels on a 4 x 4
+    map, far more on a 32 x 32 one, where merely timing it once raised resnet50's first
+    training step to 3.9x the plain model's peak memory; there it is not a candidate."""
+    layer = kw_conv(64, 64, 3, padding=1, dtype=torch.float32).train()
+    candidates = []
+    timed = fast._fastest
+    monkeypatch.setattr(fast, "_fastest", lambda *args, **kwargs: candidates.append(args[3]) or timed(*args, **kwargs))
+    for size in (4, 32):
+        fast.clear_caches()
+        layer(torch.randn(2, 64, size, size))
+    small, big = candidates
+    assert "premix" in small and "premix" not in big and "bmm" in big
+    with use_path("premix"):  # asked for, it still runs there
+        assert_float32_output_matches_reference(layer.eval(), torch.randn(2, 64, 32, 32), "premix")
+    fast.clear_caches()
+
+
 def test_small_layers_are_timed_forward_and_backward_in_training_without_touching_grad():
     """On small images (batch 64, 4 x 4 maps) every trainable path is a candidate, the choice
     is timed with backward, and the timing leaves no gradient behind."""
