@@ -15,7 +15,8 @@ This module keeps the same arithmetic and changes how it is executed:
 * in inference (no gradient needed) the compiled kernel's assembly (``native.mix``) reads
   the warehouse packed once in its panel layout, so the assembly does not re-pack it on
   every call (1.6-1.8x a whole resnet at batch 1); the packed copy is rebuilt when the
-  cells change (their version counter, storage or a sample of their values tells);
+  cells change (an optimizer step, a loaded state dict, their storage or a sample of
+  their values tells);
 * each sample's kernel is read in OHWI order ``(C_out, kh, kw, C_in)``, what both consumers
   want (oneDNN's channels-last convolution and the NHWC im2col product); it is re-ordered
   from the assembly's output one sample at a time, into a buffer that stays in cache, and
@@ -29,10 +30,12 @@ This module keeps the same arithmetic and changes how it is executed:
   oneDNN convolution per sample, best for large maps), ``"grouped"`` (the batch folded
   into the groups, the reference's convolution) and ``"folded"`` (the same, with the batch
   folded into the channels of a channels-last image: 2-6x faster for depthwise layers on
-  small maps), ``"bmm"`` (the whole batch in one batched product, the kernels assembled
-  from transposed cells straight in the order it reads) and ``"premix"`` (no kernel at
+  small maps), ``"bmm"`` (batched products, one per output block, the kernels assembled
+  from transposed cells straight in the order they read; in training the batch goes
+  through in slices of ``BATCHED_SLICE_BYTES`` of kernels) and ``"premix"`` (no kernel at
   all: the inputs mixed per cell by the attentions, then one product with the stacked
-  warehouse; for maps of a few pixels, where assembling costs more than convolving), plus
+  warehouse; for maps of a few pixels, where assembling costs more than convolving, and
+  timed only where its mixed inputs are no bigger than the kernels), plus
   ``"native"`` in inference (below); in training, layers whose batch of kernels is small
   (``KEEP_KERNELS_BYTES``: the layers of 28 x 28 / 32 x 32 images) are timed forward and
   backward and may keep their kernels for backward;
@@ -645,11 +648,18 @@ def _bmm_product(cols: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def _bmm_forward(spec: ConvSpec, x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
-    """NHWC im2col of the whole batch and a batched product with the ``_block_kernels``."""
-    cols, (out_h, out_w) = _im2col(spec, x)
-    out = _bmm_product(cols, kernels, bias)
-    return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+def _bmm_forward(spec: ConvSpec, x: Tensor, kernels_of: Callable[[slice], Tensor], bias: Tensor | None,
+                 slices: list[slice]) -> Tensor:
+    """NHWC im2col and a batched product with the ``_block_kernels`` of each slice of the
+    batch (``kernels_of(part)``), into one ``(B, C_out, OH, OW)`` channels-last output."""
+    out_h, out_w = spec.output_size(*x.shape[2:])
+    if len(slices) == 1:
+        rows = _bmm_product(_im2col(spec, x)[0], kernels_of(slices[0]), bias)
+    else:
+        rows = x.new_empty(x.shape[0], out_h * out_w, spec.tiling.weight_shape[0])
+        for part in slices:
+            rows[part] = _bmm_product(_im2col(spec, x[part])[0], kernels_of(part), bias)
+    return rows.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
 def _bmm_input_grad(grad_rows: Tensor, kernels: Tensor) -> Tensor:
@@ -710,19 +720,18 @@ class _KWConv2dBatched(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         ctx.spec = spec
         tiling = spec.tiling
-        batch, mixtures, n = alpha.shape
+        batch = alpha.shape[0]
         columns = native.panel_order(cells, tiling.cell[0]).t()  # (c_e * f_e, n): each cell transposed
         alpha = _block_major(tiling, alpha)
         sample_bytes = math.prod(tiling.weight_shape) * cells.element_size()
         keep = ctx.needs_input_grad[0] and batch * sample_bytes <= _keep_limit(x)
-        slices = [slice(0, batch)] if keep else _batch_slices(batch, sample_bytes)
-        out_h, out_w = spec.output_size(*x.shape[2:])
-        rows = x.new_empty(batch, out_h * out_w, tiling.weight_shape[0])
-        for part in slices:
-            kernels = _block_kernels(tiling, F.linear(alpha[part], columns))
-            rows[part] = _bmm_product(_im2col(spec, x[part])[0], kernels, bias)
-        ctx.save_for_backward(x, alpha, cells, kernels if keep else None)
-        return rows.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+        if keep:
+            kernels = _block_kernels(tiling, F.linear(alpha, columns))
+            ctx.save_for_backward(x, alpha, cells, kernels)
+            return _bmm_forward(spec, x, lambda part: kernels, bias, [slice(0, batch)])
+        ctx.save_for_backward(x, alpha, cells, None)
+        return _bmm_forward(spec, x, lambda part: _block_kernels(tiling, F.linear(alpha[part], columns)), bias,
+                            _batch_slices(batch, sample_bytes))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -920,18 +929,6 @@ def _available(layer, x: Tensor) -> tuple[str, ...]:
     return ("grouped", "folded", "conv") + compiled
 
 
-def _premix_writes_less(layer, x: Tensor) -> bool:
-    """Whether ``"premix"``'s inputs mixed per cell (B x OB x n x L x c_e floats) are no bigger
-    than the batch of kernels the other paths assemble (B x C_out x K).  It only wins where
-    they are (late stages, small maps); elsewhere they are up to 300 times bigger (686 MB in
-    resnet18's layer1 at batch 16), and merely timing it there raised resnet50's first training
-    step at batch 8 to 3.9x the plain model's peak memory."""
-    tiling = layer.tiling
-    out_h, out_w = _spec_for(layer, "premix").output_size(*x.shape[2:])
-    mixed = tiling.blocks_out * layer.warehouse.n * out_h * out_w * tiling.cell[1]
-    return mixed <= math.prod(layer.weight_shape)
-
-
 def _grouped(layer, x: Tensor, alpha: Tensor) -> Tensor:
     """The reference's convolution (the batch folded into the groups) on fast-assembled kernels."""
     return layer._add_bias(layer._per_sample_conv(x, layer.assemble_kernels(alpha)), channel_dim=1)
@@ -972,7 +969,8 @@ def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
         if path == "bmm":
             blocks = _assembled(spec.tiling, _block_major(spec.tiling, alpha), cells, pack=True,
                                 panels=spec.tiling.cell[0])
-            return _bmm_forward(spec, x, _block_kernels(spec.tiling, blocks), layer.bias)
+            return _bmm_forward(spec, x, lambda part: _block_kernels(spec.tiling, blocks), layer.bias,
+                                [slice(0, x.shape[0])])
         kernels = _Kernels(spec.tiling, _assembled(spec.tiling, alpha, cells, pack=True))
         return _FORWARD[path](spec, x, kernels, layer.bias)
     if path == "bmm":
@@ -1197,6 +1195,18 @@ def _time_paths(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], nee
             available = trainable
     with packing(_packing.get() and not needs_grad):  # training never uses a packed copy: make none
         return _fastest(layer, x, alpha, available, backward=needs_grad and small)
+
+
+def _premix_writes_less(layer, x: Tensor) -> bool:
+    """Whether ``"premix"``'s inputs mixed per cell (B x OB x n x L x c_e floats) are no bigger
+    than the batch of kernels the other paths assemble (B x C_out x K).  It only wins where
+    they are (late stages, small maps); elsewhere they are up to 300 times bigger (686 MB in
+    resnet18's layer1 at batch 16), and merely timing it there raised resnet50's first training
+    step at batch 8 to 3.9x the plain model's peak memory."""
+    tiling = layer.tiling
+    out_h, out_w = _spec_for(layer, "premix").output_size(*x.shape[2:])
+    mixed = tiling.blocks_out * layer.warehouse.n * out_h * out_w * tiling.cell[1]
+    return mixed <= math.prod(layer.weight_shape)
 
 
 def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 5,

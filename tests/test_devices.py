@@ -158,13 +158,21 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_a_training_step_under_bfloat16_autocast(kw_net, path):
     """Every path trains under bfloat16 autocast (the timed choice too: it times forward and
     backward), with float32 gradients for the cells as close to the float32 step's as the
-    authors' path gets under autocast (this small net's first warehouse: cosine 0.85)."""
-    x = torch.randn(2, *INPUT)
-    full = cell_grads(kw_net, x, "reference", autocast=False)
-    reference = cell_grads(kw_net, x, "reference", autocast=True)
-    for low, high, authors in zip(cell_grads(kw_net, x, path, autocast=True), full, reference):
-        assert low.dtype == torch.float32 and torch.isfinite(low).all()
-        assert cosine(low, high) >= cosine(authors, high) - 0.05
+    authors' path gets under autocast, on average over six fixed inputs: for one input of
+    this small net either can fall to a cosine of 0.7 (bfloat16's rounding of tiny gradients;
+    seeds 2 and 3 below, one each way)."""
+    ours, authors = [], []
+    for seed in range(6):
+        x = torch.randn(2, *INPUT, generator=torch.Generator().manual_seed(seed))
+        full = cell_grads(kw_net, x, "reference", autocast=False)
+        reference = cell_grads(kw_net, x, "reference", autocast=True)
+        low = cell_grads(kw_net, x, path, autocast=True)
+        assert all(grad.dtype == torch.float32 and torch.isfinite(grad).all() for grad in low)
+        ours.append([cosine(a, b) for a, b in zip(low, full)])
+        authors.append([cosine(a, b) for a, b in zip(reference, full)])
+    for warehouse in range(len(ours[0])):
+        mean = sum(row[warehouse] for row in ours) / len(ours)
+        assert mean >= sum(row[warehouse] for row in authors) / len(authors) - 0.05
 
 
 # --- loading onto a device --------------------------------------------------------------------
