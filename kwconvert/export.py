@@ -30,7 +30,6 @@ import contextlib
 import io
 import itertools
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fast
+from .files import atomic_file
 from .layers import _dims, is_kw_layer
 from .models import default_input_size
 from .rewrite import PLAN_ATTR
@@ -151,7 +151,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
         else torch.cat([example_input, example_input])
     batches = CHECK_BATCHES if dynamic_batch else (example_input.shape[0],)
     target = Path(path)
-    with _eval_mode(model), torch.no_grad(), _atomic_file(target, FORMATS[format]) as staging:
+    with _eval_mode(model), torch.no_grad(), atomic_file(target, FORMATS[format]) as staging:
         with export_path(model) if format == "onnx" else contextlib.nullcontext():
             program = _torch_export(model, traced, dynamic_batch)
             if format == "onnx":
@@ -275,39 +275,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
-
-
-@contextlib.contextmanager
-def _atomic_file(target: Path, suffix: str) -> Iterator[Path]:
-    """A hidden sibling of ``target`` to write; renamed onto ``target`` only if the block succeeds.
-
-    Missing parent directories are made, and removed again if anything fails.
-    """
-    if target.is_dir():
-        raise IsADirectoryError(f"{target} is a directory; give a file name to export to")
-    made = [parent for parent in reversed(target.parents) if not parent.exists()]
-    staging = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=suffix, dir=target.parent)
-        os.close(handle)
-        staging = Path(name)
-        yield staging
-        os.chmod(staging, 0o666 & ~_umask())  # mkstemp's file is 0600; give what open() would
-        os.replace(staging, target)
-    except BaseException:
-        if staging is not None:
-            staging.unlink(missing_ok=True)
-        for directory in reversed(made):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def _reason(error: BaseException) -> str:

@@ -605,24 +605,15 @@ class _KWConv2d(torch.autograd.Function):
 # --- the batched product (small maps) -------------------------------------------------------
 
 
-def _block_major(tiling: Tiling, alpha: Tensor) -> Tensor:
+def _block_major(tiling: Tiling, alpha: Tensor, inverse: bool = False) -> Tensor:
     """alpha ``(B, m, n)`` with its mixtures re-ordered output block first: (output block,
     kernel position, input block) instead of the tiling's (kernel position, output block,
-    input block).  A copy of alpha only (small), where the kernels' permutation would copy
-    a whole batch of kernels (``_block_kernels``)."""
+    input block); ``inverse``: back (for alpha's gradient).  A copy of alpha only (small),
+    where the kernels' permutation would copy a whole batch of kernels (``_block_kernels``)."""
     if tiling.blocks_out == 1:
         return alpha
-    batch, _, n = alpha.shape
-    grid = alpha.view(batch, tiling.spatial, tiling.blocks_out, tiling.blocks_in, n)
-    return grid.transpose(1, 2).reshape(alpha.shape)
-
-
-def _tiling_major(tiling: Tiling, alpha: Tensor) -> Tensor:
-    """The inverse of ``_block_major`` (for alpha's gradient)."""
-    if tiling.blocks_out == 1:
-        return alpha
-    batch, _, n = alpha.shape
-    grid = alpha.view(batch, tiling.blocks_out, tiling.spatial, tiling.blocks_in, n)
+    outer = (tiling.blocks_out, tiling.spatial) if inverse else (tiling.spatial, tiling.blocks_out)
+    grid = alpha.view(alpha.shape[0], *outer, tiling.blocks_in, alpha.shape[2])
     return grid.transpose(1, 2).reshape(alpha.shape)
 
 
@@ -761,7 +752,7 @@ class _KWConv2dBatched(torch.autograd.Function):
                 if need_cells:
                     grad_columns.addmm_(alpha[part].reshape(-1, n).t(), grad_blocks)
         if need_alpha:
-            grad_alpha = _tiling_major(tiling, grad_alpha)
+            grad_alpha = _block_major(tiling, grad_alpha, inverse=True)
         grad_cells = None
         if need_cells:
             grad_cells = grad_columns.view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)

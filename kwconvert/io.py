@@ -26,6 +26,7 @@ from torch import nn
 
 from . import __version__
 from .fast import restore_choices, saved_choices
+from .files import umask
 from .layers import Warehouse, is_kw_layer
 from .models import build_model
 from .plan import Plan
@@ -316,11 +317,10 @@ def _fsync_dir(directory: Path) -> None:
 
 def _apply_umask(directory: Path) -> None:
     """Give the staged save the permissions a plain mkdir / open would (mkdtemp's are 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
+    mask = umask()
+    directory.chmod(0o777 & ~mask)
     for child in directory.iterdir():
-        child.chmod(0o666 & ~umask)
+        child.chmod(0o666 & ~mask)
 
 
 def check_target(directory: str | os.PathLike, replace: bool = True) -> Path:

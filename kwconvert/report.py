@@ -11,11 +11,11 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .plan import Plan, WarehousePlan
+from .files import atomic_file
+from .plan import Plan, WarehousePlan, _dims
 
 __all__ = ["SWEEP_BUDGETS", "html_report", "write_report"]
 
@@ -64,25 +64,15 @@ def html_report(plan: Plan, sweep: Sequence[Plan] = (), order: Sequence[str] | N
 
 
 def write_report(path: str | os.PathLike, page: str) -> Path:
-    """Write ``page`` to ``path`` through a temporary file and a rename: never half a page."""
+    """Write ``page`` to ``path`` whole or not at all (:func:`kwconvert.files.atomic_file`)."""
     target = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(page)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(target, ".html") as staging:
+        staging.write_text(page, encoding="utf-8")
     return target
 
 
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape))
 
 
 def _legend(plan: Plan, colours: dict[str, str]) -> str:
