@@ -40,13 +40,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from rich.console import Console
 from rich.table import Table
 
 import kwconvert
-from kwconvert import fast
+from kwconvert import bench, fast
 from kwconvert.layers import reference_path, set_temperature
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,25 +118,8 @@ def inputs_for(name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_step(variant: Variant, mode: str, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
-    model = variant.model
     x = images.contiguous(memory_format=torch.channels_last) if variant.channels_last else images
-    if mode == "inference":
-        model.eval()
-
-        def step() -> None:
-            with variant.context(), torch.no_grad():
-                model(x)
-        return step
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
-
-    def step() -> None:
-        with variant.context():
-            loss = F.cross_entropy(model(x), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return step
+    return bench.make_step(variant.model, mode, x, context=variant.context, labels=labels)
 
 
 def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool) -> list[Variant]:
@@ -163,23 +145,7 @@ def time_workload(name: str, batch: int, mode: str, variants: list[Variant], rep
         step()
         step()
         console.log(f"{name} batch {batch} {mode}: {variant_name} warm-up {time.perf_counter() - start:.1f} s")
-    times: dict[str, list[float]] = {key: [] for key in steps}
-    order = list(steps)
-    for rep in range(reps):
-        rotated = order[rep % len(order):] + order[:rep % len(order)]
-        for key in rotated:
-            start = time.perf_counter()
-            steps[key]()
-            times[key].append(time.perf_counter() - start)
-    return times
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return bench.interleaved(steps, reps)
 
 
 def ratio(runs: list[dict[str, list[float]]], numerator: str, denominator: str) -> dict | None:
@@ -189,8 +155,8 @@ def ratio(runs: list[dict[str, list[float]]], numerator: str, denominator: str) 
         return None
     per_process = [statistics.median(t[numerator]) / statistics.median(t[denominator]) for t in runs]
     per_rep = [a / b for t in runs for a, b in zip(t[numerator], t[denominator])]
-    return {"median": statistics.median(per_process), "p25": quantile(per_rep, 0.25),
-            "p75": quantile(per_rep, 0.75), "per_process": per_process}
+    p25, p75 = bench.quartiles(per_rep)
+    return {"median": statistics.median(per_process), "p25": p25, "p75": p75, "per_process": per_process}
 
 
 def median_ms(runs: list[dict[str, list[float]]], key: str) -> float:
@@ -228,21 +194,6 @@ def measure_workload(spec: dict, processes: int, console: Console) -> tuple[dict
     for result in results:
         paths.update(result["paths"])
     return {mode: [result["times"][mode] for result in results] for mode in spec["modes"]}, paths
-
-
-def cpu_description() -> str:
-    """The CPU's name, family and model (Linux), e.g. "AMD EPYC (family 25, model 17)":
-    ratios differ between CPU generations, so the JSON says which one ran."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, " \
-           f"model {fields.get('model', '?')})"
 
 
 # --- memory: one fresh process per model ---------------------------------------------------
@@ -367,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"threads": torch.get_num_threads(), "allocator_mode": args.allocator,
                 "allocator": fast.allocator_settings(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "python": platform.python_version(),
-                "cpu": cpu_description(), "cpus": os.cpu_count(),
+                "cpu": bench.cpu_description(), "cpus": os.cpu_count(),
                 "image": IMAGE, "small_image": list(INPUTS[SMALL][0]), "tau": TAU, "reps": reps,
                 "processes": args.processes,
                 "native": kwconvert.native.available(), "native_isa": kwconvert.native.isa(),

@@ -37,7 +37,7 @@ def _console(stderr: bool = False) -> Console:
 
 out = _console()
 err = _console(stderr=True)
-COMMANDS = ("convert", "show", "export")
+COMMANDS = ("convert", "show", "export", "bench")
 
 
 def _print_error(message: str) -> None:
@@ -324,6 +324,86 @@ def export_saved(
         out.print(f"wrote {report.path} ({format}{opset_note}, dynamic batch, tau = {tau})", markup=False,
                   highlight=False, soft_wrap=True)
         out.print(f"max |{checked} - eager|: {diffs}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def bench(
+    target: Annotated[str, typer.Argument(metavar="DIR|MODEL", help="a directory written by kwconvert, or a model as for convert (converted at --budget first)")],
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="budget to convert MODEL at [default: 1]; a DIR is already converted")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="batch size of the timed calls")] = 16,
+    mode: Annotated[Optional[list[str]], typer.Option("--mode", help="inference (eval, no grad) or training (forward, backward, SGD step); repeatable [default: both]")] = None,
+    repetitions: Annotated[int, typer.Option("--reps", min=1, help="timed calls per model and mode, interleaved")] = 7,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads [default: torch's]")] = None,
+    input_size: Annotated[Optional[str], typer.Option(help="one sample's input size C,H,W [default: the save's, else the model's own]")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="the unconverted model (as for convert) when the save records no source")] = None,
+    model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", "-M", help="argument of MODEL's constructor as KEY=VALUE (repeatable)")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print only JSON on stdout")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing but errors (and --json's output)")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+) -> None:
+    """Time a converted model against its original on this machine, interleaved in one process."""
+    with reported(debug):
+        import torch
+
+        from kwconvert.bench import MODES, compare_speed, cpu_description
+        modes = tuple(dict.fromkeys(mode or MODES))
+        for name in modes:
+            if name not in MODES:
+                raise UsageError(f"--mode must be {' or '.join(MODES)}, got '{name}'")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        size = _input_size(input_size)
+        args = dict(_key_value("--model-arg", text) for text in model_arg or ())
+        with render.progress(err, enabled=not quiet) as step:
+            if Path(target).is_dir():
+                if budget is not None:
+                    raise UsageError(f"--budget applies to a MODEL; {target} is a saved model, already converted")
+                step("loading the saved model and building its original")
+                original, converted, size = _saved_pair(Path(target), base_model, args, size)
+            else:
+                step("building and converting the model")
+                original, converted, size = _converted_pair(target, _budget(budget or "1"), args, size)
+            inputs = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+            rows = compare_speed(original, converted, inputs, modes=modes, repetitions=repetitions,
+                                 progress=lambda name, done, total: step(f"timing {name}, interleaved", done, total))
+        plan = _plan_of(converted)
+        result = {"model": plan.model, "budget": plan.budget, "input_size": list(size), "batch": batch,
+                  "threads": torch.get_num_threads(), "cpu": cpu_description(), "torch": torch.__version__,
+                  "rows": [row.to_dict() for row in rows]}
+        if json_output:
+            print(json.dumps(result, indent=2))
+        elif not quiet:
+            out.print(render.speed(result))
+
+
+def _plan_of(model):
+    from kwconvert.rewrite import plan_of
+    return plan_of(model)
+
+
+def _saved_pair(directory: Path, base_model: Optional[str], model_args: dict, size):
+    """(original, converted, input size) of a save: the original rebuilt from its source."""
+    from kwconvert.io import load, read_metadata
+    from kwconvert.models import build_model, default_input_size
+    meta = read_metadata(directory)
+    source = base_model or meta.get("source")
+    if not source:
+        raise UsageError(f"{directory} records no model source: pass the unconverted model with --model MODEL")
+    original = build_model(source, **(model_args or meta.get("model_args") or {})).eval()
+    converted = load(directory, build_model(source, **(model_args or meta.get("model_args") or {})))
+    return original, converted, tuple(size or meta.get("input_size") or default_input_size(original))
+
+
+def _converted_pair(source: str, budget: float, model_args: dict, size):
+    """(original, converted, input size) of MODEL at ``budget``; random cells, as the weights
+    do not change the speed (a least-squares fit at b < 1 would only cost time)."""
+    from kwconvert.pipeline import Conversion
+    job = Conversion(source, budget, input_size=size, init="random", model_args=model_args)
+    job.build()
+    if size is not None:
+        _check_input_size(job.model, size)
+    job.make_plan()
+    return job.model, job.convert(), job.input_size
 
 
 def run() -> None:

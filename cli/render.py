@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console, Group
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from kwconvert.pipeline import LAYER_TOLERANCE
 from kwconvert.plan import count
@@ -19,24 +20,31 @@ LOG_AFTER_SECONDS = 10.0
 
 
 @contextmanager
-def progress(console: Console, enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """Say on stderr which step runs; ``step(text)`` starts the next one.
+def progress(console: Console, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Say on stderr which step runs; ``step(text)`` starts the next one, and
+    ``step(text, done, total)`` reports how far a counted step has come.
 
-    On a terminal: a transient spinner with the elapsed time.  Elsewhere (a log, a CI job):
-    plain lines, only for steps that run longer than ``LOG_AFTER_SECONDS`` (one when it
-    passes that, one every that many seconds more, one when it ends), so a log is never
-    silent for long while a quick run, or a quick failure, prints nothing but its result.
+    On a terminal: a transient spinner with the elapsed time, and a bar for counted steps.
+    Elsewhere (a log, a CI job): plain lines, only for steps that run longer than
+    ``LOG_AFTER_SECONDS`` (one when it passes that, one every that many seconds more, one
+    when it ends), so a log is never silent for long while a quick run, or a quick failure,
+    prints nothing but its result; a counted step is one step there.
     """
     if not enabled:
-        yield lambda text: None
+        yield lambda text, done=None, total=None: None
     elif console.is_terminal:
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                   TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("starting", total=None)
-            yield lambda text: bar.update(task, description=text)
+            task = bar.add_task("starting", total=None, count="")
+
+            def step(text: str, done: int | None = None, total: int | None = None) -> None:
+                bar.update(task, description=text, completed=done or 0, total=total,
+                           count=f"{done or 0}/{total}" if total else "")
+            yield step
     else:
         with _LogProgress(console) as log:
-            yield log.step
+            yield lambda text, done=None, total=None: log.step(text) if not done else None
 
 
 class _LogProgress:
@@ -167,3 +175,18 @@ def _add_fit_error(table: Table, plan) -> None:
     errors = [w.init_error for w in plan.warehouses if w.init_error]
     if errors:
         table.add_row("kernel fit error (b < 1)", f"{min(errors):.3f} .. {max(errors):.3f} relative")
+
+
+def speed(result: dict) -> Group:
+    """``kwconvert bench``: milliseconds per call of each model and their ratio, per mode."""
+    title = Text(f"{result['model']} at budget {result['budget']:g}, converted / original: batch {result['batch']}, "
+                 f"input {'x'.join(map(str, result['input_size']))}", style="italic")
+    table = Table()
+    for column in ("mode", "original ms", "converted ms", "ratio", "25-75 %"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for row in result["rows"]:
+        table.add_row(row["mode"], f"{row['original_ms']:.1f}", f"{row['converted_ms']:.1f}",
+                      f"{row['ratio']:.2f}x", f"{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}")
+    where = (f"{result['cpu']}, {count(result['threads'], 'thread')}, torch {result['torch']}; medians of "
+             f"{count(result['rows'][0]['repetitions'], 'repetition')}, interleaved in one process")
+    return Group(title, table, Text(where))

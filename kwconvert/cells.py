@@ -175,6 +175,22 @@ def attention_params(in_channels: int, hidden: int, cells: int, n: int, *, norm:
     return fc1 + norm_params + fc2
 
 
+def attention_macs(in_channels: int, hidden: int, cells: int, n: int, *, budget: float = 1.0,
+                   basis_ratio: float | None = None) -> int:
+    """Multiply-adds of one layer's attention per sample: its fully connected layers.
+
+    fc1 ``c_in x hidden``, fc2 ``hidden x m x (n + 1)``; with the parameter saver fc2 is
+    ``hidden x (local + basis + 1) x m`` and fc3 maps each mixture's basis to its nonlocal
+    logits, ``m x basis x (n - local)``.  The global pooling's additions are not
+    multiply-adds (torch's FlopCounterMode does not count them either).
+    """
+    if basis_ratio is None:
+        return hidden * (in_channels + cells * (n + 1))
+    local = local_cells(cells, budget)
+    basis = saver_basis(cells, n, budget, basis_ratio)
+    return hidden * (in_channels + (local + basis + 1) * cells) + cells * basis * (n - local)
+
+
 def one_to_one_cells(cells: int, offset: int, budget: float) -> list[int | None]:
     """The cell each mixture of a layer starts on (beta, paper Sec. 3.3), ``None`` for e_z.
 

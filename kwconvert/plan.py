@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import cells, compat
+from . import cells, compat, costs
 from .trace import Candidate, LayerGraph, layer_kind, module_inputs, submodule, trace
 from .vit import projection_role
 
@@ -44,6 +44,8 @@ class LayerPlan:
     layer in the one-to-one walk (paper Sec. 3.3); ``hidden`` is the attention width.
     ``rows`` ``(start, stop)`` converts only those output rows of the layer (a fused qkv's
     value rows, :mod:`kwconvert.vit`); ``weight_shape`` is then the rows' shape.
+    ``positions`` is the output positions per sample at the traced input size (a conv's
+    output map, a Linear's tokens; :mod:`kwconvert.costs`), None when not known.
     """
     name: str
     kind: str
@@ -54,6 +56,7 @@ class LayerPlan:
     offset: int
     hidden: int
     rows: tuple[int, int] | None = None
+    positions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,11 @@ class WarehousePlan:
         """Parameters this warehouse adds to the model: its cells and its layers' attention."""
         return self.warehouse_params + self.attention_params
 
+    @property
+    def cost(self) -> costs.Cost:
+        """Multiply-adds per sample and bytes read per forward (:mod:`kwconvert.costs`)."""
+        return costs.warehouse_cost(self)
+
 
 @dataclass(frozen=True)
 class StaticLayer:
@@ -95,7 +103,11 @@ class StaticLayer:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything the rewriter needs, and everything a user needs to judge the plan."""
+    """Everything the rewriter needs, and everything a user needs to judge the plan.
+
+    ``baseline_macs`` is the original's Conv/Linear multiply-adds per sample at the traced
+    input size (the planned sub-module's with ``module``), None when not known.
+    """
     model: str
     budget: float
     warehouses: tuple[WarehousePlan, ...]
@@ -107,6 +119,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     module: str | None = None
     unpacked_attention: tuple[str, ...] = ()
+    baseline_macs: int | None = None
 
     # --- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +136,8 @@ class Plan:
             "notes": list(self.notes),
             "module": self.module,
             "unpacked_attention": list(self.unpacked_attention),
+            "cost": {"baseline_macs": self.baseline_macs, "macs_ratio": costs.macs_ratio(self),
+                     **self.cost.to_dict()},
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -154,6 +169,7 @@ class Plan:
             notes=plan.texts("notes", default=()),
             module=plan.text("module", default=None),
             unpacked_attention=plan.texts("unpacked_attention", default=()),
+            baseline_macs=plan.obj("cost", default={}).integer("baseline_macs", default=None),
         )
         check_consistent(result)
         return result
@@ -180,6 +196,11 @@ class Plan:
         return (f"Plan(model={self.model!r}, budget={self.budget:g}, {count(len(self.warehouses), 'warehouse')} "
                 f"of {count(layers, 'layer')}, {len(self.plain)} static, parameters {self.params_baseline:,} -> "
                 f"{self.params_converted:,} ({self.ratio:.2f}x))")
+
+    @property
+    def cost(self) -> costs.Cost:
+        """What the converted layers cost, summed over the warehouses (:mod:`kwconvert.costs`)."""
+        return costs.plan_cost(self)
 
     @property
     def ratio(self) -> float:
@@ -223,6 +244,7 @@ class Plan:
             summary.add_row(w.name, str(len(w.layers)), _dims(w.cell), f"{w.n}/{w.m_t}", *budget,
                             f"{w.warehouse_params:,}", f"{w.attention_params:,}")
         parts.append(summary)
+        parts.extend(self._cost_table())
         if self.plain:
             parts.append(Text("plain layers", style="italic"))
             plain = Table()
@@ -233,8 +255,47 @@ class Plan:
             parts.append(plain)
         parts.append(Text(f"baseline params {self.params_baseline:,}   converted params "
                           f"{self.params_converted:,}   ratio {self.ratio:.3f}"))
+        parts.append(Text(self._cost_line()))
         parts.extend(Text(f"note: {note}", style="dim") for note in self.notes)
         return Group(*parts)
+
+
+    def _cost_table(self) -> list:
+        """Per warehouse: multiply-adds per sample and warehouse bytes read per forward."""
+        from rich.table import Table
+        from rich.text import Text
+
+        size = f" at {_dims(self.input_size)}" if self.input_size else ""
+        table = Table(pad_edge=False)
+        table.add_column("warehouse", overflow="fold")
+        for column in ("conv\nMACs", "assembly\nMACs", "attention\nMACs", "warehouse read\nper forward"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for w in self.warehouses:
+            cost = w.cost
+            table.add_row(w.name, _si(cost.conv_macs), _si(cost.assembly_macs), _si(cost.attention_macs),
+                          _si(cost.warehouse_bytes, "B"))
+        return [Text(f"cost per sample{size} (multiply-adds; warehouse bytes in float32)", style="italic"), table]
+
+    def _cost_line(self) -> str:
+        """Multiply-adds per sample, before and after, and the warehouses read per forward."""
+        cost = self.cost
+        size = f" at {_dims(self.input_size)}" if self.input_size else ""
+        ratio = costs.macs_ratio(self)
+        before = (f"baseline MACs {_si(self.baseline_macs)}   converted {_si(self.baseline_macs + cost.added_macs)}"
+                  f" ({ratio:.3f}x)   ") if ratio is not None else ""
+        return (f"per sample{size}: {before}assembly {_si(cost.assembly_macs)}, attention "
+                f"{_si(cost.attention_macs)}   warehouses read per forward {_si(cost.warehouse_bytes, 'B')} "
+                "(float32)")
+
+
+def _si(number: int | None, unit: str = "") -> str:
+    """1234567 -> "1.23 M" (decimal prefixes, three significant digits); None -> "?"."""
+    if number is None:
+        return "?"
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(number) >= scale:
+            return f"{number / scale:.3g} {prefix}{unit}"
+    return f"{number} {unit}".rstrip()
 
 
 def count(number: int, noun: str) -> str:
@@ -258,10 +319,11 @@ def _warehouse_to_dict(w: WarehousePlan) -> dict[str, Any]:
         "params": {"warehouse": w.warehouse_params, "attention": w.attention_params},
         "attention": {"norm": w.attention_norm, "basis_ratio": w.basis_ratio},
         "init_error": w.init_error,
+        "cost": w.cost.to_dict(),
         "layer_details": [
             {"kind": l.kind, "weight_shape": list(l.weight_shape), "in_channels": l.in_channels,
              "groups": l.groups, "offset": l.offset, "hidden": l.hidden,
-             "rows": list(l.rows) if l.rows else None}
+             "rows": list(l.rows) if l.rows else None, "positions": l.positions}
             for l in w.layers
         ],
     }
@@ -294,7 +356,7 @@ def _layer_from_dict(data: Any, name: str, cells_of_layer: int, where: str) -> L
     return LayerPlan(name=name, kind=detail.text("kind"), weight_shape=detail.integers("weight_shape"),
                      in_channels=detail.integer("in_channels"), groups=detail.integer("groups"),
                      cells=cells_of_layer, offset=detail.integer("offset"), hidden=detail.integer("hidden"),
-                     rows=rows or None)
+                     rows=rows or None, positions=detail.integer("positions", default=None))
 
 
 def _static_from_dict(data: Any, index: int) -> StaticLayer:
@@ -733,9 +795,16 @@ def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, m
     result = Plan(model=name, budget=budget, warehouses=warehouses, plain=static,
                   params_baseline=graph.params_baseline, params_converted=params,
                   input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
-                  options=opts.to_dict(), notes=tuple(dict.fromkeys(notes)), unpacked_attention=unpacked)
+                  options=opts.to_dict(), notes=tuple(dict.fromkeys(notes)), unpacked_attention=unpacked,
+                  baseline_macs=_baseline_macs(graph))
     check_consistent(result)  # what convert() and Plan.from_dict will check: refuse it now, not then
     return result
+
+
+def _baseline_macs(graph: LayerGraph) -> int | None:
+    """The traced model's Conv/Linear multiply-adds per sample (None if one output went unseen)."""
+    macs = [cand.macs for cand in graph.candidates]
+    return None if None in macs else sum(macs)
 
 
 def _plan_module(model: nn.Module | None, budget: float, example_inputs, path: str, model_name: str | None,
@@ -1071,7 +1140,8 @@ class _Sizing:
         for cand, m in zip(members, counts):
             layers.append(LayerPlan(name=cand.name, kind=cand.kind, weight_shape=tuple(cand.weight_shape),
                                     in_channels=cand.in_channels, groups=cand.groups, cells=m,
-                                    offset=offset, hidden=self._hidden(cand, layout), rows=cand.rows))
+                                    offset=offset, hidden=self._hidden(cand, layout), rows=cand.rows,
+                                    positions=cand.positions))
             offset += cells.cells_handed_out(m, layout.budget)
         return WarehousePlan(name=name, layers=tuple(layers), cell=cell, m_t=sum(counts), n=n,
                              budget=layout.budget, attention_norm=self.norm, basis_ratio=basis_ratio,

@@ -109,6 +109,20 @@ class Candidate:
         return math.prod(self.weight_shape)
 
     @property
+    def positions(self) -> int | None:
+        """Output positions per sample over all its calls (a conv's output map, a Linear's
+        tokens), from the first call's shape; None when the layer's output was not seen."""
+        if self.output_shape is None:
+            return None
+        per_call = self.output_shape[1:-1] if self.kind == "linear" else self.output_shape[2:]
+        return math.prod(per_call) * self.calls
+
+    @property
+    def macs(self) -> int | None:
+        """Multiply-adds per sample (grouped: ``weight_shape`` already holds C_in / groups)."""
+        return None if self.positions is None else self.weight_numel * self.positions
+
+    @property
     def is_conv(self) -> bool:
         return self.kind != "linear"
 

@@ -14,6 +14,7 @@ import kwconvert
 from kwconvert_cli.main import app
 
 from .helpers import CodePayload, installed_script, one_line
+from .test_bad_input import small_cnn
 
 runner = CliRunner()
 
@@ -292,3 +293,48 @@ def test_version_prints_the_installed_version():
     from importlib.metadata import version
     done = subprocess.run([installed_script(), "--version"], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, f"kwconvert {version('kwconvert')}")
+
+
+def test_bench_times_a_save_and_a_model_against_their_originals(tmp_path):
+    out = tmp_path / "small"
+    assert invoke("convert", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16", "--out", str(out),
+                  "-q").exit_code == 0
+    saved = invoke("bench", str(out), "--batch", "2", "--reps", "2", "--json")
+    assert saved.exit_code == 0, saved.output
+    data = json.loads(saved.stdout)
+    assert data["input_size"] == [3, 16, 16] and data["batch"] == 2 and data["budget"] == 1
+    assert [row["mode"] for row in data["rows"]] == ["inference", "training"]
+    for row in data["rows"]:
+        assert row["original_ms"] > 0 and row["converted_ms"] > 0 and row["repetitions"] == 2
+        assert row["ratio_p25"] <= row["ratio"] <= row["ratio_p75"]
+    fresh = invoke("bench", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16", "--budget", "1/2",
+                   "--mode", "inference", "--reps", "1", "--batch", "1", "--threads", "1")
+    assert fresh.exit_code == 0, fresh.output
+    text = " ".join(fresh.stdout.split())
+    assert "at budget 0.5" in text and "inference" in text and "training" not in text
+    assert "1 thread," in text and "medians of 1 repetition, interleaved in one process" in text
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (("SAVE", "--budget", "2"), r"--budget applies to a MODEL; .* is a saved model, already converted"),
+    (("resnet18", "--mode", "serving"), r"--mode must be inference or training, got 'serving'"),
+    (("resnet18", "--budget", "x"), r"--budget"),
+    (("resnet18", "--batch", "0"), r"--batch"),
+])
+def test_bench_bad_input_is_one_line(args, pattern, tmp_path):
+    save = tmp_path / "m"
+    kwconvert.save(kwconvert.convert(small_cnn(), 1.0), save)  # no source recorded
+    result = invoke("bench", *[str(save) if arg == "SAVE" else arg for arg in args])
+    assert result.exit_code == 2, result.output
+    assert re.search(pattern, one_line(result.stderr))
+
+
+def test_bench_of_a_save_without_source_needs_the_model(tmp_path):
+    save = tmp_path / "m"
+    kwconvert.save(kwconvert.convert(small_cnn(), 1.0), save)
+    result = invoke("bench", str(save), "--reps", "1")
+    assert result.exit_code == 2 and "records no model source: pass the unconverted model with --model MODEL" \
+        in one_line(result.stderr)
+    given = invoke("bench", str(save), "--model", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16",
+                   "--reps", "1", "--batch", "1", "--mode", "inference", "--json")
+    assert given.exit_code == 0, given.output

@@ -29,7 +29,8 @@ def test_readme_json_schema_names_every_field_the_plan_writes():
     data = kwconvert.plan(torchvision.models.resnet18(weights=None), 0.5, (torch.randn(1, 3, 32, 32),)).to_dict()
     warehouse = data["warehouses"][0]
     written = set(data) | set(warehouse) | set(warehouse["layer_details"][0]) | set(warehouse["params"]) \
-        | set(warehouse["attention"]) | set(data["params"]) | set(data["plain"][0])
+        | set(warehouse["attention"]) | set(data["params"]) | set(data["plain"][0]) | set(data["cost"]) \
+        | set(warehouse["cost"])
     assert written - documented == set()
 
 
