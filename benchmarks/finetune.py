@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import kwconvert  # noqa: E402
 from benchmarks import fashion_mnist as fm  # noqa: E402
 from benchmarks.results_io import write_json  # noqa: E402
-from kwconvert import fast, native  # noqa: E402
+from kwconvert import bench, fast, native  # noqa: E402
 from kwconvert.training import FINE_TUNE, parameter_groups  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -90,6 +90,9 @@ class FinetuneRecipe:
     kw_attention_lr: float = field(default=FINE_TUNE.attention_lr_scale, metadata={
         "help": "attention's lr, times finetune_lr"})
     kw_attention_norm: str = field(default="auto", metadata={"help": "plan option attention_norm"})
+    kw_calibration_images: int = field(default=512, metadata={
+        "help": "training images the cells below b = 1 are fitted to the outputs on (kwconvert.calibrate; "
+                "0: the kernels' SVD fit only)"})
     subset_seed: int = 0
 
     def stage(self, name: str) -> fm.Recipe:
@@ -163,10 +166,14 @@ def test(model: nn.Module, images: Tensor, labels: Tensor) -> float:
 # =======================================================================================
 # The arms
 # =======================================================================================
-def convert(trained: nn.Module, budget: float, recipe: FinetuneRecipe) -> nn.Module:
-    """KW at ``budget`` from the trained model (weights preserved), at the serving temperature."""
+def convert(trained: nn.Module, budget: float, recipe: FinetuneRecipe, images: Tensor | None = None) -> nn.Module:
+    """KW at ``budget`` from the trained model (weights preserved), at the serving temperature;
+    below b = 1 the cells fit the layers' outputs on the first ``kw_calibration_images`` of
+    ``images`` (the training set, class-balanced and shuffled), when given."""
+    calibration = images[:recipe.kw_calibration_images] if images is not None and recipe.kw_calibration_images \
+        else None
     model = fm.kernelwarehouse(trained, budget, init="preserve", inplace=False,
-                               attention_norm=recipe.kw_attention_norm)
+                               attention_norm=recipe.kw_attention_norm, calibration=calibration)
     kwconvert.set_temperature(model, 0.0)
     return model
 
@@ -216,19 +223,14 @@ def macs(model: nn.Module) -> dict:
 @torch.no_grad()
 def latency(models: dict[str, nn.Module], batch: int, reps: int, warmup: int = 3) -> dict[str, dict]:
     """Median forward seconds per model at ``batch``: repetitions interleaved (the order rotates each
-    time), after ``warmup`` calls that also let the KW layers time their paths for this shape."""
+    time, ``kwconvert.bench.interleaved``), after ``warmup`` calls that also let the KW layers time
+    their paths for this shape."""
     x = torch.randn(batch, *fm.INPUT_SIZE, generator=torch.Generator().manual_seed(0))
-    names = list(models)
-    for model in models.values():
-        model.eval()
+    steps = {name: bench.make_step(model, "inference", x) for name, model in models.items()}
+    for step in steps.values():
         for _ in range(warmup):
-            model(x)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            start = time.perf_counter()
-            models[name](x)
-            times[name].append(time.perf_counter() - start)
+            step()
+    times = bench.interleaved(steps, reps)
     return {name: {"median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
 
 
@@ -256,13 +258,13 @@ def run_seed(seed: int, recipe: FinetuneRecipe, sets: dict, arms: list[str], con
         if arm == "a":
             model = copy.deepcopy(original)
         elif arm in BUDGETS:
-            model = convert(original, BUDGETS[arm], recipe)
+            model = convert(original, BUDGETS[arm], recipe, sets["train"][0])
             info["max_abs_logit_diff_tau0"] = max_logit_diff(original, model, images[:100])
             plan = kwconvert.plan_of(model)
             info["init_error"] = {w.name: w.init_error for w in plan.warehouses}
         else:
             target = (row["arms"]["c"]["params"] if "c" in row["arms"]
-                      else fm.parameter_count(convert(original, BUDGETS["c"], recipe)))
+                      else fm.parameter_count(convert(original, BUDGETS["c"], recipe, sets["train"][0])))
             model, info["pruning"] = prune_to(original, target, prune_tolerance)
         info["compress_seconds"] = time.perf_counter() - start
         info["accuracy_before"] = pretrained_accuracy if arm == "a" else test(model, images, labels)
@@ -367,6 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kw-cell-lr", type=float, default=d.kw_cell_lr, help="times --finetune-lr")
     parser.add_argument("--kw-attention-lr", type=float, default=d.kw_attention_lr, help="times --finetune-lr")
     parser.add_argument("--kw-attention-norm", choices=("auto", "batchnorm", "layernorm"), default=d.kw_attention_norm)
+    parser.add_argument("--kw-calibration-images", type=int, default=d.kw_calibration_images,
+                        help="training images the 1/2x cells are fitted to the outputs on (0: kernel fit only)")
     parser.add_argument("--latency-batch", type=int, default=64)
     parser.add_argument("--latency-reps", type=int, default=20, help="interleaved repetitions (0: no timing)")
     parser.add_argument("--prune-tolerance", type=float, default=0.01, help="relative parameter-count mismatch")
@@ -396,7 +400,8 @@ def recipe_of(args: argparse.Namespace) -> FinetuneRecipe:
     return dataclasses.replace(RECIPE, train_images=args.train_images or None, pretrain_epochs=args.pretrain_epochs,
                                finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                                kw_tau_fraction=args.kw_tau_fraction, kw_cell_lr=args.kw_cell_lr,
-                               kw_attention_lr=args.kw_attention_lr, kw_attention_norm=args.kw_attention_norm)
+                               kw_attention_lr=args.kw_attention_lr, kw_attention_norm=args.kw_attention_norm,
+                               kw_calibration_images=args.kw_calibration_images)
 
 
 def preservation_landed(net_name: str = "residual") -> float:
@@ -471,7 +476,7 @@ def sweep(args, recipe: FinetuneRecipe, sets: dict, console: Console, out: Conso
     for name, changes in {"plain": {}, **chosen}.items():
         variant = dataclasses.replace(recipe, **changes)
         for arm in (["a"] if name == "plain" else [a for a in arms if a != "a"]):
-            model = copy.deepcopy(original) if arm == "a" else convert(original, BUDGETS[arm], variant)
+            model = copy.deepcopy(original) if arm == "a" else convert(original, BUDGETS[arm], variant, sets["train"][0])
             before = test(model, images, labels)
             kw = arm in BUDGETS
             fit = train(model, *sets["train"], variant.stage("finetune"), 1000,

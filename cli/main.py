@@ -191,6 +191,7 @@ def convert(
     weights: Annotated[Optional[Path], typer.Option(help="checkpoint for the base model: .safetensors, or a .pt/.pth state dict")] = None,
     input_size: Annotated[Optional[str], typer.Option(help="one sample's input size C,H,W (C,L / C,T,H,W for Conv1d / Conv3d models) [default: the model's own, else 3,224,224]")] = None,
     init: Annotated[str, typer.Option(help="preserve (cells from the model's kernels) or random (paper's from-scratch init)")] = "preserve",
+    calibration: Annotated[Optional[Path], typer.Option(metavar="FILE", help="inputs (N x C x H x W, .safetensors or a torch.save tensor) on which the cells below b = 1 are fitted to the layers' outputs instead of their kernels")] = None,
     max_blocks_per_stage: Annotated[Optional[int], typer.Option(min=1, help="cut long stages into warehouses of at most N residual blocks")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="glob of layer names to keep static (repeatable)")] = None,
     include: Annotated[Optional[list[str]], typer.Option(help="glob of layer names that may be converted (repeatable)")] = None,
@@ -210,6 +211,10 @@ def convert(
         from kwconvert.pipeline import Conversion
         if init not in ("preserve", "random"):
             raise UsageError(f"--init must be preserve or random, got '{init}'")
+        if calibration is not None and init != "preserve":
+            raise UsageError("--calibration fits the cells to the model's outputs: it needs --init preserve")
+        if calibration is not None and not calibration.is_file():
+            raise UsageError(f"--calibration: {calibration} " + ("is not a file" if calibration.exists() else "does not exist"))
         on_device = _device(device)
         if on_device.type == "meta" and not dry_run:
             raise UsageError("--device meta holds no weights to convert or save: add --dry-run, or pick cpu / cuda")
@@ -223,7 +228,7 @@ def convert(
         options.update(_key_value("--option", text) for text in option or ())
         _check_plan_options(options)
         job = Conversion(model, _budget(budget), input_size=_input_size(input_size), weights=weights,
-                         init=init, plan_options=options, module=module, device=on_device,
+                         init=init, plan_options=options, module=module, device=on_device, calibration=calibration,
                          model_args=dict(_key_value("--model-arg", text) for text in model_arg or ()))
         with render.progress(err, enabled=not quiet) as step:
             step("building the model")
@@ -233,7 +238,7 @@ def convert(
             step("tracing and planning")
             job.make_plan()
             if not dry_run:
-                step("converting")
+                step("converting" + (", fitting cells to the outputs on the calibration inputs" if calibration else ""))
                 job.convert()
                 if init == "preserve":
                     step("comparing outputs and each converted layer with the original at tau = 1 and 0")

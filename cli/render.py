@@ -110,8 +110,10 @@ def summary(job) -> Group:
         if job.output_too_small:
             table.add_row("outputs", f"too small to compare (max |output| {job.output_scale:.2g}): "
                                      "the per-layer check below is the check")
+        fitted_to = ("layers' outputs on the calibration inputs" if any(w.output_error is not None for w in plan.warehouses)
+                     else "kernels")
         table.add_row("function", "the original's at every temperature" if plan.budget >= 1 else
-                      "a least-squares fit of the original's kernels at every temperature: fine-tune to recover")
+                      f"a least-squares fit of the original's {fitted_to} at every temperature: fine-tune to recover")
     for tau, (layer, relative) in sorted(job.layer_diff_at_temperature.items(), reverse=True):
         if layer is not None:
             table.add_row(f"each exact layer vs its original at tau = {tau:g}",
@@ -172,9 +174,11 @@ def _temperatures(taus: dict[str, float]) -> str:
 
 
 def _add_fit_error(table: Table, plan) -> None:
-    errors = [w.init_error for w in plan.warehouses if w.init_error]
-    if errors:
-        table.add_row("kernel fit error (b < 1)", f"{min(errors):.3f} .. {max(errors):.3f} relative")
+    for label, errors in (("kernel fit error (b < 1)", [w.init_error for w in plan.warehouses if w.init_error]),
+                          ("output fit error (calibration)", [w.output_error for w in plan.warehouses
+                                                               if w.output_error is not None])):
+        if errors:
+            table.add_row(label, f"{min(errors):.3f} .. {max(errors):.3f} relative")
 
 
 def speed(result: dict) -> Group:

@@ -179,9 +179,28 @@ def parse_input_size(text: str) -> tuple[int, ...]:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint without running code: safetensors, or torch.load(weights_only=True)."""
+    return _unwrap_state_dict(_read_tensor_file(Path(path), "weights file", "a PyTorch state dict"), Path(path))
+
+
+def read_inputs(path: str | Path) -> torch.Tensor:
+    """A batch of model inputs from a file, read without running code: a .safetensors file
+    holding one tensor (or one named ``inputs``), or a tensor saved with torch.save."""
     path = Path(path)
+    data = _read_tensor_file(path, "calibration file", "a tensor saved by torch.save")
+    if isinstance(data, dict):
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        data = data["inputs"] if isinstance(data.get("inputs"), torch.Tensor) else tensors[0] if len(tensors) == 1 \
+            else None
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point() or data.dim() < 2:
+        raise CheckpointError(f"'{path}' must hold one floating-point tensor of inputs, N x C x ... (or one "
+                              "named 'inputs')")
+    return data
+
+
+def _read_tensor_file(path: Path, kind: str, torch_kind: str) -> Any:
+    """What a .safetensors file or a torch.save file holds, loaded without unpickling code."""
     if not path.is_file():
-        raise CheckpointError(f"weights file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
+        raise CheckpointError(f"{kind} '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -192,19 +211,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     with open(path, "rb") as handle:
         head = handle.read(4)
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: zip, or legacy pickle
-        raise CheckpointError(f"cannot read '{path}' as a PyTorch state dict: it is not a file written by "
+        raise CheckpointError(f"cannot read '{path}' as {torch_kind}: it is not a file written by "
                               "torch.save (neither a zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():  # torch's note on the pickle protocol is noise here
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"'{path}' holds objects that are not plain tensors ({_unpickler_reason(err)}) and was not "
             "loaded (kwconvert never unpickles code); save a state_dict or use .safetensors") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read '{path}' as a PyTorch state dict: {err}") from None
-    return _unwrap_state_dict(data, path)
+        raise CheckpointError(f"cannot read '{path}' as {torch_kind}: {err}") from None
 
 
 def _unpickler_reason(err: Exception) -> str:

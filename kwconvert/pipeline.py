@@ -19,7 +19,7 @@ from torch import nn
 from . import io
 from .fast import reference_path
 from .layers import set_temperature
-from .models import build_model, canonical_source, default_input_size, load_weights
+from .models import build_model, canonical_source, default_input_size, load_weights, read_inputs
 from .plan import Plan, plan as make_plan
 from .report import SWEEP_BUDGETS, html_report, write_report
 from .rewrite import convert, plan_of
@@ -33,6 +33,8 @@ COMPARED_TEMPERATURES = (1.0, 0.0)
 #: relative to that output's max |value|, where the conversion is exact (warehouse budget
 #: >= 1): float32 rounding of one layer is ~1e-7..1e-6.
 LAYER_TOLERANCE = 1e-5
+#: Calibration inputs are run through the model this many at a time.
+CALIBRATION_BATCH = 32
 #: Outputs whose max |value| is below this compare nothing (a zero-initialised head, or
 #: random weights that shrink the signal to ~1e-8): the per-layer check is then the check.
 SMALL_OUTPUT = 1e-6
@@ -54,6 +56,7 @@ class Conversion:
     module: str | None = None  # convert only this sub-module (traced on what it receives)
     device: torch.device | None = None  # where to build, trace, convert and compare (None: the CPU)
     model_args: dict[str, Any] = field(default_factory=dict)  # to the model's constructor (-M)
+    calibration: Path | None = None  # inputs the cells below b = 1 are fitted to the outputs on
     model: nn.Module | None = None
     graph: LayerGraph | None = None  # the whole model's trace, shared by every budget's plan
     plan: Plan | None = None
@@ -109,8 +112,17 @@ class Conversion:
             detail = f" ({first.layer}: {first.reason}{', ...' if len(self.plan.plain) > 1 else ''})" if first else ""
             raise ValueError(f"the plan converts no layer: all {len(self.plan.plain)} candidate layers stay "
                              f"plain{detail}; --dry-run lists the reasons")
-        self.converted = convert(self.model, self.plan, init=self.init, inplace=False).eval()
+        self.converted = convert(self.model, self.plan, init=self.init, inplace=False,
+                                 calibration=self._calibration_batches()).eval()
         return self.converted
+
+    def _calibration_batches(self):
+        """The calibration file's inputs in batches of ``CALIBRATION_BATCH``, on the model's device."""
+        if self.calibration is None:
+            return None
+        inputs = read_inputs(self.calibration)
+        device = self.device or "cpu"
+        return [batch.to(device) for batch in inputs.split(CALIBRATION_BATCH)]
 
     @torch.no_grad()
     def compare(self) -> float | None:

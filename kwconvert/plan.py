@@ -65,7 +65,9 @@ class WarehousePlan:
 
     ``basis_ratio`` is the reference's ``nonlocal_basis_ratio`` when the parameter saver
     is on (b < 1), else None.  ``attention_norm`` is "batchnorm" or "layernorm".
-    ``init_error`` is filled by the rewriter for b < 1 weight-preserving conversion.
+    ``init_error`` is filled by the rewriter for b < 1 weight-preserving conversion: the
+    relative error of the kernels rebuilt from the cells; ``output_error`` after a fit to
+    calibration inputs (:mod:`kwconvert.calibrate`): the relative error of the layers' outputs.
     """
     name: str
     layers: tuple[LayerPlan, ...]
@@ -78,6 +80,7 @@ class WarehousePlan:
     warehouse_params: int = 0
     attention_params: int = 0
     init_error: float | None = None
+    output_error: float | None = None
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -319,6 +322,7 @@ def _warehouse_to_dict(w: WarehousePlan) -> dict[str, Any]:
         "params": {"warehouse": w.warehouse_params, "attention": w.attention_params},
         "attention": {"norm": w.attention_norm, "basis_ratio": w.basis_ratio},
         "init_error": w.init_error,
+        "output_error": w.output_error,
         "cost": w.cost.to_dict(),
         "layer_details": [
             {"kind": l.kind, "weight_shape": list(l.weight_shape), "in_channels": l.in_channels,
@@ -345,7 +349,8 @@ def _warehouse_from_dict(data: Any, index: int) -> WarehousePlan:
         m_t=warehouse.integer("m_t"), n=warehouse.integer("n"), budget=warehouse.number("budget"),
         attention_norm=attention.text("norm"), basis_ratio=attention.number("basis_ratio", default=None),
         warehouse_params=params.integer("warehouse"), attention_params=params.integer("attention"),
-        init_error=warehouse.number("init_error", default=None))
+        init_error=warehouse.number("init_error", default=None),
+        output_error=warehouse.number("output_error", default=None))
 
 
 def _layer_from_dict(data: Any, name: str, cells_of_layer: int, where: str) -> LayerPlan:

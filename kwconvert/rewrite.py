@@ -22,8 +22,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import calibrate, compat
 from . import cells as kw_cells
-from . import compat
 from .layers import HOLDABLE_BETA_L1, KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, kernel_to_blocks
 from .plan import LayerPlan, Plan, WarehousePlan, check_consistent, plan as make_plan
 from .vit import PartlyDynamicLinear, linear_rows, unpack_attention, unpacked_attention
@@ -37,7 +37,7 @@ INIT_MODES = ("preserve", "random", "none")
 
 
 def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str = "preserve",
-            example_inputs=None, inplace: bool = True, **plan_options) -> nn.Module:
+            example_inputs=None, inplace: bool = True, calibration=None, **plan_options) -> nn.Module:
     """Convert ``model`` to KernelWarehouse following a Plan (or planning one for a budget).
 
     ``init="preserve"`` (default) builds the cells from the model's own kernels so that a
@@ -48,9 +48,16 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
     Every new tensor is made on the model's device and dtype.  A model on the ``meta``
     device has shapes but no values: it converts shape for shape, nothing is fitted, and
     the plan's ``init_error`` is left unknown (None).
+
+    ``calibration`` (inputs of the model: one batch, or an iterable of batches) fits the
+    cells of every warehouse below b = 1 to the layers' outputs on those inputs rather than
+    to their kernels (:mod:`kwconvert.calibrate`); the plan's ``output_error`` reports the
+    fit.  A few hundred training images are enough; it needs ``init="preserve"``.
     """
     if init not in INIT_MODES:
         raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, got '{init}'")
+    if calibration is not None and init != "preserve":
+        raise ValueError(f"calibration fits the cells to the model's outputs: it needs init='preserve', got '{init}'")
     if isinstance(budget_or_plan, Plan):
         if plan_options:
             raise ValueError("plan options cannot be combined with a ready Plan: "
@@ -66,6 +73,7 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
     if not inplace:
         model = copy.deepcopy(model)
     unpack_attention(model, plan.unpacked_attention)
+    grams = _calibration_grams(model, plan, calibration) if calibration is not None else {}
     paths = _paths_by_module(model)
     fitted = []
     for warehouse_plan in plan.warehouses:
@@ -78,7 +86,8 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
         warehouse = _new_warehouse(warehouse_plan, statics[0])
         kw_layers = [_kw_layer(layer, warehouse_plan, warehouse, static)
                      for layer, static in zip(warehouse_plan.layers, statics)]
-        error = _initialise(warehouse_plan, warehouse, kw_layers, statics, init)
+        error, output_error = _initialise(warehouse_plan, warehouse, kw_layers, statics, init,
+                                          [grams.get(layer.name) for layer in warehouse_plan.layers])
         for layer, original, kw_layer in zip(warehouse_plan.layers, originals, kw_layers):
             if layer.rows:
                 replacement = PartlyDynamicLinear(original, kw_layer, layer.rows)
@@ -88,7 +97,7 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
                 replacement = kw_layer
             for path in paths[id(original)]:
                 _set_submodule(model, path, replacement)
-        fitted.append(dataclasses.replace(warehouse_plan, init_error=error))
+        fitted.append(dataclasses.replace(warehouse_plan, init_error=error, output_error=output_error))
     setattr(model, PLAN_ATTR, dataclasses.replace(plan, warehouses=tuple(fitted)))
     return model
 
@@ -213,26 +222,42 @@ def _kw_layer(layer: LayerPlan, warehouse_plan: WarehousePlan, warehouse: Wareho
 
 
 def _initialise(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.Module],
-                statics: list[nn.Module], init: str) -> float | None:
-    """Fill the cells; return the relative reconstruction error of the kernels (or None)."""
+                statics: list[nn.Module], init: str,
+                grams: list[torch.Tensor | None]) -> tuple[float | None, float | None]:
+    """Fill the cells; return the relative reconstruction error of the kernels and, after a
+    fit to calibration outputs (``grams`` of every layer given), that of the outputs."""
     with torch.no_grad():
         if init == "none":
-            return plan.init_error
+            return plan.init_error, plan.output_error
         if init == "random":
             for layer in plan.layers:
                 span = kw_cells.cells_handed_out(layer.cells, plan.budget)
                 warehouse.reset_cells(layer.offset, layer.offset + span)
-            return None
+            return None, None
         if warehouse.cells.is_meta:  # shapes only: there are no kernel values to keep
-            return None
+            return None, None
+        error, output_error = 0.0, None
         if plan.budget >= 1:
             for kw_layer, static in zip(kw_layers, statics):
                 kw_layer.load_static_weight(static.weight)
-            error = 0.0
         else:
-            error = _fit_low_rank(plan, warehouse, kw_layers, statics)
+            _fit_low_rank(warehouse, kw_layers, statics)
+            if grams and all(gram is not None for gram in grams):
+                output_error = calibrate.fit_outputs(kw_layers, statics, grams, warehouse.cells)
+            error = _kernel_error(warehouse, kw_layers, statics)
         _hold_at_every_temperature(warehouse, kw_layers)
-        return error
+        return error, output_error
+
+
+def _calibration_grams(model: nn.Module, plan: Plan, calibration) -> dict[str, torch.Tensor]:
+    """Input Gram matrices of the layers of every warehouse below b = 1 whose layers all allow
+    the fit to outputs (:func:`kwconvert.calibrate.supports`), from the original model."""
+    layers = {}
+    for warehouse in plan.warehouses:
+        modules = {layer.name: model.get_submodule(layer.name) for layer in warehouse.layers}
+        if warehouse.budget < 1 and all(map(calibrate.supports, modules.values())):
+            layers.update(modules)
+    return calibrate.input_grams(model, layers, calibration) if layers else {}
 
 
 def _hold_at_every_temperature(warehouse: Warehouse, kw_layers: list[nn.Module]) -> None:
@@ -257,8 +282,7 @@ def _hold_at_every_temperature(warehouse: Warehouse, kw_layers: list[nn.Module])
         layer.attention.hold_beta()
 
 
-def _fit_low_rank(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.Module],
-                  statics: list[nn.Module]) -> float:
+def _fit_low_rank(warehouse: Warehouse, kw_layers: list[nn.Module], statics: list[nn.Module]) -> None:
     """Best fit of all the warehouse's kernel blocks by n cells (b < 1).
 
     The warehouse has fewer cells than the layers have blocks, so no one-to-one copy can
@@ -268,14 +292,11 @@ def _fit_low_rank(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.
     starting attention (beta, the tau = 1 point of the CAF, paper Sec. 3.3) becomes its
     row of U_n.
     """
-    dtype = _fit_dtype(warehouse.cells.device)
-    blocks = [kernel_to_blocks(kw_layer.tiling, static.weight.detach().to(dtype))
-              for static, kw_layer in zip(statics, kw_layers)]
-    stacked = torch.cat(blocks, dim=0)
+    stacked = _stacked_blocks(kw_layers, statics, _fit_dtype(warehouse.cells.device))
     coefficients, cells, smallest = _truncated_svd(stacked, warehouse.n)
     rank = coefficients.shape[1]
     if rank < warehouse.n:  # cells no block needs: small random ones, free to learn later
-        spare = torch.empty(warehouse.n - rank, stacked.shape[1], dtype=dtype, device=stacked.device)
+        spare = torch.empty(warehouse.n - rank, stacked.shape[1], dtype=stacked.dtype, device=stacked.device)
         nn.init.normal_(spare, std=smallest / math.sqrt(stacked.shape[1]) if smallest > 0 else 0.01)
         cells = torch.cat([cells, spare])
         coefficients = torch.cat([coefficients, coefficients.new_zeros(coefficients.shape[0], warehouse.n - rank)], 1)
@@ -284,9 +305,22 @@ def _fit_low_rank(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.
     for kw_layer in kw_layers:
         kw_layer.attention.set_beta(coefficients[start:start + kw_layer.cells])
         start += kw_layer.cells
+
+
+def _stacked_blocks(kw_layers: list[nn.Module], statics: list[nn.Module], dtype: torch.dtype) -> torch.Tensor:
+    """Every layer's kernel cut into its blocks, stacked: ``(m_t, cell numel)``."""
+    return torch.cat([kernel_to_blocks(kw_layer.tiling, static.weight.detach().to(dtype))
+                      for static, kw_layer in zip(statics, kw_layers)], dim=0)
+
+
+def _kernel_error(warehouse: Warehouse, kw_layers: list[nn.Module], statics: list[nn.Module]) -> float:
+    """``|X - beta @ cells| / |X|`` over the stacked kernel blocks X: 0 where the copy is exact."""
+    dtype = _fit_dtype(warehouse.cells.device)
+    stacked = _stacked_blocks(kw_layers, statics, dtype)
+    rebuilt = torch.cat([layer.attention.beta[:, :-1].to(dtype) for layer in kw_layers]) \
+        @ warehouse.cells.detach().to(dtype).reshape(warehouse.n, -1)
     norm = torch.linalg.norm(stacked)
-    residual = torch.linalg.norm(stacked - coefficients @ cells)
-    return float(residual / norm) if norm > 0 else 0.0
+    return float(torch.linalg.norm(stacked - rebuilt) / norm) if norm > 0 else 0.0
 
 
 def _fit_dtype(device: torch.device) -> torch.dtype:

@@ -338,3 +338,41 @@ def test_bench_of_a_save_without_source_needs_the_model(tmp_path):
     given = invoke("bench", str(save), "--model", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16",
                    "--reps", "1", "--batch", "1", "--mode", "inference", "--json")
     assert given.exit_code == 0, given.output
+
+
+def test_calibration_inputs_fit_the_cells_to_the_outputs(tmp_path):
+    from safetensors.torch import save_file
+    inputs = tmp_path / "inputs.safetensors"
+    save_file({"inputs": torch.randn(40, 3, 16, 16)}, str(inputs))
+    out = tmp_path / "small"
+    result = invoke("convert", "tests.test_bad_input:small_cnn", "--budget", "1/2", "--input-size", "3,16,16",
+                    "-O", "stem=warehouse", "--calibration", str(inputs), "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    fitted = [w for w in json.loads(result.stdout)["warehouses"] if w["budget"] < 1]
+    assert fitted and all(0 <= w["output_error"] < 1 for w in fitted)
+    shown = invoke("show", str(out))
+    assert "output fit error (calibration)" in shown.stdout
+    plain = invoke("convert", "tests.test_bad_input:small_cnn", "--budget", "1/2", "--input-size", "3,16,16",
+                   "-O", "stem=warehouse", "--dry-run", "--json")
+    assert all(w["output_error"] is None for w in json.loads(plain.stdout)["warehouses"])
+
+
+@pytest.mark.parametrize("make, extra, code, pattern", [
+    (None, (), 2, r"--calibration: .*missing.pt does not exist"),
+    ("floats", ("--init", "random"), 2, r"--calibration fits the cells to the model's outputs: it needs --init preserve"),
+    ("ints", (), 1, r"must hold one floating-point tensor of inputs"),
+    ("pickle", (), 1, r"holds objects that are not plain tensors"),
+])
+def test_bad_calibration_files_are_one_line(make, extra, code, pattern, tmp_path):
+    path = tmp_path / "missing.pt"
+    if make == "floats":
+        torch.save(torch.randn(4, 3, 16, 16), path)
+    elif make == "ints":
+        torch.save(torch.zeros(4, 3, 16, 16, dtype=torch.long), path)
+    elif make == "pickle":
+        path.write_bytes(pickle.dumps(CodePayload(str(tmp_path / "ran"))))
+    result = invoke("convert", "tests.test_bad_input:small_cnn", "--budget", "1/2", "--input-size", "3,16,16",
+                    "--calibration", str(path), "--out", str(tmp_path / "out"), *extra)
+    assert result.exit_code == code, result.output
+    assert re.search(pattern, one_line(result.stderr))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ran").exists()
