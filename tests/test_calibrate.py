@@ -160,6 +160,7 @@ def test_a_warehouse_with_a_layer_it_cannot_weigh_keeps_the_kernel_fit():
     (torch.randn(2, 5, 12, 12), "preserve", RuntimeError, ""),          # the model's own error
     ([], "preserve", ValueError, "the calibration inputs are empty"),
     (3.0, "preserve", TypeError, "calibration must be a tensor of inputs, or an iterable"),
+    ([[torch.randn(2, 3, 12, 12), torch.zeros(2)]], "preserve", TypeError, r"a DataLoader's \[inputs, labels\]\?"),
 ])
 def test_bad_calibration_inputs_are_refused(calibration, init, error, pattern):
     with pytest.raises(error, match=pattern):
