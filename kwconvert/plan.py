@@ -528,7 +528,7 @@ def _check_layer(layer: LayerPlan, warehouse: WarehousePlan, where: str, handed_
     if len(layer.weight_shape) != rank or min(layer.weight_shape) < 1:
         raise ValueError(f"{where}: weight_shape {list(layer.weight_shape)} is not a {layer.kind} kernel "
                          f"({rank} positive sizes)")
-    for name in ("in_channels", "groups", "hidden"):
+    for name in ("in_channels", "groups", "hidden") + (("positions",) if layer.positions is not None else ()):
         if getattr(layer, name) < 1:
             raise ValueError(f"{where}: {name} must be positive, got {getattr(layer, name)}")
     if layer.rows is not None:

@@ -117,3 +117,10 @@ def test_costs_survive_json_and_a_plan_saved_without_them_shows_unknown():
     shown = text.getvalue()
     assert f"warehouses read per forward {plan.cost.warehouse_bytes / 1e6:.0f} MB" in shown  # 167 MB
     assert "baseline MACs" not in shown and "│    ? │" in shown  # the conv MACs column
+
+
+def test_a_plan_with_impossible_positions_is_refused():
+    data = json.loads(kwconvert.plan(build("resnet18"), 1.0).to_json())
+    data["warehouses"][0]["layer_details"][0]["positions"] = 0
+    with pytest.raises(ValueError, match="positions must be positive, got 0"):
+        Plan.from_dict(data)
