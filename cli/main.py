@@ -371,7 +371,8 @@ def bench(
             inputs = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
             rows = compare_speed(original, converted, inputs, modes=modes, repetitions=repetitions,
                                  progress=lambda name, done, total: step(f"timing {name}, interleaved", done, total))
-        plan = _plan_of(converted)
+        from kwconvert.rewrite import plan_of
+        plan = plan_of(converted)
         result = {"model": plan.model, "budget": plan.budget, "input_size": list(size), "batch": batch,
                   "threads": torch.get_num_threads(), "cpu": cpu_description(), "torch": torch.__version__,
                   "rows": [row.to_dict() for row in rows]}
@@ -379,11 +380,6 @@ def bench(
             print(json.dumps(result, indent=2))
         elif not quiet:
             out.print(render.speed(result))
-
-
-def _plan_of(model):
-    from kwconvert.rewrite import plan_of
-    return plan_of(model)
 
 
 def _saved_pair(directory: Path, base_model: Optional[str], model_args: dict, size):
@@ -394,8 +390,9 @@ def _saved_pair(directory: Path, base_model: Optional[str], model_args: dict, si
     source = base_model or meta.get("source")
     if not source:
         raise UsageError(f"{directory} records no model source: pass the unconverted model with --model MODEL")
-    original = build_model(source, **(model_args or meta.get("model_args") or {})).eval()
-    converted = load(directory, build_model(source, **(model_args or meta.get("model_args") or {})))
+    model_args = model_args or meta.get("model_args") or {}
+    original = build_model(source, **model_args).eval()
+    converted = load(directory, build_model(source, **model_args))
     return original, converted, tuple(size or meta.get("input_size") or default_input_size(original))
 
 
