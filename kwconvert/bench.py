@@ -50,8 +50,7 @@ def make_step(model: nn.Module, mode: str, inputs: torch.Tensor, *,
     step with momentum; the loss is cross-entropy against ``labels`` when given, else the
     mean of every floating output (any model's output, a detector's dict as well).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    _check_mode(mode)
     if mode == "inference":
         model.eval()
 
@@ -71,6 +70,11 @@ def make_step(model: nn.Module, mode: str, inputs: torch.Tensor, *,
             loss.backward()
             optimizer.step()
     return train
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
 def _float_leaves(output: Any) -> Iterable[torch.Tensor]:
@@ -118,9 +122,8 @@ def compare_speed(original: nn.Module, converted: nn.Module, inputs: torch.Tenso
     if repetitions < 1:
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
     modes = tuple(modes)
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    for mode in modes:  # before any model is copied
+        _check_mode(mode)
     rows = []
     for mode in modes:
         report = (lambda done, mode=mode: progress(mode, done, repetitions)) if progress else None

@@ -262,7 +262,6 @@ class Plan:
         parts.extend(Text(f"note: {note}", style="dim") for note in self.notes)
         return Group(*parts)
 
-
     def _cost_table(self) -> list:
         """Per warehouse: multiply-adds per sample and warehouse bytes read per forward."""
         from rich.table import Table

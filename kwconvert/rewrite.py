@@ -241,10 +241,11 @@ def _initialise(plan: WarehousePlan, warehouse: Warehouse, kw_layers: list[nn.Mo
             for kw_layer, static in zip(kw_layers, statics):
                 kw_layer.load_static_weight(static.weight)
         else:
-            _fit_low_rank(warehouse, kw_layers, statics)
+            stacked = _stacked_blocks(kw_layers, statics, _fit_dtype(warehouse.cells.device))
+            _fit_low_rank(warehouse, kw_layers, stacked)
             if grams and all(gram is not None for gram in grams):
                 output_error = calibrate.fit_outputs(kw_layers, statics, grams, warehouse.cells)
-            error = _kernel_error(warehouse, kw_layers, statics)
+            error = _kernel_error(warehouse, kw_layers, stacked)
         _hold_at_every_temperature(warehouse, kw_layers)
         return error, output_error
 
@@ -282,8 +283,9 @@ def _hold_at_every_temperature(warehouse: Warehouse, kw_layers: list[nn.Module])
         layer.attention.hold_beta()
 
 
-def _fit_low_rank(warehouse: Warehouse, kw_layers: list[nn.Module], statics: list[nn.Module]) -> None:
-    """Best fit of all the warehouse's kernel blocks by n cells (b < 1).
+def _fit_low_rank(warehouse: Warehouse, kw_layers: list[nn.Module], stacked: torch.Tensor) -> None:
+    """Best fit of all the warehouse's kernel blocks (``stacked``, :func:`_stacked_blocks`) by
+    n cells (b < 1).
 
     The warehouse has fewer cells than the layers have blocks, so no one-to-one copy can
     hold them.  Stacking the blocks of every sharing layer as rows of X (m_t x cell size),
@@ -292,7 +294,6 @@ def _fit_low_rank(warehouse: Warehouse, kw_layers: list[nn.Module], statics: lis
     starting attention (beta, the tau = 1 point of the CAF, paper Sec. 3.3) becomes its
     row of U_n.
     """
-    stacked = _stacked_blocks(kw_layers, statics, _fit_dtype(warehouse.cells.device))
     coefficients, cells, smallest = _truncated_svd(stacked, warehouse.n)
     rank = coefficients.shape[1]
     if rank < warehouse.n:  # cells no block needs: small random ones, free to learn later
@@ -313,10 +314,9 @@ def _stacked_blocks(kw_layers: list[nn.Module], statics: list[nn.Module], dtype:
                       for static, kw_layer in zip(statics, kw_layers)], dim=0)
 
 
-def _kernel_error(warehouse: Warehouse, kw_layers: list[nn.Module], statics: list[nn.Module]) -> float:
+def _kernel_error(warehouse: Warehouse, kw_layers: list[nn.Module], stacked: torch.Tensor) -> float:
     """``|X - beta @ cells| / |X|`` over the stacked kernel blocks X: 0 where the copy is exact."""
-    dtype = _fit_dtype(warehouse.cells.device)
-    stacked = _stacked_blocks(kw_layers, statics, dtype)
+    dtype = stacked.dtype
     rebuilt = torch.cat([layer.attention.beta[:, :-1].to(dtype) for layer in kw_layers]) \
         @ warehouse.cells.detach().to(dtype).reshape(warehouse.n, -1)
     norm = torch.linalg.norm(stacked)
