@@ -80,6 +80,9 @@ from kwconvert.pipeline import LAYER_TOLERANCE  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "zoo.json"
 BUDGET_RESULTS = HERE / "results" / "zoo_budgets.json"  # --plans-only: never overwrites RESULTS
+#: --method odconv: its own results, ODConv converting at this many kernels per layer.
+ODCONV_RESULTS = HERE / "results" / "zoo_odconv.json"
+ODCONV_KERNELS = 4
 TIMM_SAMPLE = HERE / "zoo_timm_sample.txt"
 RESULTS_FORMAT = 1
 
@@ -346,7 +349,7 @@ def _float32_error(model: nn.Module, x: torch.Tensor, expected: Any) -> float | 
 
 
 def run_case(case_id: str, timeout: float | None = None, fast_path: bool = False,
-             plans_only: bool = False) -> dict[str, Any]:
+             plans_only: bool = False, method: str = "kernelwarehouse") -> dict[str, Any]:
     """Plan, convert and check one model (only plan it with ``plans_only``); a result row (never raises)."""
     case = Case(case_id)
     row: dict[str, Any] = {"model": case.id, "group": case.group, "status": None, "reason": "",
@@ -361,7 +364,7 @@ def run_case(case_id: str, timeout: float | None = None, fast_path: bool = False
     try:
         with _time_limit(timeout), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            stage = _plans_only(case, row) if plans_only else _check(case, row, fast_path)
+            stage = _plans_only(case, row) if plans_only else _check(case, row, fast_path, method)
     except _Timeout:
         row.update(status="timeout", reason=f"over {timeout:g} s (stage: {row.get('stage', stage)})")
     except _ModelError as err:
@@ -377,7 +380,7 @@ def run_case(case_id: str, timeout: float | None = None, fast_path: bool = False
     return row
 
 
-def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
+def _check(case: Case, row: dict[str, Any], fast_path: bool, method: str = "kernelwarehouse") -> str:
     from kwconvert.fast import reference_path
     from kwconvert.layers import set_temperature
     from kwconvert.pipeline import LayerCheck, _max_abs_diff, compare_outputs, static_originals
@@ -398,9 +401,16 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
     row["stage"] = "plan"
     started = time.perf_counter()
     graph = trace(model, torch.randn(1, *own, generator=torch.Generator().manual_seed(0)))
-    plan_b1 = plan(model, 1.0, graph=graph, model_name=case.id)
+    if method == "odconv":  # one plan, at ODCONV_KERNELS: the budget bounds are KernelWarehouse's
+        plan_b1 = plan(model, graph=graph, model_name=case.id, method="odconv", kernels=ODCONV_KERNELS)
+        plans = {}
+        row.update(warehouses=0, converted_layers=len(plan_b1.layers), plain_layers=len(plan_b1.plain))
+        if not plan_b1.layers:
+            raise ValueError(f"the plan converts no layer ({'; '.join(sorted({s.reason for s in plan_b1.plain}))})")
+    else:
+        plan_b1 = plan(model, 1.0, graph=graph, model_name=case.id)
+        plans = _plan_budgets(case, model, graph, row, plan_b1)
     planned = time.perf_counter() - started
-    plans = _plan_budgets(case, model, graph, row, plan_b1)
     originals = static_originals(model, plan_b1)
 
     row["stage"] = "convert"
@@ -429,7 +439,7 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool) -> str:
         problems.append(f"layer {worst_layer}: max |diff| {layer_diff:.3g} of its max |output| > {LAYER_TOLERANCE:g}")
     if compared.missing:
         problems.append(f"{len(compared.missing)} converted layer(s) never called (first: {compared.missing[0]})")
-    problems += _bound_problems(plans)
+    problems += _bound_problems(plans) if plans else []
     if params != plan_b1.params_converted:
         problems.append(f"the converted model holds {params:,} parameters, the plan predicted "
                         f"{plan_b1.params_converted:,}")
@@ -587,7 +597,7 @@ MODELS_PER_WORKER = 8
 
 
 def sweep(cases: list[Case], jobs: int, threads: int, timeout: float | None, fast_path: bool,
-          on_row: Callable[[dict], None], plans_only: bool = False) -> None:
+          on_row: Callable[[dict], None], plans_only: bool = False, method: str = "kernelwarehouse") -> None:
     """Run ``cases`` in ``jobs`` worker processes, in rounds of fresh workers.
 
     Each round's pool is shut down before the next starts (``max_tasks_per_child`` can
@@ -605,7 +615,7 @@ def sweep(cases: list[Case], jobs: int, threads: int, timeout: float | None, fas
             pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                                                initargs=(threads,))
             try:
-                pending = {pool.submit(run_case, case.id, timeout, fast_path, plans_only): case
+                pending = {pool.submit(run_case, case.id, timeout, fast_path, plans_only, method): case
                            for case in cases[start:start + per_round]}
                 for done in futures.as_completed(pending):
                     case = pending[done]
@@ -708,7 +718,8 @@ def _header(args) -> dict[str, Any]:
     import torchvision
     return {"format": RESULTS_FORMAT, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "python": platform.python_version(),
-            "settings": {"check_batch": CHECK_BATCH, "check_sizes": list(CHECK_SIZES),
+            "settings": {"method": args.method, "odconv_kernels": ODCONV_KERNELS if args.method == "odconv" else None,
+                         "check_batch": CHECK_BATCH, "check_sizes": list(CHECK_SIZES),
                          "absolute_tolerance": ABSOLUTE_TOLERANCE, "float32_error_factor": FLOAT32_ERROR_FACTOR,
                          "relative_tolerance": RELATIVE_TOLERANCE, "float64_max_params": FLOAT64_MAX_PARAMS,
                          "layer_tolerance": LAYER_TOLERANCE,
@@ -838,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True,
                         help="include the timm sample (default: yes)")
     parser.add_argument("--failed", action="store_true", help="only models that did not pass in --out")
+    parser.add_argument("--method", choices=("kernelwarehouse", "odconv"), default="kernelwarehouse",
+                        help=f"conversion method; odconv converts at {ODCONV_KERNELS} kernels per layer and writes "
+                             f"{ODCONV_RESULTS.name} (default kernelwarehouse)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model (default 900; 0: none)")
@@ -854,7 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--make-timm-sample", action="store_true",
                         help=f"draw {TIMM_SAMPLE.name} again by its rule, then stop")
     args = parser.parse_args(argv)
-    args.out = args.out or (BUDGET_RESULTS if args.plans_only else RESULTS)
+    args.out = args.out or (BUDGET_RESULTS if args.plans_only else ODCONV_RESULTS if args.method == "odconv"
+                            else RESULTS)
     done = "planned" if args.plans_only else "pass"
     if args.make_timm_sample:
         print(f"{len(make_timm_sample())} models written to {TIMM_SAMPLE}")
@@ -882,7 +897,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill -TERM stops the workers too
     try:
-        sweep(cases, args.jobs, args.threads, args.timeout or None, args.fast_path, record, args.plans_only)
+        sweep(cases, args.jobs, args.threads, args.timeout or None, args.fast_path, record, args.plans_only,
+              args.method)
     except KeyboardInterrupt:
         print(f"interrupted; the models done so far are in {args.out}", file=sys.stderr)
         return 130
@@ -892,7 +908,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all {len(rows)} models in {args.out}:")
         for group, counts in summarise(list(rows.values())).items():
             print(f"  {group:12s} {counts[done]}/{counts['models']} {done}")
-    print_budget_report(budget_report(ran))
+    if args.method == "kernelwarehouse":  # the budget targets are KernelWarehouse's
+        print_budget_report(budget_report(ran))
     if len(ran) < len(rows):
         print(f"the budget report above covers the {len(ran)} models run; {args.out} holds it over all {len(rows)}")
     print(f"written to {args.out}")

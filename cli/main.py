@@ -148,13 +148,13 @@ def _check_input_size(model, size: tuple[int, ...]) -> None:
         raise UsageError(f"--input-size: {error}") from None
 
 
-def _writable_out(out_dir: Optional[Path], model: str, budget: float, force: bool) -> Path:
+def _writable_out(out_dir: Optional[Path], model: str, budget: float, method: str, force: bool) -> Path:
     """--out (or the default), checked before a conversion spends its seconds."""
     from kwconvert.io import SavedModelError, check_target
     from kwconvert.models import canonical_source
     from kwconvert.pipeline import default_out_dir
     try:
-        return check_target(out_dir or default_out_dir(canonical_source(model), budget), replace=force)
+        return check_target(out_dir or default_out_dir(canonical_source(model), budget, method), replace=force)
     except SavedModelError as error:
         raise UsageError(f"--out: {error}") from None
 
@@ -176,17 +176,41 @@ def _key_value(flag: str, text: str) -> tuple[str, object]:
 
 
 def _check_plan_options(options: dict) -> None:
+    from kwconvert.methods.odconv.planning import ODConvOptions
     from kwconvert.plan import PlanOptions
+    options = dict(options)
+    method = options.pop("method", "kernelwarehouse")
     try:
-        PlanOptions.from_kwargs(**options)
+        (ODConvOptions if method == "odconv" else PlanOptions).from_kwargs(**options)
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def _method_options(method: str, budget: Optional[str], kernels: Optional[int], calibration,
+                    max_blocks_per_stage: Optional[int]) -> tuple[float, dict]:
+    """The budget and plan options that ``--method`` / ``--budget`` / ``--kernels`` ask for,
+    or a UsageError where they do not go together."""
+    from kwconvert.methods import METHODS
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+    if method != "odconv":
+        if kernels is not None:
+            raise UsageError("--kernels is ODConv's (add --method odconv); KernelWarehouse and dynamic_conv take --budget")
+        return _budget("1" if budget is None else budget), ({"method": method} if method != "kernelwarehouse" else {})
+    if budget is not None:
+        raise UsageError("--budget is KernelWarehouse's; ODConv takes --kernels N (the authors' 1x, 4x)")
+    for flag, value in (("--calibration", calibration), ("--max-blocks-per-stage", max_blocks_per_stage)):
+        if value is not None:
+            raise UsageError(f"{flag} is a KernelWarehouse option; ODConv does not take it")
+    return float(kernels or 1), {"method": "odconv", "kernels": kernels or 1}
 
 
 @app.command()
 def convert(
     model: Annotated[str, typer.Argument(help="torchvision name (resnet50), timm:NAME, or pkg.module:callable")],
-    budget: Annotated[str, typer.Option("--budget", "-b", help="warehouse budget b = n / m_t, any b > 0: 0.5, 1/2, 0.4, 1, 4")] = "1",
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="warehouse budget b = n / m_t, any b > 0: 0.5, 1/2, 0.4, 1, 4 [default: 1]")] = None,
+    method: Annotated[str, typer.Option(help="kernelwarehouse; dynamic_conv (DY-Conv: n = --budget kernels per layer); odconv (ODConv, with --kernels)")] = "kernelwarehouse",
+    kernels: Annotated[Optional[int], typer.Option(min=1, help="odconv: kernels per layer, the authors' 1x / 4x [default: 1]")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory [default: ./kwconvert-out/<model>-b<budget>/]")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="checkpoint for the base model: .safetensors, or a .pt/.pth state dict")] = None,
     input_size: Annotated[Optional[str], typer.Option(help="one sample's input size C,H,W (C,L / C,T,H,W for Conv1d / Conv3d models) [default: the model's own, else 3,224,224]")] = None,
@@ -215,19 +239,21 @@ def convert(
             raise UsageError("--calibration fits the cells to the model's outputs: it needs --init preserve")
         if calibration is not None and not calibration.is_file():
             raise UsageError(f"--calibration: {calibration} " + ("is not a file" if calibration.exists() else "does not exist"))
+        budget_value, method_options = _method_options(method, budget, kernels, calibration, max_blocks_per_stage)
         on_device = _device(device)
         if on_device.type == "meta" and not dry_run:
             raise UsageError("--device meta holds no weights to convert or save: add --dry-run, or pick cpu / cuda")
         if not dry_run:
-            out_dir = _writable_out(out_dir, model, _budget(budget), force)
+            out_dir = _writable_out(out_dir, model, budget_value, method, force)
         if report is not None and not report.parent.is_dir():
             raise UsageError(f"--report: {report.parent} is not a directory")
         options = {"max_blocks_per_stage": max_blocks_per_stage,
                    "exclude": tuple(exclude or ()), "include": tuple(include or ())}
         options = {k: v for k, v in options.items() if v not in (None, ())}
+        options.update(method_options)
         options.update(_key_value("--option", text) for text in option or ())
         _check_plan_options(options)
-        job = Conversion(model, _budget(budget), input_size=_input_size(input_size), weights=weights,
+        job = Conversion(model, budget_value, input_size=_input_size(input_size), weights=weights,
                          init=init, plan_options=options, module=module, device=on_device, calibration=calibration,
                          model_args=dict(_key_value("--model-arg", text) for text in model_arg or ()))
         with render.progress(err, enabled=not quiet) as step:
@@ -241,7 +267,8 @@ def convert(
                 step("converting" + (", fitting cells to the outputs on the calibration inputs" if calibration else ""))
                 job.convert()
                 if init == "preserve":
-                    step("comparing outputs and each converted layer with the original at tau = 1 and 0")
+                    step("comparing outputs and each converted layer with the original at "
+                         + ("T = 1 and 30" if method == "odconv" else "tau = 1 and 0"))
                     job.compare()
                 step("saving")
                 job.save(out_dir)
@@ -286,7 +313,7 @@ def export_saved(
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: DIR.onnx or DIR.pt2 beside DIR)")] = None,
     batch: Annotated[int, typer.Option(min=1, help="batch of the example input that is traced; the exported batch stays dynamic")] = 2,
     opset: Annotated[int, typer.Option(help="ONNX opset, 18 or newer")] = 18,
-    temperature: Annotated[Optional[float], typer.Option(help="CAF temperature tau, 0 to 1, to export at (default: the temperatures saved with the model)")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="temperature to export at: KernelWarehouse's CAF tau, 0 to 1, or ODConv's T > 0 (default: the temperatures saved with the model)")] = None,
     device: Annotated[str, typer.Option(help="device to load the model on and trace it: cpu, cuda, cuda:1, ...")] = "cpu",
     base_model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="the unconverted model (as for convert) when the save records no source")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing but errors")] = False,
@@ -296,14 +323,16 @@ def export_saved(
     with reported(debug):
         from kwconvert.export import FORMATS, MIN_OPSET, example_input_for, export, require_onnx
         from kwconvert.io import load, read_metadata
-        from kwconvert.layers import set_temperature
+        from kwconvert.pipeline import set_temperatures
         if format not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{format}'")
         if format == "onnx" and opset < MIN_OPSET:
             raise UsageError(f"--opset must be {MIN_OPSET} or newer (torch's ONNX exporter writes no older), "
                              f"got {opset}")
-        if temperature is not None and not 0.0 <= temperature <= 1.0:
-            raise UsageError(f"--temperature must lie in [0, 1], got {temperature:g}")
+        odconv = read_metadata(directory).get("plan", {}).get("method") == "odconv"
+        if temperature is not None and not (temperature > 0 if odconv else 0.0 <= temperature <= 1.0):
+            raise UsageError(f"--temperature must be positive (ODConv's T), got {temperature:g}" if odconv else
+                             f"--temperature must lie in [0, 1], got {temperature:g}")
         target_device = _device(device)
         if format == "onnx":
             require_onnx()
@@ -317,7 +346,7 @@ def export_saved(
             step("loading the saved model")
             model = load(directory, base, device=target_device)
             if temperature is not None:
-                set_temperature(model, temperature)
+                set_temperatures(model, temperature)
             step(f"exporting to {format} and checking it against eager")
             report = export(model, target, format, example_input_for(model, batch, input_size), opset=opset)
         if quiet:

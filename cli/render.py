@@ -94,18 +94,23 @@ class _LogProgress:
 def summary(job) -> Group:
     """Params before and after, warehouses, output check, where it saved, how to load it."""
     plan = job.result_plan
-    table = Table(title=f"kwconvert {plan.model} at budget {plan.budget:g}", show_header=False)
+    table = Table(title=f"kwconvert {plan.model} {plan.setting}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     ratio = plan.params_converted / plan.params_baseline
     table.add_row("parameters", f"{plan.params_baseline:,} -> {plan.params_converted:,} ({ratio:.2f}x)")
-    table.add_row("warehouses", f"{len(plan.warehouses)} holding {count(len(plan.converted_layers), 'layer')}; "
+    if plan.layers:
+        table.add_row("layers", f"{count(len(plan.layers), plan.method + ' layer')}; "
                                 f"{count(len(plan.plain), 'layer')} kept static")
+    else:
+        table.add_row("warehouses", f"{len(plan.warehouses)} holding {count(len(plan.converted_layers), 'layer')}; "
+                                    f"{count(len(plan.plain), 'layer')} kept static")
+    symbol = "T" if plan.layers else "tau"
     if job.max_abs_diff is not None:
         for tau, diff in sorted(job.diff_at_temperature.items(), reverse=True):
             relative = diff / job.output_scale if job.output_scale and diff is not None else 0.0
-            when = "where training starts" if tau == 1 else "as served" if tau == 0 else "in training"
-            table.add_row(f"max |output diff| at tau = {tau:g}",
+            when = _when(plan, tau)
+            table.add_row(f"max |output diff| at {symbol} = {tau:g}",
                           f"{diff:.3g} = {relative:.2g} of max |output| ({when})")
         if job.output_too_small:
             table.add_row("outputs", f"too small to compare (max |output| {job.output_scale:.2g}): "
@@ -116,7 +121,7 @@ def summary(job) -> Group:
                       f"a least-squares fit of the original's {fitted_to} at every temperature: fine-tune to recover")
     for tau, (layer, relative) in sorted(job.layer_diff_at_temperature.items(), reverse=True):
         if layer is not None:
-            table.add_row(f"each exact layer vs its original at tau = {tau:g}",
+            table.add_row(f"each exact layer vs its original at {symbol} = {tau:g}",
                           f"at most {relative:.2g} of its max |output| ({layer}; bound {LAYER_TOLERANCE:g})")
     if job.not_comparable:  # e.g. a detector's boxes: each model may find a different number
         table.add_row("outputs not comparable", f"{len(job.not_comparable)} tensor(s) differ in shape or "
@@ -125,6 +130,13 @@ def summary(job) -> Group:
     table.add_row("saved to", str(job.saved_to))
     load = (f"import kwconvert\nmodel = kwconvert.load({str(job.saved_to)!r})")
     return Group(table, "Load it with:", load)
+
+
+def _when(plan, temperature: float) -> str:
+    """What a compared temperature means for the plan's method."""
+    if plan.layers:  # ODConv: T = 1 after the warm-up and in service, 30 where training from scratch starts
+        return "as served" if temperature == 1 else "where training from scratch starts"
+    return "where training starts" if temperature == 1 else "as served" if temperature == 0 else "in training"
 
 
 def result(job) -> dict:
@@ -147,13 +159,13 @@ def result(job) -> dict:
 def saved(directory, meta: dict, plan) -> Table:
     """What ``kwconvert show`` tells of a save beyond its plan: where it came from, the
     temperatures its layers run at, the fit error of b < 1, the versions that wrote it."""
-    table = Table(title=f"{directory}: {plan.model} at budget {plan.budget:g}", show_header=False)
+    table = Table(title=f"{directory}: {plan.model} {plan.setting}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("source", meta.get("source") or "not recorded: load(dir, model=...) needs the unconverted model")
     if meta.get("input_size"):
         table.add_row("input size", ",".join(str(size) for size in meta["input_size"]))
-    table.add_row("temperatures", _temperatures(meta.get("temperatures") or {}))
+    table.add_row("temperatures", _temperatures(meta.get("temperatures") or {}, plan))
     _add_fit_error(table, plan)
     paths = meta.get("paths")
     if isinstance(paths, dict) and paths:
@@ -163,14 +175,16 @@ def saved(directory, meta: dict, plan) -> Table:
     return table
 
 
-def _temperatures(taus: dict[str, float]) -> str:
+def _temperatures(taus: dict[str, float], plan) -> str:
     values = sorted(set(taus.values()))
     if not values:
         return "none recorded"
-    where = "1: where training starts" if values == [1.0] else "0: as served" if values == [0.0] else None
+    symbol = "T" if plan.layers else "tau"
+    where = f"{values[0]:g}: {_when(plan, values[0])}" if len(values) == 1 and (
+        values[0] in (0.0, 1.0) or plan.layers) else None
     if len(values) == 1:
-        return f"tau = {where or f'{values[0]:g}'} (all {count(len(taus), 'layer')})"
-    return f"tau from {values[0]:g} to {values[-1]:g} over {count(len(taus), 'layer')}"
+        return f"{symbol} = {where or f'{values[0]:g}'} (all {count(len(taus), 'layer')})"
+    return f"{symbol} from {values[0]:g} to {values[-1]:g} over {count(len(taus), 'layer')}"
 
 
 def _add_fit_error(table: Table, plan) -> None:

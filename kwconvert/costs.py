@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 from . import cells
 
 if TYPE_CHECKING:  # plan imports this module; the types are only read
-    from .plan import LayerPlan, Plan, WarehousePlan
+    from .plan import DynamicLayerPlan, LayerPlan, Plan, WarehousePlan
 
 #: Bytes of one warehouse entry: the counts assume float32 storage.
 FLOAT32_BYTES = 4
@@ -82,8 +82,23 @@ def total(costs: Iterable[Cost]) -> Cost:
     return sum(costs, NOTHING)
 
 
+def dynamic_layer_cost(layer: "DynamicLayerPlan") -> Cost:
+    """One ODConv layer's cost: its kernels' mixture per sample (n x kernel, and the
+    spatial scale), its attention's fc and heads, and its n kernels read per forward."""
+    from .methods.odconv.layers import Heads
+    kernel = math.prod(layer.weight_shape)
+    points = math.prod(layer.weight_shape[2:])
+    heads = Heads.of(layer.in_channels, layer.weight_shape[0], layer.groups, points, layer.kernels)
+    assembly = (layer.kernels * kernel if heads.kernel else 0) + (kernel if heads.spatial else 0)
+    outputs = layer.in_channels + (layer.weight_shape[0] if heads.filter else 0) + (
+        points if heads.spatial else 0) + (layer.kernels if heads.kernel else 0)
+    conv = None if layer.positions is None else kernel * layer.positions
+    return Cost(layer.params, conv, assembly, layer.hidden * (layer.in_channels + outputs),
+                layer.kernels * kernel * FLOAT32_BYTES)
+
+
 def plan_cost(plan: "Plan") -> Cost:
-    return total(warehouse_cost(w) for w in plan.warehouses)
+    return total(warehouse_cost(w) for w in plan.warehouses) + total(dynamic_layer_cost(l) for l in plan.layers)
 
 
 def macs_ratio(plan: "Plan") -> float | None:

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from . import fast
 from .files import atomic_file
-from .layers import _dims, is_kw_layer
+from . import methods
+from .layers import _dims
 from .models import default_input_size
 from .rewrite import PLAN_ATTR
 
@@ -159,7 +160,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             else:
                 torch.export.save(program, staging)
         diffs = _verify(model, staging, format, example_input, batches, tolerance) if check else {}
-    taus = {float(m.tau) for m in model.modules() if is_kw_layer(m)}
+    taus = {methods.temperature_of(layer) for layer in methods.temperature_layers(model).values()}
     return ExportReport(path=target, format=format, example_shape=tuple(traced.shape), dynamic_batch=dynamic_batch,
                         opset=opset if format == "onnx" else None,
                         temperature=taus.pop() if len(taus) == 1 else None, max_abs_diff=diffs)

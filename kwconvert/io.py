@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, methods
 from .fast import restore_choices, saved_choices
 from .files import umask
-from .layers import Warehouse, is_kw_layer
+from .layers import Warehouse
 from .models import build_model
 from .plan import Plan
 from .rewrite import PLAN_ATTR, convert, plan_of
@@ -179,27 +179,27 @@ def check_saved(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _temperatures(model: nn.Module) -> dict[str, float]:
-    """Each KW layer's temperature by qualified name.
+    """Each dynamic layer's temperature by qualified name (KW's tau, ODConv's T).
 
-    tau is a plain attribute, not a tensor, so the weights file does not hold it; without
+    It is a plain attribute, not a tensor, so the weights file does not hold it; without
     it a model trained past its warm-up (tau = 0) would load at tau = 1 and compute
     something else.
     """
-    return {name: float(layer.tau) for name, layer in model.named_modules() if is_kw_layer(layer)}
+    return {name: methods.temperature_of(layer) for name, layer in methods.temperature_layers(model).items()}
 
 
 def _set_temperatures(model: nn.Module, temperatures: Any, path: Path) -> None:
     """Give the loaded layers their saved temperatures (saves without any stay at tau = 1)."""
     if not isinstance(temperatures, dict):
         raise SavedModelError(f"{path / META_FILE}: 'temperatures' must map layer names to numbers")
-    layers = dict(model.named_modules())
+    layers = methods.temperature_layers(model)
     for name, tau in temperatures.items():
         layer = layers.get(name)
-        if layer is None or not is_kw_layer(layer):
-            raise SavedModelError(f"{path / META_FILE}: temperature for '{name}', which is not a KW layer "
-                                  "of the model; the save is damaged")
+        if layer is None:
+            raise SavedModelError(f"{path / META_FILE}: temperature for '{name}', which is not a KW or ODConv "
+                                  "layer of the model; the save is damaged")
         try:
-            layer.tau = tau
+            methods.set_temperature_of(layer, tau)
         except (TypeError, ValueError) as err:
             raise SavedModelError(f"{path / META_FILE}: layer '{name}': {err}") from None
 

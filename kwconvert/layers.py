@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import fast
 from .cells import Tiling, cells_handed_out, cells_in, local_cells, one_to_one_cells, saver_basis
 from .fast import reference_path, use_path
+from .per_sample import PADDING_MODES, PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv
 
 __all__ = [
     "CAF_EPS", "HELD_LOGIT_SCALE", "HOLDABLE_BETA_L1", "ATTENTION_NORMS", "PADDING_MODES", "Warehouse", "KWAttention", "KWConv1d",
@@ -52,8 +53,6 @@ __all__ = [
 CAF_EPS = 1e-3
 #: Norms the attention module accepts between fc1 and the ReLU.
 ATTENTION_NORMS = ("batchnorm", "layernorm")
-#: Padding modes of torch's convolutions, all supported.
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _dims(shape: Sequence[int]) -> str:
@@ -502,56 +501,22 @@ class _KWLayer(nn.Module):
         return f"cells={self.cells}, offset={self.offset}, budget={self.budget}"
 
 
-def _as_tuple(value, dims: int, what: str, label: str) -> tuple[int, ...]:
-    values = tuple(value) if isinstance(value, Sequence) else (value,)
-    if len(values) == 1:
-        values = values * dims
-    if len(values) != dims:
-        raise ValueError(f"{label}: {what} {value} needs 1 or {dims} values")
-    return tuple(operator.index(v) for v in values)
-
-
-def _explicit_padding(padding: str | tuple[int, ...], kernel_size: tuple[int, ...],
-                      dilation: tuple[int, ...]) -> tuple[int, ...]:
-    """F.pad amounts (last dim first, left then right), computed as torch's ConvNd does.
-
-    'same' puts the odd extra pixel of an even kernel on the right, like torch.
-    """
-    if padding == "valid":
-        pairs = [(0, 0)] * len(kernel_size)
-    elif padding == "same":
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-        pairs = [(total // 2, total - total // 2) for total in totals]
-    else:
-        pairs = [(p, p) for p in padding]
-    return tuple(amount for pair in reversed(pairs) for amount in pair)
-
-
-class _KWConvNd(_KWLayer):
+class _KWConvNd(PerSampleConv, _KWLayer):
     """KW convolution (any rank): kernel rebuilt per sample, then a per-sample convolution."""
-
-    _spatial_dims: int
-    _conv: Callable[..., Tensor]
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, warehouse: Warehouse,
                  offset: int, budget: float, hidden: int, attention_norm: str = "batchnorm",
                  basis_ratio: float | None = None, name: str = "", device=None, dtype=None) -> None:
         label = f"layer {name}" if name else f"layer {type(self).__name__}"
-        dims = self._spatial_dims
-        kernel_size = _as_tuple(kernel_size, dims, "kernel_size", label)
-        stride = _as_tuple(stride, dims, "stride", label)
-        dilation = _as_tuple(dilation, dims, "dilation", label)
-        padding = padding if isinstance(padding, str) else _as_tuple(padding, dims, "padding", label)
-        _check_conv(label, in_channels, out_channels, groups, padding, stride, padding_mode)
+        kernel_size = as_tuple(kernel_size, self._spatial_dims, "kernel_size", label)
+        check_conv(label, in_channels, out_channels, groups, "valid", (1,), padding_mode)
         super().__init__((out_channels, in_channels // groups, *kernel_size), in_channels, out_channels, bias,
                          warehouse=warehouse, offset=offset, budget=budget, hidden=hidden,
                          attention_norm=attention_norm, basis_ratio=basis_ratio, name=name,
                          device=device, dtype=dtype)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
-        self.groups, self.padding_mode = groups, padding_mode
-        self._reversed_padding_repeated_twice = _explicit_padding(padding, kernel_size, dilation)
+        self._set_geometry(label, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                           padding_mode)
         #: The fast path this layer takes per input (fast.py: timed once, kept with a save)
         self.path_choices: dict[tuple, str] = {}
 
@@ -561,12 +526,7 @@ class _KWConvNd(_KWLayer):
                 module.dilation, module.groups, module.bias is not None, module.padding_mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        unbatched = x.dim() == self._spatial_dims + 1
-        if unbatched:
-            x = x.unsqueeze(0)
-        if x.dim() != self._spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{self._label}: expected input (B, {self.in_channels}, ...) with "
-                             f"{self._spatial_dims} spatial dims, got {tuple(x.shape)}")
+        x, unbatched = self._check_input(x, self._label)
         alpha = self.attention(x)                  # (B, m, n), Sec. 3.3
         if self._spatial_dims == 2 and not fast.is_reference():
             out = fast.conv2d(self, x, alpha)      # the same as below, faster on CPU
@@ -575,94 +535,20 @@ class _KWConvNd(_KWLayer):
             out = self._add_bias(self._per_sample_conv(x, weight), channel_dim=1)
         return out.squeeze(0) if unbatched else out
 
-    def _per_sample_conv(self, x: Tensor, weight: Tensor) -> Tensor:
-        """Convolve each sample with its own kernel: the batch is folded into the groups."""
-        if fast.is_im2col():
-            return self._im2col_conv(x, weight)
-        batch = x.shape[0]
-        x = x.reshape(1, batch * self.in_channels, *x.shape[2:])
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        weight = weight.reshape(batch * self.out_channels, *self.weight_shape[1:])
-        out = type(self)._conv(x, weight, None, self.stride, padding, self.dilation, batch * self.groups)
-        return out.view(batch, self.out_channels, *out.shape[2:])
-
-    def _im2col_conv(self, x: Tensor, weight: Tensor) -> Tensor:
-        """``_per_sample_conv`` as im2col and one batched matrix product (``use_path("im2col")``).
-
-        No op attribute depends on the batch, so ``torch.export`` and ONNX keep the batch
-        dynamic, where the batch-folded groups would become a symbolic ``Conv`` attribute.
-        ``Tensor.unfold`` cuts the windows one spatial dim at a time (a ``Gather`` in ONNX,
-        a small graph for any kernel size); dilation keeps every d-th element of a window.
-        """
-        pads = self._reversed_padding_repeated_twice
-        if any(pads):
-            x = F.pad(x, pads, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
-        windows = x
-        for dim, (kernel, stride, dilation) in enumerate(zip(self.kernel_size, self.stride, self.dilation), start=2):
-            windows = windows.unfold(dim, dilation * (kernel - 1) + 1, stride)  # window appended last
-            if dilation > 1:
-                windows = windows[..., ::dilation]
-        rank = self._spatial_dims  # windows: (B, C_in, *out, *k); kernels: (C_out, C_in / groups, *k)
-        out_size = windows.shape[2:2 + rank]
-        windows = windows.permute(0, 1, *range(2 + rank, 2 + 2 * rank), *range(2, 2 + rank))
-        batch, groups = x.shape[0], self.groups
-        columns = windows.reshape(batch, groups, self.in_channels // groups * math.prod(self.kernel_size), -1)
-        kernels = weight.reshape(batch, groups, self.out_channels // groups, -1)
-        out = torch.matmul(kernels, columns)  # (B, groups, C_out / groups, L)
-        return out.reshape(batch, self.out_channels, *out_size)
-
     def extra_repr(self) -> str:
-        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}")
-        if self.dilation != (1,) * self._spatial_dims:
-            text += f", dilation={self.dilation}"
-        if self.groups != 1:
-            text += f", groups={self.groups}"
-        if self.bias is None:
-            text += ", bias=False"
-        if self.padding_mode != "zeros":
-            text += f", padding_mode={self.padding_mode}"
-        return f"{text}, {self._kw_repr()}"
+        return f"{self._geometry_repr()}, {self._kw_repr()}"
 
 
-def _check_conv(label: str, in_channels: int, out_channels: int, groups: int, padding, stride,
-                padding_mode: str) -> None:
-    """The argument checks torch's ConvNd makes, with the layer named."""
-    if groups < 1 or in_channels % groups or out_channels % groups:
-        raise ValueError(f"{label}: in_channels {in_channels} and out_channels {out_channels} "
-                         f"must be divisible by groups {groups}")
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"{label}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    if isinstance(padding, str):
-        if padding not in ("same", "valid"):
-            raise ValueError(f"{label}: padding must be 'same', 'valid' or numbers, got {padding!r}")
-        if padding == "same" and any(s != 1 for s in stride):
-            raise ValueError(f"{label}: padding='same' is not supported for strided convolutions "
-                             f"(stride {stride})")
-
-
-class KWConv1d(_KWConvNd):
+class KWConv1d(Rank1, _KWConvNd):
     """KernelWarehouse drop-in for ``nn.Conv1d``."""
-    _spatial_dims = 1
-    _conv = F.conv1d
-    _static_type = nn.Conv1d
 
 
-class KWConv2d(_KWConvNd):
+class KWConv2d(Rank2, _KWConvNd):
     """KernelWarehouse drop-in for ``nn.Conv2d``."""
-    _spatial_dims = 2
-    _conv = F.conv2d
-    _static_type = nn.Conv2d
 
 
-class KWConv3d(_KWConvNd):
+class KWConv3d(Rank3, _KWConvNd):
     """KernelWarehouse drop-in for ``nn.Conv3d``."""
-    _spatial_dims = 3
-    _conv = F.conv3d
-    _static_type = nn.Conv3d
 
 
 class KWLinear(_KWLayer):

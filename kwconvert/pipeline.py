@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import io
+from . import io, methods
 from .fast import reference_path
-from .layers import set_temperature
 from .models import build_model, canonical_source, default_input_size, load_weights, read_inputs
 from .plan import Plan, plan as make_plan
 from .report import SWEEP_BUDGETS, html_report, write_report
@@ -27,8 +26,9 @@ from .trace import LayerGraph, trace
 from .vit import unpacked_attention
 
 DEFAULT_OUT = Path("kwconvert-out")
-#: Where the output check looks: the start of training (tau = 1) and serving (tau = 0).
-COMPARED_TEMPERATURES = (1.0, 0.0)
+#: Where the output check looks, per method: KernelWarehouse's start of training (tau = 1)
+#: and serving (tau = 0); ODConv's serving (T = 1) and start of training from scratch (T = 30).
+COMPARED_TEMPERATURES = {"kernelwarehouse": (1.0, 0.0), "dynamic_conv": (1.0, 0.0), "odconv": (1.0, 30.0)}
 #: Bound on each converted layer's max |diff| from its static original on the same input,
 #: relative to that output's max |value|, where the conversion is exact (warehouse budget
 #: >= 1): float32 rounding of one layer is ~1e-7..1e-6.
@@ -107,7 +107,7 @@ class Conversion:
         return write_report(path, html_report(self.result_plan, sweep, order))
 
     def convert(self) -> nn.Module:
-        if not self.plan.warehouses:  # every candidate plain: a "conversion" would change nothing
+        if not self.plan.converted_layers:  # every candidate plain: a "conversion" would change nothing
             first = self.plan.plain[0] if self.plan.plain else None
             detail = f" ({first.layer}: {first.reason}{', ...' if len(self.plan.plain) > 1 else ''})" if first else ""
             raise ValueError(f"the plan converts no layer: all {len(self.plan.plain)} candidate layers stay "
@@ -148,21 +148,23 @@ class Conversion:
         expected = self.model(sample)
         originals = static_originals(self.model, self.plan)
         exact = self._exact_layers()
-        for tau in COMPARED_TEMPERATURES:
-            set_temperature(self.converted, tau)
+        for tau in COMPARED_TEMPERATURES[self.plan.method]:
+            set_temperatures(self.converted, tau)
             with reference_path(), LayerCheck(self.converted, originals) as layers:
                 diff = compare_outputs(expected, self.converted(sample))
             self.diff_at_temperature[tau] = diff.max_abs_diff
             self.layer_diff_at_temperature[tau] = layers.worst(exact)
-        set_temperature(self.converted, 1.0)
+        set_temperatures(self.converted, 1.0)
         self.max_abs_diff, self.output_scale = self.diff_at_temperature[1.0], diff.output_scale
         self.not_comparable = diff.not_comparable
         self._refuse_a_mismatch()
         return self.max_abs_diff
 
     def _exact_layers(self) -> set[str]:
-        """Converted layers whose warehouse holds every kernel exactly (its budget >= 1)."""
-        return {name for w in self.result_plan.warehouses if w.budget >= 1 for name in w.layer_names}
+        """Converted layers that hold their kernel exactly (a warehouse at b >= 1, ODConv's)."""
+        plan = self.result_plan
+        return {name for w in plan.warehouses if w.budget >= 1 for name in w.layer_names} | {
+            layer.name for layer in plan.layers}
 
     def _refuse_a_mismatch(self) -> None:
         for tau, (layer, relative) in self.layer_diff_at_temperature.items():
@@ -177,7 +179,7 @@ class Conversion:
         return self.output_scale is not None and self.output_scale < SMALL_OUTPUT
 
     def save(self, directory: Path | None = None) -> Path:
-        directory = directory or default_out_dir(self.source, self.budget)
+        directory = directory or default_out_dir(self.source, self.budget, self.plan.method)
         self.saved_to = io.save(self.converted, directory, source=self.source, input_size=self.input_size,
                                 model_args=self.model_args)
         return self.saved_to
@@ -229,10 +231,18 @@ def _option_value(raw: str) -> Any:
     return raw
 
 
-def default_out_dir(source: str, budget: float) -> Path:
-    """``./kwconvert-out/<model>-b<budget>/``, the model's short name made path-safe."""
+def default_out_dir(source: str, budget: float, method: str = "kernelwarehouse") -> Path:
+    """``./kwconvert-out/<model>-b<budget>/`` (ODConv: ``<model>-odconv<kernels>``), the
+    model's short name made path-safe."""
     short = source.split(":", 1)[-1]
-    return DEFAULT_OUT / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', short)}-b{budget:g}"
+    setting = f"odconv{budget:g}" if method == "odconv" else f"b{budget:g}"
+    return DEFAULT_OUT / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', short)}-{setting}"
+
+
+def set_temperatures(model: nn.Module, value: float) -> None:
+    """Every dynamic layer's temperature at ``value`` (KW's tau, ODConv's T)."""
+    for layer in methods.temperature_layers(model).values():
+        methods.set_temperature_of(layer, value)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import cells, compat, costs
+from . import cells, compat, costs, methods
 from .trace import Candidate, LayerGraph, layer_kind, module_inputs, submodule, trace
 from .vit import projection_role
 
@@ -98,6 +98,25 @@ class WarehousePlan:
 
 
 @dataclass(frozen=True)
+class DynamicLayerPlan:
+    """One layer a per-layer method converts on its own (ODConv: no sharing between layers).
+
+    ``kernels`` is n, the layer's own kernels; ``hidden`` its attention width; ``params``
+    what the converted layer holds besides its bias (the kernel it replaces is gone);
+    the other fields as in :class:`LayerPlan`.
+    """
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    in_channels: int
+    groups: int
+    kernels: int
+    hidden: int
+    params: int
+    positions: int | None = None
+
+
+@dataclass(frozen=True)
 class StaticLayer:
     """A candidate layer left as it is, and why (stem, head, squeeze-excitation, ...)."""
     layer: str
@@ -110,6 +129,10 @@ class Plan:
 
     ``baseline_macs`` is the original's Conv/Linear multiply-adds per sample at the traced
     input size (the planned sub-module's with ``module``), None when not known.
+
+    ``method`` is the conversion method (:mod:`kwconvert.methods`): KernelWarehouse and
+    DY-Conv plans list ``warehouses``; a per-layer method's (ODConv) lists ``layers``, and
+    its ``budget`` is the kernels per layer (the authors' "4x").
     """
     model: str
     budget: float
@@ -123,17 +146,22 @@ class Plan:
     module: str | None = None
     unpacked_attention: tuple[str, ...] = ()
     baseline_macs: int | None = None
+    method: str = "kernelwarehouse"
+    layers: tuple[DynamicLayerPlan, ...] = ()
 
     # --- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The documented JSON schema (README "Plan JSON"), plus per-layer details."""
         return {
             "format": PLAN_FORMAT,
+            "method": self.method,
             "model": self.model,
             "budget": self.budget,
             "input_size": list(self.input_size) if self.input_size else None,
             "params": {"baseline": self.params_baseline, "converted": self.params_converted},
             "warehouses": [_warehouse_to_dict(w) for w in self.warehouses],
+            "layers": [{**asdict(layer), "weight_shape": list(layer.weight_shape),
+                        "cost": costs.dynamic_layer_cost(layer).to_dict()} for layer in self.layers],
             "plain": [asdict(s) for s in self.plain],
             "options": self.options,
             "notes": list(self.notes),
@@ -160,6 +188,7 @@ class Plan:
                              "upgrade kwconvert")
         params = plan.obj("params")
         input_size = plan.integers("input_size", default=None)
+        options = dict(plan.obj("options", default={}).data)
         result = cls(
             model=plan.text("model"),
             budget=plan.number("budget"),
@@ -168,11 +197,14 @@ class Plan:
             params_baseline=params.integer("baseline"),
             params_converted=params.integer("converted"),
             input_size=input_size or None,
-            options=dict(plan.obj("options", default={}).data),
+            options=options,
             notes=plan.texts("notes", default=()),
             module=plan.text("module", default=None),
             unpacked_attention=plan.texts("unpacked_attention", default=()),
             baseline_macs=plan.obj("cost", default={}).integer("baseline_macs", default=None),
+            method=plan.text("method", default=options.get("mode", "kernelwarehouse")),
+            layers=tuple(_dynamic_layer_from_dict(layer, index) for index, layer
+                         in enumerate(plan.array("layers") if "layers" in data else ())),
         )
         check_consistent(result)
         return result
@@ -184,7 +216,7 @@ class Plan:
     # --- views ------------------------------------------------------------------------
     @property
     def converted_layers(self) -> tuple[str, ...]:
-        return tuple(name for w in self.warehouses for name in w.layer_names)
+        return tuple(name for w in self.warehouses for name in w.layer_names) + tuple(l.name for l in self.layers)
 
     def warehouse_of(self, layer_name: str) -> WarehousePlan | None:
         for warehouse in self.warehouses:
@@ -196,14 +228,22 @@ class Plan:
         """One line: ``print(plan)`` of a dataclass this size would print pages
         (``plan.table()`` draws the tables, ``plan.to_json()`` gives everything)."""
         layers = sum(len(w.layers) for w in self.warehouses)
-        return (f"Plan(model={self.model!r}, budget={self.budget:g}, {count(len(self.warehouses), 'warehouse')} "
-                f"of {count(layers, 'layer')}, {len(self.plain)} static, parameters {self.params_baseline:,} -> "
+        what = (f"method={self.method!r}, kernels={self.budget:g}, {count(len(self.layers), 'layer')}" if self.layers
+                else f"budget={self.budget:g}, {count(len(self.warehouses), 'warehouse')} of {count(layers, 'layer')}")
+        return (f"Plan(model={self.model!r}, {what}, {len(self.plain)} static, parameters {self.params_baseline:,} -> "
                 f"{self.params_converted:,} ({self.ratio:.2f}x))")
 
     @property
     def cost(self) -> costs.Cost:
         """What the converted layers cost, summed over the warehouses (:mod:`kwconvert.costs`)."""
         return costs.plan_cost(self)
+
+    @property
+    def setting(self) -> str:
+        """How the plan converts, in a few words: "at budget 0.5", "with odconv, 4 kernels per layer"."""
+        if self.method in methods.PER_LAYER_METHODS:
+            return f"with {self.method}, {count(int(self.budget), 'kernel')} per layer"
+        return f"at budget {self.budget:g}" + (" (dynamic_conv)" if self.method == "dynamic_conv" else "")
 
     @property
     def ratio(self) -> float:
@@ -219,6 +259,8 @@ class Plan:
         # Names fold onto a second line where the width runs out, numbers never shrink, and
         # titles stand above their table (a table's title wraps at the table's width): at 80
         # columns "stage5.conv..." would not tell a stage's split parts apart.
+        if self.method in methods.PER_LAYER_METHODS:
+            return Group(*self._layers_table(), *self._plain_and_totals())
         parts = []
         for w in self.warehouses:
             parts.append(Text(f"{w.name}: cell {_dims(w.cell)}, m_t {w.m_t}, n {w.n}", style="italic"))
@@ -248,6 +290,33 @@ class Plan:
                             f"{w.warehouse_params:,}", f"{w.attention_params:,}")
         parts.append(summary)
         parts.extend(self._cost_table())
+        return Group(*parts, *self._plain_and_totals())
+
+    def _layers_table(self) -> list:
+        """A per-layer method's plan (ODConv): each layer's kernels, attention and cost."""
+        from rich.table import Table
+        from rich.text import Text
+
+        size = f" at {_dims(self.input_size)}" if self.input_size else ""
+        where = f" (module {self.module})" if self.module else ""
+        title = Text(f"{self.model}{where}, {self.method} with {count(int(self.budget), 'kernel')} per layer: "
+                     f"{count(len(self.layers), 'layer')} converted (cost per sample{size})", style="italic")
+        table = Table(pad_edge=False)
+        table.add_column("layer", overflow="fold")
+        for column in ("kernel", "n", "attention\nwidth", "params", "conv\nMACs", "added\nMACs"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for layer in self.layers:
+            cost = costs.dynamic_layer_cost(layer)
+            table.add_row(layer.name, _dims(layer.weight_shape), str(layer.kernels), str(layer.hidden),
+                          f"{layer.params:,}", _si(cost.conv_macs), _si(cost.added_macs))
+        return [title, table]
+
+    def _plain_and_totals(self) -> list:
+        """The static layers with their reasons, the parameter totals, the cost line and notes."""
+        from rich.table import Table
+        from rich.text import Text
+
+        parts = []
         if self.plain:
             parts.append(Text("plain layers", style="italic"))
             plain = Table()
@@ -260,7 +329,7 @@ class Plan:
                           f"{self.params_converted:,}   ratio {self.ratio:.3f}"))
         parts.append(Text(self._cost_line()))
         parts.extend(Text(f"note: {note}", style="dim") for note in self.notes)
-        return Group(*parts)
+        return parts
 
     def _cost_table(self) -> list:
         """Per warehouse: multiply-adds per sample and warehouse bytes read per forward."""
@@ -285,8 +354,9 @@ class Plan:
         ratio = costs.macs_ratio(self)
         before = (f"baseline MACs {_si(self.baseline_macs)}   converted {_si(self.baseline_macs + cost.added_macs)}"
                   f" ({ratio:.3f}x)   ") if ratio is not None else ""
+        read = "kernels" if self.layers else "warehouses"
         return (f"per sample{size}: {before}assembly {_si(cost.assembly_macs)}, attention "
-                f"{_si(cost.attention_macs)}   warehouses read per forward {_si(cost.warehouse_bytes, 'B')} "
+                f"{_si(cost.attention_macs)}   {read} read per forward {_si(cost.warehouse_bytes, 'B')} "
                 "(float32)")
 
 
@@ -361,6 +431,15 @@ def _layer_from_dict(data: Any, name: str, cells_of_layer: int, where: str) -> L
                      in_channels=detail.integer("in_channels"), groups=detail.integer("groups"),
                      cells=cells_of_layer, offset=detail.integer("offset"), hidden=detail.integer("hidden"),
                      rows=rows or None, positions=detail.integer("positions", default=None))
+
+
+def _dynamic_layer_from_dict(data: Any, index: int) -> DynamicLayerPlan:
+    name = data.get("name") if isinstance(data, dict) else None
+    layer = _Fields(data, f"layer {name}" if isinstance(name, str) else f"layers[{index}]")
+    return DynamicLayerPlan(name=layer.text("name"), kind=layer.text("kind"), weight_shape=layer.integers("weight_shape"),
+                            in_channels=layer.integer("in_channels"), groups=layer.integer("groups"),
+                            kernels=layer.integer("kernels"), hidden=layer.integer("hidden"),
+                            params=layer.integer("params"), positions=layer.integer("positions", default=None))
 
 
 def _static_from_dict(data: Any, index: int) -> StaticLayer:
@@ -463,10 +542,19 @@ def check_consistent(plan: Plan) -> None:
         check_budget(plan.budget)
     except ValueError as err:
         raise ValueError(f"plan: {err}") from None
+    try:
+        methods.check_method(plan.method)
+    except ValueError as err:
+        raise ValueError(f"plan: {err}") from None
+    plain = {static.layer for static in plan.plain}
+    if plan.method in methods.PER_LAYER_METHODS:
+        _check_dynamic_layers(plan, plain)
+        return
+    if plan.layers:
+        raise ValueError(f"plan: a {plan.method} plan holds warehouses, not 'layers' ({plan.layers[0].name})")
     mode = plan.options.get("mode", "kernelwarehouse") if isinstance(plan.options, dict) else None
     if mode not in _MODE_CHOICES:
         raise ValueError(f"plan: options.mode must be one of {', '.join(_MODE_CHOICES)}, got {mode!r}")
-    plain = {static.layer for static in plan.plain}
     warehouse_names: set[str] = set()
     warehouse_of: dict[str, str] = {}
     for warehouse in plan.warehouses:
@@ -481,6 +569,37 @@ def check_consistent(plan: Plan) -> None:
             if name in plain:
                 raise ValueError(f"{where}: the layer is also listed as plain")
             warehouse_of[name] = warehouse.name
+
+
+def _check_dynamic_layers(plan: Plan, plain: set[str]) -> None:
+    """A per-layer method's plan: no warehouses; each layer a convolution whose kernels are
+    the plan's (``budget``) and whose parameters follow from its sizes."""
+    if plan.warehouses:
+        raise ValueError(f"plan: a {plan.method} plan lists layers, not warehouses ({plan.warehouses[0].name})")
+    seen: set[str] = set()
+    for layer in plan.layers:
+        where = f"plan layer {layer.name}"
+        if layer.name in seen or layer.name in plain:
+            raise ValueError(f"{where}: the layer is planned twice (or also listed as plain)")
+        seen.add(layer.name)
+        rank = _KERNEL_RANK.get(layer.kind)
+        if rank is None or layer.kind == "linear":
+            raise ValueError(f"{where}: kind is {layer.kind!r}; {plan.method} converts conv1d, conv2d and conv3d")
+        if len(layer.weight_shape) != rank or min(layer.weight_shape) < 1:
+            raise ValueError(f"{where}: weight_shape {list(layer.weight_shape)} is not a {layer.kind} kernel "
+                             f"({rank} positive sizes)")
+        for name in ("in_channels", "groups", "kernels", "hidden") + (
+                ("positions",) if layer.positions is not None else ()):
+            if getattr(layer, name) < 1:
+                raise ValueError(f"{where}: {name} must be positive, got {getattr(layer, name)}")
+        if layer.in_channels != layer.weight_shape[1] * layer.groups:
+            raise ValueError(f"{where}: in_channels {layer.in_channels} is not groups {layer.groups} x "
+                             f"{layer.weight_shape[1]} (the kernel's input channels)")
+        if layer.kernels != plan.budget:
+            raise ValueError(f"{where}: kernels is {layer.kernels}, the plan's is {plan.budget:g}")
+        expected = methods.layer_params(plan.method, layer)
+        if layer.params != expected:
+            raise ValueError(f"{where}: params is {layer.params}, its sizes give {expected}")
 
 
 def _check_warehouse(warehouse: WarehousePlan, mode: str) -> None:
@@ -628,9 +747,6 @@ class PlanOptions:
         "parameters; 'auto' = b + 0.5 for b >= 1, else 1.0 (a budget below 1 never grows a model)")})
 
     def __post_init__(self) -> None:
-        def choice(name: str, value: Any, choices: tuple) -> None:
-            if value not in choices:
-                raise ValueError(f"option {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         choice("stem", self.stem, _STEM_CHOICES)
         choice("attention_norm", self.attention_norm, _NORM_CHOICES)
         choice("mode", self.mode, _MODE_CHOICES)
@@ -695,6 +811,12 @@ class PlanOptions:
         return budget + 0.5 if budget >= 1 else 1.0
 
 
+def choice(name: str, value: Any, choices: tuple) -> None:
+    """Refuse an option whose value is not one of ``choices``, listing them."""
+    if value not in choices:
+        raise ValueError(f"option {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 _PIN_KEYS = ("budget", "cell", "reduction", "param_saver", "static")
 
 
@@ -757,9 +879,15 @@ def check_budget(budget: float) -> float:
 # =======================================================================================
 # Planning
 # =======================================================================================
-def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, model_name: str | None = None,
-         graph: LayerGraph | None = None, module: str | None = None, **options: Any) -> Plan:
+def plan(model: nn.Module | None, budget: float | str | None = None, example_inputs=None, *,
+         model_name: str | None = None, graph: LayerGraph | None = None, module: str | None = None,
+         method: str = "kernelwarehouse", **options: Any) -> Plan:
     """Plan the KernelWarehouse conversion of ``model`` at budget ``budget``.
+
+    ``method`` picks another conversion (:mod:`kwconvert.methods`): ``"dynamic_conv"`` is
+    ``mode="dynamic_conv"``; ``"odconv"`` plans ODConv layers, ``kernels=n`` of them per
+    layer (``budget``, if given, is that n: the authors' "4x"), with the options of
+    :class:`kwconvert.methods.odconv.planning.ODConvOptions`.
 
     Traces the model (or uses ``graph``), groups its Conv/Linear layers into warehouses by
     the paper's reassigned stages (see :func:`group_layers`), sizes cells, warehouses and
@@ -769,15 +897,30 @@ def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, m
     ``module="backbone.body"`` plans only that sub-module (see :func:`_plan_module`); the
     plan still names the whole model's layers, so ``convert(model, plan)`` applies it.
     """
+    methods.check_method(method)
+    if method == "dynamic_conv":
+        if options.setdefault("mode", "dynamic_conv") != "dynamic_conv":
+            raise ValueError(f"method 'dynamic_conv' is mode 'dynamic_conv', not {options['mode']!r}")
+    if method == "odconv":
+        options["kernels"] = _kernels(budget, options.get("kernels"))
+        budget = float(options["kernels"])
+    elif budget is None:
+        raise ValueError(f"a {method} plan needs a budget: plan(model, 1), plan(model, '1/2')")
     budget = parse_budget(budget) if isinstance(budget, str) else check_budget(budget)
     if module:
-        return _plan_module(model, budget, example_inputs, module, model_name, graph, options)
-    opts = PlanOptions.from_kwargs(**options)
+        return _plan_module(model, budget, example_inputs, module, model_name, graph, dict(options, method=method))
+    if method == "odconv":
+        from .methods.odconv import planning as odconv_planning  # a later folder: imported when used
+        odconv_options = odconv_planning.ODConvOptions.from_kwargs(**options)
+    else:
+        opts = PlanOptions.from_kwargs(**options)
     if graph is None:
         if model is None:
             raise ValueError("plan() needs a model or a traced graph")
         graph = trace(model, example_inputs)
     name = model_name or (type(model).__name__ if model is not None else "model")
+    if method == "odconv":
+        return odconv_planning.plan(graph, odconv_options, name, _baseline_macs(graph))
     grouping = group_layers(graph, budget, opts)
     sizing = _Sizing(opts, _attention_norm(graph, opts))
     notes = list(graph.notes) + grouping.notes
@@ -796,13 +939,29 @@ def plan(model: nn.Module | None, budget: float | str, example_inputs=None, *, m
     converted = {layer.name for w in warehouses for layer in w.layers}
     unpacked = tuple(path for path in graph.unpacked_attention
                      if any(name.startswith(f"{path}.") for name in converted))
-    result = Plan(model=name, budget=budget, warehouses=warehouses, plain=static,
+    result = Plan(model=name, budget=budget, warehouses=warehouses, plain=static, method=opts.mode,
                   params_baseline=graph.params_baseline, params_converted=params,
                   input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
                   options=opts.to_dict(), notes=tuple(dict.fromkeys(notes)), unpacked_attention=unpacked,
                   baseline_macs=_baseline_macs(graph))
     check_consistent(result)  # what convert() and Plan.from_dict will check: refuse it now, not then
     return result
+
+
+def _kernels(budget: float | str | None, kernels: Any) -> int:
+    """ODConv's kernels per layer, from ``kernels=`` or the budget (its "Nx"), which must agree."""
+    if kernels is not None and (isinstance(kernels, bool) or not isinstance(kernels, int) or kernels < 1):
+        raise ValueError(f"ODConv option kernels must be a positive integer, got {kernels!r}")
+    if isinstance(budget, bool):
+        raise ValueError(f"ODConv's budget is its kernels per layer, a whole number >= 1: got {budget}")
+    if budget is not None:
+        value = parse_budget(budget) if isinstance(budget, str) else budget
+        if not float(value).is_integer() or value < 1:
+            raise ValueError(f"ODConv's budget is its kernels per layer, a whole number >= 1: got {budget}")
+        if kernels is not None and kernels != int(value):
+            raise ValueError(f"ODConv: budget {budget} and kernels={kernels} disagree; give one")
+        return int(value)
+    return 1 if kernels is None else kernels
 
 
 def _baseline_macs(graph: LayerGraph) -> int | None:
@@ -831,6 +990,7 @@ def _plan_module(model: nn.Module | None, budget: float, example_inputs, path: s
     prefix = f"{path}."
     warehouses = tuple(dataclasses.replace(w, layers=tuple(dataclasses.replace(l, name=prefix + l.name)
                                                            for l in w.layers)) for w in inner.warehouses)
+    layers = tuple(dataclasses.replace(l, name=prefix + l.name) for l in inner.layers)
     plain = [StaticLayer(prefix + s.layer, s.reason) for s in inner.plain]
     plain += [StaticLayer(n, f"outside module {path}") for n, m in model.named_modules()
               if layer_kind(m) and not n.startswith(prefix)]
@@ -845,7 +1005,7 @@ def _plan_module(model: nn.Module | None, budget: float, example_inputs, path: s
     else:
         input_size = None
     return dataclasses.replace(
-        inner, warehouses=warehouses, plain=tuple(plain), params_baseline=baseline,
+        inner, warehouses=warehouses, layers=layers, plain=tuple(plain), params_baseline=baseline,
         params_converted=baseline - inner.params_baseline + inner.params_converted,
         input_size=input_size, notes=notes, module=path,
         unpacked_attention=tuple(prefix + p for p in inner.unpacked_attention))
@@ -947,7 +1107,7 @@ def _static_reason(graph: LayerGraph, cand: Candidate, options: PlanOptions, hea
                 "layer would not compute what it computes")
     if cand.weight_read:
         return "the model reads its weight outside its forward (e.g. for a dtype); a converted layer has none"
-    if _on_pooled_map(cand) and options.squeeze_excitation == "plain":
+    if on_pooled_map(cand) and options.squeeze_excitation == "plain":
         return "squeeze-excitation conv on a pooled map"
     is_stem = cand.name in graph.stems if graph.exact else cand.order == 0
     if is_stem:
@@ -967,7 +1127,7 @@ def _static_reason(graph: LayerGraph, cand: Candidate, options: PlanOptions, hea
 EQUIVALENT_FORWARDS = frozenset({"timm.layers.linear.Linear"})
 
 
-def _on_pooled_map(cand: Candidate) -> bool:
+def on_pooled_map(cand: Candidate) -> bool:
     return bool(cand.input_spatial) and math.prod(cand.input_spatial) == 1
 
 
@@ -980,7 +1140,7 @@ def _fed_by_stem(graph: LayerGraph, cand: Candidate) -> bool:
 
 def _role(graph: LayerGraph, cand: Candidate, options: PlanOptions, split_expansion: bool) -> str:
     """The warehouse-key suffix: the layer kind, or its role when it gets its own warehouse."""
-    if _on_pooled_map(cand):
+    if on_pooled_map(cand):
         role = "squeeze_excitation"
     elif cand.depthwise and options.separate_depthwise:
         role = "depthwise"

@@ -22,10 +22,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import calibrate, compat
+from . import calibrate, compat, methods
 from . import cells as kw_cells
 from .layers import HOLDABLE_BETA_L1, KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, kernel_to_blocks
-from .plan import LayerPlan, Plan, WarehousePlan, check_consistent, plan as make_plan
+from .methods.odconv.layers import OD_CLASS, START_TEMPERATURE
+from .plan import DynamicLayerPlan, LayerPlan, Plan, WarehousePlan, check_consistent, plan as make_plan
 from .vit import PartlyDynamicLinear, linear_rows, unpack_attention, unpacked_attention
 
 #: Where the converted model keeps its plan.
@@ -73,8 +74,15 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
     if not inplace:
         model = copy.deepcopy(model)
     unpack_attention(model, plan.unpacked_attention)
-    grams = _calibration_grams(model, plan, calibration) if calibration is not None else {}
     paths = _paths_by_module(model)
+    if plan.method in methods.PER_LAYER_METHODS:
+        if calibration is not None:
+            raise ValueError(f"calibration fits KernelWarehouse cells below b = 1; a {plan.method} conversion "
+                             "starts exactly as the original: drop it")
+        _convert_layers(model, plan, init, paths)
+        setattr(model, PLAN_ATTR, plan)
+        return model
+    grams = _calibration_grams(model, plan, calibration) if calibration is not None else {}
     fitted = []
     for warehouse_plan in plan.warehouses:
         originals = [model.get_submodule(layer.name) for layer in warehouse_plan.layers]
@@ -100,6 +108,22 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
         fitted.append(dataclasses.replace(warehouse_plan, init_error=error, output_error=output_error))
     setattr(model, PLAN_ATTR, dataclasses.replace(plan, warehouses=tuple(fitted)))
     return model
+
+
+def _convert_layers(model: nn.Module, plan: Plan, init: str, paths: dict[int, list[str]]) -> None:
+    """Swap each layer of a per-layer plan (ODConv) for its dynamic layer.
+
+    ``init="preserve"`` starts every layer as the convolution it replaces, at temperature 1
+    (its heads start at zero: no warm-up is needed); ``"random"`` is the authors' init, at
+    their starting temperature (``kwconvert.methods.odconv.temperature_at`` lowers it).
+    """
+    for layer in plan.layers:
+        original = model.get_submodule(layer.name)
+        replacement = OD_CLASS[layer.kind].from_conv(original, kernels=layer.kernels, hidden=layer.hidden,
+                                                     name=layer.name, init=init)
+        replacement.temperature = START_TEMPERATURE if init == "random" else 1.0
+        for path in paths[id(original)]:
+            _set_submodule(model, path, replacement)
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -133,7 +157,7 @@ def check_memory(model: nn.Module, plan: Plan) -> None:
     first = next(model.parameters(), None)
     if available is None or first is None or first.device.type != "cpu":
         return
-    new_params = sum(w.params for w in plan.warehouses)
+    new_params = sum(w.params for w in plan.warehouses) + sum(layer.params for layer in plan.layers)
     needed = new_params * first.element_size()
     if needed > available:
         raise ValueError(f"the plan at b={plan.budget:g} needs {needed / 2**30:.1f} GiB for its warehouses and "
@@ -155,6 +179,9 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
         for layer in warehouse.layers:
             where = f"plan warehouse {warehouse.name}, layer {layer.name}"
             _check_module_matches(_find(model, layer.name, where), layer, where)
+    for layer in plan.layers:
+        where = f"plan layer {layer.name}"
+        _check_module_matches(_find(model, layer.name, where), layer, where)
 
 
 def _check_plan_covers(model: nn.Module, plan: Plan) -> None:
@@ -178,13 +205,14 @@ def _find(model: nn.Module, name: str, where: str) -> nn.Module:
         raise ValueError(f"{where}: the model has no module of that name") from None
 
 
-def _check_module_matches(module: nn.Module, layer: LayerPlan, where: str) -> None:
+def _check_module_matches(module: nn.Module, layer: LayerPlan | DynamicLayerPlan, where: str) -> None:
     static_class = _STATIC_CLASS[layer.kind]  # a known kind: check_consistent
     if not isinstance(module, static_class):
         raise ValueError(f"{where}: planned as {layer.kind} but the model has {type(module).__name__}")
     shape = tuple(module.weight.shape)
-    if layer.rows is not None:
-        start, stop = layer.rows
+    rows = getattr(layer, "rows", None)
+    if rows is not None:
+        start, stop = rows
         if layer.kind != "linear" or not 0 <= start < stop <= shape[0]:
             raise ValueError(f"{where}: rows {start}:{stop} do not lie in the {shape[0]} outputs of the "
                              f"model's {type(module).__name__}")

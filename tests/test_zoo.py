@@ -262,8 +262,8 @@ def test_plans_only_plans_on_the_meta_device_as_on_the_cpu_and_falls_back_to_the
 def test_plans_only_writes_its_own_file_with_the_budget_report(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(zoo, "RESULTS", tmp_path / "zoo.json")
     monkeypatch.setattr(zoo, "BUDGET_RESULTS", tmp_path / "zoo_budgets.json")
-    monkeypatch.setattr(zoo, "sweep", lambda cases, jobs, threads, timeout, fast_path, on_row, plans_only: [
-        on_row(zoo.run_case(case.id, timeout, fast_path, plans_only)) for case in cases])
+    monkeypatch.setattr(zoo, "sweep", lambda cases, jobs, threads, timeout, fast_path, on_row, plans_only, method: [
+        on_row(zoo.run_case(case.id, timeout, fast_path, plans_only, method)) for case in cases])
     assert zoo.main(["--plans-only", "--subset", "custom:conv1d_resnet", "--no-timm"]) == 0
     assert not (tmp_path / "zoo.json").exists()
     data = json.loads((tmp_path / "zoo_budgets.json").read_text())
