@@ -376,3 +376,33 @@ def test_bad_calibration_files_are_one_line(make, extra, code, pattern, tmp_path
     assert result.exit_code == code, result.output
     assert re.search(pattern, one_line(result.stderr))
     assert not (tmp_path / "out").exists() and not (tmp_path / "ran").exists()
+
+
+def test_odconv_converts_saves_loads_and_exports_through_the_cli(tmp_path):
+    out = tmp_path / "od"
+    result = invoke("convert", "resnet18", "--method", "odconv", "--kernels", "2", "--input-size", "3,32,32",
+                    "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "odconv" and len(data["layers"]) == 16 and data["warehouses"] == []
+    assert {f"{t:g}" for t in (1, 30)} == set(data["conversion"]["max_abs_diff"])
+    assert max(data["conversion"]["max_abs_diff"].values()) <= 1e-4 * data["conversion"]["output_scale"]
+    model = kwconvert.load(out)
+    assert type(model.layer1[0].conv1).__name__ == "ODConv2d" and model.layer1[0].conv1.kernels == 2
+    assert sum(p.numel() for p in model.parameters()) == data["params"]["converted"]
+    shown = invoke("show", str(out))
+    words = " ".join(shown.stdout.split())  # the title wraps at the terminal's width
+    assert shown.exit_code == 0 and "with odconv, 2 kernels per layer" in words
+    assert "T = 1: as served" in words
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--method", "odconv", "--budget", "2"), "--budget is KernelWarehouse's; ODConv takes --kernels N"),
+    (("--kernels", "2"), "--kernels is ODConv's (add --method odconv)"),
+    (("--method", "odc"), "--method must be one of kernelwarehouse, dynamic_conv, odconv, got 'odc'"),
+    (("--method", "odconv", "-O", "kernel=3"), "unknown ODConv option 'kernel'"),
+])
+def test_bad_method_options_are_one_line(args, message):
+    result = invoke("convert", "resnet18", "--dry-run", *args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output

@@ -115,7 +115,7 @@ def static_reason(graph: LayerGraph, cand: Candidate, options: ODConvOptions) ->
         return f"{cand.custom_forward.rsplit('.', 1)[-1]} overrides torch's forward; an ODConv layer would not compute it"
     if cand.weight_read:
         return "the model reads its weight outside its forward; a converted layer has none"
-    if on_pooled_map(cand):
+    if on_pooled_map(cand) and cand.pointwise:  # a 3x3 on a 1x1 map is a small input, not a squeeze
         return "squeeze-excitation conv on a pooled map"
     is_stem = cand.name in graph.stems if graph.exact else cand.order == 0
     if is_stem and options.stem == "plain":
