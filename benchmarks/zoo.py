@@ -80,9 +80,11 @@ from kwconvert.pipeline import LAYER_TOLERANCE  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "zoo.json"
 BUDGET_RESULTS = HERE / "results" / "zoo_budgets.json"  # --plans-only: never overwrites RESULTS
-#: --method odconv: its own results, ODConv converting at this many kernels per layer.
-ODCONV_RESULTS = HERE / "results" / "zoo_odconv.json"
+#: --method odconv / kerneldna: results of their own; ODConv converts at ODCONV_KERNELS per layer.
+METHOD_RESULTS = {"odconv": HERE / "results" / "zoo_odconv.json", "kerneldna": HERE / "results" / "zoo_kerneldna.json"}
 ODCONV_KERNELS = 4
+#: Per-layer methods and what they are planned with (KernelDNA: its parents chosen from the weights).
+PER_LAYER_OPTIONS = {"odconv": {"kernels": ODCONV_KERNELS}, "kerneldna": {}}
 TIMM_SAMPLE = HERE / "zoo_timm_sample.txt"
 RESULTS_FORMAT = 1
 
@@ -385,7 +387,7 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool, method: str = "kern
     from kwconvert.layers import set_temperature
     from kwconvert.pipeline import LayerCheck, _max_abs_diff, compare_outputs, static_originals
     from kwconvert.plan import plan
-    from kwconvert.rewrite import convert
+    from kwconvert.rewrite import convert, plan_of
     from kwconvert.trace import trace
 
     model, own = _build(case, row)
@@ -401,8 +403,8 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool, method: str = "kern
     row["stage"] = "plan"
     started = time.perf_counter()
     graph = trace(model, torch.randn(1, *own, generator=torch.Generator().manual_seed(0)))
-    if method == "odconv":  # one plan, at ODCONV_KERNELS: the budget bounds are KernelWarehouse's
-        plan_b1 = plan(model, graph=graph, model_name=case.id, method="odconv", kernels=ODCONV_KERNELS)
+    if method in PER_LAYER_OPTIONS:  # one plan: the budget bounds are KernelWarehouse's
+        plan_b1 = plan(model, graph=graph, model_name=case.id, method=method, **PER_LAYER_OPTIONS[method])
         plans = {}
         row.update(warehouses=0, converted_layers=len(plan_b1.layers), plain_layers=len(plan_b1.plain))
         if not plan_b1.layers:
@@ -428,11 +430,17 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool, method: str = "kern
     row["forward_s"] = round(time.perf_counter() - started, 3)
     diff = _max_abs_diff(expected, actual)
     allowed = tolerance(scale, noise)
-    worst_layer, layer_diff = compared.worst()
+    # KernelDNA's children are least-squares fits from their parents: compared only where exact
+    exact = {layer.name for layer in plan_b1.layers if layer.parent is None} if plan_b1.layers else None
+    worst_layer, layer_diff = compared.worst(exact)
     row.update(max_diff=diff, output_scale=scale, float32_error=noise, tolerance=allowed,
                layer_diff=layer_diff, worst_layer=worst_layer)
 
     problems = []
+    fitted = [layer.fit_error for layer in plan_of(converted).layers if layer.parent is not None]
+    if fitted:  # the output is the fit's, not the original's: its error must be a number in [0, 1]
+        allowed = math.inf if all(0 <= error <= 1 for error in fitted) else -math.inf
+        row["fit_errors"] = [round(min(fitted), 4), round(max(fitted), 4)]
     if not diff <= allowed:  # also catches NaN
         problems.append(f"max |diff| {diff:.3g} > {allowed:.3g} (max |output| {scale:.3g})")
     if not layer_diff <= LAYER_TOLERANCE:
@@ -718,7 +726,7 @@ def _header(args) -> dict[str, Any]:
     import torchvision
     return {"format": RESULTS_FORMAT, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "python": platform.python_version(),
-            "settings": {"method": args.method, "odconv_kernels": ODCONV_KERNELS if args.method == "odconv" else None,
+            "settings": {"method": args.method, "method_options": PER_LAYER_OPTIONS.get(args.method),
                          "check_batch": CHECK_BATCH, "check_sizes": list(CHECK_SIZES),
                          "absolute_tolerance": ABSOLUTE_TOLERANCE, "float32_error_factor": FLOAT32_ERROR_FACTOR,
                          "relative_tolerance": RELATIVE_TOLERANCE, "float64_max_params": FLOAT64_MAX_PARAMS,
@@ -849,9 +857,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True,
                         help="include the timm sample (default: yes)")
     parser.add_argument("--failed", action="store_true", help="only models that did not pass in --out")
-    parser.add_argument("--method", choices=("kernelwarehouse", "odconv"), default="kernelwarehouse",
-                        help=f"conversion method; odconv converts at {ODCONV_KERNELS} kernels per layer and writes "
-                             f"{ODCONV_RESULTS.name} (default kernelwarehouse)")
+    parser.add_argument("--method", choices=("kernelwarehouse", *METHOD_RESULTS), default="kernelwarehouse",
+                        help=f"conversion method (default kernelwarehouse); odconv converts at {ODCONV_KERNELS} kernels "
+                             "per layer; each writes results/zoo_<method>.json")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model (default 900; 0: none)")
@@ -868,8 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--make-timm-sample", action="store_true",
                         help=f"draw {TIMM_SAMPLE.name} again by its rule, then stop")
     args = parser.parse_args(argv)
-    args.out = args.out or (BUDGET_RESULTS if args.plans_only else ODCONV_RESULTS if args.method == "odconv"
-                            else RESULTS)
+    args.out = args.out or (BUDGET_RESULTS if args.plans_only else METHOD_RESULTS.get(args.method, RESULTS))
     done = "planned" if args.plans_only else "pass"
     if args.make_timm_sample:
         print(f"{len(make_timm_sample())} models written to {TIMM_SAMPLE}")

@@ -176,12 +176,15 @@ def _key_value(flag: str, text: str) -> tuple[str, object]:
 
 
 def _check_plan_options(options: dict) -> None:
+    from kwconvert.methods.kerneldna.planning import KernelDNAOptions
     from kwconvert.methods.odconv.planning import ODConvOptions
     from kwconvert.plan import PlanOptions
     options = dict(options)
     method = options.pop("method", "kernelwarehouse")
+    if method == "dynamic_conv":
+        options.setdefault("mode", "dynamic_conv")
     try:
-        (ODConvOptions if method == "odconv" else PlanOptions).from_kwargs(**options)
+        {"odconv": ODConvOptions, "kerneldna": KernelDNAOptions}.get(method, PlanOptions).from_kwargs(**options)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -193,15 +196,21 @@ def _method_options(method: str, budget: Optional[str], kernels: Optional[int], 
     from kwconvert.methods import METHODS
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
-    if method != "odconv":
+    if method in ("kernelwarehouse", "dynamic_conv"):
         if kernels is not None:
             raise UsageError("--kernels is ODConv's (add --method odconv); KernelWarehouse and dynamic_conv take --budget")
         return _budget("1" if budget is None else budget), ({"method": method} if method != "kernelwarehouse" else {})
+    name = {"odconv": "ODConv", "kerneldna": "KernelDNA"}[method]
     if budget is not None:
-        raise UsageError("--budget is KernelWarehouse's; ODConv takes --kernels N (the authors' 1x, 4x)")
+        raise UsageError(f"--budget is KernelWarehouse's; {name} takes " + (
+            "--kernels N (the authors' 1x, 4x)" if method == "odconv" else "no budget (-O share=..., children_per_parent=N)"))
+    if kernels is not None and method != "odconv":
+        raise UsageError("--kernels is ODConv's; KernelDNA shares its parents' kernels")
     for flag, value in (("--calibration", calibration), ("--max-blocks-per-stage", max_blocks_per_stage)):
         if value is not None:
-            raise UsageError(f"{flag} is a KernelWarehouse option; ODConv does not take it")
+            raise UsageError(f"{flag} is a KernelWarehouse option; {name} does not take it")
+    if method == "kerneldna":
+        return 1.0, {"method": "kerneldna"}
     return float(kernels or 1), {"method": "odconv", "kernels": kernels or 1}
 
 
@@ -209,7 +218,7 @@ def _method_options(method: str, budget: Optional[str], kernels: Optional[int], 
 def convert(
     model: Annotated[str, typer.Argument(help="torchvision name (resnet50), timm:NAME, or pkg.module:callable")],
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="warehouse budget b = n / m_t, any b > 0: 0.5, 1/2, 0.4, 1, 4 [default: 1]")] = None,
-    method: Annotated[str, typer.Option(help="kernelwarehouse; dynamic_conv (DY-Conv: n = --budget kernels per layer); odconv (ODConv, with --kernels)")] = "kernelwarehouse",
+    method: Annotated[str, typer.Option(help="kernelwarehouse; dynamic_conv (DY-Conv: n = --budget kernels per layer); odconv (ODConv, with --kernels); kerneldna (KernelDNA: children of parent kernels, -O share=...)")] = "kernelwarehouse",
     kernels: Annotated[Optional[int], typer.Option(min=1, help="odconv: kernels per layer, the authors' 1x / 4x [default: 1]")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory [default: ./kwconvert-out/<model>-b<budget>/]")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="checkpoint for the base model: .safetensors, or a .pt/.pth state dict")] = None,
@@ -267,8 +276,8 @@ def convert(
                 step("converting" + (", fitting cells to the outputs on the calibration inputs" if calibration else ""))
                 job.convert()
                 if init == "preserve":
-                    step("comparing outputs and each converted layer with the original at "
-                         + ("T = 1 and 30" if method == "odconv" else "tau = 1 and 0"))
+                    step("comparing outputs and each converted layer with the original"
+                         + {"odconv": " at T = 1 and 30", "kerneldna": ""}.get(method, " at tau = 1 and 0"))
                     job.compare()
                 step("saving")
                 job.save(out_dir)
@@ -364,6 +373,8 @@ def export_saved(
 def bench(
     target: Annotated[str, typer.Argument(metavar="DIR|MODEL", help="a directory written by kwconvert, or a model as for convert (converted at --budget first)")],
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="budget to convert MODEL at [default: 1]; a DIR is already converted")] = None,
+    method: Annotated[str, typer.Option(help="method to convert MODEL with, as for convert")] = "kernelwarehouse",
+    kernels: Annotated[Optional[int], typer.Option(min=1, help="odconv: kernels per layer [default: 1]")] = None,
     batch: Annotated[int, typer.Option(min=1, help="batch size of the timed calls")] = 16,
     mode: Annotated[Optional[list[str]], typer.Option("--mode", help="inference (eval, no grad) or training (forward, backward, SGD step); repeatable [default: both]")] = None,
     repetitions: Annotated[int, typer.Option("--reps", min=1, help="timed calls per model and mode, interleaved")] = 7,
@@ -390,19 +401,23 @@ def bench(
         args = dict(_key_value("--model-arg", text) for text in model_arg or ())
         with render.progress(err, enabled=not quiet) as step:
             if Path(target).is_dir():
-                if budget is not None:
-                    raise UsageError(f"--budget applies to a MODEL; {target} is a saved model, already converted")
+                given = [flag for flag, value in (("--budget", budget), ("--kernels", kernels),
+                                                  ("--method", method != "kernelwarehouse" or None)) if value is not None]
+                if given:
+                    raise UsageError(f"{given[0]} applies to a MODEL; {target} is a saved model, already converted")
                 step("loading the saved model and building its original")
                 original, converted, size = _saved_pair(Path(target), base_model, args, size)
             else:
                 step("building and converting the model")
-                original, converted, size = _converted_pair(target, _budget(budget or "1"), args, size)
+                budget_value, options = _method_options(method, budget, kernels, None, None)
+                original, converted, size = _converted_pair(target, budget_value, options, args, size)
             inputs = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
             rows = compare_speed(original, converted, inputs, modes=modes, repetitions=repetitions,
                                  progress=lambda name, done, total: step(f"timing {name}, interleaved", done, total))
         from kwconvert.rewrite import plan_of
         plan = plan_of(converted)
-        result = {"model": plan.model, "budget": plan.budget, "input_size": list(size), "batch": batch,
+        result = {"model": plan.model, "setting": plan.setting, "method": plan.method, "budget": plan.budget,
+                  "input_size": list(size), "batch": batch,
                   "threads": torch.get_num_threads(), "cpu": cpu_description(), "torch": torch.__version__,
                   "rows": [row.to_dict() for row in rows]}
         if json_output:
@@ -425,11 +440,12 @@ def _saved_pair(directory: Path, base_model: Optional[str], model_args: dict, si
     return original, converted, tuple(size or meta.get("input_size") or default_input_size(original))
 
 
-def _converted_pair(source: str, budget: float, model_args: dict, size):
+def _converted_pair(source: str, budget: float, plan_options: dict, model_args: dict, size):
     """(original, converted, input size) of MODEL at ``budget``; random cells, as the weights
     do not change the speed (a least-squares fit at b < 1 would only cost time)."""
     from kwconvert.pipeline import Conversion
-    job = Conversion(source, budget, input_size=size, init="random", model_args=model_args)
+    job = Conversion(source, budget, input_size=size, init="random", plan_options=plan_options,
+                     model_args=model_args)
     job.build()
     if size is not None:
         _check_input_size(job.model, size)

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
+from kwconvert.methods import DERIVED_METHODS
 from kwconvert.pipeline import LAYER_TOLERANCE
 from kwconvert.plan import count
 
@@ -105,23 +106,28 @@ def summary(job) -> Group:
     else:
         table.add_row("warehouses", f"{len(plan.warehouses)} holding {count(len(plan.converted_layers), 'layer')}; "
                                     f"{count(len(plan.plain), 'layer')} kept static")
+    derived = plan.method in DERIVED_METHODS  # KernelDNA: no temperature
     symbol = "T" if plan.layers else "tau"
     if job.max_abs_diff is not None:
         for tau, diff in sorted(job.diff_at_temperature.items(), reverse=True):
             relative = diff / job.output_scale if job.output_scale and diff is not None else 0.0
-            when = _when(plan, tau)
-            table.add_row(f"max |output diff| at {symbol} = {tau:g}",
-                          f"{diff:.3g} = {relative:.2g} of max |output| ({when})")
+            label, when = ("", "") if derived else (f" at {symbol} = {tau:g}", f" ({_when(plan, tau)})")
+            table.add_row(f"max |output diff|{label}", f"{diff:.3g} = {relative:.2g} of max |output|{when}")
         if job.output_too_small:
             table.add_row("outputs", f"too small to compare (max |output| {job.output_scale:.2g}): "
                                      "the per-layer check below is the check")
         fitted_to = ("layers' outputs on the calibration inputs" if any(w.output_error is not None for w in plan.warehouses)
                      else "kernels")
-        table.add_row("function", "the original's at every temperature" if plan.budget >= 1 else
-                      f"a least-squares fit of the original's {fitted_to} at every temperature: fine-tune to recover")
+        if derived:
+            table.add_row("function", "the parents' exactly; each child's kernel a least-squares fit from its "
+                                      "parent (errors below): fine-tune to recover")
+        else:
+            table.add_row("function", "the original's at every temperature" if plan.budget >= 1 else
+                          f"a least-squares fit of the original's {fitted_to} at every temperature: "
+                          "fine-tune to recover")
     for tau, (layer, relative) in sorted(job.layer_diff_at_temperature.items(), reverse=True):
         if layer is not None:
-            table.add_row(f"each exact layer vs its original at {symbol} = {tau:g}",
+            table.add_row("each exact layer vs its original" + ("" if derived else f" at {symbol} = {tau:g}"),
                           f"at most {relative:.2g} of its max |output| ({layer}; bound {LAYER_TOLERANCE:g})")
     if job.not_comparable:  # e.g. a detector's boxes: each model may find a different number
         table.add_row("outputs not comparable", f"{len(job.not_comparable)} tensor(s) differ in shape or "
@@ -190,14 +196,16 @@ def _temperatures(taus: dict[str, float], plan) -> str:
 def _add_fit_error(table: Table, plan) -> None:
     for label, errors in (("kernel fit error (b < 1)", [w.init_error for w in plan.warehouses if w.init_error]),
                           ("output fit error (calibration)", [w.output_error for w in plan.warehouses
-                                                               if w.output_error is not None])):
+                                                               if w.output_error is not None]),
+                          ("child kernel fit error (KernelDNA)", [l.fit_error for l in plan.layers
+                                                                  if l.fit_error is not None])):
         if errors:
             table.add_row(label, f"{min(errors):.3f} .. {max(errors):.3f} relative")
 
 
 def speed(result: dict) -> Group:
     """``kwconvert bench``: milliseconds per call of each model and their ratio, per mode."""
-    title = Text(f"{result['model']} at budget {result['budget']:g}, converted / original: batch {result['batch']}, "
+    title = Text(f"{result['model']} {result['setting']}, converted / original: batch {result['batch']}, "
                  f"input {'x'.join(map(str, result['input_size']))}", style="italic")
     table = Table()
     for column in ("mode", "original ms", "converted ms", "ratio", "25-75 %"):

@@ -1,4 +1,4 @@
-"""kwconvert: turn any PyTorch vision model into a KernelWarehouse (or ODConv) model.
+"""kwconvert: turn any PyTorch vision model into a KernelWarehouse (or ODConv, KernelDNA) model.
 
 Pipeline, one module per stage, data flowing one way:
 ``trace`` (model -> LayerGraph) -> ``plan`` (LayerGraph + budget -> Plan) ->

@@ -97,8 +97,21 @@ def dynamic_layer_cost(layer: "DynamicLayerPlan") -> Cost:
                 layer.kernels * kernel * FLOAT32_BYTES)
 
 
+def derived_layer_cost(layer: "DynamicLayerPlan") -> Cost:
+    """One KernelDNA child's cost: its convolution, its gate's two products, and the parent's
+    kernel read once per forward (the child's kernel is built once per batch, not per sample)."""
+    kernel = math.prod(layer.weight_shape)
+    conv = None if layer.positions is None else kernel * layer.positions
+    return Cost(layer.params, conv, 0, 2 * layer.in_channels * layer.hidden, kernel * FLOAT32_BYTES)
+
+
+def per_layer_cost(layer: "DynamicLayerPlan") -> Cost:
+    """A per-layer method's layer: a KernelDNA child, or an ODConv layer."""
+    return derived_layer_cost(layer) if layer.parent is not None else dynamic_layer_cost(layer)
+
+
 def plan_cost(plan: "Plan") -> Cost:
-    return total(warehouse_cost(w) for w in plan.warehouses) + total(dynamic_layer_cost(l) for l in plan.layers)
+    return total(warehouse_cost(w) for w in plan.warehouses) + total(per_layer_cost(l) for l in plan.layers)
 
 
 def macs_ratio(plan: "Plan") -> float | None:

@@ -28,7 +28,9 @@ from .vit import unpacked_attention
 DEFAULT_OUT = Path("kwconvert-out")
 #: Where the output check looks, per method: KernelWarehouse's start of training (tau = 1)
 #: and serving (tau = 0); ODConv's serving (T = 1) and start of training from scratch (T = 30).
-COMPARED_TEMPERATURES = {"kernelwarehouse": (1.0, 0.0), "dynamic_conv": (1.0, 0.0), "odconv": (1.0, 30.0)}
+#: KernelDNA has no temperature.
+COMPARED_TEMPERATURES = {"kernelwarehouse": (1.0, 0.0), "dynamic_conv": (1.0, 0.0), "odconv": (1.0, 30.0),
+                         "kerneldna": (1.0,)}
 #: Bound on each converted layer's max |diff| from its static original on the same input,
 #: relative to that output's max |value|, where the conversion is exact (warehouse budget
 #: >= 1): float32 rounding of one layer is ~1e-7..1e-6.
@@ -161,10 +163,11 @@ class Conversion:
         return self.max_abs_diff
 
     def _exact_layers(self) -> set[str]:
-        """Converted layers that hold their kernel exactly (a warehouse at b >= 1, ODConv's)."""
+        """Converted layers that hold their kernel exactly (a warehouse at b >= 1, ODConv's;
+        not KernelDNA's children, fitted from a parent)."""
         plan = self.result_plan
         return {name for w in plan.warehouses if w.budget >= 1 for name in w.layer_names} | {
-            layer.name for layer in plan.layers}
+            layer.name for layer in plan.layers if layer.parent is None}
 
     def _refuse_a_mismatch(self) -> None:
         for tau, (layer, relative) in self.layer_diff_at_temperature.items():
@@ -232,10 +235,10 @@ def _option_value(raw: str) -> Any:
 
 
 def default_out_dir(source: str, budget: float, method: str = "kernelwarehouse") -> Path:
-    """``./kwconvert-out/<model>-b<budget>/`` (ODConv: ``<model>-odconv<kernels>``), the
-    model's short name made path-safe."""
+    """``./kwconvert-out/<model>-b<budget>/`` (ODConv: ``<model>-odconv<kernels>``, KernelDNA:
+    ``<model>-kerneldna``), the model's short name made path-safe."""
     short = source.split(":", 1)[-1]
-    setting = f"odconv{budget:g}" if method == "odconv" else f"b{budget:g}"
+    setting = {"odconv": f"odconv{budget:g}", "kerneldna": "kerneldna"}.get(method, f"b{budget:g}")
     return DEFAULT_OUT / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', short)}-{setting}"
 
 

@@ -101,9 +101,11 @@ class WarehousePlan:
 class DynamicLayerPlan:
     """One layer a per-layer method converts on its own (ODConv: no sharing between layers).
 
-    ``kernels`` is n, the layer's own kernels; ``hidden`` its attention width; ``params``
-    what the converted layer holds besides its bias (the kernel it replaces is gone);
-    the other fields as in :class:`LayerPlan`.
+    ``kernels`` is n, the layer's own kernels; ``hidden`` its attention (KernelDNA: gate)
+    width; ``params`` what the converted layer holds besides its bias (the kernel it
+    replaces is gone); the other fields as in :class:`LayerPlan`.  A KernelDNA child names
+    the static layer whose kernel it derives from in ``parent``; ``fit_error`` is filled by
+    the rewriter: the relative error of the child's kernel fitted to the trained one.
     """
     name: str
     kind: str
@@ -114,6 +116,8 @@ class DynamicLayerPlan:
     hidden: int
     params: int
     positions: int | None = None
+    parent: str | None = None
+    fit_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class Plan:
             "params": {"baseline": self.params_baseline, "converted": self.params_converted},
             "warehouses": [_warehouse_to_dict(w) for w in self.warehouses],
             "layers": [{**asdict(layer), "weight_shape": list(layer.weight_shape),
-                        "cost": costs.dynamic_layer_cost(layer).to_dict()} for layer in self.layers],
+                        "cost": costs.per_layer_cost(layer).to_dict()} for layer in self.layers],
             "plain": [asdict(s) for s in self.plain],
             "options": self.options,
             "notes": list(self.notes),
@@ -228,8 +232,12 @@ class Plan:
         """One line: ``print(plan)`` of a dataclass this size would print pages
         (``plan.table()`` draws the tables, ``plan.to_json()`` gives everything)."""
         layers = sum(len(w.layers) for w in self.warehouses)
-        what = (f"method={self.method!r}, kernels={self.budget:g}, {count(len(self.layers), 'layer')}" if self.layers
-                else f"budget={self.budget:g}, {count(len(self.warehouses), 'warehouse')} of {count(layers, 'layer')}")
+        if self.method in methods.DERIVED_METHODS:
+            what = f"method={self.method!r}, {count(len(self.layers), 'child')}"
+        elif self.layers:
+            what = f"method={self.method!r}, kernels={self.budget:g}, {count(len(self.layers), 'layer')}"
+        else:
+            what = f"budget={self.budget:g}, {count(len(self.warehouses), 'warehouse')} of {count(layers, 'layer')}"
         return (f"Plan(model={self.model!r}, {what}, {len(self.plain)} static, parameters {self.params_baseline:,} -> "
                 f"{self.params_converted:,} ({self.ratio:.2f}x))")
 
@@ -241,6 +249,8 @@ class Plan:
     @property
     def setting(self) -> str:
         """How the plan converts, in a few words: "at budget 0.5", "with odconv, 4 kernels per layer"."""
+        if self.method in methods.DERIVED_METHODS:
+            return f"with {self.method} (children derived from parent kernels)"
         if self.method in methods.PER_LAYER_METHODS:
             return f"with {self.method}, {count(int(self.budget), 'kernel')} per layer"
         return f"at budget {self.budget:g}" + (" (dynamic_conv)" if self.method == "dynamic_conv" else "")
@@ -299,16 +309,24 @@ class Plan:
 
         size = f" at {_dims(self.input_size)}" if self.input_size else ""
         where = f" (module {self.module})" if self.module else ""
-        title = Text(f"{self.model}{where}, {self.method} with {count(int(self.budget), 'kernel')} per layer: "
-                     f"{count(len(self.layers), 'layer')} converted (cost per sample{size})", style="italic")
+        derived = self.method in methods.DERIVED_METHODS  # KernelDNA: a parent and a fit, no kernels
+        title = Text(f"{self.model}{where} {self.setting}: {count(len(self.layers), 'layer')} converted "
+                     f"(cost per sample{size})", style="italic")
         table = Table(pad_edge=False)
         table.add_column("layer", overflow="fold")
-        for column in ("kernel", "n", "attention\nwidth", "params", "conv\nMACs", "added\nMACs"):
+        table.add_column("kernel", justify="right", no_wrap=True)
+        if derived:
+            table.add_column("parent", overflow="fold")
+        columns = ("gate\nwidth", "params", "conv\nMACs", "added\nMACs", "fit\nerror") if derived else (
+            "n", "attention\nwidth", "params", "conv\nMACs", "added\nMACs")
+        for column in columns:
             table.add_column(column, justify="right", no_wrap=True)
         for layer in self.layers:
-            cost = costs.dynamic_layer_cost(layer)
-            table.add_row(layer.name, _dims(layer.weight_shape), str(layer.kernels), str(layer.hidden),
-                          f"{layer.params:,}", _si(cost.conv_macs), _si(cost.added_macs))
+            cost = costs.per_layer_cost(layer)
+            middle = (layer.parent,) if derived else (str(layer.kernels),)
+            last = ((f"{layer.fit_error:.3f}" if layer.fit_error is not None else "-"),) if derived else ()
+            table.add_row(layer.name, _dims(layer.weight_shape), *middle, str(layer.hidden), f"{layer.params:,}",
+                          _si(cost.conv_macs), _si(cost.added_macs), *last)
         return [title, table]
 
     def _plain_and_totals(self) -> list:
@@ -439,7 +457,9 @@ def _dynamic_layer_from_dict(data: Any, index: int) -> DynamicLayerPlan:
     return DynamicLayerPlan(name=layer.text("name"), kind=layer.text("kind"), weight_shape=layer.integers("weight_shape"),
                             in_channels=layer.integer("in_channels"), groups=layer.integer("groups"),
                             kernels=layer.integer("kernels"), hidden=layer.integer("hidden"),
-                            params=layer.integer("params"), positions=layer.integer("positions", default=None))
+                            params=layer.integer("params"), positions=layer.integer("positions", default=None),
+                            parent=layer.text("parent", default=None),
+                            fit_error=layer.number("fit_error", default=None))
 
 
 def _static_from_dict(data: Any, index: int) -> StaticLayer:
@@ -597,6 +617,12 @@ def _check_dynamic_layers(plan: Plan, plain: set[str]) -> None:
                              f"{layer.weight_shape[1]} (the kernel's input channels)")
         if layer.kernels != plan.budget:
             raise ValueError(f"{where}: kernels is {layer.kernels}, the plan's is {plan.budget:g}")
+        derived = plan.method in methods.DERIVED_METHODS
+        if derived != (layer.parent is not None):
+            raise ValueError(f"{where}: " + (f"a {plan.method} child needs a parent" if derived else
+                                             f"a {plan.method} layer has no parent"))
+        if derived and layer.parent not in plain:
+            raise ValueError(f"{where}: its parent {layer.parent} must stay a static layer of the plan")
         expected = methods.layer_params(plan.method, layer)
         if layer.params != expected:
             raise ValueError(f"{where}: params is {layer.params}, its sizes give {expected}")
@@ -904,6 +930,11 @@ def plan(model: nn.Module | None, budget: float | str | None = None, example_inp
     if method == "odconv":
         options["kernels"] = _kernels(budget, options.get("kernels"))
         budget = float(options["kernels"])
+    elif method == "kerneldna":
+        if budget is not None and (isinstance(budget, bool) or budget not in (1, "1")):
+            raise ValueError(f"KernelDNA takes no budget (got {budget}): its children share their parents' "
+                             "kernels (options share=, children_per_parent=)")
+        budget = 1.0
     elif budget is None:
         raise ValueError(f"a {method} plan needs a budget: plan(model, 1), plan(model, '1/2')")
     budget = parse_budget(budget) if isinstance(budget, str) else check_budget(budget)
@@ -912,6 +943,9 @@ def plan(model: nn.Module | None, budget: float | str | None = None, example_inp
     if method == "odconv":
         from .methods.odconv import planning as odconv_planning  # a later folder: imported when used
         odconv_options = odconv_planning.ODConvOptions.from_kwargs(**options)
+    elif method == "kerneldna":
+        from .methods.kerneldna import planning as kerneldna_planning
+        kerneldna_options = kerneldna_planning.KernelDNAOptions.from_kwargs(**options)
     else:
         opts = PlanOptions.from_kwargs(**options)
     if graph is None:
@@ -921,6 +955,8 @@ def plan(model: nn.Module | None, budget: float | str | None = None, example_inp
     name = model_name or (type(model).__name__ if model is not None else "model")
     if method == "odconv":
         return odconv_planning.plan(graph, odconv_options, name, _baseline_macs(graph))
+    if method == "kerneldna":
+        return kerneldna_planning.plan(graph, model, kerneldna_options, name, _baseline_macs(graph))
     grouping = group_layers(graph, budget, opts)
     sizing = _Sizing(opts, _attention_norm(graph, opts))
     notes = list(graph.notes) + grouping.notes
@@ -986,7 +1022,8 @@ def _plan_module(model: nn.Module | None, budget: float, example_inputs, path: s
     if graph is None:
         graph = trace(inner_model, module_inputs(model, path, example_inputs))
     name = model_name or type(model).__name__
-    inner = plan(inner_model, budget, graph=graph, model_name=name, **options)
+    inner_budget = None if options.get("method") == "kerneldna" else budget  # KernelDNA takes none
+    inner = plan(inner_model, inner_budget, graph=graph, model_name=name, **options)
     prefix = f"{path}."
     warehouses = tuple(dataclasses.replace(w, layers=tuple(dataclasses.replace(l, name=prefix + l.name)
                                                            for l in w.layers)) for w in inner.warehouses)
@@ -1064,11 +1101,11 @@ def group_layers(graph: LayerGraph, budget: float, options: PlanOptions) -> Grou
     heads = [c for c in graph.candidates if plain.get(c.name) == "head"
              and _static_reason(graph, c, options, head=True) is None]
     stems = set(graph.stems) if graph.exact else {graph.candidates[0].name}
-    stages = _stages(graph, options, notes)
+    stage_of = stages(graph, options, notes)
     split_expansion = budget > 1 if options.expansion_split == "auto" else options.expansion_split
     keyed: dict[str, Group] = {}
     for cand in converted:
-        stage = "stem" if cand.name in stems else stages.get(cand.name, "pre")
+        stage = "stem" if cand.name in stems else stage_of.get(cand.name, "pre")
         name = f"{stage}.{_role(graph, cand, options, split_expansion)}"
         keyed.setdefault(name, Group(name, [])).members.append(cand)
     return Grouping(list(keyed.values()), plain, notes, heads)
@@ -1157,7 +1194,7 @@ def _role(graph: LayerGraph, cand: Candidate, options: PlanOptions, split_expans
 LONG_BODY_BLOCKS = 8
 
 
-def _stages(graph: LayerGraph, options: PlanOptions, notes: list[str]) -> dict[str, str]:
+def stages(graph: LayerGraph, options: PlanOptions, notes: list[str]) -> dict[str, str]:
     """Stage label per candidate (stems and plain layers included; callers pick)."""
     if not graph.exact:
         return {name: f"stage{index}" for name, index in graph.resolution_stages().items()}

@@ -25,6 +25,7 @@ from torch import nn
 from . import calibrate, compat, methods
 from . import cells as kw_cells
 from .layers import HOLDABLE_BETA_L1, KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, kernel_to_blocks
+from .methods.kerneldna.layers import KDNA_CLASS
 from .methods.odconv.layers import OD_CLASS, START_TEMPERATURE
 from .plan import DynamicLayerPlan, LayerPlan, Plan, WarehousePlan, check_consistent, plan as make_plan
 from .vit import PartlyDynamicLinear, linear_rows, unpack_attention, unpacked_attention
@@ -79,8 +80,8 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
         if calibration is not None:
             raise ValueError(f"calibration fits KernelWarehouse cells below b = 1; a {plan.method} conversion "
                              "starts exactly as the original: drop it")
-        _convert_layers(model, plan, init, paths)
-        setattr(model, PLAN_ATTR, plan)
+        layers = _convert_layers(model, plan, init, paths)
+        setattr(model, PLAN_ATTR, dataclasses.replace(plan, layers=layers))
         return model
     grams = _calibration_grams(model, plan, calibration) if calibration is not None else {}
     fitted = []
@@ -110,20 +111,31 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str =
     return model
 
 
-def _convert_layers(model: nn.Module, plan: Plan, init: str, paths: dict[int, list[str]]) -> None:
-    """Swap each layer of a per-layer plan (ODConv) for its dynamic layer.
+def _convert_layers(model: nn.Module, plan: Plan, init: str,
+                    paths: dict[int, list[str]]) -> tuple[DynamicLayerPlan, ...]:
+    """Swap each layer of a per-layer plan for its dynamic layer; return the plan's layers
+    with their fit errors (KernelDNA's children; ``init="none"`` keeps the plan's).
 
-    ``init="preserve"`` starts every layer as the convolution it replaces, at temperature 1
-    (its heads start at zero: no warm-up is needed); ``"random"`` is the authors' init, at
-    their starting temperature (``kwconvert.methods.odconv.temperature_at`` lowers it).
+    ODConv: ``init="preserve"`` starts every layer as the convolution it replaces, at
+    temperature 1 (its heads start at zero: no warm-up is needed); ``"random"`` is the
+    authors' init, at their starting temperature (``odconv.temperature_at`` lowers it).
+    KernelDNA: a child derives from its parent, which stays the model's own layer.
     """
+    fitted = []
     for layer in plan.layers:
         original = model.get_submodule(layer.name)
-        replacement = OD_CLASS[layer.kind].from_conv(original, kernels=layer.kernels, hidden=layer.hidden,
-                                                     name=layer.name, init=init)
-        replacement.temperature = START_TEMPERATURE if init == "random" else 1.0
+        if layer.parent is not None:
+            replacement, error = KDNA_CLASS[layer.kind].from_conv(
+                original, model.get_submodule(layer.parent), hidden=layer.hidden, name=layer.name, init=init)
+            fitted.append(layer if init == "none" else dataclasses.replace(layer, fit_error=error))
+        else:
+            replacement = OD_CLASS[layer.kind].from_conv(original, kernels=layer.kernels, hidden=layer.hidden,
+                                                         name=layer.name, init=init)
+            replacement.temperature = START_TEMPERATURE if init == "random" else 1.0
+            fitted.append(layer)
         for path in paths[id(original)]:
             _set_submodule(model, path, replacement)
+    return tuple(fitted)
 
 
 def plan_of(model: nn.Module) -> Plan:

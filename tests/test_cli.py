@@ -399,10 +399,23 @@ def test_odconv_converts_saves_loads_and_exports_through_the_cli(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--method", "odconv", "--budget", "2"), "--budget is KernelWarehouse's; ODConv takes --kernels N"),
     (("--kernels", "2"), "--kernels is ODConv's (add --method odconv)"),
-    (("--method", "odc"), "--method must be one of kernelwarehouse, dynamic_conv, odconv, got 'odc'"),
+    (("--method", "odc"), "--method must be one of kernelwarehouse, dynamic_conv, odconv, kerneldna, got 'odc'"),
     (("--method", "odconv", "-O", "kernel=3"), "unknown ODConv option 'kernel'"),
 ])
 def test_bad_method_options_are_one_line(args, message):
     result = invoke("convert", "resnet18", "--dry-run", *args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_kerneldna_dry_run_lists_children_and_parents_and_bench_takes_a_method():
+    planned = invoke("convert", "resnet18", "--method", "kerneldna", "-O", "parent=first", "--input-size", "3,32,32",
+                     "--dry-run", "--json")
+    assert planned.exit_code == 0, planned.output
+    data = json.loads(planned.stdout)
+    assert data["method"] == "kerneldna" and {layer["parent"] for layer in data["layers"]} >= {"layer1.0.conv1"}
+    assert invoke("convert", "resnet18", "--method", "kerneldna", "--budget", "2", "--dry-run").exit_code == 2
+    timed = invoke("bench", "tests.test_bad_input:small_cnn", "--input-size", "3,16,16", "--method", "odconv",
+                   "--kernels", "2", "--mode", "inference", "--reps", "1", "--batch", "2", "--json")
+    assert timed.exit_code == 0, timed.output
+    assert json.loads(timed.stdout)["method"] == "odconv"

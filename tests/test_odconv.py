@@ -555,14 +555,14 @@ def test_an_odconv_plan_survives_json_and_shows_as_a_table():
     assert data["layers"][0] | {"cost": None} == {
         "name": "layer1.0.conv1", "kind": "conv2d", "weight_shape": [64, 64, 3, 3], "in_channels": 64, "groups": 1,
         "kernels": 4, "hidden": 16, "params": 4 * 64 * 64 * 9 + 64 * 16 + 2 * 16 + 16 * 64 + 64 + 16 * 64 + 64
-        + 16 * 9 + 9 + 16 * 4 + 4, "positions": 56 * 56, "cost": None}
+        + 16 * 9 + 9 + 16 * 4 + 4, "positions": 56 * 56, "parent": None, "fit_error": None, "cost": None}
     again = Plan.from_json(result.to_json())
     assert again == result and again.cost == result.cost
     assert "method='odconv', kernels=4, 16 layers" in repr(result)
     text = io.StringIO()
     Console(file=text, width=200).print(result.table())
     shown = text.getvalue()
-    assert "odconv with 4 kernels per layer: 16 layers converted" in shown
+    assert "with odconv, 4 kernels per layer: 16 layers converted" in shown
     assert "layer4.1.conv2" in shown and "residual shortcut" in shown and "kernels read per forward" in shown
 
 
@@ -681,7 +681,7 @@ def test_a_bool_budget_is_refused(budget):
 
 def test_an_unknown_method_and_kernelwarehouse_with_odconv_options_are_refused():
     graph = graph_of("resnet18")
-    with pytest.raises(ValueError, match="method must be one of kernelwarehouse, dynamic_conv, odconv, got 'nope'"):
+    with pytest.raises(ValueError, match="method must be one of kernelwarehouse, dynamic_conv, odconv, kerneldna, got 'nope'"):
         plan(None, 4, graph=graph, method="nope")
     with pytest.raises(ValueError, match="unknown plan option"):
         plan(None, 4, graph=graph, kernels=4)

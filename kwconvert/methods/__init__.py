@@ -6,6 +6,9 @@
   degenerate case (the plan option ``mode="dynamic_conv"``).
 * ``odconv``: ODConv (Li, Zhou & Yao, ICLR 2022), attention over the four dimensions of
   each layer's kernels; :mod:`kwconvert.methods.odconv`.
+* ``kerneldna``: KernelDNA (Huang et al., 2025), convolutions of a stage with one kernel
+  shape derived from one of them (the parent) with cheap scalings and an input gate;
+  :mod:`kwconvert.methods.kerneldna`.
 
 The tracer, the ``Plan`` hand-off, the rewriter's module swap, save / load and export are
 shared.  A per-layer method (ODConv) lists its layers in ``Plan.layers`` rather than in
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .kerneldna import layers as kerneldna_layers
 from .odconv import layers as odconv_layers
 
 #: Method name -> one line for help texts.
@@ -22,9 +26,12 @@ METHODS = {
     "kernelwarehouse": "KernelWarehouse: warehouses of kernel cells shared within a stage (--budget b)",
     "dynamic_conv": "DY-Conv / CondConv: n whole kernels per layer (--budget n)",
     "odconv": "ODConv: n kernels per layer, attention over channels, filters, kernel positions and kernels (--kernels n)",
+    "kerneldna": "KernelDNA: convolutions of one shape in a stage derived from one parent kernel, with an input gate",
 }
 #: Methods whose plans list layers, each converted on its own, rather than warehouses.
-PER_LAYER_METHODS = ("odconv",)
+PER_LAYER_METHODS = ("odconv", "kerneldna")
+#: Per-layer methods whose layers derive from a parent kernel (fitted, not exact, at conversion).
+DERIVED_METHODS = ("kerneldna",)
 
 
 def check_method(method: str) -> str:
@@ -38,6 +45,9 @@ def layer_params(method: str, layer) -> int:
     if method == "odconv":
         return odconv_layers.layer_params(layer.in_channels, layer.weight_shape[0], layer.groups,
                                           tuple(layer.weight_shape[2:]), layer.kernels, layer.hidden)
+    if method == "kerneldna":
+        return kerneldna_layers.layer_params(layer.in_channels, layer.weight_shape[0], tuple(layer.weight_shape[2:]),
+                                             layer.hidden)
     raise ValueError(f"method {method!r} plans warehouses, not layers")
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..common import batch_norm_any_batch
 from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv
 
 #: The authors' attention width: ``max(int(C_in * REDUCTION), MIN_HIDDEN)``.
@@ -122,7 +123,7 @@ class ODAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Attentions:
         pooled = x.mean(dim=tuple(range(2, x.dim())))
-        hidden = F.relu(self._normalise(self.fc(pooled)))
+        hidden = F.relu(batch_norm_any_batch(self.norm, self.fc(pooled)))
         temperature = self.temperature
 
         def head(fc: nn.Linear | None, activation) -> Tensor | None:
@@ -131,15 +132,6 @@ class ODAttention(nn.Module):
         return Attentions(channel=head(self.channel_fc, torch.sigmoid), filter=head(self.filter_fc, torch.sigmoid),
                           spatial=head(self.spatial_fc, torch.sigmoid),
                           kernel=head(self.kernel_fc, lambda logits: logits.softmax(dim=1)))
-
-    def _normalise(self, hidden: Tensor) -> Tensor:
-        """BatchNorm; a training batch of one sample (which BatchNorm refuses: no variance over
-        one value, a known ODConv complaint) is normalised with the running statistics."""
-        if self.training and hidden.shape[0] == 1:
-            norm = self.norm
-            return F.batch_norm(hidden, norm.running_mean, norm.running_var, norm.weight, norm.bias,
-                                training=False, eps=norm.eps)
-        return self.norm(hidden)
 
 
 class _ODConvNd(PerSampleConv, nn.Module):

@@ -11,13 +11,11 @@ their parameter counts to the parameter (tests/test_odconv.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
-from ...plan import EQUIVALENT_FORWARDS, DynamicLayerPlan, Plan, StaticLayer, check_consistent, choice, on_pooled_map
-from ...trace import Candidate, LayerGraph
+from ...plan import DynamicLayerPlan, Plan, StaticLayer, check_consistent, choice
+from ...trace import LayerGraph
+from ..layer_choice import MethodOptions, check_globs, static_reason
 from .layers import MIN_HIDDEN, REDUCTION, attention_width, layer_params
 
 METHOD = "odconv"
@@ -25,8 +23,10 @@ _PLACES = ("plain", "convert")
 
 
 @dataclass(frozen=True)
-class ODConvOptions:
+class ODConvOptions(MethodOptions):
     """How the ODConv planner chooses and sizes layers; the defaults are the authors'."""
+    method = METHOD  # not fields: class attributes of MethodOptions
+    label = "ODConv"
     kernels: int = field(default=1, metadata={"help": (
         "n, the kernels per layer (the authors' '1x' is 1, '4x' is 4); n = 1 keeps the "
         "kernel's size and attends over channels, filters and kernel positions")})
@@ -51,22 +51,8 @@ class ODConvOptions:
         choice("stem", self.stem, _PLACES)
         choice("shortcut", self.shortcut, _PLACES)
         for name in ("include", "exclude"):
-            value = getattr(self, name)
-            value = (value,) if isinstance(value, str) else tuple(value)
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, name, check_globs(name, getattr(self, name)))
 
-    @classmethod
-    def from_kwargs(cls, **options: Any) -> "ODConvOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown ODConv option {unknown[0]!r}; ODConv takes {', '.join(sorted(known))}")
-        return cls(**options)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.update(include=list(self.include), exclude=list(self.exclude), method=METHOD)
-        return data
 
 
 def plan(graph: LayerGraph, options: ODConvOptions, model_name: str, baseline_macs: int | None) -> Plan:
@@ -74,7 +60,7 @@ def plan(graph: LayerGraph, options: ODConvOptions, model_name: str, baseline_ma
     plain = dict(graph.unused)
     layers = []
     for cand in graph.candidates:
-        reason = static_reason(graph, cand, options)
+        reason = static_reason(graph, cand, options, "ODConv")
         if reason is None:
             hidden = attention_width(cand.in_channels, options.reduction, options.min_hidden)
             params = layer_params(cand.in_channels, cand.out_channels, cand.groups, cand.kernel_size,
@@ -101,37 +87,3 @@ def plan(graph: LayerGraph, options: ODConvOptions, model_name: str, baseline_ma
                   method=METHOD, layers=tuple(layers))
     check_consistent(result)
     return result
-
-
-def static_reason(graph: LayerGraph, cand: Candidate, options: ODConvOptions) -> str | None:
-    """Why a candidate stays a normal layer under ODConv, or None when it converts."""
-    if options.include and not any(fnmatch.fnmatchcase(cand.name, p) for p in options.include):
-        return "excluded by option"
-    if any(fnmatch.fnmatchcase(cand.name, p) for p in options.exclude):
-        return "excluded by option"
-    if not cand.is_conv:
-        return "Linear: ODConv converts convolutions"
-    if cand.custom_forward and cand.custom_forward not in EQUIVALENT_FORWARDS:
-        return f"{cand.custom_forward.rsplit('.', 1)[-1]} overrides torch's forward; an ODConv layer would not compute it"
-    if cand.weight_read:
-        return "the model reads its weight outside its forward; a converted layer has none"
-    if on_pooled_map(cand) and cand.pointwise:  # a 3x3 on a 1x1 map is a small input, not a squeeze
-        return "squeeze-excitation conv on a pooled map"
-    is_stem = cand.name in graph.stems if graph.exact else cand.order == 0
-    if is_stem and options.stem == "plain":
-        return "stem (static in the authors' nets)"
-    if options.shortcut == "plain" and is_shortcut(graph, cand.name):
-        return "residual shortcut projection (static in the authors' nets)"
-    return None
-
-
-def is_shortcut(graph: LayerGraph, name: str) -> bool:
-    """A layer alone on one branch of a residual block: it reads the block's input and
-    writes into its add directly, while other layers of the block form the other branch."""
-    outputs = set(graph.direct_outputs(name))
-    for block in graph.residual_blocks:
-        if name not in block.members or len(block.members) < 2 or block.add not in outputs:
-            continue
-        if not set(graph.direct_inputs(name)) & set(block.members):
-            return True
-    return False

@@ -1,0 +1,6 @@
+"""KernelDNA (Huang et al., 2025) as a kwconvert method: child convolutions derived from
+a parent kernel of the same stage, in place (the model keeps its depth and forward)."""
+from .layers import KDNA_LAYER_TYPES, ChannelGate, KDNAConv1d, KDNAConv2d, KDNAConv3d, fit_scalings, layer_params
+
+__all__ = ["KDNA_LAYER_TYPES", "ChannelGate", "KDNAConv1d", "KDNAConv2d", "KDNAConv3d", "fit_scalings",
+           "layer_params"]

@@ -1,0 +1,83 @@
+"""Which convolutions a per-layer method (ODConv, KernelDNA) leaves static, and why.
+
+Both follow their authors' networks: every convolution of the body converts; the stem (the
+layer reading the input), the shortcut projections of residual blocks (ResNet's 1x1
+``downsample``), squeeze-excitation convolutions and Linear layers stay as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any
+
+from ..plan import EQUIVALENT_FORWARDS, on_pooled_map
+from ..trace import Candidate, LayerGraph
+
+
+def static_reason(graph: LayerGraph, cand: Candidate, options, method: str) -> str | None:
+    """Why a candidate stays a normal layer, or None when ``method`` may convert it.
+
+    ``options`` has ``include``, ``exclude`` (globs), ``stem`` and ``shortcut``
+    ('plain' or 'convert').
+    """
+    if options.include and not any(fnmatch.fnmatchcase(cand.name, p) for p in options.include):
+        return "excluded by option"
+    if any(fnmatch.fnmatchcase(cand.name, p) for p in options.exclude):
+        return "excluded by option"
+    if not cand.is_conv:
+        return f"Linear: {method} converts convolutions"
+    if cand.custom_forward and cand.custom_forward not in EQUIVALENT_FORWARDS:
+        return (f"{cand.custom_forward.rsplit('.', 1)[-1]} overrides torch's forward; "
+                f"a {method} layer would not compute it")
+    if cand.weight_read:
+        return "the model reads its weight outside its forward; a converted layer has none"
+    if on_pooled_map(cand) and cand.pointwise:  # a 3x3 on a 1x1 map is a small input, not a squeeze
+        return "squeeze-excitation conv on a pooled map"
+    is_stem = cand.name in graph.stems if graph.exact else cand.order == 0
+    if is_stem and options.stem == "plain":
+        return "stem (static in the authors' nets)"
+    if options.shortcut == "plain" and is_shortcut(graph, cand.name):
+        return "residual shortcut projection (static in the authors' nets)"
+    return None
+
+
+def is_shortcut(graph: LayerGraph, name: str) -> bool:
+    """A layer alone on one branch of a residual block: it reads the block's input and
+    writes into its add directly, while other layers of the block form the other branch."""
+    outputs = set(graph.direct_outputs(name))
+    for block in graph.residual_blocks:
+        if name not in block.members or len(block.members) < 2 or block.add not in outputs:
+            continue
+        if not set(graph.direct_inputs(name)) & set(block.members):
+            return True
+    return False
+
+
+class MethodOptions:
+    """What a per-layer method's options dataclass shares: built from keyword arguments (an
+    unknown name is refused, listing the known ones) and written to the plan's JSON."""
+
+    #: The method's key (``"odconv"``) and its name in messages (``"ODConv"``).
+    method: str
+    label: str
+
+    @classmethod
+    def from_kwargs(cls, **options: Any):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.label} option {unknown[0]!r}; {cls.label} takes {', '.join(sorted(known))}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(include=list(self.include), exclude=list(self.exclude), method=self.method)
+        return data
+
+
+def check_globs(name: str, value) -> tuple[str, ...]:
+    """An include / exclude option as a tuple of glob strings."""
+    patterns = (value,) if isinstance(value, str) else tuple(value or ())
+    if not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"option {name} must be glob patterns (strings), got {value!r}")
+    return patterns
