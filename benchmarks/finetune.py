@@ -8,7 +8,9 @@ the same images in the same order:
 * (b) KW 1x converted from it (``init="preserve"``);
 * (c) KW 1/2x converted from it;
 * (d) the original pruned with Torch-Pruning (channel groups by L2 magnitude, the classifier
-  kept whole) to (c)'s parameter count, fine-tuned.
+  kept whole) to (c)'s parameter count, fine-tuned;
+* on request (``--arms a e f g``, issue 17): (e) ODConv 1x, (f) ODConv 4x and (g) KernelDNA
+  converted from it (``kwconvert.methods``), fine-tuned with the same plain recipe as (a).
 
 For each it reports the test accuracy right after conversion / pruning (KW at the serving
 temperature, tau = 0), the final accuracy, parameters, MACs for one image
@@ -63,8 +65,14 @@ from kwconvert import bench, fast, native  # noqa: E402
 from kwconvert.training import FINE_TUNE, parameter_groups  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ARMS = {"a": "original, fine-tuned", "b": "KW 1x", "c": "KW 1/2x", "d": "pruned to (c)'s params"}
+ARMS = {"a": "original, fine-tuned", "b": "KW 1x", "c": "KW 1/2x", "d": "pruned to (c)'s params",
+        "e": "ODConv 1x", "f": "ODConv 4x", "g": "KernelDNA"}
+#: The arms a plain run takes; the other methods' arms are asked for with --arms.
+DEFAULT_ARMS = ["a", "b", "c", "d"]
 BUDGETS = {"b": 1.0, "c": 0.5}
+#: The other methods' arms: kwconvert.convert's method and options.
+METHOD_ARMS = {"e": {"method": "odconv", "kernels": 1}, "f": {"method": "odconv", "kernels": 4},
+               "g": {"method": "kerneldna"}}
 #: Targets of issue 14: (b) >= (a) + 0.3 point; (c) >= (d) + 0.5 point and within 0.5 point of (a).
 MARGIN_B_OVER_A, MARGIN_C_OVER_D, TOLERANCE_C_TO_A = 0.3, 0.5, 0.5
 
@@ -262,6 +270,10 @@ def run_seed(seed: int, recipe: FinetuneRecipe, sets: dict, arms: list[str], con
             info["max_abs_logit_diff_tau0"] = max_logit_diff(original, model, images[:100])
             plan = kwconvert.plan_of(model)
             info["init_error"] = {w.name: w.init_error for w in plan.warehouses}
+        elif arm in METHOD_ARMS:
+            model = kwconvert.convert(original, example_inputs=fm.example_input(), inplace=False, **METHOD_ARMS[arm])
+            info["max_abs_logit_diff"] = max_logit_diff(original, model, images[:100])
+            info["fit_error"] = {l.name: l.fit_error for l in kwconvert.plan_of(model).layers if l.parent}
         else:
             target = (row["arms"]["c"]["params"] if "c" in row["arms"]
                       else fm.parameter_count(convert(original, BUDGETS["c"], recipe, sets["train"][0])))
@@ -354,7 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--net", choices=list(fm.NETS), default="residual",
                         help="residual: ResidualCNN; mobile: MobileCNN (MobileNetV2-like)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds (0, 1, ...): one pre-training each")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS,
+                        help="(e) ODConv 1x, (f) ODConv 4x, (g) KernelDNA run only when named")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every piece (< 2 min)")
     parser.add_argument("--sweep", action="store_true", help="fine-tune (b) and (c) with each SWEEP variant, one seed")
     parser.add_argument("--sweep-variants", nargs="+", choices=list(SWEEP), default=list(SWEEP), metavar="NAME",

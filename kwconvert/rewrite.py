@@ -38,9 +38,11 @@ _STATIC_CLASS = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, 
 INIT_MODES = ("preserve", "random", "none")
 
 
-def convert(model: nn.Module, budget_or_plan: float | str | Plan, *, init: str = "preserve",
+def convert(model: nn.Module, budget_or_plan: float | str | Plan | None = None, *, init: str = "preserve",
             example_inputs=None, inplace: bool = True, calibration=None, **plan_options) -> nn.Module:
-    """Convert ``model`` to KernelWarehouse following a Plan (or planning one for a budget).
+    """Convert ``model`` to KernelWarehouse following a Plan (or planning one for a budget;
+    ``method="odconv"`` / ``"kerneldna"`` with their options plan another method, see
+    :func:`kwconvert.plan`).
 
     ``init="preserve"`` (default) builds the cells from the model's own kernels so that a
     trained model keeps what it learned (paper Sec. 3.3's one-to-one initialisation makes

@@ -357,3 +357,41 @@ def test_cli_export_without_onnx_packages_is_one_line_before_loading(saved, tmp_
     assert result.exit_code == 1
     assert "install kwconvert[export]" in one_line(result.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+class Twins(nn.Module):
+    """A stem and three 3x3 convolutions of one shape: a KernelDNA family, three ODConv layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(*(nn.Conv2d(16, 16, 3, padding=1) for _ in range(3)))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        for conv in self.body:
+            x = F.relu(conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method,options", [("odconv", {"kernels": 4}), ("odconv", {"kernels": 1}),
+                                            ("kerneldna", {})])
+@pytest.mark.parametrize("format", ["onnx", "torch_export"])
+def test_other_methods_export_with_a_dynamic_batch_like_eager(method, options, format, tmp_path):
+    torch.manual_seed(0)
+    model = kwconvert.convert(Twins().eval(), method=method, example_inputs=torch.randn(1, 3, 12, 12), **options)
+    dynamic = [m for m in model.modules() if type(m).__name__.startswith(("ODConv", "KDNAConv"))]
+    assert len(dynamic) == (3 if method == "odconv" else 2)
+    with torch.no_grad():  # input-dependent heads and gates, so that the export has something to follow
+        for layer in dynamic:
+            heads = layer.attention.heads if method == "odconv" else (layer.gate.excite,)
+            for head in heads:
+                head.weight.normal_(0, 0.5)
+    path = tmp_path / ("model.onnx" if format == "onnx" else "model.pt2")
+    report = kwconvert.export(model.eval(), path, format, torch.randn(2, 3, 12, 12))
+    assert max(report.max_abs_diff.values()) <= TOLERANCE
+    if format == "onnx":
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 12, 12)
+            assert (run_onnx(path, x) - eager(model, x)).abs().max().item() <= TOLERANCE
