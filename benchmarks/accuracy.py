@@ -62,10 +62,15 @@ VARIANTS: dict[str, dict] = {
     "KW 1/2x, LN attention": {"budget": 0.5, "attention_norm": "layernorm"},
     # The paper's layout at b everywhere: what KW 1/2x costs without the allocator's savings.
     "KW 1/2x, no allocator": {"budget": 0.5, "allocate": False},
+    # The other methods (issue 17), from scratch with their authors' init; asked for with --variants.
+    # ODConv's T falls 30 -> 1 over the same warm-up as KW's tau (fashion_mnist.set_temperatures).
+    "ODConv 1x": {"method": "odconv", "kernels": 1},
+    "ODConv 4x": {"method": "odconv", "kernels": 4},
+    "KernelDNA": {"method": "kerneldna"},
 }
 #: ``--net``'s default variants (the residual net's are those of results/accuracy.json).  The mobile
 #: net's show what the allocator's savings at b = 1/2 cost against the paper's layout at 1/2.
-NET_VARIANTS = {"residual": [v for v in VARIANTS if v != "KW 1/2x, no allocator"],
+NET_VARIANTS = {"residual": [v for v in VARIANTS if v != "KW 1/2x, no allocator" and "method" not in VARIANTS[v]],
                 "mobile": ["baseline", "KW 1/2x", "KW 1/2x, no allocator"]}
 #: The one recipe every variant trains with: fashion_mnist's defaults (12,000 images, SGD Nesterov,
 #: weight decay 5e-4, 5 % warm-up then cosine, tau 1 -> 0 over the first 10 % of the steps as in the
@@ -102,6 +107,8 @@ def build(variant: str, seed: int, net: str, net_options: dict) -> torch.nn.Modu
     options = dict(VARIANTS[variant])
     if not options:
         return model
+    if "method" in options:
+        return kwconvert.convert(model, init="random", example_inputs=fm.example_input(), **options)
     return fm.kernelwarehouse(model, options.pop("budget"), init="random", **options)
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kwconvert
+from kwconvert.methods import odconv
 
 DATA_DIR = Path(os.environ.get("KWCONVERT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -295,6 +296,14 @@ class Recipe:
         return asdict(self)
 
 
+def set_temperatures(model: nn.Module, epoch: float, warmup_epochs: float) -> None:
+    """Each method's schedule at ``epoch``: KernelWarehouse's tau 1 -> 0 and ODConv's T 30 -> 1
+    over the same warm-up (a model converted from a trained one starts ODConv at T = 1, and
+    with no warm-up T stays 1)."""
+    kwconvert.set_temperature(model, kwconvert.temperature_at(epoch, warmup_epochs))
+    odconv.set_temperature(model, odconv.temperature_at(epoch, warmup_epochs))
+
+
 def train(model: nn.Module, images: Tensor, labels: Tensor, recipe: Recipe, seed: int,
           optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Train ``model`` in place; return the number of steps, the seconds and the last losses.
@@ -317,14 +326,14 @@ def train(model: nn.Module, images: Tensor, labels: Tensor, recipe: Recipe, seed
         if position == 0:
             order = torch.randperm(len(images), generator=generator)
         batch = order[position:position + recipe.batch_size]
-        kwconvert.set_temperature(model, kwconvert.temperature_at(step / steps_per_epoch, temperature_warmup))
+        set_temperatures(model, step / steps_per_epoch, temperature_warmup)
         loss = F.cross_entropy(model(images[batch]), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    kwconvert.set_temperature(model, kwconvert.temperature_at(total_steps / steps_per_epoch, temperature_warmup))
+    set_temperatures(model, total_steps / steps_per_epoch, temperature_warmup)
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": total_steps, "seconds": time.perf_counter() - start, "final_loss": sum(tail) / len(tail)}
 

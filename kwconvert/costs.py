@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from . import cells
+from .methods.odconv.layers import Heads
 
 if TYPE_CHECKING:  # plan imports this module; the types are only read
     from .plan import DynamicLayerPlan, LayerPlan, Plan, WarehousePlan
@@ -85,7 +86,6 @@ def total(costs: Iterable[Cost]) -> Cost:
 def dynamic_layer_cost(layer: "DynamicLayerPlan") -> Cost:
     """One ODConv layer's cost: its kernels' mixture per sample (n x kernel, and the
     spatial scale), its attention's fc and heads, and its n kernels read per forward."""
-    from .methods.odconv.layers import Heads
     kernel = math.prod(layer.weight_shape)
     points = math.prod(layer.weight_shape[2:])
     heads = Heads.of(layer.in_channels, layer.weight_shape[0], layer.groups, points, layer.kernels)

@@ -37,9 +37,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import fast
+from . import fast, methods
 from .files import atomic_file
-from . import methods
 from .layers import _dims
 from .models import default_input_size
 from .rewrite import PLAN_ATTR

@@ -913,7 +913,8 @@ def plan(model: nn.Module | None, budget: float | str | None = None, example_inp
     ``method`` picks another conversion (:mod:`kwconvert.methods`): ``"dynamic_conv"`` is
     ``mode="dynamic_conv"``; ``"odconv"`` plans ODConv layers, ``kernels=n`` of them per
     layer (``budget``, if given, is that n: the authors' "4x"), with the options of
-    :class:`kwconvert.methods.odconv.planning.ODConvOptions`.
+    :class:`kwconvert.methods.odconv.planning.ODConvOptions`; ``"kerneldna"`` plans KernelDNA
+    families (no budget), with those of ``KernelDNAOptions``.
 
     Traces the model (or uses ``graph``), groups its Conv/Linear layers into warehouses by
     the paper's reassigned stages (see :func:`group_layers`), sizes cells, warehouses and
@@ -923,10 +924,26 @@ def plan(model: nn.Module | None, budget: float | str | None = None, example_inp
     ``module="backbone.body"`` plans only that sub-module (see :func:`_plan_module`); the
     plan still names the whole model's layers, so ``convert(model, plan)`` applies it.
     """
-    methods.check_method(method)
-    if method == "dynamic_conv":
-        if options.setdefault("mode", "dynamic_conv") != "dynamic_conv":
-            raise ValueError(f"method 'dynamic_conv' is mode 'dynamic_conv', not {options['mode']!r}")
+    budget = _method_budget(methods.check_method(method), budget, options)
+    if module:
+        return _plan_module(model, budget, example_inputs, module, model_name, graph, dict(options, method=method))
+    per_layer = _per_layer_planning(method)
+    opts = (per_layer.Options if per_layer else PlanOptions).from_kwargs(**options)  # refused before tracing
+    if graph is None:
+        if model is None:
+            raise ValueError("plan() needs a model or a traced graph")
+        graph = trace(model, example_inputs)
+    name = model_name or (type(model).__name__ if model is not None else "model")
+    if per_layer:
+        return per_layer.plan(graph, model, opts, name, _baseline_macs(graph))
+    return _plan_warehouses(graph, budget, opts, name)
+
+
+def _method_budget(method: str, budget: float | str | None, options: dict[str, Any]) -> float:
+    """The plan's budget for ``method`` (ODConv's: its kernels per layer; KernelDNA's: 1), with
+    ``options`` completed where the method reads the budget (``mode``, ``kernels``)."""
+    if method == "dynamic_conv" and options.setdefault("mode", "dynamic_conv") != "dynamic_conv":
+        raise ValueError(f"method 'dynamic_conv' is mode 'dynamic_conv', not {options['mode']!r}")
     if method == "odconv":
         options["kernels"] = _kernels(budget, options.get("kernels"))
         budget = float(options["kernels"])
@@ -937,26 +954,23 @@ def plan(model: nn.Module | None, budget: float | str | None = None, example_inp
         budget = 1.0
     elif budget is None:
         raise ValueError(f"a {method} plan needs a budget: plan(model, 1), plan(model, '1/2')")
-    budget = parse_budget(budget) if isinstance(budget, str) else check_budget(budget)
-    if module:
-        return _plan_module(model, budget, example_inputs, module, model_name, graph, dict(options, method=method))
+    return parse_budget(budget) if isinstance(budget, str) else check_budget(budget)
+
+
+def _per_layer_planning(method: str):
+    """The planning module of a per-layer method (its ``Options`` and ``plan``), else None.
+    Imported when used: the method folders import this module."""
     if method == "odconv":
-        from .methods.odconv import planning as odconv_planning  # a later folder: imported when used
-        odconv_options = odconv_planning.ODConvOptions.from_kwargs(**options)
+        from .methods.odconv import planning
     elif method == "kerneldna":
-        from .methods.kerneldna import planning as kerneldna_planning
-        kerneldna_options = kerneldna_planning.KernelDNAOptions.from_kwargs(**options)
+        from .methods.kerneldna import planning
     else:
-        opts = PlanOptions.from_kwargs(**options)
-    if graph is None:
-        if model is None:
-            raise ValueError("plan() needs a model or a traced graph")
-        graph = trace(model, example_inputs)
-    name = model_name or (type(model).__name__ if model is not None else "model")
-    if method == "odconv":
-        return odconv_planning.plan(graph, odconv_options, name, _baseline_macs(graph))
-    if method == "kerneldna":
-        return kerneldna_planning.plan(graph, model, kerneldna_options, name, _baseline_macs(graph))
+        return None
+    return planning
+
+
+def _plan_warehouses(graph: LayerGraph, budget: float, opts: PlanOptions, name: str) -> Plan:
+    """KernelWarehouse's (and DY-Conv's) plan of a traced model: warehouses, sizes, the guard."""
     grouping = group_layers(graph, budget, opts)
     sizing = _Sizing(opts, _attention_norm(graph, opts))
     notes = list(graph.notes) + grouping.notes

@@ -60,21 +60,30 @@ class SmallResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
+#: The other methods' scenarios (frozen BatchNorm): ``<method>-frozen-batchnorm``, their options.
+METHODS = {"odconv": {"kernels": 2}, "kerneldna": {}}
+
+
 def converted(scenario: str) -> nn.Module:
-    """The model a scenario trains, converted at b = 1, float64, tau = TAU."""
+    """The model a scenario trains, converted at b = 1 (or by the scenario's method), float64, tau = TAU."""
     torch.manual_seed(0)
+    method = scenario.split("-")[0]
     if scenario == "training-groupnorm":
         base = SmallResNet(norm=lambda channels: nn.GroupNorm(4, channels))
         options = {"attention_norm": "layernorm"}
     else:
         base = SmallResNet()
         options = {}
-    model = kwconvert.convert(base, 1.0, init="random", example_inputs=(torch.zeros(1, *INPUT),), **options)
-    kwconvert.set_temperature(model, TAU)
+    if method in METHODS:  # randomly initialised heads and gates: every parameter has a gradient
+        model = kwconvert.convert(base, method=method, init="random", example_inputs=(torch.zeros(1, *INPUT),),
+                                  **METHODS[method])
+    else:
+        model = kwconvert.convert(base, 1.0, init="random", example_inputs=(torch.zeros(1, *INPUT),), **options)
+        kwconvert.set_temperature(model, TAU)
     if scenario == "sync-batchnorm":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.double().train()
-    if scenario == "frozen-batchnorm":
+    if scenario.endswith("frozen-batchnorm"):
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
@@ -153,6 +162,13 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
     assert differences[worst] <= TOLERANCE, f"{scenario}, {worst}: max |difference| {differences[worst]:.3g}"
 
 
+def assert_dynamic_parts_learn(gradients: dict[str, torch.Tensor], method: str) -> None:
+    """ODConv's kernels and heads, KernelDNA's scalings, gates and shared parent kernels."""
+    own = {"odconv": (".attention.",), "kerneldna": (".gate.", ".position_scale", ".filter_scale")}[method]
+    learning = [k for k in gradients if any(part in k for part in own)]
+    assert learning and all(gradients[k].abs().sum() > 0 for k in learning)
+
+
 def assert_warehouses_learn(gradients: dict[str, torch.Tensor]) -> None:
     shared = [k for k in gradients if k.endswith(".warehouse.cells")]
     attention = [k for k in gradients if ".attention." in k]
@@ -173,8 +189,16 @@ def test_every_batchnorm_becomes_syncbatchnorm_and_warehouses_are_shared():
 
 
 def test_ddp_step_equals_one_process(tmp_path):
-    """One launch of two ranks (it dominates the time) checks the three CPU scenarios."""
-    ranks = run_ranks(tmp_path, ("frozen-batchnorm", "training-groupnorm", "training-batchnorm"))
+    """One launch of two ranks (it dominates the time) checks the three CPU scenarios, and the
+    other methods' models with frozen BatchNorm."""
+    others = tuple(f"{method}-frozen-batchnorm" for method in METHODS)
+    ranks = run_ranks(tmp_path, ("frozen-batchnorm", "training-groupnorm", "training-batchnorm") + others)
+    for scenario in others:
+        gradients, after_step = single_process(scenario)
+        assert_dynamic_parts_learn(gradients, scenario.split("-")[0])
+        for rank in ranks:
+            assert_close(rank[scenario]["gradients"], gradients, scenario)
+            assert_close(rank[scenario]["after_step"], after_step, scenario)
     for scenario in ("frozen-batchnorm", "training-groupnorm"):  # exactly one process over the global batch
         gradients, after_step = single_process(scenario)
         assert_warehouses_learn(gradients)

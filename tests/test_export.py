@@ -4,7 +4,6 @@ Small models keep the file fast; resnet18 and DeiT-Tiny are marked slow.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import sys

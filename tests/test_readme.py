@@ -35,7 +35,15 @@ def test_readme_json_schema_names_every_field_the_plan_writes():
 
 
 def test_readme_documents_every_plan_option():
+    from dataclasses import fields
+
+    from kwconvert.methods.kerneldna.planning import KernelDNAOptions
+    from kwconvert.methods.odconv.planning import ODConvOptions
     from kwconvert.plan import PlanOptions
     text = README.read_text()
     for name in PlanOptions.help():
         assert f"`{name}`" in text, name
+    methods = text[text.index("## Other methods"):text.index("## Plan options")]
+    for options in (ODConvOptions, KernelDNAOptions):
+        for field in fields(options):
+            assert f"`{field.name}`" in methods, (options.__name__, field.name)

@@ -4,8 +4,6 @@ sample and its rule, sub-module conversion of detection and segmentation backbon
 import json
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch

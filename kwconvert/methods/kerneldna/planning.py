@@ -66,6 +66,10 @@ class KernelDNAOptions(MethodOptions):
 
 
 
+#: The options ``kwconvert.plan`` builds for this method.
+Options = KernelDNAOptions
+
+
 def plan(graph: LayerGraph, model: nn.Module | None, options: KernelDNAOptions, model_name: str,
          baseline_macs: int | None) -> Plan:
     """The KernelDNA plan of a traced model: children with their parents, and the static layers."""

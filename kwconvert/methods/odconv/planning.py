@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from ...plan import DynamicLayerPlan, Plan, StaticLayer, check_consistent, choice
 from ...trace import LayerGraph
 from ..layer_choice import MethodOptions, check_globs, static_reason
@@ -55,8 +57,14 @@ class ODConvOptions(MethodOptions):
 
 
 
-def plan(graph: LayerGraph, options: ODConvOptions, model_name: str, baseline_macs: int | None) -> Plan:
-    """The ODConv plan of a traced model: its converted layers and the static ones, with reasons."""
+#: The options ``kwconvert.plan`` builds for this method.
+Options = ODConvOptions
+
+
+def plan(graph: LayerGraph, model: nn.Module | None, options: ODConvOptions, model_name: str,
+         baseline_macs: int | None) -> Plan:
+    """The ODConv plan of a traced model: its converted layers and the static ones, with reasons
+    (``model``, unused: ODConv's plan needs no weights, as KernelDNA's choice of parents does)."""
     plain = dict(graph.unused)
     layers = []
     for cand in graph.candidates:
