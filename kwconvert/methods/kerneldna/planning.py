@@ -65,7 +65,6 @@ class KernelDNAOptions(MethodOptions):
             object.__setattr__(self, name, check_globs(name, getattr(self, name)))
 
 
-
 #: The options ``kwconvert.plan`` builds for this method.
 Options = KernelDNAOptions
 

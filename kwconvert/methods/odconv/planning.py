@@ -56,7 +56,6 @@ class ODConvOptions(MethodOptions):
             object.__setattr__(self, name, check_globs(name, getattr(self, name)))
 
 
-
 #: The options ``kwconvert.plan`` builds for this method.
 Options = ODConvOptions
 
