@@ -85,9 +85,21 @@ __all__ = ["PATHS", "allocator_settings", "cells_changed", "chosen_paths", "clea
 #: matrix product, which no op attribute ties to the batch (for export, any conv rank).
 PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul", "bmm", "premix", "native")
 _STRAIGHTFORWARD = ("reference", "im2col")
+def _path_from_environment() -> str | None:
+    """``KWCONVERT_PATH=<path>`` forces that path in every thread of the process, with no timing:
+    runs that must repeat to the last bit in another process (a training run resumed from a
+    checkpoint picks no other path than the run it continues)."""
+    path = os.environ.get("KWCONVERT_PATH") or None
+    if path is not None and path not in PATHS:
+        raise ValueError(f"KWCONVERT_PATH must be one of {', '.join(PATHS)}, got {path!r}")
+    return path
+
+
 #: The path forced by ``use_path`` in this thread (or task): a context variable, so that
-#: a thread forcing a path for a comparison does not change what another thread serves.
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kwconvert_path", default=None)
+#: a thread forcing a path for a comparison does not change what another thread serves;
+#: its default is ``KWCONVERT_PATH``'s.
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kwconvert_path",
+                                                                    default=_path_from_environment())
 #: Each layer keeps its own choice per input (``layer.path_choices``: input key -> path); a
 #: layer meeting a new input takes the path timed in this process for a layer of the same
 #: configuration (the blocks of a stage, a model and its copy), so identical layers time

@@ -481,3 +481,16 @@ def test_layers_compile_without_graph_breaks_and_match_eager():
 @pytest.mark.slow
 def test_layers_compile_with_inductor_and_match_eager():
     compiled_matches_eager("inductor", 1e-4)
+
+
+def test_kwconvert_path_in_the_environment_forces_a_path_and_a_bad_one_is_refused():
+    import os
+    import subprocess
+    import sys
+    probe = "import kwconvert.fast as f; print(f._forced.get())"
+    forced = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env={**os.environ, "KWCONVERT_PATH": "grouped"})
+    assert forced.stdout.strip() == "grouped", forced.stderr
+    bad = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "KWCONVERT_PATH": "fastest"})
+    assert bad.returncode != 0 and "KWCONVERT_PATH must be one of" in bad.stderr
