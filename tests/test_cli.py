@@ -4,6 +4,7 @@ import os
 import pickle
 import re
 import subprocess
+import time
 
 import pytest
 import torch
@@ -162,6 +163,14 @@ def test_quiet_prints_nothing_and_a_log_hears_of_long_steps(tmp_path, monkeypatc
     assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
     assert (tmp_path / "a" / "kwconvert.json").is_file()
     monkeypatch.setattr(render, "LOG_AFTER_SECONDS", 0.01)
+    from kwconvert.pipeline import Conversion
+    plan_quickly = Conversion.make_plan
+
+    def plan_slowly(job):  # a step surely longer than LOG_AFTER_SECONDS: on an idle machine each may take less
+        time.sleep(0.1)
+        return plan_quickly(job)
+
+    monkeypatch.setattr(Conversion, "make_plan", plan_slowly)
     logged = invoke(*args, "--out", str(tmp_path / "b"))
     assert logged.exit_code == 0 and "saved to" in logged.stdout
     assert re.search(r"^kwconvert \[ +\d+ s\] \w[\w ,=.]+: (\d+ s so far|done in \d+ s)$", logged.stderr, flags=re.M)
