@@ -175,18 +175,21 @@ def _key_value(flag: str, text: str) -> tuple[str, object]:
         raise UsageError(f"{flag}: {error}") from None
 
 
-def _check_plan_options(options: dict) -> None:
-    from kwconvert.methods.kerneldna.planning import KernelDNAOptions
-    from kwconvert.methods.odconv.planning import ODConvOptions
-    from kwconvert.plan import PlanOptions
+def _check_plan_options(options: dict, budget: float) -> None:
+    from kwconvert.plan import check_options
     options = dict(options)
-    method = options.pop("method", "kernelwarehouse")
-    if method == "dynamic_conv":
-        options.setdefault("mode", "dynamic_conv")
     try:
-        {"odconv": ODConvOptions, "kerneldna": KernelDNAOptions}.get(method, PlanOptions).from_kwargs(**options)
+        check_options(options.pop("method", "kernelwarehouse"), budget, **options)
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def _compared_at(method: str) -> str:
+    """" at tau = 1 and 0": the temperatures the output check runs at (none for KernelDNA)."""
+    from kwconvert.pipeline import COMPARED_TEMPERATURES
+    temperatures = COMPARED_TEMPERATURES[method]
+    symbol = "T" if method == "odconv" else "tau"
+    return f" at {symbol} = {' and '.join(f'{t:g}' for t in temperatures)}" if len(temperatures) > 1 else ""
 
 
 def _method_options(method: str, budget: Optional[str], kernels: Optional[int], calibration,
@@ -261,7 +264,7 @@ def convert(
         options = {k: v for k, v in options.items() if v not in (None, ())}
         options.update(method_options)
         options.update(_key_value("--option", text) for text in option or ())
-        _check_plan_options(options)
+        _check_plan_options(options, budget_value)
         job = Conversion(model, budget_value, input_size=_input_size(input_size), weights=weights,
                          init=init, plan_options=options, module=module, device=on_device, calibration=calibration,
                          model_args=dict(_key_value("--model-arg", text) for text in model_arg or ()))
@@ -276,8 +279,7 @@ def convert(
                 step("converting" + (", fitting cells to the outputs on the calibration inputs" if calibration else ""))
                 job.convert()
                 if init == "preserve":
-                    step("comparing outputs and each converted layer with the original"
-                         + {"odconv": " at T = 1 and 30", "kerneldna": ""}.get(method, " at tau = 1 and 0"))
+                    step("comparing outputs and each converted layer with the original" + _compared_at(method))
                     job.compare()
                 step("saving")
                 job.save(out_dir)
@@ -338,14 +340,15 @@ def export_saved(
         if format == "onnx" and opset < MIN_OPSET:
             raise UsageError(f"--opset must be {MIN_OPSET} or newer (torch's ONNX exporter writes no older), "
                              f"got {opset}")
-        odconv = read_metadata(directory).get("plan", {}).get("method") == "odconv"
+        meta = read_metadata(directory)
+        odconv = meta.get("plan", {}).get("method") == "odconv"
         if temperature is not None and not (temperature > 0 if odconv else 0.0 <= temperature <= 1.0):
             raise UsageError(f"--temperature must be positive (ODConv's T), got {temperature:g}" if odconv else
                              f"--temperature must lie in [0, 1], got {temperature:g}")
         target_device = _device(device)
         if format == "onnx":
             require_onnx()
-        input_size = read_metadata(directory).get("input_size")
+        input_size = meta.get("input_size")
         base = None
         if base_model is not None:
             from kwconvert.models import build_model

@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import fast
 from .cells import Tiling, cells_handed_out, cells_in, local_cells, one_to_one_cells, saver_basis
 from .fast import reference_path, use_path
-from .per_sample import PADDING_MODES, PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv
+from .per_sample import PADDING_MODES, PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv, layer_label
 
 __all__ = [
     "CAF_EPS", "HELD_LOGIT_SCALE", "HOLDABLE_BETA_L1", "ATTENTION_NORMS", "PADDING_MODES", "Warehouse", "KWAttention", "KWConv1d",
@@ -418,7 +418,7 @@ class _KWLayer(nn.Module):
 
     @property
     def _label(self) -> str:
-        return f"layer {self.name}" if self.name else f"layer {type(self).__name__}"
+        return layer_label(self.name, type(self))
 
     @property
     def tau(self) -> float:
@@ -508,7 +508,7 @@ class _KWConvNd(PerSampleConv, _KWLayer):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, warehouse: Warehouse,
                  offset: int, budget: float, hidden: int, attention_norm: str = "batchnorm",
                  basis_ratio: float | None = None, name: str = "", device=None, dtype=None) -> None:
-        label = f"layer {name}" if name else f"layer {type(self).__name__}"
+        label = layer_label(name, type(self))  # checked before the warehouse hands out cells
         kernel_size = as_tuple(kernel_size, self._spatial_dims, "kernel_size", label)
         check_conv(label, in_channels, out_channels, groups, "valid", (1,), padding_mode)
         super().__init__((out_channels, in_channels // groups, *kernel_size), in_channels, out_channels, bias,
@@ -526,7 +526,7 @@ class _KWConvNd(PerSampleConv, _KWLayer):
                 module.dilation, module.groups, module.bias is not None, module.padding_mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        x, unbatched = self._check_input(x, self._label)
+        x, unbatched = self._check_input(x)
         alpha = self.attention(x)                  # (B, m, n), Sec. 3.3
         if self._spatial_dims == 2 and not fast.is_reference():
             out = fast.conv2d(self, x, alpha)      # the same as below, faster on CPU

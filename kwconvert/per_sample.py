@@ -52,6 +52,11 @@ def explicit_padding(padding: str | tuple[int, ...], kernel_size: tuple[int, ...
     return tuple(amount for pair in reversed(pairs) for amount in pair)
 
 
+def layer_label(name: str, layer_type: type) -> str:
+    """How errors name a layer: ``layer layer1.0.conv1``, or its class when it has no name."""
+    return f"layer {name}" if name else f"layer {layer_type.__name__}"
+
+
 def check_conv(label: str, in_channels: int, out_channels: int, groups: int, padding, stride,
                padding_mode: str) -> None:
     """The argument checks torch's ConvNd makes, with the layer named."""
@@ -93,11 +98,17 @@ class PerSampleConv:
     """Mixin of a ConvNd-like layer whose kernel is given per sample.
 
     Concrete layers mix in :class:`Rank1` / :class:`Rank2` / :class:`Rank3` (``_spatial_dims``,
-    ``_conv``, ``_static_type``) and call :meth:`_set_geometry` in their ``__init__``.
+    ``_conv``, ``_static_type``), have a ``name`` and call :meth:`_set_geometry` in their
+    ``__init__``.
     """
 
     _spatial_dims: int
     _conv: Callable[..., Tensor]
+    name: str
+
+    @property
+    def _label(self) -> str:
+        return layer_label(self.name, type(self))
 
     def _set_geometry(self, label: str, in_channels: int, out_channels: int, kernel_size, stride, padding,
                       dilation, groups: int, padding_mode: str) -> None:
@@ -116,23 +127,27 @@ class PerSampleConv:
         """One sample's kernel: ``(C_out, C_in / groups, *kernel_size)``."""
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
-    def _check_input(self, x: Tensor, label: str) -> tuple[Tensor, bool]:
+    def _check_input(self, x: Tensor) -> tuple[Tensor, bool]:
         """``x`` batched (an unbatched sample gains a batch of one), and whether it was unbatched."""
         unbatched = x.dim() == self._spatial_dims + 1
         if unbatched:
             x = x.unsqueeze(0)
         if x.dim() != self._spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{label}: expected input (B, {self.in_channels}, ...) with "
+            raise ValueError(f"{self._label}: expected input (B, {self.in_channels}, ...) with "
                              f"{self._spatial_dims} spatial dims, got {tuple(x.shape)}")
         return x, unbatched
 
-    def _shared_conv(self, x: Tensor, weight: Tensor) -> Tensor:
-        """An ordinary convolution with one kernel for the whole batch."""
+    def _convolve(self, x: Tensor, weight: Tensor, groups: int) -> Tensor:
+        """torch's convolution with this layer's geometry; padding modes other than zeros pad first."""
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return type(self)._conv(x, weight, None, self.stride, padding, self.dilation, self.groups)
+        return type(self)._conv(x, weight, None, self.stride, padding, self.dilation, groups)
+
+    def _shared_conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        """An ordinary convolution with one kernel for the whole batch."""
+        return self._convolve(x, weight, self.groups)
 
     def _per_sample_conv(self, x: Tensor, weight: Tensor) -> Tensor:
         """Convolve each sample with its own kernel: the batch is folded into the groups."""
@@ -140,12 +155,8 @@ class PerSampleConv:
             return self._im2col_conv(x, weight)
         batch = x.shape[0]
         x = x.reshape(1, batch * self.in_channels, *x.shape[2:])
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
         weight = weight.reshape(batch * self.out_channels, *self.per_sample_shape[1:])
-        out = type(self)._conv(x, weight, None, self.stride, padding, self.dilation, batch * self.groups)
+        out = self._convolve(x, weight, batch * self.groups)
         return out.view(batch, self.out_channels, *out.shape[2:])
 
     def _im2col_conv(self, x: Tensor, weight: Tensor) -> Tensor:

@@ -233,7 +233,7 @@ class Plan:
         (``plan.table()`` draws the tables, ``plan.to_json()`` gives everything)."""
         layers = sum(len(w.layers) for w in self.warehouses)
         if self.method in methods.DERIVED_METHODS:
-            what = f"method={self.method!r}, {count(len(self.layers), 'child')}"
+            what = f"method={self.method!r}, {count(len(self.layers), 'child layer')}"
         elif self.layers:
             what = f"method={self.method!r}, kernels={self.budget:g}, {count(len(self.layers), 'layer')}"
         else:
@@ -780,11 +780,7 @@ class PlanOptions:
         choice("expansion_split", self.expansion_split, ("auto", True, False))
         choice("param_saver", self.param_saver, ("auto", True, False))
         for name in ("include", "exclude"):
-            value = getattr(self, name)
-            patterns = (value,) if isinstance(value, str) else tuple(value or ())
-            if not all(isinstance(p, str) for p in patterns):
-                raise ValueError(f"option {name} must be glob patterns (strings), got {value!r}")
-            object.__setattr__(self, name, patterns)
+            object.__setattr__(self, name, check_globs(name, getattr(self, name)))
         for name in ("max_blocks_per_stage", "blocks_per_warehouse"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -841,6 +837,14 @@ def choice(name: str, value: Any, choices: tuple) -> None:
     """Refuse an option whose value is not one of ``choices``, listing them."""
     if value not in choices:
         raise ValueError(f"option {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_globs(name: str, value) -> tuple[str, ...]:
+    """An include / exclude option as a tuple of glob strings."""
+    patterns = (value,) if isinstance(value, str) else tuple(value or ())
+    if not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"option {name} must be glob patterns (strings), got {value!r}")
+    return patterns
 
 
 _PIN_KEYS = ("budget", "cell", "reduction", "param_saver", "static")
@@ -937,6 +941,15 @@ def plan(model: nn.Module | None, budget: float | str | None = None, example_inp
     if per_layer:
         return per_layer.plan(graph, model, opts, name, _baseline_macs(graph))
     return _plan_warehouses(graph, budget, opts, name)
+
+
+def check_options(method: str, budget: float | str | None = None, **options: Any) -> Any:
+    """The options object a ``method`` plan at ``budget`` is made with (``PlanOptions``,
+    ``ODConvOptions``, ``KernelDNAOptions``), or the ValueError :func:`plan` would raise for
+    them before tracing anything: a front end's early check."""
+    _method_budget(methods.check_method(method), budget, options)
+    per_layer = _per_layer_planning(method)
+    return (per_layer.Options if per_layer else PlanOptions).from_kwargs(**options)
 
 
 def _method_budget(method: str, budget: float | str | None, options: dict[str, Any]) -> float:
@@ -1036,8 +1049,7 @@ def _plan_module(model: nn.Module | None, budget: float, example_inputs, path: s
     if graph is None:
         graph = trace(inner_model, module_inputs(model, path, example_inputs))
     name = model_name or type(model).__name__
-    inner_budget = None if options.get("method") == "kerneldna" else budget  # KernelDNA takes none
-    inner = plan(inner_model, inner_budget, graph=graph, model_name=name, **options)
+    inner = plan(inner_model, budget, graph=graph, model_name=name, **options)
     prefix = f"{path}."
     warehouses = tuple(dataclasses.replace(w, layers=tuple(dataclasses.replace(l, name=prefix + l.name)
                                                            for l in w.layers)) for w in inner.warehouses)

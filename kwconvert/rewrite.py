@@ -71,6 +71,9 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan | None = None, 
         plan = make_plan(model, budget_or_plan, example_inputs, **plan_options)
     if hasattr(model, PLAN_ATTR):
         raise ValueError("the model is already converted by kwconvert; convert the original model")
+    if calibration is not None and plan.method in methods.PER_LAYER_METHODS:
+        raise ValueError(f"calibration fits KernelWarehouse cells below b = 1; a {plan.method} conversion "
+                         "starts exactly as the original: drop it")
     with unpacked_attention(model, plan.unpacked_attention):  # the layers the plan names
         check_plan_fits(model, plan)
     check_memory(model, plan)
@@ -79,9 +82,6 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan | None = None, 
     unpack_attention(model, plan.unpacked_attention)
     paths = _paths_by_module(model)
     if plan.method in methods.PER_LAYER_METHODS:
-        if calibration is not None:
-            raise ValueError(f"calibration fits KernelWarehouse cells below b = 1; a {plan.method} conversion "
-                             "starts exactly as the original: drop it")
         layers = _convert_layers(model, plan, init, paths)
         setattr(model, PLAN_ATTR, dataclasses.replace(plan, layers=layers))
         return model

@@ -58,6 +58,19 @@ def input_dependent(model: nn.Module) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorms the non-trivial statistics and affine parameters a trained model has."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    return model
+
+
 def graph_of(name: str, **kwargs) -> LayerGraph:
     """The traced graph of a torchvision model (random weights), once per test process."""
     return trace(torchvision.models.get_model(name, weights=None, **kwargs))

@@ -27,7 +27,7 @@ from kwconvert.methods.odconv.layers import KERNEL_SPREAD, START_TEMPERATURE, He
 from kwconvert.per_sample import PerSampleConv
 from kwconvert.plan import Plan, plan
 
-from .helpers import graph_of
+from .helpers import graph_of, trained_like
 
 STATIC_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 OD_FOR = {1: ODConv1d, 2: ODConv2d, 3: ODConv3d}
@@ -55,19 +55,6 @@ def od_layers(model: nn.Module) -> dict[str, nn.Module]:
 def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max()) / max(float(b.abs().max()), torch.finfo(b.dtype).tiny)
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """BatchNorms with the non-trivial statistics and affine parameters a trained model has."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-    return model
 
 
 class TinyNet(nn.Module):

@@ -18,6 +18,7 @@ from kwconvert.layers import (CAF_EPS, HOLDABLE_BETA_L1, KWAttention, contrastin
 from kwconvert.rewrite import converted_layers
 from kwconvert.training import parameter_groups
 
+from .helpers import trained_like
 from .test_export import TinyCNN, TokenMLP
 
 TEMPERATURES = (1.0, 0.5, 0.0)
@@ -42,19 +43,6 @@ class Conv1dNet(nn.Module):
         for conv in (self.grouped, self.depthwise, self.pointwise):
             x = torch.relu(conv(x))
         return self.head(x.mean(-1))
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BatchNorms the non-trivial statistics and affine parameters a trained model has."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-    return model
 
 
 def scale_of(output: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import dataclasses
 import fnmatch
 from typing import Any
 
-from ..plan import EQUIVALENT_FORWARDS, on_pooled_map
+from ..plan import EQUIVALENT_FORWARDS, Plan, StaticLayer, check_consistent, on_pooled_map
 from ..trace import Candidate, LayerGraph
 
 
@@ -75,9 +75,19 @@ class MethodOptions:
         return data
 
 
-def check_globs(name: str, value) -> tuple[str, ...]:
-    """An include / exclude option as a tuple of glob strings."""
-    patterns = (value,) if isinstance(value, str) else tuple(value or ())
-    if not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"option {name} must be glob patterns (strings), got {value!r}")
-    return patterns
+def per_layer_plan(graph: LayerGraph, layers: list, plain: dict[str, str], notes: list[str], options: "MethodOptions",
+                   model_name: str, budget: float, baseline_macs: int | None) -> Plan:
+    """The checked ``Plan`` of a per-layer method: ``layers`` and the ``plain`` layers with their
+    reasons in execution order, each converted kernel replaced by its layer's parameters (a
+    bias stays as it is)."""
+    order = {c.name: c.order for c in graph.candidates}
+    static = tuple(StaticLayer(layer, reason) for layer, reason in
+                   sorted(plain.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    params = graph.params_baseline + sum(layer.params - graph.candidate(layer.name).weight_numel for layer in layers)
+    result = Plan(model=model_name, budget=budget, warehouses=(), plain=static, params_baseline=graph.params_baseline,
+                  params_converted=params,
+                  input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
+                  options=options.to_dict(), notes=tuple(dict.fromkeys(notes)), baseline_macs=baseline_macs,
+                  method=options.method, layers=tuple(sorted(layers, key=lambda layer: order[layer.name])))
+    check_consistent(result)
+    return result

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common import batch_norm_any_batch
-from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv
+from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3
 
 #: The gate's width: ``max(C_in // REDUCTION, 1)`` (the authors' reduction 4).
 REDUCTION = 4
@@ -96,19 +96,15 @@ class _KDNAConvNd(PerSampleConv, nn.Module):
                  hidden: int | None = None, name: str = "", device=None, dtype=None) -> None:
         super().__init__()
         self.name = name
-        label = f"layer {name}" if name else f"layer {type(self).__name__}"
-        self._label = label
-        kernel_size = as_tuple(kernel_size, self._spatial_dims, "kernel_size", label)
-        check_conv(label, in_channels, out_channels, groups, "valid", (1,), padding_mode)
-        self._set_geometry(label, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        self._set_geometry(self._label, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            padding_mode)
         if tuple(parent.weight.shape) != self.per_sample_shape:
-            raise ValueError(f"{label}: the parent's kernel {tuple(parent.weight.shape)} is not the child's "
+            raise ValueError(f"{self._label}: the parent's kernel {tuple(parent.weight.shape)} is not the child's "
                              f"{self.per_sample_shape}")
         factory = {"device": device, "dtype": dtype}
         self.parent = parent
         self.hidden = gate_width(in_channels) if hidden is None else hidden
-        self.position_scale = nn.Parameter(torch.zeros(kernel_size, **factory))    # S_j
+        self.position_scale = nn.Parameter(torch.zeros(self.kernel_size, **factory))    # S_j
         self.filter_scale = nn.Parameter(torch.zeros(out_channels, **factory))     # F_j
         self.gate = ChannelGate(in_channels, self.hidden, **factory)
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
@@ -124,10 +120,11 @@ class _KDNAConvNd(PerSampleConv, nn.Module):
             self.gate.norm.reset_parameters()
             self.gate.excite.reset_parameters()
 
-    def preserve(self, weight: Tensor, bias: Tensor | None) -> float:
+    def preserve(self, weight: Tensor, bias: Tensor | None) -> float | None:
         """Start as close to the trained convolution ``(weight, bias)`` as the parent allows:
         the gate at 1/2 everywhere, S_j and F_j fitted to ``weight / FRESH_GATE``.  Returns
-        the kernel's relative fit error (0 when the child's kernel is the parent's, rescaled)."""
+        the kernel's relative fit error (0 when the child's kernel is the parent's, rescaled;
+        None on the meta device, where there are no values to fit)."""
         with torch.no_grad():
             self.gate.excite.weight.zero_()
             self.gate.excite.bias.zero_()
@@ -158,7 +155,7 @@ class _KDNAConvNd(PerSampleConv, nn.Module):
                 * (1 + self.filter_scale).view(-1, 1, *ones))
 
     def forward(self, x: Tensor) -> Tensor:
-        x, unbatched = self._check_input(x, self._label)
+        x, unbatched = self._check_input(x)
         gate = self.gate(x)
         out = self._shared_conv(x * gate.view(*gate.shape, *(1,) * self._spatial_dims), self.kernel())
         if self.bias is not None:

@@ -14,13 +14,14 @@ with ``parent="first"``, the first member in execution order.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from ...plan import DynamicLayerPlan, Plan, PlanOptions, StaticLayer, check_consistent, choice, stages
+from ...plan import DynamicLayerPlan, Plan, PlanOptions, check_globs, choice, stages
 from ...trace import Candidate, LayerGraph
-from ..layer_choice import MethodOptions, check_globs, static_reason
+from ..layer_choice import MethodOptions, per_layer_plan, static_reason
 from .layers import REDUCTION, fit_scalings, gate_width, layer_params
 
 METHOD = "kerneldna"
@@ -87,18 +88,8 @@ def plan(graph: LayerGraph, model: nn.Module | None, options: KernelDNAOptions, 
         if layers:
             break
     plain.update(reasons)
-    order = {c.name: c.order for c in graph.candidates}
-    layers.sort(key=lambda layer: order[layer.name])
-    static = tuple(StaticLayer(layer, reason) for layer, reason in
-                   sorted(plain.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-    params = graph.params_baseline + sum(layer.params - graph.candidate(layer.name).weight_numel for layer in layers)
-    result = Plan(model=model_name, budget=1.0, warehouses=(), plain=static, params_baseline=graph.params_baseline,
-                  params_converted=params,
-                  input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
-                  options=dict(options.to_dict(), share=share), notes=tuple(dict.fromkeys(notes)),
-                  baseline_macs=baseline_macs, method=METHOD, layers=tuple(layers))
-    check_consistent(result)
-    return result
+    return per_layer_plan(graph, layers, plain, notes, dataclasses.replace(options, share=share), model_name, 1.0,
+                          baseline_macs)
 
 
 def _families(graph: LayerGraph, model: nn.Module | None, eligible: list[Candidate], stage_of: dict[str, str],

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common import batch_norm_any_batch
-from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv
+from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3
 
 #: The authors' attention width: ``max(int(C_in * REDUCTION), MIN_HIDDEN)``.
 REDUCTION = 1 / 16
@@ -142,26 +142,19 @@ class _ODConvNd(PerSampleConv, nn.Module):
                  hidden: int | None = None, name: str = "", device=None, dtype=None) -> None:
         super().__init__()
         self.name = name
-        label = self._label
-        kernel_size = as_tuple(kernel_size, self._spatial_dims, "kernel_size", label)
-        check_conv(label, in_channels, out_channels, groups, "valid", (1,), padding_mode)
         if kernels < 1:
-            raise ValueError(f"{label}: ODConv needs at least one kernel, got kernels={kernels}")
-        self._set_geometry(label, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            raise ValueError(f"{self._label}: ODConv needs at least one kernel, got kernels={kernels}")
+        self._set_geometry(self._label, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            padding_mode)
         self.kernels = kernels
         self.hidden = attention_width(in_channels) if hidden is None else hidden
-        points = math.prod(kernel_size)
+        points = math.prod(self.kernel_size)
         self.heads = Heads.of(in_channels, out_channels, groups, points, kernels)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(kernels, *self.per_sample_shape, **factory))
         self.attention = ODAttention(in_channels, out_channels, points, kernels, self.hidden, self.heads, **factory)
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
         self.reset_parameters()
-
-    @property
-    def _label(self) -> str:
-        return f"layer {self.name}" if self.name else f"layer {type(self).__name__}"
 
     @property
     def temperature(self) -> float:
@@ -233,7 +226,7 @@ class _ODConvNd(PerSampleConv, nn.Module):
         return mixed
 
     def forward(self, x: Tensor) -> Tensor:
-        x, unbatched = self._check_input(x, self._label)
+        x, unbatched = self._check_input(x)
         attentions = self.attention(x)
         ones = (1,) * self._spatial_dims
         x = x * attentions.channel.view(*attentions.channel.shape, *ones)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ...plan import DynamicLayerPlan, Plan, StaticLayer, check_consistent, choice
+from ...plan import DynamicLayerPlan, Plan, check_globs, choice
 from ...trace import LayerGraph
-from ..layer_choice import MethodOptions, check_globs, static_reason
+from ..layer_choice import MethodOptions, per_layer_plan, static_reason
 from .layers import MIN_HIDDEN, REDUCTION, attention_width, layer_params
 
 METHOD = "odconv"
@@ -78,19 +78,8 @@ def plan(graph: LayerGraph, model: nn.Module | None, options: ODConvOptions, mod
                                            positions=cand.positions))
         else:
             plain[cand.name] = reason
-    order = {c.name: c.order for c in graph.candidates}
-    static = tuple(StaticLayer(layer, reason) for layer, reason in
-                   sorted(plain.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-    # Each converted layer's kernel gives way to its ODConv parameters; its bias stays as it is.
-    params = graph.params_baseline + sum(layer.params - graph.candidate(layer.name).weight_numel for layer in layers)
     notes = list(graph.notes)
     if not graph.exact:
         notes.append("traced with hooks: residual shortcuts cannot be told apart, so only the first layer stays "
                      "static by position")
-    result = Plan(model=model_name, budget=float(options.kernels), warehouses=(), plain=static,
-                  params_baseline=graph.params_baseline, params_converted=params,
-                  input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
-                  options=options.to_dict(), notes=tuple(dict.fromkeys(notes)), baseline_macs=baseline_macs,
-                  method=METHOD, layers=tuple(layers))
-    check_consistent(result)
-    return result
+    return per_layer_plan(graph, layers, plain, notes, options, model_name, float(options.kernels), baseline_macs)
