@@ -9,8 +9,8 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The stamps re-run pip only when the project files change (pip also compiles kwconvert/_native.c).
-PROJECT := pyproject.toml setup.py kwconvert/_native.c kwconvert/_native_tile.h
+# The stamps re-run pip only when the project files change (pip also compiles the kernel's _native.c).
+PROJECT := pyproject.toml setup.py kwconvert/methods/kernelwarehouse/_native.c kwconvert/methods/kernelwarehouse/_native_tile.h
 $(VENV)/.installed: $(PROJECT) | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	touch $@
@@ -79,4 +79,4 @@ data:
 	fi
 
 clean:
-	rm -rf $(VENV) kwconvert-out .pytest_cache build kwconvert/_native.*.so
+	rm -rf $(VENV) kwconvert-out .pytest_cache build kwconvert/methods/kernelwarehouse/_native_*.so

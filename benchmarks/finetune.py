@@ -61,7 +61,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import kwconvert  # noqa: E402
 from benchmarks import fashion_mnist as fm  # noqa: E402
 from benchmarks.results_io import write_json  # noqa: E402
-from kwconvert import bench, fast, native  # noqa: E402
+from kwconvert import bench, execution  # noqa: E402
+from kwconvert.methods.kernelwarehouse import native  # noqa: E402
 from kwconvert.training import FINE_TUNE, parameter_groups  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -122,7 +123,7 @@ class FinetuneRecipe:
 #: logit step moves the mixture weights one for one: at attention lr 1x the 1/2x model lost ground
 #: while fine-tuning (58.99 %), at 0.1x it reached 79.65 %, at 0.01x 82.20 % (82.70 % with cells at
 #: 3x; frozen attention, cells 3x: 82.25 %); annealing tau gained nothing.  The held logits now
-#: have an L1 norm of ``kwconvert.layers.HELD_LOGIT_SCALE`` = 10, which slows the attention's
+#: have an L1 norm of ``kwconvert.methods.kernelwarehouse.layers.HELD_LOGIT_SCALE`` = 10, which slows the attention's
 #: learning about 100-fold at the same lr: 1x there matched 0.01x at L1 norm 1 (README).
 RECIPE = FinetuneRecipe()
 #: Recipe variants ``--sweep`` fine-tunes (b) and (c) with, on one seed; name -> changed fields.
@@ -222,7 +223,7 @@ def macs(model: nn.Module) -> dict:
     """Multiply-accumulates for one image (FLOPs / 2).  KW layers run their straightforward path
     here: the fast path's compiled kernels are invisible to the counter, the arithmetic is the same."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), fast.reference_path(), counter:
+    with torch.no_grad(), execution.reference_path(), counter:
         model.eval()(*fm.example_input())
     by_op = {str(op).removeprefix("aten."): int(n) // 2 for op, n in counter.get_flop_counts()["Global"].items()}
     return {"total": int(counter.get_total_flops()) // 2, "by_op": by_op}

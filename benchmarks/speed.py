@@ -3,7 +3,7 @@
 For each workload (model, batch) it times inference (eval, no grad) and a training step
 (forward, cross-entropy, backward, SGD step) of the plain model in NCHW, the plain model in
 channels_last, optionally the plain model under torch.compile, the KW model at b = 1 (and
-b = 1/2, 4), and the KW model on the straightforward path (``kwconvert.layers.reference_path``,
+b = 1/2, 4), and the KW model on the straightforward path (``kwconvert.reference_path``,
 the authors' assemble-then-grouped-convolution forward).  All variants of a workload run in
 one process with their repetitions interleaved (the order rotates every repetition), so load
 from other processes hits them alike, and each workload runs in ``--processes`` fresh
@@ -45,8 +45,9 @@ from rich.console import Console
 from rich.table import Table
 
 import kwconvert
-from kwconvert import bench, fast
-from kwconvert.layers import reference_path, set_temperature
+from kwconvert import allocator, bench, execution, reference_path
+from kwconvert.methods.kernelwarehouse import native, path_choice
+from kwconvert.methods.kernelwarehouse.layers import set_temperature
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks.results_io`` importable
@@ -167,12 +168,12 @@ def timing_worker(spec: dict) -> dict:
     """One workload's timings in this (fresh) process: {mode: {variant: seconds per repetition}}."""
     torch.set_num_threads(spec["threads"])
     if spec["allocator"] == "keep":
-        fast.keep_freed_memory()
+        allocator.keep_freed_memory()
     console = Console(stderr=True)
     variants = variants_for(spec["model"], spec["budgets"], spec["compile"], spec["reference"])
     timings = {mode: time_workload(spec["model"], spec["batch"], mode, variants, spec["reps"], console)
                for mode in spec["modes"]}
-    return {"times": timings, "paths": dict(collections.Counter(fast.timed_paths().values()))}
+    return {"times": timings, "paths": dict(collections.Counter(path_choice.timed_paths().values()))}
 
 
 def measure_workload(spec: dict, processes: int, console: Console) -> tuple[dict[str, list[dict]], collections.Counter]:
@@ -211,11 +212,11 @@ def memory_worker(spec: dict) -> dict:
     """Peak RSS of two training steps above the RSS after building (runs in a fresh process)."""
     torch.set_num_threads(spec["threads"])
     if spec["allocator"] == "keep":
-        fast.keep_freed_memory()
+        allocator.keep_freed_memory()
     model = build(spec["model"], spec["budget"])
     context = reference_path if spec["reference"] else contextlib.nullcontext
     if spec.get("path"):
-        context = lambda: fast.use_path(spec["path"])  # noqa: E731
+        context = lambda: execution.use_path(spec["path"])  # noqa: E731
     images, labels = inputs_for(spec["model"], spec["batch"])
     step = make_step(Variant("m", model, context=context), "training", images, labels)
     with open("/proc/self/clear_refs", "w") as refs:
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions [7, quick: 5]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
-                        help="keep: kwconvert.fast.keep_freed_memory() for every model of the run")
+                        help="keep: kwconvert.allocator.keep_freed_memory() for every model of the run")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd plain models (slow to build)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure (median)")
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.allocator == "keep":
-        fast.keep_freed_memory()
+        allocator.keep_freed_memory()
     console = Console(stderr=True)
     reps = args.reps or (5 if args.quick else 7)
     budgets = [1.0] if args.quick or args.targets else [1.0, 0.5, 4.0]
@@ -316,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         workloads = [w for w in workloads if w[0] in args.models]
     settings = {"threads": torch.get_num_threads(), "allocator_mode": args.allocator,
-                "allocator": fast.allocator_settings(), "torch": torch.__version__,
+                "allocator": allocator.allocator_settings(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "python": platform.python_version(),
                 "cpu": bench.cpu_description(), "cpus": os.cpu_count(),
                 "image": IMAGE, "small_image": list(INPUTS[SMALL][0]), "tau": TAU, "reps": reps,
                 "processes": args.processes,
-                "native": kwconvert.native.available(), "native_isa": kwconvert.native.isa(),
+                "native": native.available(), "native_isa": native.isa(),
                 "command": " ".join([sys.executable] + sys.argv)}
     console.log(f"threads {settings['threads']}, allocator {json.dumps(settings['allocator'])}")
 

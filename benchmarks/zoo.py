@@ -383,8 +383,8 @@ def run_case(case_id: str, timeout: float | None = None, fast_path: bool = False
 
 
 def _check(case: Case, row: dict[str, Any], fast_path: bool, method: str = "kernelwarehouse") -> str:
-    from kwconvert.fast import reference_path
-    from kwconvert.layers import set_temperature
+    from kwconvert import reference_path
+    from kwconvert.methods.kernelwarehouse.layers import set_temperature
     from kwconvert.pipeline import LayerCheck, _max_abs_diff, compare_outputs, static_originals
     from kwconvert.plan import plan
     from kwconvert.rewrite import convert, plan_of
@@ -500,7 +500,7 @@ def _bound_problems(plans: dict[float, Any]) -> list[str]:
 def _layer_sizes(model: nn.Module, unpacked: tuple[str, ...], names: set[str]) -> dict[str, int]:
     """Parameters of the layers ``names`` (those inside nn.MultiheadAttention unpacked, as the
     plan names them); 0 for a name that is no module."""
-    from kwconvert.vit import unpacked_attention
+    from kwconvert.multihead import unpacked_attention
     sizes = {}
     with unpacked_attention(model, unpacked):
         for name in names:
@@ -864,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model (default 900; 0: none)")
     parser.add_argument("--fast-path", action="store_true",
-                        help="run the KW forward on kwconvert.fast's autotuned path (default: the "
+                        help="run the KW forward on kwconvert's autotuned paths (default: the "
                              "straightforward path, cheaper for one forward)")
     parser.add_argument("--fresh", action="store_true", help="drop the rows of models not run this time")
     parser.add_argument("--plans-only", action="store_true",

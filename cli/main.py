@@ -97,7 +97,7 @@ class Failure(Exception):
 def reported(debug: bool) -> Iterator[None]:
     """Turn library errors into one stderr line and an exit code (traceback with --debug)."""
     from kwconvert.models import CheckpointError, ModelSourceError
-    from kwconvert.plan import PatternError
+    from kwconvert.methods.kernelwarehouse.grouping import PatternError
     from kwconvert.trace import UnknownModuleError
     try:
         yield

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from kwconvert.methods import DERIVED_METHODS
 from kwconvert.pipeline import LAYER_TOLERANCE
-from kwconvert.plan import count
+from kwconvert.formatting import count
 
 
 #: Off a terminal (a log), a step running this long gets a line, and another this often.

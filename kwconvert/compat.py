@@ -13,7 +13,7 @@ subclasses add one or both of two things, each of which kwconvert reproduces:
   shaped it, is dropped.  At tau = 1 the converted layer computes what the original did;
   the cells then train like any other (paper Sec. 3.3's warehouse initialisation).
 
-Any other subclass with its own forward stays static, with that reason (plan.py).  The
+Any other subclass with its own forward stays static, with that reason (methods/kernelwarehouse/grouping.py).  The
 names are timm's class paths; timm itself is only imported by the models that use them.
 """
 from __future__ import annotations

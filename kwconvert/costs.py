@@ -1,7 +1,7 @@
 """What a planned model costs to run, known before converting (per sample, traced input size).
 
 A converted layer does three things per sample (paper Sec. 3.2): its attention computes
-the mixture weights (:func:`kwconvert.cells.attention_macs`), the assembly mixes its m
+the mixture weights (:func:`kwconvert.methods.kernelwarehouse.cells.attention_macs`), the assembly mixes its m
 kernel cells from the warehouse's n cells (``m x n x cell`` multiply-adds), and the
 convolution runs with the assembled kernel, at the static layer's cost.  Each converted
 layer reads its whole warehouse once per forward: on a small batch those bytes, not the
@@ -18,11 +18,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from . import cells
+from .methods.kernelwarehouse import cells
 from .methods.odconv.layers import Heads
 
 if TYPE_CHECKING:  # plan imports this module; the types are only read
     from .plan import DynamicLayerPlan, LayerPlan, Plan, WarehousePlan
+    from .trace import LayerGraph
 
 #: Bytes of one warehouse entry: the counts assume float32 storage.
 FLOAT32_BYTES = 4
@@ -119,3 +120,9 @@ def macs_ratio(plan: "Plan") -> float | None:
     if not plan.baseline_macs:
         return None
     return (plan.baseline_macs + plan_cost(plan).added_macs) / plan.baseline_macs
+
+
+def baseline_macs(graph: LayerGraph) -> int | None:
+    """The traced model's Conv/Linear multiply-adds per sample (None if one output went unseen)."""
+    macs = [cand.macs for cand in graph.candidates]
+    return None if None in macs else sum(macs)

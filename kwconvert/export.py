@@ -3,7 +3,7 @@
 A KernelWarehouse layer convolves every sample with its own kernel, rebuilt from the
 warehouse by that sample's attention (paper Sec. 3.2).
 
-* ``torch.export`` (.pt2) traces the fast CPU path of :mod:`kwconvert.fast` as it is: the
+* ``torch.export`` (.pt2) traces the fast CPU paths of :mod:`kwconvert.methods.kernelwarehouse.paths` as they are: the
   compiled kernel is a set of registered operators (``torch.ops.kwconvert.conv``,
   ``depthwise``, ``mix``) with shape-only fake implementations, and under tracing every
   layer takes a path without a Python loop over the batch, so the batch stays dynamic.
@@ -37,9 +37,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import fast, methods
+from . import execution, methods
 from .files import atomic_file
-from .layers import _dims
+from .formatting import dims
 from .models import default_input_size
 from .rewrite import PLAN_ATTR
 
@@ -93,7 +93,7 @@ def export_path(model: nn.Module) -> contextlib.AbstractContextManager:
     like ``use_path``.
     """
     del model
-    return fast.use_path("im2col")
+    return execution.use_path("im2col")
 
 
 # --- the example input ----------------------------------------------------------------------
@@ -171,7 +171,7 @@ def _torch_export(model: nn.Module, x: Tensor, dynamic_batch: bool) -> torch.exp
         with contextlib.redirect_stderr(io.StringIO()):
             return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
     except Exception as error:
-        raise ExportError(f"torch.export failed on an input of size {_dims(x.shape)}: {_reason(error)}") from error
+        raise ExportError(f"torch.export failed on an input of size {dims(x.shape)}: {_reason(error)}") from error
 
 
 def _write_onnx(program: torch.export.ExportedProgram, destination: Path, opset: int) -> None:
@@ -244,7 +244,7 @@ def _leaves(output: Any) -> list[Tensor]:
 
 def _max_abs_diff(got: Tensor, expected: Tensor) -> float:
     if tuple(got.shape) != tuple(expected.shape):
-        raise ExportError(f"the exported model returns shape {_dims(got.shape)}, eager {_dims(expected.shape)}")
+        raise ExportError(f"the exported model returns shape {dims(got.shape)}, eager {dims(expected.shape)}")
     return (got.float().cpu() - expected.float().cpu()).abs().max().item() if got.numel() else 0.0
 
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from . import __version__, methods
-from .fast import restore_choices, saved_choices
 from .files import umask
-from .layers import Warehouse
+from .methods.kernelwarehouse.layers import Warehouse
+from .methods.kernelwarehouse.path_choice import restore_choices, saved_choices
 from .models import build_model
 from .plan import Plan
 from .rewrite import PLAN_ATTR, convert, plan_of

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fast
+from . import execution
 
 #: Padding modes of torch's convolutions, all supported.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -151,7 +151,7 @@ class PerSampleConv:
 
     def _per_sample_conv(self, x: Tensor, weight: Tensor) -> Tensor:
         """Convolve each sample with its own kernel: the batch is folded into the groups."""
-        if fast.is_im2col():
+        if execution.is_im2col():
             return self._im2col_conv(x, weight)
         batch = x.shape[0]
         x = x.reshape(1, batch * self.in_channels, *x.shape[2:])

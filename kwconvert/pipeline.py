@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from . import io, methods
-from .fast import reference_path
+from .execution import reference_path
 from .models import build_model, canonical_source, default_input_size, load_weights, read_inputs
 from .plan import Plan, plan as make_plan
 from .report import SWEEP_BUDGETS, html_report, write_report
 from .rewrite import convert, plan_of
 from .trace import LayerGraph, trace
-from .vit import unpacked_attention
+from .multihead import unpacked_attention
 
 DEFAULT_OUT = Path("kwconvert-out")
 #: Where the output check looks, per method: KernelWarehouse's start of training (tau = 1)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .files import atomic_file
-from .plan import Plan, WarehousePlan, _dims
+from .formatting import dims
+from .plan import Plan, WarehousePlan
 
 __all__ = ["SWEEP_BUDGETS", "html_report", "write_report"]
 
@@ -76,7 +77,7 @@ def _e(text: object) -> str:
 
 
 def _legend(plan: Plan, colours: dict[str, str]) -> str:
-    items = [f'<span style="background:{colours[w.name]}">{_e(w.name)}: n {w.n}, cell {_dims(w.cell)}</span>'
+    items = [f'<span style="background:{colours[w.name]}">{_e(w.name)}: n {w.n}, cell {dims(w.cell)}</span>'
              for w in plan.warehouses]
     items.append(f'<span style="background:{_STATIC_COLOUR}">static</span>')
     return f'<div class="legend">{"".join(items)}</div>'
@@ -90,7 +91,7 @@ def _flow(plan: Plan, colours: dict[str, str], order: Sequence[str] | None) -> s
             cards[layer.name] = (
                 f'<div class="layer" data-warehouse="{_e(w.name)}" style="background:{colours[w.name]}">'
                 f'<div class="name">{_e(layer.name)}</div>'
-                f'<div class="detail">{_e(layer.kind)} {_dims(layer.weight_shape)}{rows}</div>'
+                f'<div class="detail">{_e(layer.kind)} {dims(layer.weight_shape)}{rows}</div>'
                 f'<div class="detail">m {layer.cells}, cells {layer.offset}..{layer.offset + layer.cells - 1} '
                 f'of {w.n}</div></div>')
     for static in plan.plain:
@@ -111,7 +112,7 @@ def _warehouse_table(plan: Plan, colours: dict[str, str]) -> str:
 def _row(w: WarehousePlan, background: str) -> str:
     error = "" if w.init_error is None else f"{w.init_error:.3f}"
     cells = (f'<td style="background:{background}">{_e(w.name)}</td>', f'<td class="num">{len(w.layers)}</td>',
-             f"<td>{_dims(w.cell)}</td>", f'<td class="num">{w.m_t}</td>', f'<td class="num">{w.n}</td>',
+             f"<td>{dims(w.cell)}</td>", f'<td class="num">{w.m_t}</td>', f'<td class="num">{w.n}</td>',
              f'<td class="num">{w.budget:g}</td>', f'<td class="num">{w.warehouse_params:,}</td>',
              f'<td class="num">{w.attention_params:,}</td>', f'<td class="num">{error}</td>')
     return "<tr>" + "".join(cells) + "</tr>"

@@ -37,7 +37,7 @@ try:  # the fake mode ShapeProp's ``fake_mode`` argument takes lives in a privat
 except ImportError:
     FakeTensorMode = None
 
-from .vit import unpacked_attention
+from .multihead import unpacked_attention
 
 __all__ = ["Candidate", "ResidualBlock", "LayerGraph", "trace", "layer_kind", "default_example_inputs",
            "module_inputs", "UnknownModuleError"]
@@ -177,7 +177,7 @@ class LayerGraph:
     them without passing another one.  ``traced_with`` is "fx" or "hooks"; with hooks the
     dataflow is a chain in execution order and ``notes`` say what was lost.
     ``unpacked_attention`` lists the nn.MultiheadAttention modules traced unpacked
-    (:mod:`kwconvert.vit`): their layers ``PATH.q_proj`` ... exist only once unpacked.
+    (:mod:`kwconvert.multihead`): their layers ``PATH.q_proj`` ... exist only once unpacked.
     """
     candidates: tuple[Candidate, ...]
     dataflow: nx.DiGraph
@@ -189,6 +189,17 @@ class LayerGraph:
     notes: tuple[str, ...] = ()
     node_of: dict[str, str] = field(default_factory=dict)
     unpacked_attention: tuple[str, ...] = ()
+
+    @property
+    def input_size(self) -> tuple[int, ...] | None:
+        """The traced input's size without the batch (None for several inputs): what a plan
+        states its costs at."""
+        return self.input_shapes[0][1:] if len(self.input_shapes) == 1 else None
+
+    def static_order(self, reasons: dict[str, str]) -> list[tuple[str, str]]:
+        """(layer, reason) pairs in execution order (layers the trace did not see last, by name)."""
+        order = {c.name: c.order for c in self.candidates}
+        return sorted(reasons.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
 
     # --- candidates -------------------------------------------------------------------
     @cached_property

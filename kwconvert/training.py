@@ -6,7 +6,7 @@ Two ways to train a KernelWarehouse model:
   1 to 0 over the first tenth of training (Sec. 3.3), per iteration by
   :class:`TemperatureScheduler`, which saves and resumes like torch's LR schedulers;
 * **from a trained model** (``init="preserve"``, the default): every attention starts on
-  beta whatever the input and whatever tau (:meth:`kwconvert.layers.KWAttention.hold_beta`),
+  beta whatever the input and whatever tau (:meth:`kwconvert.methods.kernelwarehouse.layers.KWAttention.hold_beta`),
   so the model starts as the original and nothing needs annealing.  ``FINE_TUNE`` below is
   the recipe measured on the fine-tune benchmark (``benchmarks/finetune.py``, README
   "Fine-tuning a converted model").
@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import Warehouse, is_kw_layer, set_temperature, temperature_at
+from .methods.kernelwarehouse.layers import Warehouse, is_kw_layer, set_temperature, temperature_at
 
 __all__ = ["FINE_TUNE", "FineTuneRecipe", "TemperatureScheduler", "parameter_groups"]
 

@@ -50,7 +50,7 @@ def input_dependent(model: nn.Module) -> nn.Module:
     A weight-preserving conversion starts every attention on beta for all inputs; tests of
     the per-sample paths need kernels that differ between samples to prove anything.
     """
-    from kwconvert.layers import is_kw_layer
+    from kwconvert.methods.kernelwarehouse.layers import is_kw_layer
     for module in model.modules():
         if is_kw_layer(module):
             module.attention.reset_parameters()

@@ -1,6 +1,4 @@
 """Timing a converted model against its original (kwconvert.bench, ``kwconvert bench``)."""
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -11,25 +9,41 @@ from kwconvert import bench
 from .test_bad_input import small_cnn
 
 
-class Sleeps(nn.Module):
-    """A model whose call takes a known time, so that the ratio has a known answer."""
+class Clock:
+    """A fake ``time.perf_counter`` that only the models move; copies of a model share it."""
 
-    def __init__(self, seconds: float):
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class Takes(nn.Module):
+    """A model whose call takes a known time on a fake clock, so that the ratio has a known
+    answer whatever else the machine runs."""
+
+    def __init__(self, seconds: float, clock: Clock):
         super().__init__()
-        self.seconds = seconds
+        self.seconds, self.clock = seconds, clock
         self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x):
-        time.sleep(self.seconds)
+        self.clock.now += self.seconds
         return {"out": x * self.scale, "count": torch.tensor(1)}  # a dict with a non-float leaf
 
 
-def test_the_ratio_is_the_converted_time_over_the_original_s():
-    rows = bench.compare_speed(Sleeps(0.01), Sleeps(0.03), torch.ones(2, 3), repetitions=5)
+def test_the_ratio_is_the_converted_time_over_the_original_s(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    rows = bench.compare_speed(Takes(0.01, clock), Takes(0.03, clock), torch.ones(2, 3), repetitions=5)
     assert [row.mode for row in rows] == ["inference", "training"]
     for row in rows:
-        assert 2.0 < row.ratio < 3.5 and row.ratio_p25 <= row.ratio <= row.ratio_p75
-        assert row.original_ms == pytest.approx(10, abs=8) and row.converted_ms == pytest.approx(30, abs=15)
+        assert row.ratio == pytest.approx(3.0) and row.ratio_p25 == pytest.approx(3.0) == row.ratio_p75
+        assert row.original_ms == pytest.approx(10) and row.converted_ms == pytest.approx(30)
         assert row.batch == 2 and row.repetitions == 5
 
 
@@ -45,7 +59,7 @@ def test_the_callers_models_are_left_as_they_were():
 
 
 def test_a_training_step_reaches_every_parameter_through_any_output():
-    model = Sleeps(0.0)
+    model = Takes(0.0, Clock())
     step = bench.make_step(model, "training", torch.ones(2, 3))
     step()
     assert model.training and model.scale.grad is not None and model.scale.grad.abs().item() > 0
@@ -68,4 +82,4 @@ def test_quartiles_interpolate_between_neighbours():
                                              ({"repetitions": 0}, "repetitions must be at least 1")])
 def test_bad_arguments_are_refused(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
-        bench.compare_speed(Sleeps(0.0), Sleeps(0.0), torch.ones(1, 3), **kwargs)
+        bench.compare_speed(Takes(0.0, Clock()), Takes(0.0, Clock()), torch.ones(1, 3), **kwargs)

@@ -5,7 +5,7 @@ from torch import nn
 from torch.func import functional_call
 
 import kwconvert
-from kwconvert import calibrate
+from kwconvert.methods.kernelwarehouse import calibrate
 from kwconvert.plan import Plan
 
 from .test_bad_input import small_cnn

@@ -1,4 +1,4 @@
-"""The arithmetic of kwconvert.cells: cells are common dimension divisors of the kernels they tile."""
+"""The arithmetic of kwconvert.methods.kernelwarehouse.cells: cells are common dimension divisors of the kernels they tile."""
 import math
 from functools import reduce
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kwconvert import cells
+from kwconvert.methods.kernelwarehouse import cells
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0, 2.0, 4.0)
 

@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import kwconvert
 from kwconvert.costs import FLOAT32_BYTES
-from kwconvert.layers import is_kw_layer, reference_path
+from kwconvert import reference_path
+from kwconvert.methods.kernelwarehouse.layers import is_kw_layer
 from kwconvert.plan import Plan
 from tests.helpers import plan_of
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kwconvert
-from kwconvert import fast
+from kwconvert import execution
+from kwconvert.methods.kernelwarehouse import path_choice
 
 from .helpers import input_dependent
 
@@ -48,11 +49,11 @@ def kw_net() -> nn.Module:
 
 @pytest.fixture(autouse=True)
 def fresh_path_choices():
-    """No timed path choice crosses a test: fast.py keys them by shapes and dtype, not by
+    """No timed path choice crosses a test: path_choice.py keys them by shapes and dtype, not by
     device, so "grouped" chosen on meta (its only path there) would serve the CPU after."""
-    fast.clear_caches()
+    path_choice.clear_caches()
     yield
-    fast.clear_caches()
+    path_choice.clear_caches()
 
 
 def cells_of(model: nn.Module) -> list[nn.Parameter]:
@@ -101,7 +102,7 @@ def test_parameters_yield_each_shared_warehouse_once(kw_net):
 # --- meta: nothing is made on the CPU behind the model's back --------------------------------
 
 
-PATH_BLOCKS = {"grouped": lambda: fast.use_path("grouped"), "reference": fast.reference_path}
+PATH_BLOCKS = {"grouped": lambda: execution.use_path("grouped"), "reference": execution.reference_path}
 
 
 @pytest.mark.parametrize("path", PATH_BLOCKS)
@@ -143,7 +144,7 @@ def test_a_model_built_on_meta_converts_shape_for_shape(budget):
 
 def cell_grads(model: nn.Module, x: torch.Tensor, path: str | None, autocast: bool) -> list[torch.Tensor]:
     model = copy.deepcopy(model).train()
-    with fast.use_path(path), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with execution.use_path(path), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(x)
     assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
     out.float().square().mean().backward()

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 import kwconvert
 from kwconvert.export import ExportError, MissingExportPackages, export_path
-from kwconvert.layers import KWConv1d, KWConv2d, KWConv3d, Warehouse, is_kw_layer
+from kwconvert import execution
+from kwconvert.methods.kernelwarehouse.layers import KWConv1d, KWConv2d, KWConv3d, Warehouse, is_kw_layer
 from kwconvert_cli.main import app
 
 from .helpers import input_dependent, one_line
@@ -113,9 +114,9 @@ def test_export_path_computes_what_eager_computes(layer_type, spatial, options):
     x = torch.randn(3, 8, *spatial)
     expected = eager(layer, x)
     with export_path(layer):
-        assert kwconvert.fast.is_im2col()
+        assert execution.is_im2col()
         got = eager(layer, x)
-    assert not kwconvert.fast.is_im2col()  # the switch is put back
+    assert not execution.is_im2col()  # the switch is put back
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -135,7 +136,7 @@ def test_torch_export_keeps_the_batch_dynamic_and_matches_eager(tmp_path):
     # product; no batch-folded convolution either way
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert not any("convolution" in target for target in targets)
-    assert any(target.startswith("kwconvert.conv") for target in targets) == kwconvert.native.available()
+    assert any(target.startswith("kwconvert.conv") for target in targets) == kwconvert.methods.kernelwarehouse.native.available()
     model.eval()
     for batch in (1, 3, 4):  # 3 was neither traced nor checked
         x = torch.randn(batch, 3, 16, 16)
@@ -192,15 +193,16 @@ def test_the_reference_path_cannot_give_onnx_a_dynamic_batch(tmp_path):
     """Why export_path exists (README "Export"): the batch-folded groups become a symbolic attribute."""
     model = converted(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)), 1.0, (3, 8, 8))
     x = torch.randn(2, 3, 8, 8)
-    with kwconvert.layers.reference_path(), pytest.raises(Exception) as raised:
+    with kwconvert.reference_path(), pytest.raises(Exception) as raised:
         torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     assert "Unsupported attribute type" in str(raised.value) and "Conv" in str(raised.value)
 
 
 def test_a_written_file_that_differs_from_eager_is_refused_and_nothing_is_left(tmp_path, monkeypatch):
     model = converted(TinyCNN(), 1.0, (3, 16, 16))
-    right = kwconvert.layers._KWConvNd._im2col_conv
-    monkeypatch.setattr(kwconvert.layers._KWConvNd, "_im2col_conv", lambda layer, x, w: right(layer, x, w) * 1.01)
+    right = kwconvert.methods.kernelwarehouse.layers._KWConvNd._im2col_conv
+    monkeypatch.setattr(kwconvert.methods.kernelwarehouse.layers._KWConvNd,
+                        "_im2col_conv", lambda layer, x, w: right(layer, x, w) * 1.01)
     with pytest.raises(ExportError, match=r"differs from eager by .* at batch 1, over the tolerance 0.0001"):
         kwconvert.export(model, tmp_path / "new" / "dir" / "model.onnx")
     assert list(tmp_path.iterdir()) == []  # no file, no temporary, no directory made for it

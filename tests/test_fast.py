@@ -13,9 +13,9 @@ import torchvision
 from torch import nn
 
 import kwconvert
-from kwconvert import cells, fast
-from kwconvert.layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, reference_path,
-                              set_temperature, use_path)
+from kwconvert import allocator, execution, reference_path, use_path
+from kwconvert.methods.kernelwarehouse import assembly, cells, path_choice, paths
+from kwconvert.methods.kernelwarehouse.layers import KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, set_temperature
 
 from .helpers import FLOAT32, input_dependent
 
@@ -239,7 +239,7 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor, path: str | None, reference: 
 @pytest.mark.parametrize("path", FUSED)
 def test_fused_paths_keep_no_batch_of_kernels_for_backward(path, monkeypatch):
     """Above ``KEEP_KERNELS_BYTES`` (here: any size) no fused path keeps a batch of kernels."""
-    monkeypatch.setattr(fast, "KEEP_KERNELS_BYTES", 0)
+    monkeypatch.setattr(paths, "KEEP_KERNELS_BYTES", 0)
     layer = kw_conv(64, 64, 3, padding=1, dtype=torch.float32).train()
     x = torch.randn(8, 64, 6, 6)
     kernels = 8 * 64 * 64 * 9 * 4
@@ -253,10 +253,10 @@ def test_bmm_keeps_a_small_batch_of_kernels_and_computes_the_same(monkeypatch):
     layer = kw_conv(16, 32, 3, padding=1, budget=0.5)  # four output blocks: the kernels are a permuted copy
     x = torch.randn(4, 16, 5, 5, dtype=torch.float64)
     kernels = 4 * 32 * 16 * 9 * 8
-    monkeypatch.setattr(fast, "KEEP_KERNELS_BYTES", 0)
+    monkeypatch.setattr(paths, "KEEP_KERNELS_BYTES", 0)
     without = saved_bytes(layer, x.clone(), "bmm")
     assert_same_as_reference(layer, x, "bmm", tolerance=1e-10)
-    monkeypatch.setattr(fast, "KEEP_KERNELS_BYTES", kernels)
+    monkeypatch.setattr(paths, "KEEP_KERNELS_BYTES", kernels)
     assert saved_bytes(layer, x.clone(), "bmm") - without == kernels
     assert_same_as_reference(layer, x, "bmm", tolerance=1e-10)
 
@@ -268,9 +268,9 @@ def test_bmm_in_slices_of_the_batch_computes_the_same(batch, slice_samples, monk
     (``_block_major``), a bias and kernels assembled again in backward; float64 gradients."""
     layer = kw_conv(16, 32, 3, padding=1, budget=0.5, bias=True)  # four output blocks
     assert layer.tiling.blocks_out > 1
-    monkeypatch.setattr(fast, "KEEP_KERNELS_BYTES", 0)
-    monkeypatch.setattr(fast, "BATCHED_SLICE_BYTES", slice_samples * 32 * 16 * 9 * 8)
-    assert len(fast._batch_slices(batch, 32 * 16 * 9 * 8)) == -(-batch // slice_samples)
+    monkeypatch.setattr(paths, "KEEP_KERNELS_BYTES", 0)
+    monkeypatch.setattr(paths, "BATCHED_SLICE_BYTES", slice_samples * 32 * 16 * 9 * 8)
+    assert len(paths._batch_slices(batch, 32 * 16 * 9 * 8)) == -(-batch // slice_samples)
     assert_same_as_reference(layer, torch.randn(batch, 16, 6, 5, dtype=torch.float64), "bmm", tolerance=1e-10)
 
 
@@ -280,16 +280,16 @@ def test_premix_is_timed_only_where_it_writes_less_than_the_kernels(monkeypatch)
     training step to 3.9x the plain model's peak memory; there it is not a candidate."""
     layer = kw_conv(64, 64, 3, padding=1, dtype=torch.float32).train()
     candidates = []
-    timed = fast._fastest
-    monkeypatch.setattr(fast, "_fastest", lambda *args, **kwargs: candidates.append(args[3]) or timed(*args, **kwargs))
+    timed = path_choice._fastest
+    monkeypatch.setattr(path_choice, "_fastest", lambda *args, **kwargs: candidates.append(args[3]) or timed(*args, **kwargs))
     for size in (4, 32):
-        fast.clear_caches()
+        path_choice.clear_caches()
         layer(torch.randn(2, 64, size, size))
     small, big = candidates
     assert "premix" in small and "premix" not in big and "bmm" in big
     with use_path("premix"):  # asked for, it still runs there
         assert_float32_output_matches_reference(layer.eval(), torch.randn(2, 64, 32, 32), "premix")
-    fast.clear_caches()
+    path_choice.clear_caches()
 
 
 def test_small_layers_are_timed_forward_and_backward_in_training_without_touching_grad():
@@ -297,24 +297,24 @@ def test_small_layers_are_timed_forward_and_backward_in_training_without_touchin
     is timed with backward, and the timing leaves no gradient behind."""
     layer = kw_conv(32, 32, 3, padding=1, dtype=torch.float32).train()
     x = torch.randn(64, 32, 4, 4)
-    fast.clear_caches()
+    path_choice.clear_caches()
     out = layer(x)
     assert all(p.grad is None for p in layer.parameters())
-    (path,) = fast.chosen_paths(layer)[""].values()
+    (path,) = path_choice.chosen_paths(layer)[""].values()
     assert path in ("grouped", "conv", "matmul", "bmm", "premix")
     out.sum().backward()
     assert layer.warehouse.cells.grad is not None
-    fast.clear_caches()
+    path_choice.clear_caches()
 
 
 def test_each_layer_keeps_its_choice_per_input_and_identical_layers_time_once(monkeypatch):
     layer = kw_conv(8, 8, 3, padding=1, dtype=torch.float32).eval()
     twin = copy.deepcopy(layer)
     x = torch.randn(2, 8, 7, 7)
-    fast.clear_caches()  # earlier tests may have timed this configuration already
+    path_choice.clear_caches()  # earlier tests may have timed this configuration already
     timings = []
-    timed = fast._fastest
-    monkeypatch.setattr(fast, "_fastest", lambda *args, **kwargs: timings.append(args[3]) or timed(*args, **kwargs))
+    timed = path_choice._fastest
+    monkeypatch.setattr(path_choice, "_fastest", lambda *args, **kwargs: timings.append(args[3]) or timed(*args, **kwargs))
     with torch.no_grad():
         layer(x)
         twin(x)  # takes the path its identical twin timed
@@ -322,9 +322,9 @@ def test_each_layer_keeps_its_choice_per_input_and_identical_layers_time_once(mo
     assert len(timings) == 2
     assert len(layer.path_choices) == 2 and len(twin.path_choices) == 1
     assert twin.path_choices.items() <= layer.path_choices.items()
-    assert set(layer.path_choices.values()) <= set(fast.PATHS) - {"reference"}
-    assert fast.chosen_paths(nn.Sequential(layer, twin)) == {"0": layer.path_choices, "1": twin.path_choices}
-    fast.forget_paths(layer)
+    assert set(layer.path_choices.values()) <= set(execution.PATHS) - {"reference"}
+    assert path_choice.chosen_paths(nn.Sequential(layer, twin)) == {"0": layer.path_choices, "1": twin.path_choices}
+    path_choice.forget_paths(layer)
     assert layer.path_choices == {} and len(twin.path_choices) == 1
 
 
@@ -337,7 +337,7 @@ def test_packed_warehouse_follows_every_change_of_the_cells():
         with torch.no_grad():
             with reference_path():
                 expected = layer(x)
-            with fast.use_path("native"):  # the path that reads the packed copy, where built
+            with execution.use_path("native"):  # the path that reads the packed copy, where built
                 assert relative_error(layer(x), expected) <= FLOAT32
 
     check()
@@ -350,7 +350,7 @@ def test_packed_warehouse_follows_every_change_of_the_cells():
     check()
     # one value no sample sees, changed by an optimizer step, then by loading a state dict
     unseen = 1
-    assert cells.numel() // fast._PROBES > unseen
+    assert cells.numel() // assembly._PROBES > unseen
     cells.grad = torch.zeros_like(cells)
     cells.grad.view(-1)[unseen] = 1.0
     torch.optim.SGD([cells], lr=10.0).step()
@@ -359,7 +359,7 @@ def test_packed_warehouse_follows_every_change_of_the_cells():
     state["cells"].view(-1)[unseen] = 7.0
     layer.warehouse.load_state_dict(state)
     check()
-    with fast.packing(False):
+    with assembly.packing(False):
         check()
 
 
@@ -369,8 +369,8 @@ def test_use_path_rejects_unknown_names_and_restores_the_previous_setting():
             pass
     with use_path("conv"):
         with reference_path():
-            assert fast.is_reference()
-        assert not fast.is_reference()
+            assert execution.is_reference()
+        assert not execution.is_reference()
 
 
 def test_two_threads_serving_one_model_get_the_reference_outputs(kw_resnet18):
@@ -380,8 +380,8 @@ def test_two_threads_serving_one_model_get_the_reference_outputs(kw_resnet18):
     inputs = [torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with torch.no_grad(), reference_path():
         expected = [model(x) for x in inputs]
-    fast.clear_caches()
-    fast.forget_paths(model)
+    path_choice.clear_caches()
+    path_choice.forget_paths(model)
     results, seen = {}, {}
     barrier = threading.Barrier(3)
 
@@ -389,7 +389,7 @@ def test_two_threads_serving_one_model_get_the_reference_outputs(kw_resnet18):
         barrier.wait()
         with torch.no_grad():
             results[i] = [model(inputs[i]) for _ in range(2)]
-        seen[i] = fast.is_reference()
+        seen[i] = execution.is_reference()
 
     def compare() -> None:
         barrier.wait()
@@ -411,18 +411,18 @@ def test_two_threads_serving_one_model_get_the_reference_outputs(kw_resnet18):
 def test_tune_chooses_every_path_ahead_so_serving_times_nothing(kw_resnet18, monkeypatch):
     model = kw_resnet18.eval()
     x = torch.randn(2, 3, 48, 48)
-    fast.clear_caches()
-    fast.forget_paths(model)
+    path_choice.clear_caches()
+    path_choice.forget_paths(model)
     paths = kwconvert.tune(model, x)
     convs = [name for name, module in model.named_modules() if isinstance(module, KWConv2d)]
     assert sorted(paths) == sorted(module.name for name, module in model.named_modules()
                                    if isinstance(module, KWConv2d)) and len(convs) == len(paths)
-    assert set(paths.values()) <= set(fast.PATHS) - {"reference", "im2col"}
+    assert set(paths.values()) <= set(execution.PATHS) - {"reference", "im2col"}
 
     def no_timing(*args, **kwargs):
         raise AssertionError("a tuned model timed a path while serving")
 
-    monkeypatch.setattr(fast, "_fastest", no_timing)
+    monkeypatch.setattr(path_choice, "_fastest", no_timing)
     with torch.no_grad():
         model(torch.randn(2, 3, 48, 48))
     with pytest.raises(AssertionError, match="timed a path"), torch.no_grad():
@@ -436,9 +436,9 @@ def test_unavailable_forced_path_falls_back_to_grouped():
 
 def test_allocator_settings_report_what_the_process_runs_with(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    settings = fast.allocator_settings()
+    settings = allocator.allocator_settings()
     assert settings["environment"] == {"MALLOC_ARENA_MAX": "2"}
-    applied = fast.keep_freed_memory()
+    applied = allocator.keep_freed_memory()
     if settings["libc"].startswith("glibc"):
         assert applied["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
 
@@ -487,7 +487,7 @@ def test_kwconvert_path_in_the_environment_forces_a_path_and_a_bad_one_is_refuse
     import os
     import subprocess
     import sys
-    probe = "import kwconvert.fast as f; print(f._forced.get())"
+    probe = "from kwconvert import execution; print(execution.forced())"
     forced = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             env={**os.environ, "KWCONVERT_PATH": "grouped"})
     assert forced.stdout.strip() == "grouped", forced.stderr

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 import kwconvert
 from kwconvert.io import META_FILE, WEIGHTS_FILE, SavedModelError, read_metadata
+from kwconvert.methods.kernelwarehouse import path_choice
 
 from .helpers import input_dependent
 
@@ -69,20 +70,20 @@ def test_a_loaded_fine_tuned_and_saved_again_model_keeps_its_source(tmp_path):
 def test_a_tuned_model_loads_with_its_paths_and_serves_without_timing(tmp_path, monkeypatch):
     model = converted_resnet18(1.0).eval()
     x = torch.randn(2, 3, 48, 48)
-    kwconvert.fast.clear_caches()
+    path_choice.clear_caches()
     kwconvert.tune(model, x)
     kwconvert.save(model, tmp_path / "m")
-    chosen = kwconvert.fast.chosen_paths(model)
+    chosen = path_choice.chosen_paths(model)
     convs = sum(isinstance(module, kwconvert.KWConv2d) for module in model.modules())
     assert len(read_metadata(tmp_path / "m")["paths"]) == len(chosen) == convs == 19  # all but the stem
-    kwconvert.fast.clear_caches()  # as in a fresh serving process
+    path_choice.clear_caches()  # as in a fresh serving process
     loaded = kwconvert.load(tmp_path / "m", model=torchvision.models.resnet18(weights=None, num_classes=10)).eval()
-    assert kwconvert.fast.chosen_paths(loaded) == chosen
+    assert path_choice.chosen_paths(loaded) == chosen
 
     def no_timing(*args, **kwargs):
         raise AssertionError("a loaded tuned model timed a path")
 
-    monkeypatch.setattr(kwconvert.fast, "_fastest", no_timing)
+    monkeypatch.setattr(path_choice, "_fastest", no_timing)
     with torch.no_grad():
         loaded(x)
 

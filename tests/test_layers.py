@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kwconvert import cells
-from kwconvert.cells import Tiling
-from kwconvert.layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, blocks_to_kernel,
+from kwconvert.methods.kernelwarehouse import cells
+from kwconvert.methods.kernelwarehouse.cells import Tiling
+from kwconvert.methods.kernelwarehouse.layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, blocks_to_kernel,
                               is_kw_layer, kernel_to_blocks, set_temperature, temperature_at)
 
 STATIC_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

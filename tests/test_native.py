@@ -1,4 +1,4 @@
-"""The compiled kernel (kwconvert/native.py, kwconvert/_native.c) computes what the
+"""The compiled kernel (kwconvert/methods/kernelwarehouse/native.py and _native.c) computes what the
 straightforward path computes, and the pure-PyTorch fallback takes over when it is absent."""
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torchvision
 from torch import nn
 
 import kwconvert
-from kwconvert import fast, native
-from kwconvert.layers import KWConv2d, KWLinear, Warehouse, reference_path, set_temperature, use_path
+from kwconvert import reference_path, use_path
+from kwconvert.methods.kernelwarehouse import native, path_choice, paths
+from kwconvert.methods.kernelwarehouse.layers import KWConv2d, KWLinear, Warehouse, set_temperature
 
 from .helpers import FLOAT32, input_dependent
 
@@ -103,8 +104,8 @@ def test_a_batch_too_big_for_one_call_runs_in_slices_with_the_same_result(monkey
     layer = kw_layer(16, 32, 3, (16, 16), padding=1, bias=True)
     x = torch.randn(5, 16, 6, 6)
     per_sample = (36 * 16 * 9 + 32 * 16 * 9) * 4
-    monkeypatch.setattr(fast, "NATIVE_SLICE_BYTES", 2 * per_sample)
-    assert fast._native_slice(fast._spec_for(layer, "native"), x, 36) == 2
+    monkeypatch.setattr(paths, "NATIVE_SLICE_BYTES", 2 * per_sample)
+    assert paths._native_slice(paths._spec_for(layer, "native"), x, 36) == 2
     assert_native_matches_float64_reference(layer, x)
 
 
@@ -212,18 +213,18 @@ def test_without_the_extension_the_fallback_runs_and_agrees(kw_resnet18, monkeyp
     with torch.no_grad():
         timed = kw_resnet18(x)  # the timed choice: "native" where it is the fastest
         monkeypatch.setattr(native, "_library", lambda: None)
-        fast.clear_caches()
-        fast.forget_paths(kw_resnet18)
+        path_choice.clear_caches()
+        path_choice.forget_paths(kw_resnet18)
         assert not native.available()
         fallback = kw_resnet18(x)
-    assert "native" not in {path for choices in fast.chosen_paths(kw_resnet18).values() for path in choices.values()}
+    assert "native" not in {path for choices in path_choice.chosen_paths(kw_resnet18).values() for path in choices.values()}
     assert relative_error(fallback, timed) <= FLOAT32
-    fast.clear_caches()
-    fast.forget_paths(kw_resnet18)
+    path_choice.clear_caches()
+    path_choice.forget_paths(kw_resnet18)
 
 
 def test_the_environment_switch_turns_the_extension_off():
-    code = "from kwconvert import native; print(native.available())"
+    code = "from kwconvert.methods.kernelwarehouse import native; print(native.available())"
     env = {**os.environ, "KWCONVERT_NATIVE": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
@@ -361,7 +362,7 @@ def test_the_operators_compute_what_their_pytorch_formulas_do(monkeypatch):
         fallback = native.conv(tiling, cols, blocks, bias)
     # blocks in panel order of width f_e = 16: each cell transposed; back to (f_e, c_e) cells
     cells = blocks.view(2, tiling.cells, 16, 16).transpose(2, 3).reshape(2, tiling.cells, 256)
-    kernels = kwconvert.layers.blocks_to_kernel(tiling, cells)  # (B, O, I, kh, kw)
+    kernels = kwconvert.methods.kernelwarehouse.layers.blocks_to_kernel(tiling, cells)  # (B, O, I, kh, kw)
     expected = torch.baddbmm(bias, cols, kernels.permute(0, 1, 3, 4, 2).reshape(2, 32, -1).transpose(1, 2))
     assert relative_error(out, expected) <= FLOAT32 and relative_error(fallback, expected) <= FLOAT32
     grad = torch.randn_like(out)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import kwconvert
-from kwconvert import costs, fast, methods
+from kwconvert import costs, execution, methods
 from kwconvert.methods.odconv import (OD_LAYER_TYPES, ODConv1d, ODConv2d, ODConv3d, attention_width, layer_params,
                                       set_temperature, temperature_at)
 from kwconvert.methods.odconv.layers import KERNEL_SPREAD, START_TEMPERATURE, Heads
@@ -524,7 +524,7 @@ def test_the_im2col_path_equals_the_default_path(dims, geometry, kernels, monkey
         im2col_conv = PerSampleConv._im2col_conv
         monkeypatch.setattr(PerSampleConv, "_im2col_conv",
                             lambda self, *args: calls.append(1) or im2col_conv(self, *args))
-        with fast.use_path("im2col"):
+        with execution.use_path("im2col"):
             im2col = layer(x)
     assert calls == [1]
     assert relative_diff(im2col, default) <= 1e-12

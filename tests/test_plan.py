@@ -15,8 +15,9 @@ from rich.console import Console
 from torch import nn
 
 import kwconvert
-from kwconvert import cells
-from kwconvert.plan import Plan, PlanOptions, check_consistent, parse_budget, plan
+from kwconvert.methods.kernelwarehouse import cells
+from kwconvert.methods.kernelwarehouse.options import PlanOptions
+from kwconvert.plan import Plan, check_consistent, parse_budget, plan
 from kwconvert.trace import trace
 
 from .helpers import graph_of, plan_of

@@ -4,9 +4,11 @@ is reachable through options to the parameter, and pinned choices are kept."""
 import pytest
 import torchvision
 
-from kwconvert import cells
+from kwconvert.methods.kernelwarehouse import cells
 from kwconvert.pipeline import parse_option
-from kwconvert.plan import HEAD_CELL_RATIO, Plan, PlanOptions, allocation_target, plan
+from kwconvert.plan import Plan, plan
+from kwconvert.methods.kernelwarehouse.options import PlanOptions
+from kwconvert.methods.kernelwarehouse.sizing import HEAD_CELL_RATIO, allocation_target
 from kwconvert.trace import trace
 
 from .helpers import plan_of

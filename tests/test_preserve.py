@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 import kwconvert
-from kwconvert.layers import (CAF_EPS, HOLDABLE_BETA_L1, KWAttention, contrasting_attention, holding_logits,
+from kwconvert.methods.kernelwarehouse.layers import (CAF_EPS, HOLDABLE_BETA_L1, KWAttention, contrasting_attention, holding_logits,
                               is_kw_layer, set_temperature)
 from kwconvert.rewrite import converted_layers
 from kwconvert.training import parameter_groups

@@ -39,7 +39,7 @@ def test_readme_documents_every_plan_option():
 
     from kwconvert.methods.kerneldna.planning import KernelDNAOptions
     from kwconvert.methods.odconv.planning import ODConvOptions
-    from kwconvert.plan import PlanOptions
+    from kwconvert.methods.kernelwarehouse.options import PlanOptions
     text = README.read_text()
     for name in PlanOptions.help():
         assert f"`{name}`" in text, name

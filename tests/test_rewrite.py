@@ -11,7 +11,7 @@ from torch import nn
 
 import kwconvert
 from kwconvert import rewrite
-from kwconvert.layers import KW_LAYER_TYPES, set_temperature
+from kwconvert.methods.kernelwarehouse.layers import KW_LAYER_TYPES, set_temperature
 from kwconvert.rewrite import check_plan_fits
 
 
@@ -289,8 +289,8 @@ def test_bad_init_and_double_conversion_are_refused():
 # --- vision transformers, Sequential roots ------------------------------------------------------
 def test_fused_qkv_converts_value_rows_only_and_keeps_the_outputs():
     import timm
-    from kwconvert.fast import reference_path
-    from kwconvert.vit import PartlyDynamicLinear
+    from kwconvert import reference_path
+    from kwconvert.methods.kernelwarehouse.layers import PartlyDynamicLinear
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224").eval()
     converted = kwconvert.convert(model, 1.0, inplace=False).eval()
@@ -306,7 +306,7 @@ def test_fused_qkv_converts_value_rows_only_and_keeps_the_outputs():
 
 def test_multihead_attention_is_unpacked_for_good_with_outputs_kept(tmp_path):
     from torchvision.models.vision_transformer import VisionTransformer
-    from kwconvert.vit import UnpackedMultiheadAttention
+    from kwconvert.multihead import UnpackedMultiheadAttention
     torch.manual_seed(0)
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
                               mlp_dim=64, num_classes=10).eval()

@@ -54,7 +54,7 @@ def test_the_small_image_workload_trains_the_accuracy_benchmarks_net():
     assert speed.inputs_for("resnet18", 1)[0].shape == (1, 3, speed.IMAGE, speed.IMAGE)
     assert speed.TARGETS[(speed.SMALL, 64, "training")] == 2.0
     model = speed.build(speed.SMALL, 1.0)
-    bmm = lambda: speed.fast.use_path("bmm")  # noqa: E731 (no path timing: a quick test)
+    bmm = lambda: speed.execution.use_path("bmm")  # noqa: E731 (no path timing: a quick test)
     step = speed.make_step(speed.Variant("kw", model, context=bmm), "training", images, labels)
     step()
     assert all(p.grad is not None for name, p in model.named_parameters() if name.endswith("cells"))

@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 import kwconvert
-from kwconvert.layers import Warehouse, is_kw_layer
+from kwconvert.methods.kernelwarehouse.layers import Warehouse, is_kw_layer
 from kwconvert.training import FINE_TUNE, TemperatureScheduler, parameter_groups
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import kwconvert
 from benchmarks import zoo
-from kwconvert.fast import reference_path
+from kwconvert import reference_path
 from tests.helpers import installed_script, one_line
 
 # One or two of each kind: CNNs, mobile nets, Conv3d, Conv1d, ViT (fused qkv), Swin,

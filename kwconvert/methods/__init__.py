@@ -1,7 +1,7 @@
 """The conversion methods kwconvert plans and builds, one folder per method that has its own.
 
 * ``kernelwarehouse`` (default): warehouses shared by the layers of a stage (Li & Yao,
-  ICML 2024); planner :mod:`kwconvert.plan`, layers :mod:`kwconvert.layers`.
+  ICML 2024); :mod:`kwconvert.methods.kernelwarehouse`.
 * ``dynamic_conv``: DY-Conv / CondConv, n whole kernels per layer, as KernelWarehouse's
   degenerate case (the plan option ``mode="dynamic_conv"``).
 * ``odconv``: ODConv (Li, Zhou & Yao, ICLR 2022), attention over the four dimensions of
@@ -28,6 +28,8 @@ METHODS = {
     "odconv": "ODConv: n kernels per layer, attention over channels, filters, kernel positions and kernels (--kernels n)",
     "kerneldna": "KernelDNA: convolutions of one shape in a stage derived from one parent kernel, with an input gate",
 }
+#: Methods whose plans hold warehouses (DY-Conv is KernelWarehouse with whole kernels as cells).
+WAREHOUSE_METHODS = ("kernelwarehouse", "dynamic_conv")
 #: Methods whose plans list layers, each converted on its own, rather than warehouses.
 PER_LAYER_METHODS = ("odconv", "kerneldna")
 #: Per-layer methods whose layers derive from a parent kernel (fitted, not exact, at conversion).
@@ -54,7 +56,7 @@ def layer_params(method: str, layer) -> int:
 def temperature_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every layer of ``model`` with a temperature that a save must keep, by qualified name:
     KernelWarehouse layers (``tau``, 1 -> 0) and ODConv layers (``temperature``, 30 -> 1)."""
-    from ..layers import is_kw_layer
+    from .kernelwarehouse.layers import is_kw_layer
     return {name: module for name, module in model.named_modules()
             if is_kw_layer(module) or isinstance(module, odconv_layers.OD_LAYER_TYPES)}
 

@@ -6,12 +6,23 @@ layer reading the input), the shortcut projections of residual blocks (ResNet's 
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-from typing import Any
+import math
 
-from ..plan import EQUIVALENT_FORWARDS, Plan, StaticLayer, check_consistent, on_pooled_map
+from .. import costs
+from ..plan import Plan, StaticLayer, check_consistent
 from ..trace import Candidate, LayerGraph
+
+
+#: Conv/Linear subclasses whose own forward computes exactly torch's (timm's Linear only
+#: casts the weight to the input's dtype for TorchScript): they convert like their base.
+#: Those of :data:`kwconvert.compat.EXTRAS` (timm's 'SAME' padding and weight
+#: standardisation) convert too; any other subclass with its own forward stays static.
+EQUIVALENT_FORWARDS = frozenset({"timm.layers.linear.Linear"})
+
+
+def on_pooled_map(cand: Candidate) -> bool:
+    return bool(cand.input_spatial) and math.prod(cand.input_spatial) == 1
 
 
 def static_reason(graph: LayerGraph, cand: Candidate, options, method: str) -> str | None:
@@ -53,41 +64,18 @@ def is_shortcut(graph: LayerGraph, name: str) -> bool:
     return False
 
 
-class MethodOptions:
-    """What a per-layer method's options dataclass shares: built from keyword arguments (an
-    unknown name is refused, listing the known ones) and written to the plan's JSON."""
-
-    #: The method's key (``"odconv"``) and its name in messages (``"ODConv"``).
-    method: str
-    label: str
-
-    @classmethod
-    def from_kwargs(cls, **options: Any):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.label} option {unknown[0]!r}; {cls.label} takes {', '.join(sorted(known))}")
-        return cls(**options)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.update(include=list(self.include), exclude=list(self.exclude), method=self.method)
-        return data
-
-
-def per_layer_plan(graph: LayerGraph, layers: list, plain: dict[str, str], notes: list[str], options: "MethodOptions",
-                   model_name: str, budget: float, baseline_macs: int | None) -> Plan:
+def per_layer_plan(graph: LayerGraph, layers: list, plain: dict[str, str], notes: list[str], options,
+                   model_name: str, budget: float) -> Plan:
     """The checked ``Plan`` of a per-layer method: ``layers`` and the ``plain`` layers with their
     reasons in execution order, each converted kernel replaced by its layer's parameters (a
     bias stays as it is)."""
     order = {c.name: c.order for c in graph.candidates}
-    static = tuple(StaticLayer(layer, reason) for layer, reason in
-                   sorted(plain.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    static = tuple(StaticLayer(layer, reason) for layer, reason in graph.static_order(plain))
     params = graph.params_baseline + sum(layer.params - graph.candidate(layer.name).weight_numel for layer in layers)
     result = Plan(model=model_name, budget=budget, warehouses=(), plain=static, params_baseline=graph.params_baseline,
                   params_converted=params,
-                  input_size=graph.input_shapes[0][1:] if len(graph.input_shapes) == 1 else None,
-                  options=options.to_dict(), notes=tuple(dict.fromkeys(notes)), baseline_macs=baseline_macs,
+                  input_size=graph.input_size,
+                  options=options.to_dict(), notes=tuple(dict.fromkeys(notes)), baseline_macs=costs.baseline_macs(graph),
                   method=options.method, layers=tuple(sorted(layers, key=lambda layer: order[layer.name])))
     check_consistent(result)
     return result

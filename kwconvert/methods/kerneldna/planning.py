@@ -1,7 +1,7 @@
 """KernelDNA's planning rules: which convolutions share a parent, and which one is it.
 
 Within a stage (the reassigned stages KernelWarehouse's planner finds:
-:func:`kwconvert.plan.stages`), convolutions with the same kernel shape and groups form a
+:func:`kwconvert.methods.kernelwarehouse.grouping.stages`), convolutions with the same kernel shape and groups form a
 family: one stays an ordinary convolution, the parent, and the others become children
 that derive their kernel from it (:mod:`kwconvert.methods.kerneldna.layers`).  Which
 kernels share follows the authors: the 3x3 convolutions of a ResNet, the 1x1 of a
@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ...plan import DynamicLayerPlan, Plan, PlanOptions, check_globs, choice, stages
+from ...plan import DynamicLayerPlan, Plan
 from ...trace import Candidate, LayerGraph
-from ..layer_choice import MethodOptions, per_layer_plan, static_reason
+from ..kernelwarehouse.grouping import stages
+from ..kernelwarehouse.options import PlanOptions
+from ..layer_choice import per_layer_plan, static_reason
+from ..options import MethodOptions, check_globs, choice
 from .layers import REDUCTION, fit_scalings, gate_width, layer_params
 
 METHOD = "kerneldna"
@@ -71,8 +74,9 @@ Options = KernelDNAOptions
 
 
 def plan(graph: LayerGraph, model: nn.Module | None, options: KernelDNAOptions, model_name: str,
-         baseline_macs: int | None) -> Plan:
-    """The KernelDNA plan of a traced model: children with their parents, and the static layers."""
+         budget: float = 1.0) -> Plan:
+    """The KernelDNA plan of a traced model: children with their parents, and the static layers
+    (``budget``: always 1, KernelDNA takes none)."""
     plain = dict(graph.unused)
     notes = list(graph.notes)
     eligible = []
@@ -88,8 +92,7 @@ def plan(graph: LayerGraph, model: nn.Module | None, options: KernelDNAOptions, 
         if layers:
             break
     plain.update(reasons)
-    return per_layer_plan(graph, layers, plain, notes, dataclasses.replace(options, share=share), model_name, 1.0,
-                          baseline_macs)
+    return per_layer_plan(graph, layers, plain, notes, dataclasses.replace(options, share=share), model_name, 1.0)
 
 
 def _families(graph: LayerGraph, model: nn.Module | None, eligible: list[Candidate], stage_of: dict[str, str],

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ...plan import DynamicLayerPlan, Plan, check_globs, choice
+from ...plan import DynamicLayerPlan, Plan
 from ...trace import LayerGraph
-from ..layer_choice import MethodOptions, per_layer_plan, static_reason
+from ..layer_choice import per_layer_plan, static_reason
+from ..options import MethodOptions, check_globs, choice
 from .layers import MIN_HIDDEN, REDUCTION, attention_width, layer_params
 
 METHOD = "odconv"
@@ -61,9 +62,10 @@ Options = ODConvOptions
 
 
 def plan(graph: LayerGraph, model: nn.Module | None, options: ODConvOptions, model_name: str,
-         baseline_macs: int | None) -> Plan:
+         budget: float | None = None) -> Plan:
     """The ODConv plan of a traced model: its converted layers and the static ones, with reasons
-    (``model``, unused: ODConv's plan needs no weights, as KernelDNA's choice of parents does)."""
+    (``model``, unused: ODConv's plan needs no weights, as KernelDNA's choice of parents does;
+    ``budget``, unused: the planner has folded it into ``options.kernels``)."""
     plain = dict(graph.unused)
     layers = []
     for cand in graph.candidates:
@@ -82,4 +84,4 @@ def plan(graph: LayerGraph, model: nn.Module | None, options: ODConvOptions, mod
     if not graph.exact:
         notes.append("traced with hooks: residual shortcuts cannot be told apart, so only the first layer stays "
                      "static by position")
-    return per_layer_plan(graph, layers, plain, notes, options, model_name, float(options.kernels), baseline_macs)
+    return per_layer_plan(graph, layers, plain, notes, options, model_name, float(options.kernels))

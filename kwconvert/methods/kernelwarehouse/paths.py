@@ -1,417 +1,68 @@
-"""Fast CPU forward and backward for the KernelWarehouse layers.
+"""The ways a KernelWarehouse Conv2d (and KWLinear) runs on CPU: same arithmetic, other execution.
 
-A KW layer computes ``w_i = sum_j alpha_ij e_j`` for every mixture of every sample
-(paper Sec. 3.2, the "assembly") and then convolves each sample with its own kernel.
-The straightforward way, which the authors use and ``reference_path()`` keeps, is one
-matrix product for the assembly and one convolution with the batch folded into the
-groups.  On CPU both are slow: the assembly shapes (few rows, an inner size of n = 27-138
-cells, outputs of many megabytes) run far below peak in MKL, and a batch-folded grouped
-convolution is a poor fit for oneDNN once maps are small and channels many.
+A KW layer assembles every sample's kernel (:mod:`.assembly`) and then convolves each
+sample with its own kernel.  The straightforward way, which the authors use and
+``reference_path()`` keeps, is one matrix product for the assembly and one convolution with
+the batch folded into the groups.  On CPU both are slow: the assembly shapes (few rows, an
+inner size of n = 27-138 cells, outputs of many megabytes) run far below peak in MKL, and a
+batch-folded grouped convolution is a poor fit for oneDNN once maps are small and channels
+many.  The paths here (:mod:`.path_choice` times them and keeps the fastest per layer and
+input):
 
-This module keeps the same arithmetic and changes how it is executed:
-
-* every matrix product goes through public PyTorch ops (``F.linear``, ``torch.bmm``), which
-  also accept the warehouse in its stored layout without a copy;
-* in inference (no gradient needed) the compiled kernel's assembly (``native.mix``) reads
-  the warehouse packed once in its panel layout, so the assembly does not re-pack it on
-  every call (1.6-1.8x a whole resnet at batch 1); the packed copy is rebuilt when the
-  cells change (an optimizer step, a loaded state dict, their storage or a sample of
-  their values tells);
 * each sample's kernel is read in OHWI order ``(C_out, kh, kw, C_in)``, what both consumers
   want (oneDNN's channels-last convolution and the NHWC im2col product); it is re-ordered
   from the assembly's output one sample at a time, into a buffer that stays in cache, and
   for a 1x1 convolution whose cells span the input channels (and for Linear) it needs no
   copy at all;
-* the ways to convolve each sample are timed (forward only) on the real shape, once per
-  layer configuration and input shape, and the fastest is kept (``tune`` does it ahead of
-  time; the choice is guarded by a lock, and ``use_path`` forces a path in one thread
-  only): ``"matmul"`` (NHWC im2col and one matrix product per sample, best for small maps
-  and batch 1), ``"conv"`` (one
-  oneDNN convolution per sample, best for large maps), ``"grouped"`` (the batch folded
-  into the groups, the reference's convolution) and ``"folded"`` (the same, with the batch
-  folded into the channels of a channels-last image: 2-6x faster for depthwise layers on
-  small maps), ``"bmm"`` (batched products, one per output block, the kernels assembled
-  from transposed cells straight in the order they read; in training the batch goes
-  through in slices of ``BATCHED_SLICE_BYTES`` of kernels) and ``"premix"`` (no kernel at
-  all: the inputs mixed per cell by the attentions, then one product with the stacked
-  warehouse; for maps of a few pixels, where assembling costs more than convolving, and
-  timed only where its mixed inputs are no bigger than the kernels), plus
-  ``"native"`` in inference (below); in training, layers whose batch of kernels is small
-  (``KEEP_KERNELS_BYTES``: the layers of 28 x 28 / 32 x 32 images) are timed forward and
-  backward and may keep their kernels for backward;
+* ``"matmul"`` (NHWC im2col and one matrix product per sample, best for small maps and
+  batch 1), ``"conv"`` (one oneDNN convolution per sample, best for large maps),
+  ``"grouped"`` (the batch folded into the groups, the reference's convolution) and
+  ``"folded"`` (the same, with the batch folded into the channels of a channels-last image:
+  2-6x faster for depthwise layers on small maps), ``"bmm"`` (batched products, one per
+  output block, the kernels assembled from transposed cells straight in the order they
+  read; in training the batch goes through in slices of ``BATCHED_SLICE_BYTES`` of kernels)
+  and ``"premix"`` (no kernel at all: the inputs mixed per cell by the attentions, then one
+  product with the stacked warehouse; for maps of a few pixels, where assembling costs more
+  than convolving);
 * for ``"matmul"`` and ``"conv"`` one autograd node covers assembly and convolution: it
   keeps only the attention, the warehouse and the input, and assembles the kernels again
-  in backward instead of holding a batch of kernels per layer until then.
+  in backward instead of holding a batch of kernels per layer until then;
+* ``"native"`` (inference) runs each sample's product in a compiled kernel (:mod:`.native`)
+  that reads the kernels straight from the assembly's output: no per-sample weight reorder
+  inside a library GEMM, no copy into OHWI order.
 
-The inference path ``"native"`` runs each sample's product in a compiled kernel
-(``kwconvert.native``) that reads the kernels straight from the assembly's output: no
-per-sample weight reorder inside a library GEMM, no copy into OHWI order.  Everything else is
-pure PyTorch, and without the extension the other paths run.  Results equal the
-straightforward path to float rounding (tests/test_fast.py, tests/test_native.py).
-
-Allocator: glibc returns big freed buffers to the system and page-faults them in again
-on the next forward; ``keep_freed_memory()`` tells glibc to keep them (the same effect as
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment).  It is opt-in
-because the process then keeps its peak memory for its whole life.
+Everything else is pure PyTorch, and without the extension the other paths run.  Results
+equal the straightforward path to float rounding (tests/test_fast.py, tests/test_native.py).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import ctypes
 import math
-import os
-import platform
-import threading
-import time
-import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ... import execution
 from . import native
+from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid
 from .cells import Tiling
 
-__all__ = ["PATHS", "allocator_settings", "cells_changed", "chosen_paths", "clear_caches", "forget_paths",
-           "keep_freed_memory", "mix", "packing", "reference_path", "restore_choices", "saved_choices", "timed_paths",
-           "tune", "use_path"]
 
-#: Ways a KW Conv2d can run.  "reference" is the straightforward path of ``layers.py``;
-#: "im2col" is the same with the per-sample convolution written as im2col and one batched
-#: matrix product, which no op attribute ties to the batch (for export, any conv rank).
-PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul", "bmm", "premix", "native")
-_STRAIGHTFORWARD = ("reference", "im2col")
-def _path_from_environment() -> str | None:
-    """``KWCONVERT_PATH=<path>`` forces that path in every thread of the process, with no timing:
-    runs that must repeat to the last bit in another process (a training run resumed from a
-    checkpoint picks no other path than the run it continues)."""
-    path = os.environ.get("KWCONVERT_PATH") or None
-    if path is not None and path not in PATHS:
-        raise ValueError(f"KWCONVERT_PATH must be one of {', '.join(PATHS)}, got {path!r}")
-    return path
-
-
-#: The path forced by ``use_path`` in this thread (or task): a context variable, so that
-#: a thread forcing a path for a comparison does not change what another thread serves;
-#: its default is ``KWCONVERT_PATH``'s.
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kwconvert_path",
-                                                                    default=_path_from_environment())
-#: Each layer keeps its own choice per input (``layer.path_choices``: input key -> path); a
-#: layer meeting a new input takes the path timed in this process for a layer of the same
-#: configuration (the blocks of a stage, a model and its copy), so identical layers time
-#: once, take the same path and give bit-identical results: configuration -> path.
-_timed: dict[tuple, str] = {}
-#: Guards the choices and the packed copies; timing runs under it, one layer at a time, so two
-#: threads meeting a new shape time it once and never time while the other is timing.
-_lock = threading.RLock()
-
-
-# --- selecting the path --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def use_path(path: str | None) -> Iterator[None]:
-    """Run every KW layer on ``path`` inside the block, in this thread (``None``: the fastest,
-    by timing).
-
-    A path a layer cannot take (``"matmul"`` for a grouped convolution, anything but the
-    reference for Conv1d/3d) falls back to ``"grouped"`` for that layer.
-    """
-    if path is not None and path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
-    token = _forced.set(path)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
-
-
-def reference_path() -> contextlib.AbstractContextManager:
-    """The straightforward path of the paper's reference implementation, for comparison:
-    assemble per-sample kernels with one matrix product, then one convolution with the batch
-    folded into the groups."""
-    return use_path("reference")
-
-
-def is_reference() -> bool:
-    """Whether KW layers take the straightforward formulation (``"reference"`` or ``"im2col"``)."""
-    return _forced.get() in _STRAIGHTFORWARD
-
-
-def is_im2col() -> bool:
-    return _forced.get() == "im2col"
-
-
-def chosen_paths(model: torch.nn.Module) -> dict[str, dict[tuple, str]]:
-    """The paths ``model``'s KW Conv2d layers have chosen: {layer name: {input key: path}}
-    (layers that have run on no input yet are left out)."""
-    with _lock:
-        return {name: dict(layer.path_choices) for name, layer in _timed_layers(model) if layer.path_choices}
-
-
-def timed_paths() -> dict[tuple, str]:
-    """The paths timed in this process: {layer configuration and input key: path}."""
-    with _lock:
-        return dict(_timed)
-
-
-def _timed_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(name, module) for name, module in model.named_modules() if hasattr(module, "path_choices")]
-
-
-# --- allocator -----------------------------------------------------------------------------
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_allocator_applied: dict | None = None
-
-
-def keep_freed_memory(trim_threshold: int = 2**31 - 1) -> dict:
-    """Make glibc keep freed memory for reuse instead of unmapping it (opt-in, process-wide).
-
-    Every KW forward allocates per-sample kernels of tens to hundreds of megabytes; by
-    default glibc serves such blocks with mmap and unmaps them on free, so the next forward
-    page-faults every page again.  ``mallopt(M_MMAP_MAX, 0)`` serves them from the heap and
-    ``mallopt(M_TRIM_THRESHOLD, trim_threshold)`` stops glibc from giving the heap back, which
-    is what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>`` in the environment does.  The
-    price: the process keeps its peak memory.  It helps plain models too, so benchmarks must
-    run both models under the same setting.  Returns ``allocator_settings()``; does nothing
-    (and says so) where the C library is not glibc.
-    """
-    global _allocator_applied
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL("libc.so.6")
-        trim = min(int(trim_threshold), 2**31 - 1)  # mallopt takes an int
-        if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, trim) != 1:
-            raise OSError("mallopt refused M_MMAP_MAX / M_TRIM_THRESHOLD")
-        _allocator_applied = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": trim}
-    return allocator_settings()
-
-
-def allocator_settings() -> dict:
-    """What the C allocator runs with: glibc's environment variables and ``keep_freed_memory``."""
-    names = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD")
-    return {"libc": "-".join(platform.libc_ver()) or "unknown",
-            "environment": {name: os.environ[name] for name in names if name in os.environ},
-            "mallopt": _allocator_applied}
-
-
-# --- the assembly ------------------------------------------------------------------------
-#
-# Every product is ``F.linear`` (or ``torch.bmm``): a weight given as the transpose view of
-# a matrix is read directly, which is what lets the warehouse enter the assembly without a
-# copy.  The assembly reads the whole warehouse in every layer.  Given the warehouse as a
-# plain matrix, a library GEMM packs it on every call, which costs as much as the product in
-# the few-row products of batch 1 (a whole KW resnet18 / resnet50 at batch 1 ran 1.6-1.8x
-# slower).  In inference (no gradient needed) the compiled kernel's ``native.mix`` reads a
-# copy packed once, reused while the cells keep their storage, no optimizer has stepped and
-# no state dict was loaded since (``_generation``, moved by public hooks) and a sample of
-# their values is unchanged (the sample catches most edits by hand; ``cells_changed()``
-# says so for any other).
-_PROBES = 256
-#: id(cells) -> {column order: (key, probe, packed)}; entries die with the cells
-_packed: dict[int, dict[int | None, tuple]] = {}
-#: Moves whenever cells may have changed in place: every packed copy made before is stale.
-_generation = 0
-_packing: contextvars.ContextVar[bool] = contextvars.ContextVar("kwconvert_packing", default=True)
-
-
-@contextlib.contextmanager
-def packing(enabled: bool) -> Iterator[None]:
-    """Allow or forbid packed warehouse copies for inference inside the block (this thread only)."""
-    token = _packing.set(enabled)
-    try:
-        yield
-    finally:
-        _packing.reset(token)
-
-
-def clear_caches() -> None:
-    """Drop the packed warehouse copies and the paths timed in this process (a layer keeps
-    the choices it made: ``forget_paths`` drops those)."""
-    with _lock:
-        _packed.clear()
-        _timed.clear()
-
-
-def forget_paths(model: torch.nn.Module) -> None:
-    """Drop the path choices of ``model``'s layers: each times (or takes a timed) path again."""
-    with _lock:
-        for _, layer in _timed_layers(model):
-            layer.path_choices.clear()
-
-
-def cells_changed(*_) -> None:
-    """Say that warehouse cells were changed in place, so that no packed copy made before
-    serves again.  Called after every optimizer step (a hook on all torch optimizers) and
-    after a warehouse loads a state dict; call it after editing cells by hand."""
-    global _generation
-    with _lock:
-        _generation += 1
-
-
-register_optimizer_step_post_hook(cells_changed)
-
-
-def _probe(cells: Tensor) -> Tensor:
-    flat = cells.detach().reshape(-1)
-    return flat[::max(1, flat.numel() // _PROBES)].clone()
-
-
-def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
-    """The warehouse as an ``(n, cell numel)`` matrix; ``panels``: each cell's elements in
-    the compiled kernel's panel order of that width (``native.panel_order``, a copy)."""
-    return cells.reshape(cells.shape[0], -1) if panels is None else native.panel_order(cells, panels)
-
-
-def _packed_cells(cells: Tensor, panels: int | None = None) -> Tensor | None:
-    """The warehouse ``(n, *cell)`` packed for ``native.mix``, or None where it cannot serve."""
-    if torch.compiler.is_compiling() or not (
-            _packing.get() and cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
-            and native.mix_width(math.prod(cells.shape[1:])) is not None):
-        return None
-    key = (cells.data_ptr(), _generation, tuple(cells.shape))
-    probe = _probe(cells)
-    with _lock:
-        entries = _packed.get(id(cells))
-        entry = None if entries is None else entries.get(panels)
-        if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
-            return entry[2]
-    packed = native.mix_panels(_cell_columns(cells.detach(), panels))
-    with _lock:
-        entries = _packed.get(id(cells))
-        if entries is None:
-            weakref.finalize(cells, _packed.pop, id(cells), None)
-            entries = _packed[id(cells)] = {}
-        entries[panels] = (key, probe, packed)
-    return packed
-
-
-def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool, panels: int | None = None) -> Tensor:
-    """``alpha (M, n) @ cells (n, cell)`` outside autograd; ``pack``: a packed copy may serve;
-    ``panels``: each row comes out in the compiled kernel's panel order."""
-    packed = _packed_cells(cells, panels) if pack and alpha.dtype == cells.dtype else None
-    if packed is not None:
-        return native.mix(alpha.contiguous(), packed)
-    return F.linear(alpha, _cell_columns(cells, panels).t())
-
-
-def _keeps_autocast(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    """Under autocast, run the Function in the autocast dtype, forward and backward, with
-    autocast off inside (what ``torch.amp.custom_fwd(cast_inputs=...)`` does for one device
-    type, here for the device of the first tensor argument).  Autocast would otherwise cast
-    only some of the products inside, and a backward would meet bfloat16 gradients and
-    float32 kernels in one op (``convolution_backward``, ``bmm``) and fail; autograd casts
-    each returned gradient back to its input's dtype."""
-    forward, backward = function.forward, function.backward
-
-    def forward_keeping(ctx, *args):
-        device = next(arg.device.type for arg in args if isinstance(arg, Tensor))
-        ctx.device = device if torch.amp.is_autocast_available(device) else None
-        if ctx.device is None or not torch.is_autocast_enabled(device):
-            return forward(ctx, *args)
-        dtype = torch.get_autocast_dtype(device)
-        args = [arg.to(dtype) if isinstance(arg, Tensor) and arg.is_floating_point() else arg for arg in args]
-        with torch.autocast(device, enabled=False):
-            return forward(ctx, *args)
-
-    def backward_keeping(ctx, *grads):
-        if ctx.device is None:
-            return backward(ctx, *grads)
-        with torch.autocast(ctx.device, enabled=False):
-            return backward(ctx, *grads)
-
-    function.forward, function.backward = staticmethod(forward_keeping), staticmethod(backward_keeping)
-    return function
-
-
-@_keeps_autocast
-class _Mix(torch.autograd.Function):
-    """blocks ``(M, cell)`` = alpha ``(M, n)`` @ cells ``(n, *cell)``."""
-
-    @staticmethod
-    def forward(ctx, alpha: Tensor, cells: Tensor) -> Tensor:
-        ctx.save_for_backward(alpha, cells)
-        return _mix_rows(alpha, cells, pack=False)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        alpha, cells = ctx.saved_tensors
-        grad = grad.contiguous()
-        flat = cells.reshape(cells.shape[0], -1)
-        grad_alpha = F.linear(grad, flat) if ctx.needs_input_grad[0] else None
-        grad_cells = F.linear(alpha.t().contiguous(), grad.t()).view_as(cells) if ctx.needs_input_grad[1] else None
-        return grad_alpha, grad_cells
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def mix(alpha: Tensor, cells: Tensor) -> Tensor:
-    """Differentiable assembly: the mixtures ``w_i = sum_j alpha_ij e_j`` as rows (Sec. 3.2).
-
-    ``alpha`` is ``(M, n)`` (samples times mixtures), ``cells`` the warehouse ``(n, *cell)``;
-    returns ``(M, cell numel)``.
-    """
-    if not _needs_grad(alpha, cells):
-        return _mix_rows(alpha, cells, pack=True)
-    return _Mix.apply(alpha, cells)
-
-
-# --- kernel layout -------------------------------------------------------------------------
-
-
-def _ohwi_grid(tiling: Tiling, blocks: Tensor) -> Tensor:
-    """Blocks ``(B, m, f_e * c_e)`` viewed in OHWI order: ``(B, O, f_e, *k, I, c_e)``, no copy.
-
-    Needs cells that are 1 x 1 spatially (every published configuration).  Mixture order
-    is spatial position, output block, input block (``Tiling``), so the blocks view as
-    ``(B, *k, O, I, f_e, c_e)``; one sample's kernel in OHWI order (``(C_out, *k, C_in/g)``,
-    what oneDNN's channels-last convolution and the NHWC im2col product read) is this view
-    of it, contiguous when the kernel has one spatial position and one input block.
-    """
-    kernel = tiling.weight_shape[2:]
-    d = len(kernel)
-    grid = blocks.view(blocks.shape[0], *kernel, tiling.blocks_out, tiling.blocks_in, *tiling.cell[:2])
-    return grid.permute(0, 1 + d, 3 + d, *range(1, 1 + d), 2 + d, 4 + d)
-
-
-class _Kernels:
-    """A batch of assembled kernels, kept in the order the assembly product leaves them and
-    handed out one sample at a time in OHWI order.
-
-    Re-ordering one sample into a reused buffer keeps it in cache for the convolution that
-    reads it next; re-ordering the whole batch first would write and read it all once more
-    (the slowest step of late stages with two threads, where it is bound by memory).
-    """
-
-    def __init__(self, tiling: Tiling, blocks: Tensor) -> None:
-        self.grid = _ohwi_grid(tiling, blocks)
-        self.shape = (tiling.weight_shape[0], *tiling.weight_shape[2:], tiling.weight_shape[1])
-        self.buffer: Tensor | None = None
-
-    def __getitem__(self, i: int) -> Tensor:
-        """Sample i's kernel ``(C_out, *k, C_in/g)``, contiguous (valid until the next call)."""
-        sample = self.grid[i]
-        if sample.is_contiguous():
-            return sample.view(self.shape)
-        if self.buffer is None:
-            self.buffer = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
-        self.buffer.copy_(sample)
-        return self.buffer.view(self.shape)
-
-
-def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor, pack: bool = False, panels: int | None = None) -> Tensor:
-    """Blocks ``(B, m, f_e * c_e)`` of every sample's kernel (Sec. 3.2), outside autograd."""
-    batch, mixtures, n = alpha.shape
-    return _mix_rows(alpha.reshape(batch * mixtures, n), cells, pack, panels).view(batch, mixtures, -1)
-
-
-# --- the two per-sample convolutions --------------------------------------------------------
+#: A batch of kernels up to this size may be kept from forward to backward in training
+#: (``"grouped"``; ``"bmm"`` then does not assemble them again in backward), and the layer's
+#: path is timed forward and backward; on maps of at most ``SMALL_MAP`` pixels (the late
+#: stages of 28 x 28 / 32 x 32 images), where assembling costs more than convolving, up to
+#: eight times as much.  Bigger batches of kernels are assembled again in backward: kept,
+#: they would add to a training step's peak memory (resnet50 at batch 8: 75 MB per layer4 conv).
+KEEP_KERNELS_BYTES = 4 << 20
+SMALL_MAP = 64
+
+
+def _keep_limit(x: Tensor) -> int:
+    """Bytes of kernels that may be kept for backward for this (B, C, H, W) input."""
+    return KEEP_KERNELS_BYTES * (8 if x.shape[2] * x.shape[3] <= SMALL_MAP else 1)
 
 
 @dataclass(frozen=True)
@@ -984,7 +635,7 @@ def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
 
 
 def _native(layer, x: Tensor, alpha: Tensor) -> Tensor:
-    """Inference through the compiled kernel (``kwconvert.native``), which reads each
+    """Inference through the compiled kernel (:mod:`.native`), which reads each
     sample's kernel where the assembly leaves it: for a dense layer the warehouse is packed
     in the kernel's panel order; a depthwise layer's blocks are in its order already."""
     if layer.padding_mode != "zeros":
@@ -1043,216 +694,6 @@ def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
     return _fused(layer, x, alpha, path)
 
 
-def conv2d(layer, x: Tensor, alpha: Tensor) -> Tensor:
-    """A KW Conv2d's output for a batched input ``x`` and its attention ``alpha`` (B, m, n)."""
-    available = _available(layer, x)
-    forced = _forced.get()
-    if forced is not None:
-        path = forced if forced in available else "grouped"
-    else:
-        path = _path_for(layer, x, alpha, available)
-    recorder = _recorder.get()
-    if recorder is not None:
-        recorder[layer.name or f"{type(layer).__name__}@{id(layer):x}"] = path
-    return _run(layer, x, alpha, path)
-
-
-#: Where ``tune`` collects each layer's path while it runs the model (None: not tuning).
-_recorder: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kwconvert_tuning", default=None)
-
-
-def tune(model: torch.nn.Module, *example_inputs, backward: bool = False) -> dict[str, str]:
-    """Time every KW Conv2d's paths for these inputs now, so that no request pays for it.
-
-    A layer times its paths the first time it meets an input shape (a few forwards of the
-    layer, up to seconds for a whole model); ``tune`` runs the model once on
-    ``example_inputs`` (``backward``: forward and backward, as a training step does) so
-    that every later call with the same shapes, dtype and thread count goes straight to
-    the chosen path.  Returns ``{layer name: path}``.
-    """
-    paths: dict[str, str] = {}
-    token = _recorder.set(paths)
-    try:
-        if backward:
-            out = model(*example_inputs)
-            torch.autograd.backward(_tensors(out), [torch.ones_like(t) for t in _tensors(out)])
-        else:
-            with torch.no_grad():
-                model(*example_inputs)
-    finally:
-        _recorder.reset(token)
-    return paths
-
-
-def _tensors(out) -> list[Tensor]:
-    """The floating-point tensors of a model's output (a tensor, a tuple / list or a dict of them)."""
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
-    return [value for value in values if isinstance(value, Tensor) and value.is_floating_point()
-            and value.requires_grad]
-
-
-def _layer_key(layer) -> tuple:
-    return (layer.weight_shape, layer.warehouse.cell, layer.warehouse.n, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, layer.padding_mode, layer.bias is not None)
-
-
-def _training(layer, x: Tensor, alpha: Tensor) -> bool:
-    return _needs_grad(x, alpha, layer.warehouse.cells)
-
-
-def _input_key(layer, x: Tensor, alpha: Tensor) -> tuple:
-    """What of an input a path choice depends on (with the thread count it was timed on)."""
-    needs_grad = _training(layer, x, alpha)
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    return (tuple(x.shape), str(x.dtype), channels_last, needs_grad, torch.get_num_threads(), x.device.type)
-
-
-def saved_choices(model: torch.nn.Module) -> dict[str, list[list]]:
-    """The path choices of ``model``'s layers, JSON-ready ({layer name: [[input key, path],
-    ...]}), so that a saved model carries them (``kwconvert.save``) and a loaded one serves
-    without timing."""
-    return {name: [[_as_lists(key), path] for key, path in choices.items()]
-            for name, choices in chosen_paths(model).items()}
-
-
-def restore_choices(model: torch.nn.Module, saved: dict[str, list[list]]) -> None:
-    """Give ``model``'s layers the choices written by ``saved_choices``.  An entry for another
-    thread count, dtype or shape simply never matches; one naming an unknown path or layer
-    is skipped."""
-    layers = dict(_timed_layers(model))
-    with _lock:
-        for name, entries in saved.items():
-            layer = layers.get(name)
-            for key, path in entries if layer is not None else ():
-                if path in PATHS:
-                    layer.path_choices.setdefault(_as_tuples(key), path)
-
-
-def _as_lists(value):
-    return [_as_lists(item) for item in value] if isinstance(value, tuple) else value
-
-
-def _as_tuples(value):
-    return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
-
-
-#: A batch of kernels up to this size may be kept from forward to backward in training
-#: (``"grouped"``; ``"bmm"`` then does not assemble them again in backward), and the layer's
-#: path is timed forward and backward; on maps of at most ``SMALL_MAP`` pixels (the late
-#: stages of 28 x 28 / 32 x 32 images), where assembling costs more than convolving, up to
-#: eight times as much.  Bigger batches of kernels are assembled again in backward: kept,
-#: they would add to a training step's peak memory (resnet50 at batch 8: 75 MB per layer4 conv).
-KEEP_KERNELS_BYTES = 4 << 20
-SMALL_MAP = 64
-
-
-def _keep_limit(x: Tensor) -> int:
-    """Bytes of kernels that may be kept for backward for this (B, C, H, W) input."""
-    return KEEP_KERNELS_BYTES * (8 if x.shape[2] * x.shape[3] <= SMALL_MAP else 1)
-
-
-def _small_kernels(layer, x: Tensor) -> bool:
-    return x.shape[0] * math.prod(layer.weight_shape) * x.element_size() <= _keep_limit(x)
-
-
-def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> str:
-    """The layer's path for this input: its own choice, else the one timed for its
-    configuration in this process (``_timed``), else the fastest, timed now.  Under
-    ``torch.compile`` no timing runs: a rule of thumb picks the path."""
-    if torch.compiler.is_compiling():
-        return _compiled_path(layer, x, alpha, available)
-    key = _input_key(layer, x, alpha)
-    with _lock:
-        path = layer.path_choices.get(key)
-        if path is None:
-            configuration = (*_layer_key(layer), *key)
-            path = _timed.get(configuration)
-            if path is None:
-                needs_grad = _training(layer, x, alpha)
-                path = _timed[configuration] = _time_paths(layer, x, alpha, available, needs_grad)
-            layer.path_choices[key] = path
-    return path
-
-
-def _compiled_path(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> str:
-    """The path under torch.compile, where nothing is timed: one that holds no Python loop
-    over the batch, so that a graph with a dynamic batch runs it for every batch size (the
-    compiled kernel's operator in inference, one batched product in training)."""
-    if "native" in available and not _needs_grad(x, alpha, layer.warehouse.cells, layer.bias):
-        return "native"
-    return "bmm" if "bmm" in available else "grouped"
-
-
-def _time_paths(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], needs_grad: bool) -> str:
-    small = _small_kernels(layer, x)
-    if "premix" in available and not _premix_writes_less(layer, x):
-        available = tuple(path for path in available if path != "premix")
-    if needs_grad:
-        # "native" has no fast backward; "grouped" and "folded" keep a batch of kernels alive
-        # until backward (autograd saves them for the convolution), memory the fused paths
-        # do not need unless it is small
-        trainable = tuple(path for path in available if path != "native")
-        if layer.groups == 1 and not small:
-            available = tuple(path for path in trainable if path not in ("grouped", "folded")) or trainable
-        else:
-            available = trainable
-    with packing(_packing.get() and not needs_grad):  # training never uses a packed copy: make none
-        return _fastest(layer, x, alpha, available, backward=needs_grad and small)
-
-
-def _premix_writes_less(layer, x: Tensor) -> bool:
-    """Whether ``"premix"``'s inputs mixed per cell (B x OB x n x L x c_e floats) are no bigger
-    than the batch of kernels the other paths assemble (B x C_out x K).  It only wins where
-    they are (late stages, small maps); elsewhere they are up to 300 times bigger (686 MB in
-    resnet18's layer1 at batch 16), and merely timing it there raised resnet50's first training
-    step at batch 8 to 3.9x the plain model's peak memory."""
-    tiling = layer.tiling
-    out_h, out_w = _spec_for(layer, "premix").output_size(*x.shape[2:])
-    mixed = tiling.blocks_out * layer.warehouse.n * out_h * out_w * tiling.cell[1]
-    return mixed <= math.prod(layer.weight_shape)
-
-
-def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 5,
-             backward: bool = False) -> str:
-    """Time each path's forward (without autograd; ``backward``: forward and backward) and
-    return the fastest.
-
-    For big layers forward alone picks the same paths as forward plus backward on resnet18 /
-    resnet50 training steps, and timing backward too left the heap fragmented enough to add
-    a third to a training step's peak memory.  Small layers (a batch of kernels that may be
-    kept, ``KEEP_KERNELS_BYTES``: the layers of 28 x 28 / 32 x 32 images) are timed forward and
-    backward in training: there the paths' backwards differ more than their forwards (the
-    per-sample paths loop over the batch twice, ``"grouped"`` and ``"bmm"`` keep their
-    kernels).  Each path is timed with its output made channels-last, the layout the next
-    KW layer reads: ``"grouped"`` leaves NCHW, and the copy it costs downstream would
-    otherwise go uncounted.
-    """
-    if len(available) == 1:
-        return available[0]
-    x, alpha = x.detach(), alpha.detach()
-    cells = layer.warehouse.cells
-
-    def timed(path: str) -> float:
-        start = time.perf_counter()
-        if not backward:
-            _run(layer, x, alpha, path).contiguous(memory_format=torch.channels_last)
-        else:
-            x_, alpha_ = x.requires_grad_(), alpha.requires_grad_()
-            with torch.enable_grad():
-                out = _run(layer, x_, alpha_, path).contiguous(memory_format=torch.channels_last)
-                torch.autograd.grad(out, (x_, alpha_, cells), torch.ones_like(out))  # no .grad is touched
-        return time.perf_counter() - start
-
-    best = {path: math.inf for path in available}
-    with torch.no_grad():
-        for path in available:
-            timed(path)  # first call: oneDNN creates its primitives
-        for _ in range(repeats if not backward else (repeats + 1) // 2):  # backward: 3 times the work
-            for path in available:
-                best[path] = min(best[path], timed(path))
-    return min(best, key=best.get)
-
-
 def linear_layer(layer, rows: Tensor, alpha: Tensor) -> Tensor:
     """A KWLinear's output ``(B, L, out)`` for rows ``(B, L, in)``: a 1x1 convolution over
     the L rows of each sample, so the rows are the matrix and no copy is made."""
@@ -1263,7 +704,7 @@ def linear_layer(layer, rows: Tensor, alpha: Tensor) -> Tensor:
     image = image.contiguous(memory_format=torch.channels_last)
     cells = layer.warehouse.cells
     if not _needs_grad(image, alpha, cells, layer.bias):
-        if native.supports(tiling, 1, rows) and _forced.get() in (None, "native"):
+        if native.supports(tiling, 1, rows) and execution.forced() in (None, "native"):
             blocks = _assembled(tiling, alpha, cells, pack=True, panels=native.panel_width(tiling))
             return native.conv(tiling, rows.contiguous(), blocks, layer.bias)
         kernels = _Kernels(tiling, _assembled(tiling, alpha, cells, pack=True))

@@ -1,4 +1,4 @@
-"""The compiled per-sample convolution (``kwconvert/_native.c``) and its ctypes binding.
+"""The compiled per-sample convolution (``_native.c`` beside this file) and its ctypes binding.
 
 Why: a library GEMM given a new weight per sample re-packs it on every call, and the
 assembly leaves the kernels in an order (kernel position before output channel) that
@@ -7,11 +7,11 @@ compiled product instead reads each sample's kernel straight from the assembly's
 the warehouse is packed with every cell's elements in *panel order* (``panel_order``),
 so that the assembly writes, for each run of ``NP`` output channels and each cell, a
 row-major ``(c_e, NP)`` block, and the product walks those blocks through a table of
-offsets.  Inference only; training keeps the pure-PyTorch paths (``kwconvert.fast``).
+offsets.  Inference only; training keeps the pure-PyTorch paths (:mod:`.paths`).
 
 ``pip install`` builds the kernel once per instruction set (``setup.py``: AVX-512, AVX2 +
 FMA, and a baseline copy for any CPU; every copy optional: when none builds, ``available()``
-is False and ``kwconvert.fast`` never offers the ``"native"`` path).  At run time the best
+is False and ``path_choice`` never offers the ``"native"`` path).  At run time the best
 copy the CPU executes is loaded, so a build made on one machine runs on any other of its
 architecture; ``KWCONVERT_ISA=baseline|avx2|avx512`` forces one (a copy the CPU cannot
 execute is refused with a warning) and ``KWCONVERT_NATIVE=0`` turns the kernel off.
@@ -58,7 +58,7 @@ def built_isas() -> tuple[str, ...]:
 
 
 def _module_file(isa: str) -> str | None:
-    spec = importlib.util.find_spec(f"kwconvert._native_{isa}")
+    spec = importlib.util.find_spec(f"{__package__}._native_{isa}")
     if spec is None or spec.origin is None or not spec.origin.endswith((".so", ".pyd", ".dylib")):
         return None
     return spec.origin

@@ -15,14 +15,17 @@ This file holds the modules a converted model is made of:
   rebuild their kernel per sample from the warehouse;
 * ``kernel_to_blocks`` / ``blocks_to_kernel``: the tiling between a kernel and its cells,
   which weight-preserving conversion uses in reverse;
-* ``set_temperature`` / ``temperature_at``: the temperature schedule of Sec. 3.3.
+* ``set_temperature`` / ``temperature_at``: the temperature schedule of Sec. 3.3;
+* ``PartlyDynamicLinear``: a fused qkv projection whose value rows alone are a ``KWLinear``
+  (:mod:`.projections` says which rows).
 
 The forward below is the straightforward one (assemble per-sample kernels, convolve with
 the batch folded into the groups); on CPU, Conv2d and Linear run it faster through
-``kwconvert.fast`` with the same results.  ``reference_path()`` (a context manager)
-selects the straightforward path everywhere, for comparison.
+the paths of :mod:`.paths` (chosen by :mod:`.path_choice`) with the same results.
+``kwconvert.reference_path()`` (a context manager) selects the straightforward path
+everywhere, for comparison.
 
-The arithmetic (cell counts, beta, saver sizes) lives in ``kwconvert.cells`` so that the
+The arithmetic (cell counts, beta, saver sizes) lives in :mod:`.cells` so that the
 planner's predictions and these modules cannot drift apart.
 """
 from __future__ import annotations
@@ -37,26 +40,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import fast
+from ... import execution
+from ...formatting import dims
+from ...per_sample import PADDING_MODES, PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv, layer_label
+from . import assembly, path_choice, paths
 from .cells import Tiling, cells_handed_out, cells_in, local_cells, one_to_one_cells, saver_basis
-from .fast import reference_path, use_path
-from .per_sample import PADDING_MODES, PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv, layer_label
 
 __all__ = [
     "CAF_EPS", "HELD_LOGIT_SCALE", "HOLDABLE_BETA_L1", "ATTENTION_NORMS", "PADDING_MODES", "Warehouse", "KWAttention", "KWConv1d",
     "KWConv2d", "KWConv3d", "KWLinear", "KW_LAYER_TYPES", "blocks_to_kernel",
     "contrasting_attention", "holding_logits", "is_kw_layer", "kernel_to_blocks", "one_to_one_beta",
-    "reference_path", "set_temperature", "temperature_at", "use_path",
+    "PartlyDynamicLinear", "linear_rows", "set_temperature", "temperature_at",
 ]
 
 #: The eps of CAF's normalisation, as in the reference implementation.
 CAF_EPS = 1e-3
 #: Norms the attention module accepts between fc1 and the ReLU.
 ATTENTION_NORMS = ("batchnorm", "layernorm")
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(str(int(size)) for size in shape)
 
 
 def _kaiming_fan_out(weight: Tensor) -> None:
@@ -93,7 +93,7 @@ class Warehouse(nn.Module):
         self.name = name
         self.cells = nn.Parameter(torch.empty((n, *cell), device=device, dtype=dtype))
         self.reset_cells(0, n)
-        self.register_load_state_dict_post_hook(fast.cells_changed)  # no stale packed copy serves
+        self.register_load_state_dict_post_hook(assembly.cells_changed)  # no stale packed copy serves
 
     @property
     def n(self) -> int:
@@ -117,7 +117,7 @@ class Warehouse(nn.Module):
             _kaiming_fan_out(self.cells[start:end].view(-1, *self.cell[1:]))
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, cell={_dims(self.cell)}" + (f", name={self.name!r}" if self.name else "")
+        return f"n={self.n}, cell={dims(self.cell)}" + (f", name={self.name!r}" if self.name else "")
 
 
 # --- tiling between a kernel and its cells ------------------------------------------------
@@ -140,8 +140,8 @@ def blocks_to_kernel(tiling: Tiling, blocks: Tensor) -> Tensor:
     spatial, blocks_out, blocks_in = _grid(tiling)
     lead = blocks.shape[:-2]
     if tuple(blocks.shape[-2:]) != (tiling.cells, math.prod(tiling.cell)):
-        raise ValueError(f"blocks {_dims(blocks.shape)} do not fit "
-                         f"{tiling.cells} cells of {_dims(tiling.cell)}")
+        raise ValueError(f"blocks {dims(blocks.shape)} do not fit "
+                         f"{tiling.cells} cells of {dims(tiling.cell)}")
     f_e, c_e, *cell_spatial = tiling.cell
     grid = blocks.reshape(*lead, *spatial, blocks_out, blocks_in, f_e, c_e, *cell_spatial)
     # grid axes after the lead: S_1..S_d, O, I, f_e, c_e, c_1..c_d
@@ -162,7 +162,7 @@ def kernel_to_blocks(tiling: Tiling, weight: Tensor) -> Tensor:
     d = len(spatial)
     lead = weight.shape[: weight.dim() - len(tiling.weight_shape)]
     if tuple(weight.shape[len(lead):]) != tiling.weight_shape:
-        raise ValueError(f"kernel {_dims(weight.shape)} is not {_dims(tiling.weight_shape)}")
+        raise ValueError(f"kernel {dims(weight.shape)} is not {dims(tiling.weight_shape)}")
     f_e, c_e, *cell_spatial = tiling.cell
     per_dim = [size for pair in zip(spatial, cell_spatial) for size in pair]
     grid = weight.reshape(*lead, blocks_out, f_e, blocks_in, c_e, *per_dim)
@@ -291,7 +291,7 @@ class KWAttention(nn.Module):
         gets no weight.
         """
         if tuple(coefficients.shape) != (self.cells, self.n):
-            raise ValueError(f"beta must be {self.cells}x{self.n}, got {_dims(coefficients.shape)}")
+            raise ValueError(f"beta must be {self.cells}x{self.n}, got {dims(coefficients.shape)}")
         with torch.no_grad():
             self.beta.zero_()
             self.beta[:, :self.n] = coefficients.to(self.beta)
@@ -378,8 +378,8 @@ def _place_layer(label: str, weight_shape: tuple[int, ...], warehouse: Warehouse
     if n < 1:
         raise ValueError(f"{label}: warehouse {warehouse.name} has n={n} cells, needs at least 1")
     if len(cell) != len(weight_shape):
-        raise ValueError(f"{label}: cell {_dims(cell)} has rank {len(cell)}, "
-                         f"kernel {_dims(weight_shape)} has rank {len(weight_shape)}")
+        raise ValueError(f"{label}: cell {dims(cell)} has rank {len(cell)}, "
+                         f"kernel {dims(weight_shape)} has rank {len(weight_shape)}")
     try:
         cells = cells_in(weight_shape, cell)
     except ValueError as error:
@@ -459,11 +459,11 @@ class _KWLayer(nn.Module):
         back in their places in the kernel.
         """
         cells = self.warehouse.cells
-        if fast.is_reference():
+        if execution.is_reference():
             blocks = torch.matmul(alpha, cells.reshape(cells.shape[0], -1))
         else:
             batch, mixtures, n = alpha.shape
-            blocks = fast.mix(alpha.reshape(batch * mixtures, n), cells).view(batch, mixtures, -1)
+            blocks = assembly.mix(alpha.reshape(batch * mixtures, n), cells).view(batch, mixtures, -1)
         return blocks_to_kernel(self.tiling, blocks)
 
     def kernel_at_beta(self) -> Tensor:
@@ -482,7 +482,7 @@ class _KWLayer(nn.Module):
             raise ValueError(f"{self._label}: b={self.budget} < 1 shares cells between mixtures; "
                              "its warehouse needs a least-squares fit, not a copy")
         if tuple(weight.shape) != self.weight_shape:
-            raise ValueError(f"{self._label}: weight {_dims(weight.shape)} is not {_dims(self.weight_shape)}")
+            raise ValueError(f"{self._label}: weight {dims(weight.shape)} is not {dims(self.weight_shape)}")
         cells = self.warehouse.cells
         blocks = kernel_to_blocks(self.tiling, weight.detach()).reshape(self.cells, *self.warehouse.cell)
         assigned = torch.tensor(one_to_one_cells(self.cells, self.offset, self.budget), device=cells.device)
@@ -517,7 +517,7 @@ class _KWConvNd(PerSampleConv, _KWLayer):
                          device=device, dtype=dtype)
         self._set_geometry(label, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            padding_mode)
-        #: The fast path this layer takes per input (fast.py: timed once, kept with a save)
+        #: The fast path this layer takes per input (path_choice.py: timed once, kept with a save)
         self.path_choices: dict[tuple, str] = {}
 
     @staticmethod
@@ -528,8 +528,8 @@ class _KWConvNd(PerSampleConv, _KWLayer):
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
         alpha = self.attention(x)                  # (B, m, n), Sec. 3.3
-        if self._spatial_dims == 2 and not fast.is_reference():
-            out = fast.conv2d(self, x, alpha)      # the same as below, faster on CPU
+        if self._spatial_dims == 2 and not execution.is_reference():
+            out = path_choice.conv2d(self, x, alpha)      # the same as below, faster on CPU
         else:
             weight = self.assemble_kernels(alpha)  # (B, C_out, C_in/g, *k), Sec. 3.2
             out = self._add_bias(self._per_sample_conv(x, weight), channel_dim=1)
@@ -579,8 +579,8 @@ class KWLinear(_KWLayer):
             raise ValueError(f"{self._label}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         rows = batch.reshape(batch.shape[0], -1, self.in_features)    # (B, L, in)
         alpha = self.attention(rows.transpose(1, 2))                   # (B, m, n), pooled over L
-        if rows.device.type == "cpu" and not fast.is_reference():
-            out = fast.linear_layer(self, rows, alpha)                 # the same as below, faster
+        if rows.device.type == "cpu" and not execution.is_reference():
+            out = paths.linear_layer(self, rows, alpha)                 # the same as below, faster
         else:
             weight = self.assemble_kernels(alpha)                      # (B, out, in)
             out = self._add_bias(torch.bmm(rows, weight.transpose(1, 2)), channel_dim=2)
@@ -631,3 +631,53 @@ def temperature_at(epoch: float, warmup_epochs: float) -> float:
     if warmup_epochs <= 0:
         return 0.0
     return max(0.0, 1.0 - epoch / warmup_epochs)
+
+
+def linear_rows(linear: nn.Linear, rows: tuple[int, int]) -> nn.Linear:
+    """A new Linear computing output rows ``[start, stop)`` of ``linear`` (weights copied)."""
+    start, stop = rows
+    weight = linear.weight
+    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(weight[start:stop])
+        if linear.bias is not None:
+            part.bias.copy_(linear.bias[start:stop])
+    return part
+
+
+class PartlyDynamicLinear(nn.Module):
+    """A Linear whose output rows ``[start, stop)`` come from a KernelWarehouse layer.
+
+    The other rows (a fused qkv's query and key) stay a static Linear; the outputs are
+    concatenated back in the original row order, so the module is a drop-in for the
+    Linear it replaces.
+    """
+
+    def __init__(self, linear: nn.Linear, dynamic: nn.Module, rows: tuple[int, int]) -> None:
+        super().__init__()
+        start, stop = rows
+        if not 0 <= start < stop <= linear.out_features:
+            raise ValueError(f"rows {start}:{stop} are not inside the {linear.out_features} outputs")
+        if getattr(dynamic, "out_features", stop - start) != stop - start:
+            raise ValueError(f"the dynamic part has {dynamic.out_features} outputs, rows {start}:{stop} need "
+                             f"{stop - start}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rows = (start, stop)
+        weight = linear.weight
+        self.static = nn.Linear(linear.in_features, linear.out_features - (stop - start),
+                                bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.static.weight.copy_(torch.cat([weight[:start], weight[stop:]]))
+            if linear.bias is not None:
+                self.static.bias.copy_(torch.cat([linear.bias[:start], linear.bias[stop:]]))
+        self.dynamic = dynamic
+
+    def forward(self, x: Tensor) -> Tensor:
+        start, _ = self.rows
+        static = self.static(x)
+        return torch.cat([static[..., :start], self.dynamic(x), static[..., start:]], dim=-1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"dynamic rows {self.rows[0]}:{self.rows[1]}")

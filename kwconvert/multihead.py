@@ -1,140 +1,24 @@
-"""Vision transformers: query and key stay static, the value projection becomes dynamic.
+"""``nn.MultiheadAttention`` unpacked into four Linear layers, so that a method can convert them.
 
-KernelWarehouse (Li & Yao, ICML 2024, arXiv 2308.08361) applies to ViTs too (DeiT): "each
-partitioned weight of the value projection and of the MLP layers is a mixture from a
-warehouse shared across several blocks; query and key projections stay static".  The
-planner groups the blocks (option ``blocks_per_warehouse``); this module knows which
-projections are queries and keys, and how a *fused* projection is split:
-
-* separate ``q`` / ``k`` Linears (``q_proj``, ``to_k``, ...) stay static;
-* a fused ``qkv`` (timm's ``Attention``, Swin, ...) or ``kv`` (PVT) Linear whose output is
-  stacked as ``(..., 3 or 2, heads, head_dim)`` converts only its value rows, the last
-  third (half): :class:`PartlyDynamicLinear` holds the other rows in a static Linear and
-  the value rows in a ``KWLinear``, and concatenates them back in their places, so the
-  attention code that reads ``qkv(x)`` is unchanged and, at tau = 1 with
-  ``init="preserve"``, so is its output;
-* a fused projection whose layout kwconvert cannot read (per-head interleaved, or traced
-  without fx) stays static, with that reason;
-* ``nn.MultiheadAttention`` (torchvision's ViT) packs q, k and v in one
-  ``in_proj_weight`` and uses it, and ``out_proj``, as tensors: no layer to swap.  It is
-  *unpacked* into :class:`UnpackedMultiheadAttention`, the same attention with four
-  Linear layers (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``), which the rules above
-  then treat like timm's separate projections.  The tracer unpacks temporarily to see
-  the layers, the plan lists the unpacked modules, and the rewriter unpacks them for good.
-
-Names follow timm's and torchvision's conventions; the stacked layout is read from the
-traced reshape that follows the layer (``Candidate.out_layout``).
+``nn.MultiheadAttention`` (torchvision's ViT) packs q, k and v in one ``in_proj_weight``
+and uses it, and ``out_proj``, as tensors: no layer to swap.  It is *unpacked* into
+:class:`UnpackedMultiheadAttention`, the same attention with four Linear layers
+(``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``).  The tracer unpacks temporarily to see
+the layers (:func:`unpacked_attention`), the plan lists the unpacked modules, and the
+rewriter unpacks them for good (:func:`unpack_attention`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-if TYPE_CHECKING:
-    from .trace import Candidate
-
-__all__ = ["ProjectionRole", "projection_role", "PartlyDynamicLinear", "linear_rows",
-           "UnpackedMultiheadAttention", "unpack_reason", "unpacked_attention", "unpack_attention"]
-
-#: Last name component of a separate query or key projection.
-QUERY_KEY_NAMES = frozenset({"q", "k", "q_proj", "k_proj", "query", "key", "to_q", "to_k", "wq", "wk"})
-#: Last name component of a fused projection -> how many projections it stacks.
-FUSED_NAMES = {"qkv": 3, "to_qkv": 3, "qkv_proj": 3, "wqkv": 3, "kv": 2, "to_kv": 2, "kv_proj": 2}
-
-
-@dataclass(frozen=True)
-class ProjectionRole:
-    """What the ViT rule does with a Linear: keep it static (why), or convert ``value_rows``."""
-    static_reason: str | None = None
-    value_rows: tuple[int, int] | None = None
-
-
-def projection_role(cand: Candidate) -> ProjectionRole | None:
-    """The role of an attention projection, or None for any other layer."""
-    if cand.kind != "linear":
-        return None
-    last = cand.name.rsplit(".", 1)[-1].lower()
-    if last in QUERY_KEY_NAMES:
-        return ProjectionRole(static_reason="query/key projection (static in ViTs, as in the paper)")
-    parts = FUSED_NAMES.get(last)
-    if parts is None or cand.out_channels % parts:
-        return None
-    what = "query/key/value" if parts == 3 else "key/value"
-    if _stacked(cand.out_layout, parts, cand.out_channels):
-        value = cand.out_channels // parts
-        return ProjectionRole(value_rows=(cand.out_channels - value, cand.out_channels))
-    layout = "x".join(map(str, cand.out_layout)) if cand.out_layout else "unknown"
-    return ProjectionRole(static_reason=(
-        f"fused {what} projection whose output layout ({layout}) is not (..., {parts}, heads, head_dim): "
-        "its value rows cannot be told from query and key, so it stays static"))
-
-
-def _stacked(layout: tuple[int, ...] | None, parts: int, out: int) -> bool:
-    """True when ``layout`` has an axis of size ``parts`` with one projection after it."""
-    if not layout:
-        return False
-    return any(size == parts and math.prod(layout[i + 1:]) * parts == out
-               for i, size in enumerate(layout[:-1]))
-
-
-def linear_rows(linear: nn.Linear, rows: tuple[int, int]) -> nn.Linear:
-    """A new Linear computing output rows ``[start, stop)`` of ``linear`` (weights copied)."""
-    start, stop = rows
-    weight = linear.weight
-    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None,
-                     device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        part.weight.copy_(weight[start:stop])
-        if linear.bias is not None:
-            part.bias.copy_(linear.bias[start:stop])
-    return part
-
-
-class PartlyDynamicLinear(nn.Module):
-    """A Linear whose output rows ``[start, stop)`` come from a KernelWarehouse layer.
-
-    The other rows (a fused qkv's query and key) stay a static Linear; the outputs are
-    concatenated back in the original row order, so the module is a drop-in for the
-    Linear it replaces.
-    """
-
-    def __init__(self, linear: nn.Linear, dynamic: nn.Module, rows: tuple[int, int]) -> None:
-        super().__init__()
-        start, stop = rows
-        if not 0 <= start < stop <= linear.out_features:
-            raise ValueError(f"rows {start}:{stop} are not inside the {linear.out_features} outputs")
-        if getattr(dynamic, "out_features", stop - start) != stop - start:
-            raise ValueError(f"the dynamic part has {dynamic.out_features} outputs, rows {start}:{stop} need "
-                             f"{stop - start}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.rows = (start, stop)
-        weight = linear.weight
-        self.static = nn.Linear(linear.in_features, linear.out_features - (stop - start),
-                                bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            self.static.weight.copy_(torch.cat([weight[:start], weight[stop:]]))
-            if linear.bias is not None:
-                self.static.bias.copy_(torch.cat([linear.bias[:start], linear.bias[stop:]]))
-        self.dynamic = dynamic
-
-    def forward(self, x: Tensor) -> Tensor:
-        start, _ = self.rows
-        static = self.static(x)
-        return torch.cat([static[..., :start], self.dynamic(x), static[..., start:]], dim=-1)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"dynamic rows {self.rows[0]}:{self.rows[1]}")
-
-
-# --- nn.MultiheadAttention ----------------------------------------------------------------
+__all__ = ["UnpackedMultiheadAttention", "unpack_reason", "unpacked_attention", "unpack_attention"]
 
 
 def unpack_reason(module: nn.Module) -> str | None:
@@ -177,7 +61,7 @@ class UnpackedMultiheadAttention(nn.Module):
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         # fx cannot branch on a traced tensor's rank; the tracer's example input is batched.
-        unbatched = not is_fx_symbolic_tracing() and query.dim() == 2
+        unbatched = not isinstance(query, fx.Proxy) and query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None

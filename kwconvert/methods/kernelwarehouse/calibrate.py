@@ -1,7 +1,7 @@
 """Cells fitted to a trained model's outputs on data, for warehouses below b = 1.
 
 Below b = 1 a warehouse holds fewer cells than its layers have kernel blocks, so the trained
-kernels can only be approximated.  The rewriter's truncated SVD gives the best *kernels* in
+kernels can only be approximated.  The truncated SVD of :mod:`.mapping` gives the best *kernels* in
 least squares; what a trained model needs is the best *outputs*.  A kernel error along a
 direction the layer's inputs never excite costs nothing, one along their main directions
 costs much: for a layer with kernel W (rows per group, ``C_in/g * k`` columns) and the Gram

@@ -1,7 +1,7 @@
 /*
  * kwconvert's compiled kernels for inference: every sample's convolution reads its kernel
- * where the assembly left it (kwconvert/native.py explains the layout; without this library
- * kwconvert/fast.py's pure-PyTorch paths run).
+ * where the assembly left it (native.py explains the layout; without this library
+ * paths.py, the pure-PyTorch paths, run).
  *
  * For sample b, C_b (HW x O) = A_b (HW x K) @ W_b^T.  A_b is the NHWC im2col of the input
  * (K ordered by kernel position, input block, channel in block).  W_b^T is never stored
@@ -18,7 +18,7 @@
  *
  * Built at install time, once per instruction set (setup.py; each copy optional): AVX-512
  * register tiles of up to 6 rows x 64 columns, AVX2 + FMA tiles of 6 rows x 16 columns, and
- * plain C loops for any other CPU.  kwconvert/native.py picks at run time the best copy the
+ * plain C loops for any other CPU.  native.py picks at run time the best copy the
  * CPU can execute, so one build runs on every x86-64 CPU.
  */
 #include <Python.h>
@@ -26,7 +26,7 @@
 #include <stdint.h>
 
 /* Which instructions this copy may use: setup.py builds the file once per ISA (flags per
- * object, none naming the build machine's CPU) and kwconvert/native.py loads the best one the CPU runs. */
+ * object, none naming the build machine's CPU) and native.py loads the best one the CPU runs. */
 #if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define KW_ISA "avx512"
 #define KW_VECTOR 512
@@ -362,7 +362,7 @@ int kw_native_depthwise(const float *X, int H, int W, int C, const float *Kw, lo
 }
 
 /* Importable as a module too (setuptools builds each ISA's copy as one, KW_MODULE naming it);
- * kwconvert/native.py loads it with ctypes. */
+ * native.py loads it with ctypes. */
 #ifndef KW_MODULE
 #define KW_MODULE _native
 #endif
@@ -372,7 +372,7 @@ int kw_native_depthwise(const float *X, int H, int W, int C, const float *Kw, lo
 #define KW_INIT(x) KW_INIT2(x)
 
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, KW_STRING(KW_MODULE),
-                                           "kwconvert's compiled per-sample convolution (use kwconvert.native)",
+                                           "kwconvert's compiled per-sample convolution (use kwconvert.methods.kernelwarehouse.native)",
                                            -1, NULL};
 
 PyMODINIT_FUNC KW_INIT(KW_MODULE)(void) { return PyModule_Create(&native_module); }

@@ -1,0 +1,225 @@
+"""KernelWarehouse's assembly on CPU: ``w_i = sum_j alpha_ij e_j`` for every mixture of every
+sample (paper Sec. 3.2), and the packed warehouse copies that make it fast in inference.
+
+Every product is ``F.linear`` (or ``torch.bmm``): a weight given as the transpose view of
+a matrix is read directly, which is what lets the warehouse enter the assembly without a
+copy.  The assembly reads the whole warehouse in every layer.  Given the warehouse as a
+plain matrix, a library GEMM packs it on every call, which costs as much as the product in
+the few-row products of batch 1 (a whole KW resnet18 / resnet50 at batch 1 ran 1.6-1.8x
+slower).  In inference (no gradient needed) the compiled kernel's ``native.mix`` reads a
+copy packed once, reused while the cells keep their storage, no optimizer has stepped and
+no state dict was loaded since (``_generation``, moved by public hooks) and a sample of
+their values is unchanged (the sample catches most edits by hand; ``cells_changed()``
+says so for any other).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import threading
+import weakref
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from . import native
+from .cells import Tiling
+
+#: Guards the packed copies (two threads meeting a new warehouse pack it once).
+_lock = threading.RLock()
+_PROBES = 256
+#: id(cells) -> {column order: (key, probe, packed)}; entries die with the cells
+_packed: dict[int, dict[int | None, tuple]] = {}
+#: Moves whenever cells may have changed in place: every packed copy made before is stale.
+_generation = 0
+_packing: contextvars.ContextVar[bool] = contextvars.ContextVar("kwconvert_packing", default=True)
+
+
+@contextlib.contextmanager
+def packing(enabled: bool) -> Iterator[None]:
+    """Allow or forbid packed warehouse copies for inference inside the block (this thread only)."""
+    token = _packing.set(enabled)
+    try:
+        yield
+    finally:
+        _packing.reset(token)
+
+
+def clear_packed() -> None:
+    """Drop every packed warehouse copy."""
+    with _lock:
+        _packed.clear()
+
+
+def cells_changed(*_) -> None:
+    """Say that warehouse cells were changed in place, so that no packed copy made before
+    serves again.  Called after every optimizer step (a hook on all torch optimizers) and
+    after a warehouse loads a state dict; call it after editing cells by hand."""
+    global _generation
+    with _lock:
+        _generation += 1
+
+
+register_optimizer_step_post_hook(cells_changed)
+
+
+def _probe(cells: Tensor) -> Tensor:
+    flat = cells.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // _PROBES)].clone()
+
+
+def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
+    """The warehouse as an ``(n, cell numel)`` matrix; ``panels``: each cell's elements in
+    the compiled kernel's panel order of that width (``native.panel_order``, a copy)."""
+    return cells.reshape(cells.shape[0], -1) if panels is None else native.panel_order(cells, panels)
+
+
+def _packed_cells(cells: Tensor, panels: int | None = None) -> Tensor | None:
+    """The warehouse ``(n, *cell)`` packed for ``native.mix``, or None where it cannot serve."""
+    if torch.compiler.is_compiling() or not (
+            _packing.get() and cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
+            and native.mix_width(math.prod(cells.shape[1:])) is not None):
+        return None
+    key = (cells.data_ptr(), _generation, tuple(cells.shape))
+    probe = _probe(cells)
+    with _lock:
+        entries = _packed.get(id(cells))
+        entry = None if entries is None else entries.get(panels)
+        if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
+            return entry[2]
+    packed = native.mix_panels(_cell_columns(cells.detach(), panels))
+    with _lock:
+        entries = _packed.get(id(cells))
+        if entries is None:
+            weakref.finalize(cells, _packed.pop, id(cells), None)
+            entries = _packed[id(cells)] = {}
+        entries[panels] = (key, probe, packed)
+    return packed
+
+
+def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool, panels: int | None = None) -> Tensor:
+    """``alpha (M, n) @ cells (n, cell)`` outside autograd; ``pack``: a packed copy may serve;
+    ``panels``: each row comes out in the compiled kernel's panel order."""
+    packed = _packed_cells(cells, panels) if pack and alpha.dtype == cells.dtype else None
+    if packed is not None:
+        return native.mix(alpha.contiguous(), packed)
+    return F.linear(alpha, _cell_columns(cells, panels).t())
+
+
+def _keeps_autocast(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Under autocast, run the Function in the autocast dtype, forward and backward, with
+    autocast off inside (what ``torch.amp.custom_fwd(cast_inputs=...)`` does for one device
+    type, here for the device of the first tensor argument).  Autocast would otherwise cast
+    only some of the products inside, and a backward would meet bfloat16 gradients and
+    float32 kernels in one op (``convolution_backward``, ``bmm``) and fail; autograd casts
+    each returned gradient back to its input's dtype."""
+    forward, backward = function.forward, function.backward
+
+    def forward_keeping(ctx, *args):
+        device = next(arg.device.type for arg in args if isinstance(arg, Tensor))
+        ctx.device = device if torch.amp.is_autocast_available(device) else None
+        if ctx.device is None or not torch.is_autocast_enabled(device):
+            return forward(ctx, *args)
+        dtype = torch.get_autocast_dtype(device)
+        args = [arg.to(dtype) if isinstance(arg, Tensor) and arg.is_floating_point() else arg for arg in args]
+        with torch.autocast(device, enabled=False):
+            return forward(ctx, *args)
+
+    def backward_keeping(ctx, *grads):
+        if ctx.device is None:
+            return backward(ctx, *grads)
+        with torch.autocast(ctx.device, enabled=False):
+            return backward(ctx, *grads)
+
+    function.forward, function.backward = staticmethod(forward_keeping), staticmethod(backward_keeping)
+    return function
+
+
+@_keeps_autocast
+class _Mix(torch.autograd.Function):
+    """blocks ``(M, cell)`` = alpha ``(M, n)`` @ cells ``(n, *cell)``."""
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, cells: Tensor) -> Tensor:
+        ctx.save_for_backward(alpha, cells)
+        return _mix_rows(alpha, cells, pack=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        alpha, cells = ctx.saved_tensors
+        grad = grad.contiguous()
+        flat = cells.reshape(cells.shape[0], -1)
+        grad_alpha = F.linear(grad, flat) if ctx.needs_input_grad[0] else None
+        grad_cells = F.linear(alpha.t().contiguous(), grad.t()).view_as(cells) if ctx.needs_input_grad[1] else None
+        return grad_alpha, grad_cells
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def mix(alpha: Tensor, cells: Tensor) -> Tensor:
+    """Differentiable assembly: the mixtures ``w_i = sum_j alpha_ij e_j`` as rows (Sec. 3.2).
+
+    ``alpha`` is ``(M, n)`` (samples times mixtures), ``cells`` the warehouse ``(n, *cell)``;
+    returns ``(M, cell numel)``.
+    """
+    if not _needs_grad(alpha, cells):
+        return _mix_rows(alpha, cells, pack=True)
+    return _Mix.apply(alpha, cells)
+
+
+# --- kernel layout -------------------------------------------------------------------------
+
+
+def _ohwi_grid(tiling: Tiling, blocks: Tensor) -> Tensor:
+    """Blocks ``(B, m, f_e * c_e)`` viewed in OHWI order: ``(B, O, f_e, *k, I, c_e)``, no copy.
+
+    Needs cells that are 1 x 1 spatially (every published configuration).  Mixture order
+    is spatial position, output block, input block (``Tiling``), so the blocks view as
+    ``(B, *k, O, I, f_e, c_e)``; one sample's kernel in OHWI order (``(C_out, *k, C_in/g)``,
+    what oneDNN's channels-last convolution and the NHWC im2col product read) is this view
+    of it, contiguous when the kernel has one spatial position and one input block.
+    """
+    kernel = tiling.weight_shape[2:]
+    d = len(kernel)
+    grid = blocks.view(blocks.shape[0], *kernel, tiling.blocks_out, tiling.blocks_in, *tiling.cell[:2])
+    return grid.permute(0, 1 + d, 3 + d, *range(1, 1 + d), 2 + d, 4 + d)
+
+
+class _Kernels:
+    """A batch of assembled kernels, kept in the order the assembly product leaves them and
+    handed out one sample at a time in OHWI order.
+
+    Re-ordering one sample into a reused buffer keeps it in cache for the convolution that
+    reads it next; re-ordering the whole batch first would write and read it all once more
+    (the slowest step of late stages with two threads, where it is bound by memory).
+    """
+
+    def __init__(self, tiling: Tiling, blocks: Tensor) -> None:
+        self.grid = _ohwi_grid(tiling, blocks)
+        self.shape = (tiling.weight_shape[0], *tiling.weight_shape[2:], tiling.weight_shape[1])
+        self.buffer: Tensor | None = None
+
+    def __getitem__(self, i: int) -> Tensor:
+        """Sample i's kernel ``(C_out, *k, C_in/g)``, contiguous (valid until the next call)."""
+        sample = self.grid[i]
+        if sample.is_contiguous():
+            return sample.view(self.shape)
+        if self.buffer is None:
+            self.buffer = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+        self.buffer.copy_(sample)
+        return self.buffer.view(self.shape)
+
+
+def _assembled(tiling: Tiling, alpha: Tensor, cells: Tensor, pack: bool = False, panels: int | None = None) -> Tensor:
+    """Blocks ``(B, m, f_e * c_e)`` of every sample's kernel (Sec. 3.2), outside autograd."""
+    batch, mixtures, n = alpha.shape
+    return _mix_rows(alpha.reshape(batch * mixtures, n), cells, pack, panels).view(batch, mixtures, -1)
+
+
+# --- the two per-sample convolutions --------------------------------------------------------

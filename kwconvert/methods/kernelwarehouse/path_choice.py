@@ -1,0 +1,264 @@
+"""Which path each KernelWarehouse Conv2d takes (:mod:`.paths`), chosen by timing.
+
+The ways to convolve each sample are timed (forward only, or forward and backward for the
+small layers of 28 x 28 / 32 x 32 images, ``KEEP_KERNELS_BYTES``) on the real shape, once
+per layer configuration and input shape, and the fastest is kept: ``tune`` does it ahead of
+time; each layer keeps its choices (``layer.path_choices``, saved with a model), and a layer
+meeting a new input takes the path timed in this process for a layer of the same
+configuration, so identical layers time once and give bit-identical results.  The choice is
+guarded by a lock; ``kwconvert.execution.use_path`` forces a path in one thread only and
+``KWCONVERT_PATH`` in the whole process (no timing).
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+import threading
+import time
+
+import torch
+from torch import Tensor
+
+from ... import execution
+from . import assembly
+from .assembly import _needs_grad
+from .assembly import packing, _packing
+from .paths import _available, _keep_limit, _run, _spec_for
+
+#: Each layer keeps its own choice per input (``layer.path_choices``: input key -> path); a
+#: layer meeting a new input takes the path timed in this process for a layer of the same
+#: configuration (the blocks of a stage, a model and its copy), so identical layers time
+#: once, take the same path and give bit-identical results: configuration -> path.
+_timed: dict[tuple, str] = {}
+#: Guards the choices and the packed copies; timing runs under it, one layer at a time, so two
+#: threads meeting a new shape time it once and never time while the other is timing.
+#: Guards the choices; timing runs under it, one layer at a time, so two threads meeting a
+#: new shape time it once and never time while the other is timing.
+_lock = threading.RLock()
+
+
+def chosen_paths(model: torch.nn.Module) -> dict[str, dict[tuple, str]]:
+    """The paths ``model``'s KW Conv2d layers have chosen: {layer name: {input key: path}}
+    (layers that have run on no input yet are left out)."""
+    with _lock:
+        return {name: dict(layer.path_choices) for name, layer in _timed_layers(model) if layer.path_choices}
+
+
+def timed_paths() -> dict[tuple, str]:
+    """The paths timed in this process: {layer configuration and input key: path}."""
+    with _lock:
+        return dict(_timed)
+
+
+def _timed_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, module) for name, module in model.named_modules() if hasattr(module, "path_choices")]
+
+
+def clear_caches() -> None:
+    """Drop the packed warehouse copies and the paths timed in this process (a layer keeps
+    the choices it made: ``forget_paths`` drops those)."""
+    with _lock:
+        assembly.clear_packed()
+        _timed.clear()
+
+
+def forget_paths(model: torch.nn.Module) -> None:
+    """Drop the path choices of ``model``'s layers: each times (or takes a timed) path again."""
+    with _lock:
+        for _, layer in _timed_layers(model):
+            layer.path_choices.clear()
+
+
+def conv2d(layer, x: Tensor, alpha: Tensor) -> Tensor:
+    """A KW Conv2d's output for a batched input ``x`` and its attention ``alpha`` (B, m, n)."""
+    available = _available(layer, x)
+    forced = execution.forced()
+    if forced is not None:
+        path = forced if forced in available else "grouped"
+    else:
+        path = _path_for(layer, x, alpha, available)
+    recorder = _recorder.get()
+    if recorder is not None:
+        recorder[layer.name or f"{type(layer).__name__}@{id(layer):x}"] = path
+    return _run(layer, x, alpha, path)
+
+
+#: Where ``tune`` collects each layer's path while it runs the model (None: not tuning).
+_recorder: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kwconvert_tuning", default=None)
+
+
+def tune(model: torch.nn.Module, *example_inputs, backward: bool = False) -> dict[str, str]:
+    """Time every KW Conv2d's paths for these inputs now, so that no request pays for it.
+
+    A layer times its paths the first time it meets an input shape (a few forwards of the
+    layer, up to seconds for a whole model); ``tune`` runs the model once on
+    ``example_inputs`` (``backward``: forward and backward, as a training step does) so
+    that every later call with the same shapes, dtype and thread count goes straight to
+    the chosen path.  Returns ``{layer name: path}``.
+    """
+    paths: dict[str, str] = {}
+    token = _recorder.set(paths)
+    try:
+        if backward:
+            out = model(*example_inputs)
+            torch.autograd.backward(_tensors(out), [torch.ones_like(t) for t in _tensors(out)])
+        else:
+            with torch.no_grad():
+                model(*example_inputs)
+    finally:
+        _recorder.reset(token)
+    return paths
+
+
+def _tensors(out) -> list[Tensor]:
+    """The floating-point tensors of a model's output (a tensor, a tuple / list or a dict of them)."""
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
+    return [value for value in values if isinstance(value, Tensor) and value.is_floating_point()
+            and value.requires_grad]
+
+
+def _layer_key(layer) -> tuple:
+    return (layer.weight_shape, layer.warehouse.cell, layer.warehouse.n, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, layer.groups, layer.padding_mode, layer.bias is not None)
+
+
+def _training(layer, x: Tensor, alpha: Tensor) -> bool:
+    return _needs_grad(x, alpha, layer.warehouse.cells)
+
+
+def _input_key(layer, x: Tensor, alpha: Tensor) -> tuple:
+    """What of an input a path choice depends on (with the thread count it was timed on)."""
+    needs_grad = _training(layer, x, alpha)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return (tuple(x.shape), str(x.dtype), channels_last, needs_grad, torch.get_num_threads(), x.device.type)
+
+
+def saved_choices(model: torch.nn.Module) -> dict[str, list[list]]:
+    """The path choices of ``model``'s layers, JSON-ready ({layer name: [[input key, path],
+    ...]}), so that a saved model carries them (``kwconvert.save``) and a loaded one serves
+    without timing."""
+    return {name: [[_as_lists(key), path] for key, path in choices.items()]
+            for name, choices in chosen_paths(model).items()}
+
+
+def restore_choices(model: torch.nn.Module, saved: dict[str, list[list]]) -> None:
+    """Give ``model``'s layers the choices written by ``saved_choices``.  An entry for another
+    thread count, dtype or shape simply never matches; one naming an unknown path or layer
+    is skipped."""
+    layers = dict(_timed_layers(model))
+    with _lock:
+        for name, entries in saved.items():
+            layer = layers.get(name)
+            for key, path in entries if layer is not None else ():
+                if path in execution.PATHS:
+                    layer.path_choices.setdefault(_as_tuples(key), path)
+
+
+def _as_lists(value):
+    return [_as_lists(item) for item in value] if isinstance(value, tuple) else value
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def _small_kernels(layer, x: Tensor) -> bool:
+    return x.shape[0] * math.prod(layer.weight_shape) * x.element_size() <= _keep_limit(x)
+
+
+def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> str:
+    """The layer's path for this input: its own choice, else the one timed for its
+    configuration in this process (``_timed``), else the fastest, timed now.  Under
+    ``torch.compile`` no timing runs: a rule of thumb picks the path."""
+    if torch.compiler.is_compiling():
+        return _compiled_path(layer, x, alpha, available)
+    key = _input_key(layer, x, alpha)
+    with _lock:
+        path = layer.path_choices.get(key)
+        if path is None:
+            configuration = (*_layer_key(layer), *key)
+            path = _timed.get(configuration)
+            if path is None:
+                needs_grad = _training(layer, x, alpha)
+                path = _timed[configuration] = _time_paths(layer, x, alpha, available, needs_grad)
+            layer.path_choices[key] = path
+    return path
+
+
+def _compiled_path(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> str:
+    """The path under torch.compile, where nothing is timed: one that holds no Python loop
+    over the batch, so that a graph with a dynamic batch runs it for every batch size (the
+    compiled kernel's operator in inference, one batched product in training)."""
+    if "native" in available and not _needs_grad(x, alpha, layer.warehouse.cells, layer.bias):
+        return "native"
+    return "bmm" if "bmm" in available else "grouped"
+
+
+def _time_paths(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], needs_grad: bool) -> str:
+    small = _small_kernels(layer, x)
+    if "premix" in available and not _premix_writes_less(layer, x):
+        available = tuple(path for path in available if path != "premix")
+    if needs_grad:
+        # "native" has no fast backward; "grouped" and "folded" keep a batch of kernels alive
+        # until backward (autograd saves them for the convolution), memory the fused paths
+        # do not need unless it is small
+        trainable = tuple(path for path in available if path != "native")
+        if layer.groups == 1 and not small:
+            available = tuple(path for path in trainable if path not in ("grouped", "folded")) or trainable
+        else:
+            available = trainable
+    with packing(_packing.get() and not needs_grad):  # training never uses a packed copy: make none
+        return _fastest(layer, x, alpha, available, backward=needs_grad and small)
+
+
+def _premix_writes_less(layer, x: Tensor) -> bool:
+    """Whether ``"premix"``'s inputs mixed per cell (B x OB x n x L x c_e floats) are no bigger
+    than the batch of kernels the other paths assemble (B x C_out x K).  It only wins where
+    they are (late stages, small maps); elsewhere they are up to 300 times bigger (686 MB in
+    resnet18's layer1 at batch 16), and merely timing it there raised resnet50's first training
+    step at batch 8 to 3.9x the plain model's peak memory."""
+    tiling = layer.tiling
+    out_h, out_w = _spec_for(layer, "premix").output_size(*x.shape[2:])
+    mixed = tiling.blocks_out * layer.warehouse.n * out_h * out_w * tiling.cell[1]
+    return mixed <= math.prod(layer.weight_shape)
+
+
+def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeats: int = 5,
+             backward: bool = False) -> str:
+    """Time each path's forward (without autograd; ``backward``: forward and backward) and
+    return the fastest.
+
+    For big layers forward alone picks the same paths as forward plus backward on resnet18 /
+    resnet50 training steps, and timing backward too left the heap fragmented enough to add
+    a third to a training step's peak memory.  Small layers (a batch of kernels that may be
+    kept, ``KEEP_KERNELS_BYTES``: the layers of 28 x 28 / 32 x 32 images) are timed forward and
+    backward in training: there the paths' backwards differ more than their forwards (the
+    per-sample paths loop over the batch twice, ``"grouped"`` and ``"bmm"`` keep their
+    kernels).  Each path is timed with its output made channels-last, the layout the next
+    KW layer reads: ``"grouped"`` leaves NCHW, and the copy it costs downstream would
+    otherwise go uncounted.
+    """
+    if len(available) == 1:
+        return available[0]
+    x, alpha = x.detach(), alpha.detach()
+    cells = layer.warehouse.cells
+
+    def timed(path: str) -> float:
+        start = time.perf_counter()
+        if not backward:
+            _run(layer, x, alpha, path).contiguous(memory_format=torch.channels_last)
+        else:
+            x_, alpha_ = x.requires_grad_(), alpha.requires_grad_()
+            with torch.enable_grad():
+                out = _run(layer, x_, alpha_, path).contiguous(memory_format=torch.channels_last)
+                torch.autograd.grad(out, (x_, alpha_, cells), torch.ones_like(out))  # no .grad is touched
+        return time.perf_counter() - start
+
+    best = {path: math.inf for path in available}
+    with torch.no_grad():
+        for path in available:
+            timed(path)  # first call: oneDNN creates its primitives
+        for _ in range(repeats if not backward else (repeats + 1) // 2):  # backward: 3 times the work
+            for path in available:
+                best[path] = min(best[path], timed(path))
+    return min(best, key=best.get)
