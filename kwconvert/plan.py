@@ -122,9 +122,16 @@ class DynamicLayerPlan:
 
 @dataclass(frozen=True)
 class StaticLayer:
-    """A candidate layer left as it is, and why (stem, head, squeeze-excitation, ...)."""
+    """A candidate layer left as it is, and why (stem, head, squeeze-excitation, ...).
+
+    A KernelDNA parent stays an ordinary layer, but its kernel may be fitted with its
+    children's (option ``fit_parent``): ``fit_error`` is then filled by the rewriter, the
+    relative error of its kernel against the trained one (0 when kept exactly); None for
+    every other layer, before conversion, and in plans written before it existed.
+    """
     layer: str
     reason: str
+    fit_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +173,7 @@ class Plan:
             "warehouses": [_warehouse_to_dict(w) for w in self.warehouses],
             "layers": [{**asdict(layer), "weight_shape": list(layer.weight_shape),
                         "cost": costs.per_layer_cost(layer).to_dict()} for layer in self.layers],
-            "plain": [asdict(s) for s in self.plain],
+            "plain": [_static_to_dict(s) for s in self.plain],
             "options": self.options,
             "notes": list(self.notes),
             "module": self.module,
@@ -340,8 +347,14 @@ class Plan:
             plain = Table()
             plain.add_column("layer", overflow="fold")
             plain.add_column("reason")
+            # KernelDNA: a parent's kernel may be fitted with its children's (option fit_parent)
+            parents = {layer.parent for layer in self.layers if layer.parent is not None}
+            if parents:
+                plain.add_column("fit\nerror", justify="right", no_wrap=True)
             for static in self.plain:
-                plain.add_row(static.layer, static.reason)
+                error = (f"{static.fit_error:.3f}" if static.fit_error is not None else "-") \
+                    if static.layer in parents else ""
+                plain.add_row(static.layer, static.reason, *((error,) if parents else ()))
             parts.append(plain)
         parts.append(Text(f"baseline params {self.params_baseline:,}   converted params "
                           f"{self.params_converted:,}   ratio {self.ratio:.3f}"))
@@ -462,9 +475,19 @@ def _dynamic_layer_from_dict(data: Any, index: int) -> DynamicLayerPlan:
                             fit_error=layer.number("fit_error", default=None))
 
 
+def _static_to_dict(static: StaticLayer) -> dict[str, Any]:
+    """``{"layer", "reason"}``, and ``fit_error`` only where there is one (a converted
+    KernelDNA parent): every other plain layer keeps the two fields it always had."""
+    data = asdict(static)
+    if static.fit_error is None:
+        del data["fit_error"]
+    return data
+
+
 def _static_from_dict(data: Any, index: int) -> StaticLayer:
     static = _Fields(data, f"plain[{index}]")
-    return StaticLayer(layer=static.text("layer"), reason=static.text("reason"))
+    return StaticLayer(layer=static.text("layer"), reason=static.text("reason"),
+                       fit_error=static.number("fit_error", default=None))
 
 
 _REQUIRED = object()
@@ -567,6 +590,7 @@ def check_consistent(plan: Plan) -> None:
     except ValueError as err:
         raise ValueError(f"plan: {err}") from None
     plain = {static.layer for static in plan.plain}
+    _check_parent_errors(plan)
     if plan.method in methods.PER_LAYER_METHODS:
         _check_dynamic_layers(plan, plain)
         return
@@ -589,6 +613,22 @@ def check_consistent(plan: Plan) -> None:
             if name in plain:
                 raise ValueError(f"{where}: the layer is also listed as plain")
             warehouse_of[name] = warehouse.name
+
+
+def _check_parent_errors(plan: Plan) -> None:
+    """Only a KernelDNA parent has a kernel fit error among the plain layers, and it is a
+    relative error (>= 0); ``options.fit_parent``, where present, is a boolean."""
+    parents = {layer.parent for layer in plan.layers if layer.parent is not None}
+    for static in plan.plain:
+        if static.fit_error is None:
+            continue
+        if static.layer not in parents:
+            raise ValueError(f"plan plain layer {static.layer}: only a KernelDNA parent has a fit_error")
+        if not static.fit_error >= 0:  # NaN fails too
+            raise ValueError(f"plan plain layer {static.layer}: fit_error must be >= 0, got {static.fit_error}")
+    fit_parent = plan.options.get("fit_parent", False) if isinstance(plan.options, dict) else False
+    if not isinstance(fit_parent, bool):
+        raise ValueError(f"plan: options.fit_parent must be true or false, got {fit_parent!r}")
 
 
 def _check_dynamic_layers(plan: Plan, plain: set[str]) -> None:
