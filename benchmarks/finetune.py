@@ -9,8 +9,10 @@ the same images in the same order:
 * (c) KW 1/2x converted from it;
 * (d) the original pruned with Torch-Pruning (channel groups by L2 magnitude, the classifier
   kept whole) to (c)'s parameter count, fine-tuned;
-* on request (``--arms a e f g``, issue 17): (e) ODConv 1x, (f) ODConv 4x and (g) KernelDNA
-  converted from it (``kwconvert.methods``), fine-tuned with the same plain recipe as (a).
+* on request (``--arms a e f g h``, issue 17): (e) ODConv 1x, (f) ODConv 4x and (g) KernelDNA
+  converted from it (``kwconvert.methods``), fine-tuned with the same plain recipe as (a);
+  (h) KernelDNA with its parents' kernels fitted with their children's (``fit_parent=True``;
+  (g) keeps them exact, the default).
 
 For each it reports the test accuracy right after conversion / pruning (KW at the serving
 temperature, tau = 0), the final accuracy, parameters, MACs for one image
@@ -67,13 +69,13 @@ from kwconvert.training import FINE_TUNE, parameter_groups  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ARMS = {"a": "original, fine-tuned", "b": "KW 1x", "c": "KW 1/2x", "d": "pruned to (c)'s params",
-        "e": "ODConv 1x", "f": "ODConv 4x", "g": "KernelDNA"}
+        "e": "ODConv 1x", "f": "ODConv 4x", "g": "KernelDNA", "h": "KernelDNA, parents fitted"}
 #: The arms a plain run takes; the other methods' arms are asked for with --arms.
 DEFAULT_ARMS = ["a", "b", "c", "d"]
 BUDGETS = {"b": 1.0, "c": 0.5}
 #: The other methods' arms: kwconvert.convert's method and options.
 METHOD_ARMS = {"e": {"method": "odconv", "kernels": 1}, "f": {"method": "odconv", "kernels": 4},
-               "g": {"method": "kerneldna"}}
+               "g": {"method": "kerneldna"}, "h": {"method": "kerneldna", "fit_parent": True}}
 #: Targets of issue 14: (b) >= (a) + 0.3 point; (c) >= (d) + 0.5 point and within 0.5 point of (a).
 MARGIN_B_OVER_A, MARGIN_C_OVER_D, TOLERANCE_C_TO_A = 0.3, 0.5, 0.5
 
@@ -275,6 +277,8 @@ def run_seed(seed: int, recipe: FinetuneRecipe, sets: dict, arms: list[str], con
             model = kwconvert.convert(original, example_inputs=fm.example_input(), inplace=False, **METHOD_ARMS[arm])
             info["max_abs_logit_diff"] = max_logit_diff(original, model, images[:100])
             info["fit_error"] = {l.name: l.fit_error for l in kwconvert.plan_of(model).layers if l.parent}
+            info["parent_fit_error"] = {s.layer: s.fit_error for s in kwconvert.plan_of(model).plain
+                                        if s.fit_error is not None}
         else:
             target = (row["arms"]["c"]["params"] if "c" in row["arms"]
                       else fm.parameter_count(convert(original, BUDGETS["c"], recipe, sets["train"][0])))

@@ -119,8 +119,7 @@ def summary(job) -> Group:
         fitted_to = ("layers' outputs on the calibration inputs" if any(w.output_error is not None for w in plan.warehouses)
                      else "kernels")
         if derived:
-            table.add_row("function", "the parents' exactly; each child's kernel a least-squares fit from its "
-                                      "parent (errors below): fine-tune to recover")
+            table.add_row("function", _derived_function(plan))
         else:
             table.add_row("function", "the original's at every temperature" if plan.budget >= 1 else
                           f"a least-squares fit of the original's {fitted_to} at every temperature: "
@@ -193,10 +192,22 @@ def _temperatures(taus: dict[str, float], plan) -> str:
     return f"{symbol} from {values[0]:g} to {values[-1]:g} over {count(len(taus), 'layer')}"
 
 
+def _derived_function(plan) -> str:
+    """What a KernelDNA conversion keeps of the original: the parents exactly, or (their
+    kernels fitted with the children's, option fit_parent) a joint fit of both."""
+    if any(static.fit_error for static in plan.plain):
+        return ("each parent's and child's kernel a joint least-squares fit of the trained ones (errors below): "
+                "fine-tune to recover")
+    return ("the parents' exactly; each child's kernel a least-squares fit from its parent (errors below): "
+            "fine-tune to recover")
+
+
 def _add_fit_error(table: Table, plan) -> None:
     for label, errors in (("kernel fit error (b < 1)", [w.init_error for w in plan.warehouses if w.init_error]),
                           ("output fit error (calibration)", [w.output_error for w in plan.warehouses
                                                                if w.output_error is not None]),
+                          ("parent kernel fit error (KernelDNA)", [s.fit_error for s in plan.plain
+                                                                   if s.fit_error is not None]),
                           ("child kernel fit error (KernelDNA)", [l.fit_error for l in plan.layers
                                                                   if l.fit_error is not None])):
         if errors:

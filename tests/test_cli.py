@@ -417,6 +417,29 @@ def test_bad_method_options_are_one_line(args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("fit_parent", ["true", "false"])
+def test_kerneldna_reports_the_parents_fit_error_in_the_summary_json_and_show(fit_parent, tmp_path):
+    out = tmp_path / "dna"
+    args = ("convert", "tests.test_kerneldna:dna_family", "--method", "kerneldna", "--input-size", "3,8,8",
+            "-O", f"fit_parent={fit_parent}", "--out", str(out))
+    converted = invoke(*args, "--json")
+    assert converted.exit_code == 0, converted.output
+    data = json.loads(converted.stdout)
+    assert data["options"]["fit_parent"] is (fit_parent == "true")
+    (parent,) = [entry for entry in data["plain"] if entry["reason"].startswith("KernelDNA parent")]
+    assert (parent["fit_error"] > 0.1) if fit_parent == "true" else parent["fit_error"] == 0.0
+    summary, shown = invoke(*args, "--force"), invoke("show", str(out))
+    assert summary.exit_code == 0 and shown.exit_code == 0, summary.output + shown.output
+    summary, shown = (" ".join(result.stdout.replace("│", " ").split()) for result in (summary, shown))
+    for words in (summary, shown):
+        assert f"parent kernel fit error (KernelDNA) {parent['fit_error']:.3f} .. {parent['fit_error']:.3f}" in words
+    assert ("joint least-squares fit" in summary) is (fit_parent == "true")
+    assert f"{parent['layer']} KernelDNA parent of 3 in pre {parent['fit_error']:.3f}" in shown   # the plain table
+    bad = invoke("convert", "tests.test_kerneldna:dna_family", "--method", "kerneldna", "--input-size", "3,8,8",
+                 "-O", "fit_parent=maybe", "--dry-run")
+    assert bad.exit_code == 2 and "KernelDNA option fit_parent must be true or false, got 'maybe'" in bad.output
+
+
 def test_kerneldna_dry_run_lists_children_and_parents_and_bench_takes_a_method():
     planned = invoke("convert", "resnet18", "--method", "kerneldna", "-O", "parent=first", "--input-size", "3,32,32",
                      "--dry-run", "--json")

@@ -41,6 +41,7 @@ def check_consistent(plan: Plan) -> None:
     except ValueError as err:
         raise ValueError(f"plan: {err}") from None
     plain = {static.layer for static in plan.plain}
+    _check_parent_errors(plan)
     if plan.method in methods.PER_LAYER_METHODS:
         _check_dynamic_layers(plan, plain)
         return
@@ -63,6 +64,22 @@ def check_consistent(plan: Plan) -> None:
             if name in plain:
                 raise ValueError(f"{where}: the layer is also listed as plain")
             warehouse_of[name] = warehouse.name
+
+
+def _check_parent_errors(plan: Plan) -> None:
+    """Only a KernelDNA parent has a kernel fit error among the plain layers, and it is a
+    relative error (>= 0); ``options.fit_parent``, where present, is a boolean."""
+    parents = {layer.parent for layer in plan.layers if layer.parent is not None}
+    for static in plan.plain:
+        if static.fit_error is None:
+            continue
+        if static.layer not in parents:
+            raise ValueError(f"plan plain layer {static.layer}: only a KernelDNA parent has a fit_error")
+        if not static.fit_error >= 0:  # NaN fails too
+            raise ValueError(f"plan plain layer {static.layer}: fit_error must be >= 0, got {static.fit_error}")
+    fit_parent = plan.options.get("fit_parent", False) if isinstance(plan.options, dict) else False
+    if not isinstance(fit_parent, bool):
+        raise ValueError(f"plan: options.fit_parent must be true or false, got {fit_parent!r}")
 
 
 def _check_dynamic_layers(plan: Plan, plain: set[str]) -> None:

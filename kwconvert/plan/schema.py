@@ -108,9 +108,16 @@ class DynamicLayerPlan:
 
 @dataclass(frozen=True)
 class StaticLayer:
-    """A candidate layer left as it is, and why (stem, head, squeeze-excitation, ...)."""
+    """A candidate layer left as it is, and why (stem, head, squeeze-excitation, ...).
+
+    A KernelDNA parent stays an ordinary layer, but its kernel may be fitted with its
+    children's (option ``fit_parent``): ``fit_error`` is then filled by the rewriter, the
+    relative error of its kernel against the trained one (0 when kept exactly); None for
+    every other layer, before conversion, and in plans written before it existed.
+    """
     layer: str
     reason: str
+    fit_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ class Plan:
             "warehouses": [_warehouse_to_dict(w) for w in self.warehouses],
             "layers": [{**asdict(layer), "weight_shape": list(layer.weight_shape),
                         "cost": costs.per_layer_cost(layer).to_dict()} for layer in self.layers],
-            "plain": [asdict(s) for s in self.plain],
+            "plain": [_static_to_dict(s) for s in self.plain],
             "options": self.options,
             "notes": list(self.notes),
             "module": self.module,
@@ -316,9 +323,19 @@ def _dynamic_layer_from_dict(data: Any, index: int) -> DynamicLayerPlan:
                             fit_error=layer.number("fit_error", default=None))
 
 
+def _static_to_dict(static: StaticLayer) -> dict[str, Any]:
+    """``{"layer", "reason"}``, and ``fit_error`` only where there is one (a converted
+    KernelDNA parent): every other plain layer keeps the two fields it always had."""
+    data = asdict(static)
+    if static.fit_error is None:
+        del data["fit_error"]
+    return data
+
+
 def _static_from_dict(data: Any, index: int) -> StaticLayer:
     static = _Fields(data, f"plain[{index}]")
-    return StaticLayer(layer=static.text("layer"), reason=static.text("reason"))
+    return StaticLayer(layer=static.text("layer"), reason=static.text("reason"),
+                       fit_error=static.number("fit_error", default=None))
 
 
 _REQUIRED = object()

@@ -91,8 +91,14 @@ def _plain_and_totals(plan: Plan) -> list:
         plain = Table()
         plain.add_column("layer", overflow="fold")
         plain.add_column("reason")
+        # KernelDNA: a parent's kernel may be fitted with its children's (option fit_parent)
+        parents = {layer.parent for layer in plan.layers if layer.parent is not None}
+        if parents:
+            plain.add_column("fit\nerror", justify="right", no_wrap=True)
         for static in plan.plain:
-            plain.add_row(static.layer, static.reason)
+            error = (f"{static.fit_error:.3f}" if static.fit_error is not None else "-") \
+                if static.layer in parents else ""
+            plain.add_row(static.layer, static.reason, *((error,) if parents else ()))
         parts.append(plain)
     parts.append(Text(f"baseline params {plan.params_baseline:,}   converted params "
                       f"{plan.params_converted:,}   ratio {plan.ratio:.3f}"))

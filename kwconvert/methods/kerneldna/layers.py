@@ -13,11 +13,13 @@ The dynamic part acts on the input channels, so a child is one ordinary convolut
 batch (its kernel is built once per forward, not per sample): hence KernelDNA's claim of
 nearly the plain model's speed.  The child keeps the model's own BatchNorm after it.
 
-Converting a trained model: the parent is one of the trained kernels (kept exactly);
-``S_j`` and ``F_j`` are fitted by alternating least squares so that ``W_j`` is as close as
-the scalings allow to the trained kernel it replaces, times 2: a fresh gate (``W2`` and
-``b2`` at zero) gives 1/2 on every channel, which the factor 2 compensates.  The fit's
-relative error is what the child loses until fine-tuning; the plan reports it per child.
+Converting a trained model: the parent is one of the trained kernels; ``S_j`` and ``F_j``
+are fitted by alternating least squares so that ``W_j`` is as close as the scalings allow
+to the trained kernel it replaces, times 2: a fresh gate (``W2`` and ``b2`` at zero) gives
+1/2 on every channel, which the factor 2 compensates.  The parent either stays exactly
+its trained kernel or is fitted with its children first (:mod:`.fitting`, plan option
+``fit_parent``): a kernel between the trained ones lowers the family's summed error.  The
+fits' relative errors are what each layer loses until fine-tuning; the plan reports them.
 """
 from __future__ import annotations
 
@@ -28,12 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common import batch_norm_any_batch
+from .fitting import fit_scalings, relative_error
 from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3
 
 #: The gate's width: ``max(C_in // REDUCTION, 1)`` (the authors' reduction 4).
 REDUCTION = 4
-#: Rounds of alternating least squares for S_j and F_j (the error settles within a few).
-FIT_ROUNDS = 20
 #: What a fresh gate (sigmoid(0)) multiplies the input by; the fitted kernel undoes it.
 FRESH_GATE = 0.5
 
@@ -45,28 +46,6 @@ def gate_width(in_channels: int, reduction: int = REDUCTION) -> int:
 def layer_params(in_channels: int, out_channels: int, kernel_size: tuple[int, ...], hidden: int) -> int:
     """A child's own parameters besides its bias: S_j, F_j and its gate (the kernel is the parent's)."""
     return math.prod(kernel_size) + out_channels + in_channels * hidden + 2 * hidden + hidden * in_channels + in_channels
-
-
-def fit_scalings(parent: Tensor, target: Tensor, rounds: int = FIT_ROUNDS) -> tuple[Tensor, Tensor, float]:
-    """Position and filter scalings ``s`` (k points) and ``f`` (C_out) minimising
-    ``|| parent * s * f - target ||``, and the relative error left.
-
-    Alternating least squares in float64: with ``s`` fixed each ``f_o`` has a closed form,
-    and the other way round; every round lowers the error.  Starts from ``s = 1``.
-    """
-    shape = parent.shape
-    p = parent.detach().double().reshape(shape[0], shape[1], -1)   # (C_out, C_in/g, points)
-    t = target.detach().double().reshape(shape[0], shape[1], -1)
-    s = torch.ones(p.shape[2], dtype=torch.float64, device=p.device)
-    f = torch.ones(p.shape[0], dtype=torch.float64, device=p.device)
-    for _ in range(rounds):
-        ps = p * s
-        f = (ps * t).sum(dim=(1, 2)) / (ps * ps).sum(dim=(1, 2)).clamp_min(1e-300)
-        pf = p * f.view(-1, 1, 1)
-        s = (pf * t).sum(dim=(0, 1)) / (pf * pf).sum(dim=(0, 1)).clamp_min(1e-300)
-    fitted = p * s * f.view(-1, 1, 1)
-    error = (fitted - t).norm() / t.norm().clamp_min(1e-300)
-    return s, f, float(error)
 
 
 class ChannelGate(nn.Module):
@@ -120,11 +99,13 @@ class _KDNAConvNd(PerSampleConv, nn.Module):
             self.gate.norm.reset_parameters()
             self.gate.excite.reset_parameters()
 
-    def preserve(self, weight: Tensor, bias: Tensor | None) -> float | None:
+    def preserve(self, weight: Tensor, bias: Tensor | None,
+                 scalings: tuple[Tensor, Tensor] | None = None) -> float | None:
         """Start as close to the trained convolution ``(weight, bias)`` as the parent allows:
-        the gate at 1/2 everywhere, S_j and F_j fitted to ``weight / FRESH_GATE``.  Returns
-        the kernel's relative fit error (0 when the child's kernel is the parent's, rescaled;
-        None on the meta device, where there are no values to fit)."""
+        the gate at 1/2 everywhere, S_j and F_j fitted to ``weight / FRESH_GATE`` (or set from
+        ``scalings`` = ``(1 + S_j, 1 + F_j)``, fitted with the parent: :func:`.fitting.fit_family`).
+        Returns the relative error of the kernel the child holds (0 when it is the parent's,
+        rescaled; None on the meta device, where there are no values to fit)."""
         with torch.no_grad():
             self.gate.excite.weight.zero_()
             self.gate.excite.bias.zero_()
@@ -132,20 +113,22 @@ class _KDNAConvNd(PerSampleConv, nn.Module):
                 self.bias.copy_(bias if bias is not None else torch.zeros_like(self.bias))
             if self.parent.weight.is_meta:
                 return None
-            s, f, error = fit_scalings(self.parent.weight, weight / FRESH_GATE)
+            target = weight / FRESH_GATE
+            s, f = fit_scalings(self.parent.weight, target)[:2] if scalings is None else scalings
             self.position_scale.copy_((s - 1).view(self.kernel_size))
             self.filter_scale.copy_(f - 1)
-        return error
+            return relative_error(self.kernel(), target)
 
     @classmethod
     def from_conv(cls, conv: nn.Module, parent: nn.Module, *, hidden: int | None = None, name: str = "",
-                  init: str = "preserve") -> tuple["_KDNAConvNd", float | None]:
+                  init: str = "preserve", scalings: tuple[Tensor, Tensor] | None = None
+                  ) -> tuple["_KDNAConvNd", float | None]:
         """A child with ``conv``'s geometry deriving from ``parent``, and its fit error
-        (``init="preserve"``; None otherwise)."""
+        (``init="preserve"``, with ``scalings`` when given; None otherwise)."""
         layer = cls(parent, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, hidden=hidden, name=name,
                     device=conv.weight.device, dtype=conv.weight.dtype)
-        error = layer.preserve(conv.weight, conv.bias) if init == "preserve" else None
+        error = layer.preserve(conv.weight, conv.bias, scalings) if init == "preserve" else None
         return layer, error
 
     def kernel(self) -> Tensor:

@@ -10,7 +10,18 @@ of spatial, pointwise and all kernels that makes a child saving parameters.
 
 From a trained model the parent of a family is the member whose kernel the others are
 best fitted from (least summed fit error, :func:`best_parent`); on the meta device, or
-with ``parent="first"``, the first member in execution order.
+with ``parent="first"``, the first member in execution order.  With ``fit_parent=True`` the
+rewriter then fits the parent's kernel with its children's scalings
+(:func:`kwconvert.methods.kerneldna.fitting.fit_family`); the ranking still uses the fixed
+parent's fit, which costs a fraction of the joint one.
+
+Why ``fit_parent`` defaults to False (``benchmarks/finetune.py --arms a g h --seeds 3``, the
+trained Fashion-MNIST residual net, one family of two 3x3 convolutions): fitting the parent
+raises the accuracy right after conversion from 18.25 % to 54.37 % (mean of 3 seeds; child
+error 0.996 -> ~0.69, parent error 0 -> ~0.58), but after the same fine-tuning the net ends at
+87.65 +- 0.36 % against 88.16 +- 0.32 % with the parent kept exact (lower on every seed; the
+original fine-tuned: 88.48 %): one broken layer beside an intact one recovers better than
+two damaged ones.
 """
 from __future__ import annotations
 
@@ -25,7 +36,8 @@ from ..kernelwarehouse.grouping import stages
 from ..kernelwarehouse.options import PlanOptions
 from ..layer_choice import per_layer_plan, static_reason
 from ..options import MethodOptions, check_globs, choice
-from .layers import REDUCTION, fit_scalings, gate_width, layer_params
+from .fitting import fit_scalings
+from .layers import REDUCTION, gate_width, layer_params
 
 METHOD = "kerneldna"
 _SHARES = ("auto", "spatial", "pointwise", "all")
@@ -49,6 +61,11 @@ class KernelDNAOptions(MethodOptions):
         "at most this many children per parent (a larger family gets several parents); None: no limit")})
     parent: str = field(default="best", metadata={"help": (
         "'best': the member the others fit best from (needs the weights), 'first': the first in execution order")})
+    fit_parent: bool = field(default=False, metadata={"help": (
+        "false: each parent keeps its trained kernel exactly and only its children's scalings are fitted; "
+        "true: the parent's kernel is fitted with them (least summed squared relative error of the family; "
+        "the parent then changes too, its fit error in the plan): a better start, a worse end after "
+        "fine-tuning in benchmarks/finetune.py (README)")})
     reduction: int = field(default=REDUCTION, metadata={"help": "gate width = max(C_in // reduction, 1)"})
     stem: str = field(default="plain", metadata={"help": "'plain' keeps the layer reading the input static"})
     shortcut: str = field(default="plain", metadata={"help": "'plain' keeps residual shortcut projections static"})
@@ -58,6 +75,8 @@ class KernelDNAOptions(MethodOptions):
     def __post_init__(self) -> None:
         choice("share", self.share, _SHARES)
         choice("parent", self.parent, ("best", "first"))
+        if not isinstance(self.fit_parent, bool):
+            raise ValueError(f"KernelDNA option fit_parent must be true or false, got {self.fit_parent!r}")
         choice("stem", self.stem, _PLACES)
         choice("shortcut", self.shortcut, _PLACES)
         for name in ("children_per_parent", "reduction"):
