@@ -80,11 +80,15 @@ from kwconvert.pipeline import LAYER_TOLERANCE  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "zoo.json"
 BUDGET_RESULTS = HERE / "results" / "zoo_budgets.json"  # --plans-only: never overwrites RESULTS
-#: --method odconv / kerneldna: results of their own; ODConv converts at ODCONV_KERNELS per layer.
-METHOD_RESULTS = {"odconv": HERE / "results" / "zoo_odconv.json", "kerneldna": HERE / "results" / "zoo_kerneldna.json"}
+#: --method odconv / kerneldna / dynamic_conv: results of their own; ODConv converts at ODCONV_KERNELS
+#: per layer, DY-Conv at DYNAMIC_CONV_KERNELS whole kernels per layer.
+METHOD_RESULTS = {method: HERE / "results" / f"zoo_{method}.json" for method in ("odconv", "kerneldna", "dynamic_conv")}
 ODCONV_KERNELS = 4
+DYNAMIC_CONV_KERNELS = 4
 #: Per-layer methods and what they are planned with (KernelDNA: its parents chosen from the weights).
 PER_LAYER_OPTIONS = {"odconv": {"kernels": ODCONV_KERNELS}, "kerneldna": {}}
+#: What each method's one plan is made with (KernelWarehouse plans every budget of RATIO_FIELDS).
+METHOD_OPTIONS = {**PER_LAYER_OPTIONS, "dynamic_conv": {"budget": DYNAMIC_CONV_KERNELS}}
 TIMM_SAMPLE = HERE / "zoo_timm_sample.txt"
 RESULTS_FORMAT = 1
 
@@ -110,6 +114,9 @@ FLOAT32_ERROR_FACTOR = 4.0
 #: Models above this many parameters are not run in float64 (8 bytes a parameter: regnet_y_128gf,
 #: the largest torchvision classifier, takes 5.2 GB); they get a relative bound.
 FLOAT64_MAX_PARAMS = 700_000_000
+#: Where float32 misses its bound, converted and original are compared in float64 too: an
+#: exact conversion is then within this fraction of max(1, max |output|).
+FLOAT64_TOLERANCE = 1e-9
 #: Relative bound (fraction of max |original output|) when the float32 error is not measured.
 RELATIVE_TOLERANCE = 1e-5
 #: Spatial sizes tried for the comparison, smallest first (then the model's own size).
@@ -331,23 +338,42 @@ class _ModelError(Exception):
     """The original model (not kwconvert) failed."""
 
 
-def _float32_error(model: nn.Module, x: torch.Tensor, expected: Any) -> float | None:
-    """max |float32 output - float64 output| of the original on ``x``: its own rounding error.
+def _float32_error(model: nn.Module, x: torch.Tensor, expected: Any) -> tuple[float | None, Any]:
+    """max |float32 output - float64 output| of the original on ``x``, its own rounding error,
+    and its float64 output (for :func:`_float64_diff`).
 
-    The model goes to float64 and back (exact).  None for models above
+    The model goes to float64 and back (exact).  (None, None) for models above
     FLOAT64_MAX_PARAMS parameters (memory) or that do not run in float64.
     """
     from kwconvert.pipeline import _max_abs_diff
     if sum(p.numel() for p in model.parameters()) > FLOAT64_MAX_PARAMS:
-        return None
+        return None, None
     try:
         model.double()
         exact = model(x.double())
-        return _max_abs_diff(expected, exact)
+        return _max_abs_diff(expected, exact), exact
     except Exception:
-        return None
+        return None, None
     finally:
         model.float()
+
+
+def _float64_diff(case: Case, plan: Any, x: torch.Tensor, exact: Any) -> float | None:
+    """max |converted - original| with both built, converted and run in float64: the second
+    opinion where float32's rounding, amplified by a deep model, hides whether a conversion is
+    exact (ODConv's n kernels are spread copies of the trained one, rounded once more in
+    float32).  The model is built again as the float32 run built it."""
+    from kwconvert import reference_path
+    from kwconvert.pipeline import _max_abs_diff
+    from kwconvert.rewrite import convert
+    try:
+        model, _ = _build(case, {})
+        _calibrate_batchnorm(model, x)
+        converted = convert(model.double(), plan, init="preserve", inplace=True).eval()
+        with reference_path():
+            return _max_abs_diff(exact, converted(x.double()))
+    except Exception:
+        return None
 
 
 def run_case(case_id: str, timeout: float | None = None, fast_path: bool = False,
@@ -398,16 +424,17 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool, method: str = "kern
     if _calibrate_batchnorm(model, x):
         expected = model(x)
     scale = compare_outputs(expected, expected).output_scale or 0.0  # max |output|
-    noise = _float32_error(model, x, expected)
+    noise, exact_output = _float32_error(model, x, expected)
 
     row["stage"] = "plan"
     started = time.perf_counter()
     graph = trace(model, torch.randn(1, *own, generator=torch.Generator().manual_seed(0)))
-    if method in PER_LAYER_OPTIONS:  # one plan: the budget bounds are KernelWarehouse's
-        plan_b1 = plan(model, graph=graph, model_name=case.id, method=method, **PER_LAYER_OPTIONS[method])
+    if method in METHOD_OPTIONS:  # one plan: the budget bounds are KernelWarehouse's
+        plan_b1 = plan(model, graph=graph, model_name=case.id, method=method, **METHOD_OPTIONS[method])
         plans = {}
-        row.update(warehouses=0, converted_layers=len(plan_b1.layers), plain_layers=len(plan_b1.plain))
-        if not plan_b1.layers:
+        row.update(warehouses=len(plan_b1.warehouses), converted_layers=len(plan_b1.converted_layers),
+                   plain_layers=len(plan_b1.plain))
+        if not plan_b1.converted_layers:
             raise ValueError(f"the plan converts no layer ({'; '.join(sorted({s.reason for s in plan_b1.plain}))})")
     else:
         plan_b1 = plan(model, 1.0, graph=graph, model_name=case.id)
@@ -441,8 +468,12 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool, method: str = "kern
     if fitted:  # the output is the fit's, not the original's: its error must be a number in [0, 1]
         allowed = math.inf if all(0 <= error <= 1 for error in fitted) else -math.inf
         row["fit_errors"] = [round(min(fitted), 4), round(max(fitted), 4)]
-    if not diff <= allowed:  # also catches NaN
-        problems.append(f"max |diff| {diff:.3g} > {allowed:.3g} (max |output| {scale:.3g})")
+    if not diff <= allowed and exact_output is not None and not fitted:
+        row["max_diff_float64"] = _float64_diff(case, plan_b1, x, exact_output)
+    diff64 = row.get("max_diff_float64")
+    if not (diff <= allowed or (diff64 is not None and diff64 <= FLOAT64_TOLERANCE * max(scale, 1.0))):  # NaN fails
+        also = f"; in float64 {diff64:.3g}" if diff64 is not None else ""
+        problems.append(f"max |diff| {diff:.3g} > {allowed:.3g} (max |output| {scale:.3g}{also})")
     if not layer_diff <= LAYER_TOLERANCE:
         problems.append(f"layer {worst_layer}: max |diff| {layer_diff:.3g} of its max |output| > {LAYER_TOLERANCE:g}")
     if compared.missing:
@@ -726,10 +757,11 @@ def _header(args) -> dict[str, Any]:
     import torchvision
     return {"format": RESULTS_FORMAT, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "python": platform.python_version(),
-            "settings": {"method": args.method, "method_options": PER_LAYER_OPTIONS.get(args.method),
+            "settings": {"method": args.method, "method_options": METHOD_OPTIONS.get(args.method),
                          "check_batch": CHECK_BATCH, "check_sizes": list(CHECK_SIZES),
                          "absolute_tolerance": ABSOLUTE_TOLERANCE, "float32_error_factor": FLOAT32_ERROR_FACTOR,
                          "relative_tolerance": RELATIVE_TOLERANCE, "float64_max_params": FLOAT64_MAX_PARAMS,
+                         "float64_tolerance": FLOAT64_TOLERANCE,
                          "layer_tolerance": LAYER_TOLERANCE,
                          "bounds": {str(b): v for b, v in BOUNDS.items()}, "init": "preserve", "tau": 1.0,
                          "targets": _targets(), "plans_only": args.plans_only,
@@ -859,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failed", action="store_true", help="only models that did not pass in --out")
     parser.add_argument("--method", choices=("kernelwarehouse", *METHOD_RESULTS), default="kernelwarehouse",
                         help=f"conversion method (default kernelwarehouse); odconv converts at {ODCONV_KERNELS} kernels "
-                             "per layer; each writes results/zoo_<method>.json")
+                             f"per layer, dynamic_conv at {DYNAMIC_CONV_KERNELS}; each writes results/zoo_<method>.json")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model (default 900; 0: none)")

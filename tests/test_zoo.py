@@ -269,3 +269,28 @@ def test_plans_only_writes_its_own_file_with_the_budget_report(monkeypatch, tmp_
     assert [(d["group"], d["budget"]) for d in data["budgets"]["distribution"]] == [
         (group, budget) for group in ("custom", "all") for budget in (1.0, 0.5, 0.25)]
     assert "above target: none" in capsys.readouterr().out
+
+
+def test_a_conversion_float32_cannot_tell_from_exact_is_checked_in_float64(monkeypatch):
+    """A deep model amplifies float32's rounding past the bound (timm's rexnet under ODConv,
+    whose kernels are spread copies rounded once more); the float64 build decides."""
+    monkeypatch.setattr(zoo, "tolerance", lambda scale, noise: 0.0)  # float32 alone always misses
+    row = zoo.run_case("torchvision:resnet18", timeout=300, method="odconv")
+    assert row["status"] == "pass", row["reason"]
+    assert row["max_diff"] > 0 and row["max_diff_float64"] <= zoo.FLOAT64_TOLERANCE * max(1.0, row["output_scale"])
+
+
+def test_the_float64_check_does_not_pass_a_conversion_that_is_not_exact(monkeypatch):
+    from kwconvert.methods.odconv import layers as odconv_layers
+    monkeypatch.setattr(zoo, "tolerance", lambda scale, noise: 0.0)
+    exact = odconv_layers._ODConvNd.from_conv.__func__
+
+    def off_by_a_little(cls, conv, **kwargs):  # 1e-6 of every kernel: below the per-layer check
+        layer = exact(cls, conv, **kwargs)
+        with torch.no_grad():
+            layer.weight.mul_(1 + 1e-6)
+        return layer
+
+    monkeypatch.setattr(odconv_layers._ODConvNd, "from_conv", classmethod(off_by_a_little))
+    row = zoo.run_case("torchvision:resnet18", timeout=300, method="odconv")
+    assert row["status"] == "fail" and "in float64" in row["reason"]
