@@ -164,6 +164,16 @@ def test_children_per_parent_cuts_a_family():
     assert {"layer1.0.conv1", "layer1.1.conv1"} <= set(parents)
 
 
+def test_ranking_parents_from_inner_products_equals_fitting_every_pair():
+    """The planner ranks parents from one Gram tensor; the ranking must be the per-pair fits'."""
+    from kwconvert.methods.kerneldna.fitting import parent_ranking
+    generator = torch.Generator().manual_seed(3)
+    family = [torch.randn(16, 8, 3, 3, generator=generator, dtype=torch.float64) for _ in range(4)]
+    family[2] = family[0] * 1.7 + 0.1 * torch.randn(16, 8, 3, 3, generator=generator, dtype=torch.float64)
+    pairwise = [sum(fit_scalings(parent, child, 6)[2] for child in family if child is not parent) for parent in family]
+    assert parent_ranking(family, 6) == pytest.approx(pairwise, rel=1e-9)
+
+
 def test_the_best_parent_is_the_kernel_the_others_are_noisy_scaled_copies_of():
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ from ..kernelwarehouse.grouping import stages
 from ..kernelwarehouse.options import PlanOptions
 from ..layer_choice import per_layer_plan, static_reason
 from ..options import MethodOptions, check_globs, choice
-from .fitting import fit_scalings
+from .fitting import parent_ranking
 from .layers import REDUCTION, gate_width, layer_params
 
 METHOD = "kerneldna"
@@ -178,6 +178,5 @@ def best_parent(model: nn.Module | None, family: list[Candidate]) -> Candidate:
     weights = [model.get_submodule(cand.name).weight for cand in family]
     if any(weight.is_meta for weight in weights):
         return family[0]
-    errors = [sum(fit_scalings(parent, child, RANKING_ROUNDS)[2] for child in weights if child is not parent)
-              for parent in weights]
+    errors = parent_ranking(weights, RANKING_ROUNDS)
     return family[errors.index(min(errors))]
