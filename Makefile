@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all browser bench-plan bench-zoo bench-budgets bench-speed bench-accuracy bench-finetune data install install-test clean
+.PHONY: demo test test-all browser bench-plan bench-zoo bench-budgets bench-speed bench-speed-methods bench-accuracy bench-finetune data install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ bench-budgets: $(VENV)/.installed
 # Speed and memory of KW models against the plain models (issue 7's targets); 30-60 min.
 bench-speed: $(VENV)/.installed
 	$(BIN)/python benchmarks/speed.py --compile
+
+# KernelDNA against the plain models (issue 17: inference at >= 0.9x their throughput) on resnet18 b16,
+# resnet50 b8, mobilenet_v2 b16, inference and training steps; about 20 min.
+bench-speed-methods: $(VENV)/.installed
+	$(BIN)/python benchmarks/speed.py --methods kerneldna --models resnet18 resnet50 mobilenet_v2 --batches 16 8 \
+		--no-memory --no-reference --out benchmarks/results/speed_methods.json
 
 bench-accuracy: $(VENV)/.installed data
 	$(BIN)/python benchmarks/accuracy.py

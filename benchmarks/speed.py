@@ -1,4 +1,4 @@
-"""Speed and memory of KernelWarehouse models against the plain torchvision models (CPU).
+"""Speed and memory of KernelWarehouse (and ODConv, KernelDNA) models against the plain models (CPU).
 
 For each workload (model, batch) it times inference (eval, no grad) and a training step
 (forward, cross-entropy, backward, SGD step) of the plain model in NCHW, the plain model in
@@ -15,10 +15,16 @@ right after building the model, over two steps.
 
     .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--processes 3] [--compile]
                                          [--no-memory] [--allocator keep|default] [--threads 2]
+                                         [--methods kernelwarehouse odconv kerneldna | all]
 
 Targets (issue 7) are ratios of KW b = 1 to the plain model in eager NCHW.  The small-image
 row (issue 20) trains the accuracy benchmark's residual CNN (``benchmarks/fashion_mnist.py``,
 widths 32/64/128, converted as that benchmark converts it) on 1 x 28 x 28 inputs at batch 64.
+``--methods`` adds the other methods' conversions (issue 17) as variants of the same
+processes, interleaved with the plain model exactly like the KW variants: "ODConv 1x", "ODConv
+4x" and "KernelDNA", planned as ``kwconvert bench MODEL --method ...`` plans them.  KernelDNA's
+claim, inference at >= 0.9x the plain model's throughput, is a target of 1 / 0.9 on its time
+ratio.  Without ``kernelwarehouse`` among them no KW variant (nor its memory row) is built.
 Prints a rich table and writes benchmarks/results/speed.json (atomically).
 """
 from __future__ import annotations
@@ -44,14 +50,15 @@ import torchvision
 from rich.console import Console
 from rich.table import Table
 
-import kwconvert
-from kwconvert import allocator, bench, execution, reference_path
-from kwconvert.methods.kernelwarehouse import native, path_choice
-from kwconvert.methods.kernelwarehouse.layers import set_temperature
-
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks.results_io`` importable
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # run as a script: ``benchmarks.results_io`` and this checkout's kwconvert
+    sys.path.insert(0, str(ROOT))  # (not an editable install's from another worktree) importable
+
+import kwconvert  # noqa: E402
+from kwconvert import allocator, bench, execution, reference_path  # noqa: E402
+from kwconvert.methods.kernelwarehouse import native, path_choice  # noqa: E402
+from kwconvert.methods.kernelwarehouse.layers import set_temperature  # noqa: E402
+from kwconvert.methods import odconv  # noqa: E402
 from benchmarks.results_io import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
@@ -71,6 +78,34 @@ TARGETS = {("resnet18", 16, "inference"): 1.5, ("resnet18", 1, "inference"): 1.7
            (SMALL, 64, "training"): 2.0}
 MEMORY_TARGETS = {("resnet50", 8): 1.6}
 
+
+@dataclass(frozen=True)
+class MethodVariant:
+    """A conversion by another method than KernelWarehouse, timed against the plain model."""
+    key: str      # its timings' name, next to "plain" and "kw_b1"
+    label: str    # its rows' name, as accuracy.py and finetune.py name it
+    method: str
+    kernels: int | None = None  # ODConv's kernels per layer (the authors' 1x, 4x)
+
+    def plan_options(self) -> dict:
+        """``kwconvert.convert``'s options: those ``kwconvert bench MODEL --method ...`` plans with."""
+        return {"method": self.method, **({"kernels": self.kernels} if self.kernels else {})}
+
+
+#: ``--methods``' variants besides KernelWarehouse's budgets.
+METHOD_VARIANTS = (MethodVariant("odconv_1x", "ODConv 1x", "odconv", 1),
+                   MethodVariant("odconv_4x", "ODConv 4x", "odconv", 4),
+                   MethodVariant("kerneldna", "KernelDNA", "kerneldna"))
+METHODS = ("kernelwarehouse", "odconv", "kerneldna")
+#: ODConv's T where a model is served: the end of the authors' warm-up (30 -> 1), their
+#: evaluation, and where a converted trained model starts.  KernelDNA has no temperature.
+ODCONV_T = 1.0
+#: KernelDNA's claim (issue 17): inference at >= 0.9x the plain model's throughput, so
+#: (variant, model, batch, mode) -> max ratio of its time to plain NCHW.
+KERNELDNA_THROUGHPUT = 0.9
+METHOD_TARGETS = {("kerneldna", model, batch, "inference"): 1 / KERNELDNA_THROUGHPUT
+                  for model, batch in (("resnet18", 16), ("resnet50", 8), ("mobilenet_v2", 16))}
+
 FULL = [("resnet18", 1), ("resnet18", 16), ("resnet50", 1), ("resnet50", 8), ("mobilenet_v2", 1),
         ("mobilenet_v2", 16), (SMALL, 64)]
 QUICK = {("resnet18", 16): ("inference", "training"), ("resnet50", 1): ("inference",),
@@ -78,10 +113,21 @@ QUICK = {("resnet18", 16): ("inference", "training"), ("resnet50", 1): ("inferen
 MEMORY_QUICK = [("resnet18", 16), ("resnet50", 8)]
 
 
-def target_workloads() -> list[tuple[str, int, tuple[str, ...]]]:
-    """Every (model, batch, modes) that has a target, in FULL's order (``--targets``)."""
+def target_workloads(methods: tuple[str, ...] = ("kernelwarehouse",)) -> list[tuple[str, int, tuple[str, ...]]]:
+    """Every (model, batch, modes) that has a target for one of ``methods``, in FULL's order (``--targets``)."""
+    keys = set(TARGETS) if "kernelwarehouse" in methods else set()
+    keys |= {key[1:] for key in METHOD_TARGETS if key[0] in {v.key for v in method_variants(methods)}}
     return [(name, batch, modes) for name, batch in FULL
-            if (modes := tuple(mode for mode in ("inference", "training") if (name, batch, mode) in TARGETS))]
+            if (modes := tuple(mode for mode in ("inference", "training") if (name, batch, mode) in keys))]
+
+
+def parse_methods(names: list[str]) -> tuple[str, ...]:
+    """``--methods``' names in METHODS' order; ``all`` is every method."""
+    return METHODS if "all" in names else tuple(m for m in METHODS if m in names)
+
+
+def method_variants(methods: tuple[str, ...]) -> list[MethodVariant]:
+    return [v for v in METHOD_VARIANTS if v.method in methods]
 
 
 @dataclass
@@ -110,6 +156,18 @@ def build(name: str, budget: float | None, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def build_method(name: str, variant: MethodVariant, seed: int = 0) -> torch.nn.Module:
+    """``name`` converted by ``variant``'s method, in the state it is served in (ODConv at T = 1).
+
+    The weights are the plain variant's (same seed), converted as a trained model would be
+    (``init="preserve"``, like the KW variants): the speed does not depend on them.
+    """
+    model = kwconvert.convert(build(name, None, seed), example_inputs=(inputs_for(name, 1)[0],),
+                              **variant.plan_options())
+    odconv.set_temperature(model, ODCONV_T)
+    return model
+
+
 def inputs_for(name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random batch of images and labels for ``name``."""
     shape, classes = INPUTS.get(name, ((3, IMAGE, IMAGE), 1000))
@@ -123,7 +181,9 @@ def make_step(variant: Variant, mode: str, images: torch.Tensor, labels: torch.T
     return bench.make_step(variant.model, mode, x, context=variant.context, labels=labels)
 
 
-def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool) -> list[Variant]:
+def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool,
+                 methods: list[str] = ()) -> list[Variant]:
+    """The plain model and every variant timed against it; ``methods`` are MethodVariant keys."""
     plain = build(name, None)
     out = [Variant("plain", plain),
            Variant("plain_cl", copy.deepcopy(plain).to(memory_format=torch.channels_last), channels_last=True)]
@@ -134,6 +194,7 @@ def variants_for(name: str, budgets: list[float], compiled: bool, reference: boo
     if reference:
         kw_b1 = next((v.model for v in out if v.name == "kw_b1"), None)
         out.append(Variant("reference_b1", build(name, 1.0) if kw_b1 is None else kw_b1, context=reference_path))
+    out += [Variant(v.key, build_method(name, v)) for v in METHOD_VARIANTS if v.key in methods]
     return out
 
 
@@ -164,13 +225,24 @@ def median_ms(runs: list[dict[str, list[float]]], key: str) -> float:
     return 1e3 * statistics.median(statistics.median(t[key]) for t in runs)
 
 
+def method_row(runs: list[dict[str, list[float]]], name: str, batch: int, mode: str, variant: MethodVariant) -> dict:
+    """One other method's row: its time against the plain variants of the same processes."""
+    return {"model": name, "batch": batch, "mode": mode, "variant": variant.label,
+            "plan_options": variant.plan_options(), "plain_ms": median_ms(runs, "plain"),
+            "converted_ms": median_ms(runs, variant.key), "vs_plain": ratio(runs, variant.key, "plain"),
+            "vs_plain_cl": ratio(runs, variant.key, "plain_cl"),
+            "vs_plain_compiled": ratio(runs, variant.key, "plain_compiled"),
+            "target": METHOD_TARGETS.get((variant.key, name, batch, mode))}
+
+
 def timing_worker(spec: dict) -> dict:
     """One workload's timings in this (fresh) process: {mode: {variant: seconds per repetition}}."""
     torch.set_num_threads(spec["threads"])
     if spec["allocator"] == "keep":
         allocator.keep_freed_memory()
     console = Console(stderr=True)
-    variants = variants_for(spec["model"], spec["budgets"], spec["compile"], spec["reference"])
+    variants = variants_for(spec["model"], spec["budgets"], spec["compile"], spec["reference"],
+                            spec.get("methods", ()))
     timings = {mode: time_workload(spec["model"], spec["batch"], mode, variants, spec["reps"], console)
                for mode in spec["modes"]}
     return {"times": timings, "paths": dict(collections.Counter(path_choice.timed_paths().values()))}
@@ -246,22 +318,18 @@ def fmt(r: dict | None) -> str:
     return "" if r is None else f"{r['median']:.2f} [{r['p25']:.2f}-{r['p75']:.2f}]"
 
 
-def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
+def target_note(target: float | None, value: float) -> str:
+    """"<= 1.11 met" (or MISSED); 1 / 0.9 would print all its digits."""
+    return "" if target is None else f"<= {target:.3g} " + ("met" if value <= target else "MISSED")
+
+
+def render(rows: list[dict], memory: list[dict], settings: dict, method_rows: list[dict] = ()) -> None:
     out = Console(width=200)
     processes = settings["processes"] or 1
-    table = Table(title=f"KW / plain time, {settings['threads']} threads, allocator {settings['allocator_mode']} "
-                        f"(median over {processes} process(es) [25-75 % of per-repetition ratios])")
-    for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
-                   "reference/plain", "target"):
-        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
-    for row in rows:
-        target = row.get("target")
-        met = "" if target is None else (f"<= {target} " + ("met" if row["vs_plain"]["median"] <= target else "MISSED"))
-        table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
-                      f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
-                      fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
-                      met)
-    out.print(table)
+    if rows:
+        out.print(kw_table(rows, settings, processes))
+    if method_rows:
+        out.print(method_table(method_rows, settings, processes))
     if memory:
         mem = Table(title="training-step peak RSS above RSS after building, MB: median [min-max] of fresh processes")
         for column in ("model", "batch", "plain MB", "KW b=1 MB", "KW/plain", "reference MB", "reference/plain",
@@ -276,6 +344,37 @@ def render(rows: list[dict], memory: list[dict], settings: dict) -> None:
                         f"{row['ratio']:.2f}", f"{row['reference_mb']:.0f}" if row.get("reference_mb") else "",
                         f"{row['reference_ratio']:.2f}" if row.get("reference_ratio") else "", met)
         out.print(mem)
+
+
+def kw_table(rows: list[dict], settings: dict, processes: int) -> Table:
+    table = Table(title=f"KW / plain time, {settings['threads']} threads, allocator {settings['allocator_mode']} "
+                        f"(median over {processes} process(es) [25-75 % of per-repetition ratios])")
+    for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
+                   "reference/plain", "target"):
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+    for row in rows:
+        target = row.get("target")
+        met = "" if target is None else (f"<= {target} " + ("met" if row["vs_plain"]["median"] <= target else "MISSED"))
+        table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
+                      f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
+                      fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
+                      met)
+    return table
+
+
+def method_table(rows: list[dict], settings: dict, processes: int) -> Table:
+    """The other methods' rows: converted / plain time, as the KW table shows them."""
+    table = Table(title=f"other methods / plain time, {settings['threads']} threads, allocator "
+                        f"{settings['allocator_mode']} (median over {processes} process(es) "
+                        f"[25-75 % of per-repetition ratios])")
+    for column in ("model", "batch", "mode", "method", "plain ms", "converted ms", "/plain", "/plain CL",
+                   "/compiled", "target"):
+        table.add_column(column, justify="left" if column in ("model", "mode", "method") else "right")
+    for row in rows:
+        table.add_row(row["model"], str(row["batch"]), row["mode"], row["variant"], f"{row['plain_ms']:.1f}",
+                      f"{row['converted_ms']:.1f}", fmt(row["vs_plain"]), fmt(row["vs_plain_cl"]),
+                      fmt(row.get("vs_plain_compiled")), target_note(row["target"], row["vs_plain"]["median"]))
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--no-reference", action="store_true", help="skip the straightforward-path rows")
     parser.add_argument("--models", nargs="*", help="restrict to these models")
+    parser.add_argument("--batches", nargs="*", type=int, help="restrict to these batch sizes")
+    parser.add_argument("--methods", nargs="+", choices=(*METHODS, "all"), default=["kernelwarehouse"],
+                        help="methods timed against the plain model [kernelwarehouse]: odconv adds ODConv 1x and "
+                             "4x, kerneldna KernelDNA; memory and reference rows are KernelWarehouse's")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--processes", type=int, default=3,
                         help="fresh processes per workload, ratios are medians over them [3; 0: this process]")
@@ -311,26 +414,31 @@ def main(argv: list[str] | None = None) -> int:
         allocator.keep_freed_memory()
     console = Console(stderr=True)
     reps = args.reps or (5 if args.quick else 7)
-    budgets = [1.0] if args.quick or args.targets else [1.0, 0.5, 4.0]
-    workloads = [(m, b, QUICK[(m, b)]) for m, b in QUICK] if args.quick else target_workloads() if args.targets \
-        else [(m, b, ("inference", "training")) for m, b in FULL]
+    methods = parse_methods(args.methods)
+    kw = "kernelwarehouse" in methods
+    budgets = [] if not kw else [1.0] if args.quick or args.targets else [1.0, 0.5, 4.0]
+    others = method_variants(methods)
+    workloads = [(m, b, QUICK[(m, b)]) for m, b in QUICK] if args.quick else target_workloads(methods) \
+        if args.targets else [(m, b, ("inference", "training")) for m, b in FULL]
     if args.models:
         workloads = [w for w in workloads if w[0] in args.models]
+    if args.batches:
+        workloads = [w for w in workloads if w[1] in args.batches]
     settings = {"threads": torch.get_num_threads(), "allocator_mode": args.allocator,
                 "allocator": allocator.allocator_settings(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "python": platform.python_version(),
                 "cpu": bench.cpu_description(), "cpus": os.cpu_count(),
                 "image": IMAGE, "small_image": list(INPUTS[SMALL][0]), "tau": TAU, "reps": reps,
-                "processes": args.processes,
+                "processes": args.processes, "methods": list(methods),
                 "native": native.available(), "native_isa": native.isa(),
                 "command": " ".join([sys.executable] + sys.argv)}
     console.log(f"threads {settings['threads']}, allocator {json.dumps(settings['allocator'])}")
 
-    rows, raw, paths = [], {}, collections.Counter()
+    rows, method_rows, raw, paths = [], [], {}, collections.Counter()
     for name, batch, modes in workloads:
         spec = {"model": name, "batch": batch, "modes": list(modes), "budgets": budgets, "compile": args.compile,
-                "reference": not args.no_reference, "reps": reps, "threads": args.threads,
-                "allocator": args.allocator}
+                "reference": kw and not args.no_reference, "reps": reps, "threads": args.threads,
+                "allocator": args.allocator, "methods": [v.key for v in others]}
         timings, chosen = measure_workload(spec, args.processes, console)
         paths.update(chosen)
         for mode in modes:
@@ -347,9 +455,12 @@ def main(argv: list[str] | None = None) -> int:
                     row["target"] = TARGETS.get((name, batch, mode))
                 rows.append(row)
                 console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}")
+            for variant in others:
+                method_rows.append(method_row(runs, name, batch, mode, variant))
+                console.log(f"{name} batch {batch} {mode} {variant.label}: /plain {fmt(method_rows[-1]['vs_plain'])}")
 
     memory = []
-    if not args.no_memory:
+    if kw and not args.no_memory:
         pairs = MEMORY_QUICK if args.quick else list(MEMORY_TARGETS) if args.targets else \
             [(name, batch) for name, batch, _ in workloads]
         for name, batch in pairs:
@@ -369,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             console.log(f"{name} batch {batch} training memory: KW/plain {row['ratio']:.2f}")
 
     settings["paths_chosen"] = dict(paths)  # layer configurations timed, summed over processes
-    write_json({"settings": settings, "rows": rows, "memory": memory, "raw_seconds": raw}, args.out)
-    render(rows, memory, settings)
+    write_json({"settings": settings, "rows": rows, "method_rows": method_rows, "memory": memory,
+                "raw_seconds": raw}, args.out)
+    render(rows, memory, settings, method_rows)
     Console().print(f"written to {args.out}")
     return 0
 

@@ -2,7 +2,8 @@
 
 The timings themselves are the benchmark's business (``make bench-speed``); here: ratios are
 medians over processes of median over median, spreads pool the per-repetition ratios, and a
-worker process returns timings for every variant it was asked for.
+worker process returns timings for every variant it was asked for.  ``--methods`` adds ODConv
+and KernelDNA conversions of the same plain model, with KernelDNA's throughput claim as a target.
 """
 import json
 import os
@@ -58,3 +59,60 @@ def test_the_small_image_workload_trains_the_accuracy_benchmarks_net():
     step = speed.make_step(speed.Variant("kw", model, context=bmm), "training", images, labels)
     step()
     assert all(p.grad is not None for name, p in model.named_parameters() if name.endswith("cells"))
+
+
+# --- other methods (--methods, issue 17) ----------------------------------------------------
+
+
+def test_the_default_methods_keep_the_kernelwarehouse_targets_and_kerneldna_adds_its_claim():
+    """The default run's workloads are unchanged; KernelDNA's claim (>= 0.9x the plain
+    throughput) is a time-ratio target of 1 / 0.9 on issue 17's three inference workloads."""
+    kw_only = [(name, batch, modes) for name, batch in speed.FULL
+               if (modes := tuple(m for m in ("inference", "training") if (name, batch, m) in speed.TARGETS))]
+    assert speed.target_workloads() == kw_only
+    assert speed.target_workloads(("kerneldna",)) == [("resnet18", 16, ("inference",)), ("resnet50", 8, ("inference",)),
+                                                      ("mobilenet_v2", 16, ("inference",))]
+    assert speed.target_workloads(("odconv",)) == []
+    assert speed.parse_methods(["all"]) == ("kernelwarehouse", "odconv", "kerneldna")
+    assert speed.parse_methods(["kerneldna", "kernelwarehouse"]) == ("kernelwarehouse", "kerneldna")
+    runs = [{"plain": [1.0, 1.0], "plain_cl": [2.0, 2.0], "kerneldna": [1.05, 1.15]}]
+    dna = next(v for v in speed.METHOD_VARIANTS if v.key == "kerneldna")
+    row = speed.method_row(runs, "resnet18", 16, "inference", dna)
+    assert row["target"] == pytest.approx(1.111, abs=1e-3) and row["vs_plain"]["median"] == pytest.approx(1.1)
+    assert row["vs_plain_cl"]["median"] == pytest.approx(0.55) and row["vs_plain_compiled"] is None
+    assert speed.method_row(runs, "resnet18", 16, "training", dna)["target"] is None
+    assert speed.target_note(row["target"], 1.1) == "<= 1.11 met"
+
+
+@pytest.mark.parametrize("key", ["odconv_1x", "odconv_4x", "kerneldna"])
+def test_a_method_variant_is_the_plain_model_converted_by_its_method(key):
+    from kwconvert.methods.kernelwarehouse.layers import is_kw_layer
+    from kwconvert.methods.kerneldna import KDNA_LAYER_TYPES
+    from kwconvert.methods.odconv import OD_LAYER_TYPES
+    variant = next(v for v in speed.METHOD_VARIANTS if v.key == key)
+    model = speed.build_method(speed.SMALL, variant)
+    assert speed.kwconvert.plan_of(model).method == variant.method
+    layers = [m for m in model.modules() if isinstance(m, OD_LAYER_TYPES + KDNA_LAYER_TYPES) or is_kw_layer(m)]
+    kinds = OD_LAYER_TYPES if variant.method == "odconv" else KDNA_LAYER_TYPES
+    assert layers and all(isinstance(m, kinds) for m in layers)
+    if variant.method == "odconv":  # served as the authors evaluate: T = 1, their 1x / 4x kernels
+        assert {(m.kernels, m.temperature) for m in layers} == {(variant.kernels, speed.ODCONV_T)}
+    plain = speed.build(speed.SMALL, None)
+    images, _ = speed.inputs_for(speed.SMALL, 2)
+    assert model.eval()(images).shape == plain.eval()(images).shape
+
+
+def test_methods_without_kernelwarehouse_time_only_their_variants_and_write_their_rows(tmp_path):
+    """One process, one repetition of the small net: the JSON has a row per method variant
+    against the plain model of the same process, and no KW variant was built."""
+    out = tmp_path / "speed.json"
+    assert speed.main(["--quick", "--models", speed.SMALL, "--methods", "odconv", "kerneldna", "--processes", "0",
+                       "--reps", "1", "--threads", "1", "--allocator", "default", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] == [] and data["memory"] == []
+    assert data["settings"]["methods"] == ["odconv", "kerneldna"]
+    assert [(r["model"], r["mode"], r["variant"]) for r in data["method_rows"]] == [
+        (speed.SMALL, "training", label) for label in ("ODConv 1x", "ODConv 4x", "KernelDNA")]
+    assert all(r["vs_plain"]["median"] > 0 and r["converted_ms"] > 0 for r in data["method_rows"])
+    (times,) = data["raw_seconds"][f"{speed.SMALL}/64/training"]
+    assert set(times) == {"plain", "plain_cl", "odconv_1x", "odconv_4x", "kerneldna"}
