@@ -18,6 +18,7 @@ from torch import nn
 
 from . import io, methods
 from .execution import reference_path
+from .methods.layer_choice import OVERRIDES
 from .models import build_model, canonical_source, default_input_size, load_weights, read_inputs
 from .plan import Plan, plan as make_plan
 from .report import SWEEP_BUDGETS, html_report, write_report
@@ -112,8 +113,10 @@ class Conversion:
         if not self.plan.converted_layers:  # every candidate plain: a "conversion" would change nothing
             first = self.plan.plain[0] if self.plan.plain else None
             detail = f" ({first.layer}: {first.reason}{', ...' if len(self.plan.plain) > 1 else ''})" if first else ""
+            overrides = sorted({OVERRIDES[s.reason] for s in self.plan.plain if s.reason in OVERRIDES})
+            hint = f" ({' or '.join(overrides)} converts what the authors keep static)" if overrides else ""
             raise ValueError(f"the plan converts no layer: all {len(self.plan.plain)} candidate layers stay "
-                             f"plain{detail}; --dry-run lists the reasons")
+                             f"plain{detail}; --dry-run lists the reasons{hint}")
         self.converted = convert(self.model, self.plan, init=self.init, inplace=False,
                                  calibration=self._calibration_batches()).eval()
         return self.converted

@@ -73,6 +73,11 @@ def no_candidate_layers() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.ReLU())
 
 
+def only_a_stem() -> nn.Module:
+    """A ViT's shape for ODConv: its one convolution is the stem, which the authors keep static."""
+    return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
 def factory_that_raises() -> nn.Module:
     raise RuntimeError("boom")
 
@@ -204,6 +209,9 @@ CASES: dict[str, Case] = {
                                  r"no Conv1d/Conv2d/Conv3d/Linear layer to convert"),
     "every-layer-excluded": Case((SMALL, "--input-size", SMALL_INPUT, "--exclude", "*"), 1,
                                  r"the plan converts no layer: all 4 candidate layers stay plain"),
+    "only-a-static-stem": Case(("tests.test_bad_input:only_a_stem", "--method", "odconv", "--input-size", "3,32,32"), 1,
+                               r"converts no layer: .*\(0: stem \(static in the authors' nets\), .*\(-O stem=convert "
+                               r"converts what the authors keep static\)$"),
     "include-matching-nothing": Case((SMALL, "--input-size", SMALL_INPUT, "--include", "nomatch*"), 2,
                                      r"include pattern 'nomatch\*' matches no layer of the model \(its layers: "),
     # Options.

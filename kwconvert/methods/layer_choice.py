@@ -25,6 +25,13 @@ def on_pooled_map(cand: Candidate) -> bool:
     return bool(cand.input_spatial) and math.prod(cand.input_spatial) == 1
 
 
+#: The reasons the authors' layer choice gives; the option that overrides each (a model whose
+#: only convolution is its stem, a ViT's patch embedding, converts nothing without it).
+STATIC_STEM = "stem (static in the authors' nets)"
+STATIC_SHORTCUT = "residual shortcut projection (static in the authors' nets)"
+OVERRIDES = {STATIC_STEM: "-O stem=convert", STATIC_SHORTCUT: "-O shortcut=convert"}
+
+
 def static_reason(graph: LayerGraph, cand: Candidate, options, method: str) -> str | None:
     """Why a candidate stays a normal layer, or None when ``method`` may convert it.
 
@@ -46,9 +53,9 @@ def static_reason(graph: LayerGraph, cand: Candidate, options, method: str) -> s
         return "squeeze-excitation conv on a pooled map"
     is_stem = cand.name in graph.stems if graph.exact else cand.order == 0
     if is_stem and options.stem == "plain":
-        return "stem (static in the authors' nets)"
+        return STATIC_STEM
     if options.shortcut == "plain" and is_shortcut(graph, cand.name):
-        return "residual shortcut projection (static in the authors' nets)"
+        return STATIC_SHORTCUT
     return None
 
 
