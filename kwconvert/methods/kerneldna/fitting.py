@@ -30,16 +30,13 @@ def fit_scalings(parent: Tensor, target: Tensor, rounds: int = FIT_ROUNDS) -> tu
     ``|| parent * s * f - target ||``, and the relative error left.
 
     Alternating least squares in float64: with ``s`` fixed each ``f_o`` has a closed form,
-    and the other way round; every round lowers the error.  Starts from ``s = 1``.
+    and the other way round; every round lowers the error.  Starts from ``s = 1``.  The
+    rounds run on the kernels' inner products over the input channels (:func:`_als`), so
+    they cost C_out x k operations each, not the kernel's size.
     """
     p, t = _rows(parent), _rows(target)
-    s = torch.ones(p.shape[2], dtype=torch.float64, device=p.device)
-    f = torch.ones(p.shape[0], dtype=torch.float64, device=p.device)
-    for _ in range(rounds):
-        ps = p * s
-        f = (ps * t).sum(dim=(1, 2)) / (ps * ps).sum(dim=(1, 2)).clamp_min(_TINY)
-        pf = p * f.view(-1, 1, 1)
-        s = (pf * t).sum(dim=(0, 1)) / (pf * pf).sum(dim=(0, 1)).clamp_min(_TINY)
+    ones = torch.ones(p.shape[2], dtype=torch.float64, device=p.device)
+    s, f = _als((p * t).sum(dim=1), (p * p).sum(dim=1), ones, rounds)
     return s, f, relative_error(p * _scale(s, f), t)
 
 
@@ -155,7 +152,12 @@ def _gram_scalings(inner: tuple[Tensor, Tensor], j: int, s: Tensor, rounds: int)
     """:func:`fit_scalings` of child j from the parent's inner products (:func:`_inner`),
     starting from the positions' ``s`` (a previous fit's: the error then never rises above it)."""
     with_kernels, with_itself = inner
-    with_target = with_kernels[j]
+    return _als(with_kernels[j], with_itself, s, rounds)
+
+
+def _als(with_target: Tensor, with_itself: Tensor, s: Tensor, rounds: int) -> tuple[Tensor, Tensor]:
+    """Alternating least squares for ``P * s * f ~ T`` from ``<P, T>`` and ``<P, P>`` per
+    (filter, position), summed over the input channels: ``f`` then ``s`` in closed form."""
     f = torch.ones(with_target.shape[0], dtype=torch.float64, device=with_target.device)
     for _ in range(rounds):
         f = (with_target * s).sum(dim=1) / (with_itself * s * s).sum(dim=1).clamp_min(_TINY)
