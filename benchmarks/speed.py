@@ -319,8 +319,8 @@ def fmt(r: dict | None) -> str:
 
 
 def target_note(target: float | None, value: float) -> str:
-    """"<= 1.11 met" (or MISSED); 1 / 0.9 would print all its digits."""
-    return "" if target is None else f"<= {target:.3g} " + ("met" if value <= target else "MISSED")
+    """"<= 1.11 met" (or MISSED); 1 / 0.9 would print all its digits, 2.0 prints as 2.0."""
+    return "" if target is None else f"<= {round(target, 2)} " + ("met" if value <= target else "MISSED")
 
 
 def render(rows: list[dict], memory: list[dict], settings: dict, method_rows: list[dict] = ()) -> None:
@@ -353,12 +353,10 @@ def kw_table(rows: list[dict], settings: dict, processes: int) -> Table:
                    "reference/plain", "target"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
-        target = row.get("target")
-        met = "" if target is None else (f"<= {target} " + ("met" if row["vs_plain"]["median"] <= target else "MISSED"))
         table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
                       f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
                       fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
-                      met)
+                      target_note(row.get("target"), row["vs_plain"]["median"]))
     return table
 
 

@@ -432,10 +432,7 @@ def _check(case: Case, row: dict[str, Any], fast_path: bool, method: str = "kern
     if method in METHOD_OPTIONS:  # one plan: the budget bounds are KernelWarehouse's
         plan_b1 = plan(model, graph=graph, model_name=case.id, method=method, **METHOD_OPTIONS[method])
         plans = {}
-        row.update(warehouses=len(plan_b1.warehouses), converted_layers=len(plan_b1.converted_layers),
-                   plain_layers=len(plan_b1.plain))
-        if not plan_b1.converted_layers:
-            raise ValueError(f"the plan converts no layer ({'; '.join(sorted({s.reason for s in plan_b1.plain}))})")
+        _count_layers(row, plan_b1)
     else:
         plan_b1 = plan(model, 1.0, graph=graph, model_name=case.id)
         plans = _plan_budgets(case, model, graph, row, plan_b1)
@@ -513,13 +510,18 @@ def _plan_budgets(case: Case, model: nn.Module, graph, row: dict[str, Any], plan
         if budget not in plans:
             plans[budget] = plan(model, budget, graph=graph, model_name=case.id)
     row.update({RATIO_FIELDS[b]: round(p.ratio, 4) for b, p in plans.items()})
-    row.update(warehouses=len(plan_b1.warehouses), converted_layers=len(plan_b1.converted_layers),
-               plain_layers=len(plan_b1.plain))
     sizes = _layer_sizes(model, graph.unpacked_attention, {s.layer for p in plans.values() for s in p.plain})
     row.update({WHY_FIELDS[b]: _why(plans[b], sizes) for b in WHY_FIELDS})
-    if not plan_b1.warehouses:
-        raise ValueError(f"the plan converts no layer ({'; '.join(sorted({s.reason for s in plan_b1.plain}))})")
+    _count_layers(row, plan_b1)
     return plans
+
+
+def _count_layers(row: dict[str, Any], plan_b1) -> None:
+    """The row's layer counts; a ValueError (a refusal) when the plan converts no layer."""
+    row.update(warehouses=len(plan_b1.warehouses), converted_layers=len(plan_b1.converted_layers),
+               plain_layers=len(plan_b1.plain))
+    if not plan_b1.converted_layers:
+        raise ValueError(f"the plan converts no layer ({'; '.join(sorted({s.reason for s in plan_b1.plain}))})")
 
 
 def _bound_problems(plans: dict[float, Any]) -> list[str]:

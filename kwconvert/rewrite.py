@@ -24,8 +24,8 @@ from torch import nn
 from . import compat, methods
 from .methods.kernelwarehouse import calibrate, mapping
 from .methods.kernelwarehouse.layers import KW_LAYER_TYPES, PartlyDynamicLinear, linear_rows
-from .methods.kerneldna.fitting import fit_family, relative_error
-from .methods.kerneldna.layers import FRESH_GATE, KDNA_CLASS
+from .methods.kerneldna import mapping as kerneldna_mapping
+from .methods.kerneldna.layers import KDNA_CLASS
 from .methods.odconv.layers import OD_CLASS, START_TEMPERATURE
 from .plan import DynamicLayerPlan, LayerPlan, Plan, check_consistent, plan as make_plan
 from .multihead import unpack_attention, unpacked_attention
@@ -81,7 +81,7 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan | None = None, 
     unpack_attention(model, plan.unpacked_attention)
     paths = _paths_by_module(model)
     if plan.method in methods.PER_LAYER_METHODS:
-        scalings, parent_errors = _fit_parents(model, plan, init)
+        scalings, parent_errors = kerneldna_mapping.fit_parents(model, plan, init)
         layers = _convert_layers(model, plan, init, paths, scalings)
         plain = plan.plain if init == "none" else tuple(
             dataclasses.replace(static, fit_error=parent_errors.get(static.layer)) for static in plan.plain)
@@ -113,36 +113,6 @@ def convert(model: nn.Module, budget_or_plan: float | str | Plan | None = None, 
         fitted.append(dataclasses.replace(warehouse_plan, init_error=error, output_error=output_error))
     setattr(model, PLAN_ATTR, dataclasses.replace(plan, warehouses=tuple(fitted)))
     return model
-
-
-def _fit_parents(model: nn.Module, plan: Plan, init: str) -> tuple[dict[str, tuple], dict[str, float | None]]:
-    """KernelDNA's parents before their children are built: with ``fit_parent`` (plan
-    option; absent in older plans, which kept parents exact) each parent's kernel is fitted
-    with its children's scalings (:func:`fit_family`) and written into the parent layer.
-
-    Returns the children's fitted scalings by name, and each parent's relative kernel error
-    against its trained kernel: 0 when it stays exact, None where nothing is fitted
-    (``init="random"`` or ``"none"``, the meta device).  Empty for ODConv (no parents).
-    """
-    families: dict[str, list[str]] = {}
-    for layer in plan.layers:
-        if layer.parent is not None:
-            families.setdefault(layer.parent, []).append(layer.name)
-    scalings, errors = {}, {}
-    for parent_name, children in families.items():
-        parent = model.get_submodule(parent_name)
-        if init != "preserve" or parent.weight.is_meta:
-            errors[parent_name] = None
-        elif not plan.options.get("fit_parent", False):
-            errors[parent_name] = 0.0
-        else:
-            trained = parent.weight.detach().clone()
-            fit = fit_family(trained, [model.get_submodule(child).weight / FRESH_GATE for child in children])
-            with torch.no_grad():
-                parent.weight.copy_(fit.parent)
-            scalings.update(zip(children, fit.scalings))
-            errors[parent_name] = relative_error(parent.weight, trained)
-    return scalings, errors
 
 
 def _convert_layers(model: nn.Module, plan: Plan, init: str, paths: dict[int, list[str]],
