@@ -17,7 +17,7 @@ from typing import Iterator
 
 #: Ways a KW Conv2d can run (:mod:`kwconvert.methods.kernelwarehouse.paths`); the first two
 #: are the straightforward formulations every per-sample layer has, for any conv rank.
-PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul", "bmm", "premix", "native")
+PATHS = ("reference", "im2col", "grouped", "folded", "conv", "matmul", "bmm", "premix", "native", "inline")
 _STRAIGHTFORWARD = ("reference", "im2col")
 def _path_from_environment() -> str | None:
     """``KWCONVERT_PATH=<path>`` forces that path in every thread of the process, with no timing:

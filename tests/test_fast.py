@@ -20,7 +20,7 @@ from kwconvert.methods.kernelwarehouse.layers import KWConv1d, KWConv2d, KWConv3
 from .helpers import FLOAT32, input_dependent
 
 FUSED = ("conv", "matmul", "bmm", "premix")
-COMPILED = ("native",)  # float64 and unsupported layers fall back to "grouped" (tests/test_native.py covers it)
+COMPILED = ("native", "inline")  # float64 and unsupported layers fall back to "grouped" (tests/test_native.py covers it)
 PATHS = ("im2col", "grouped", "folded") + FUSED + COMPILED + (None,)  # None: the timed choice
 
 

@@ -44,15 +44,18 @@ def kw_layer(cin: int, cout: int, kernel: int, cell: tuple[int, int], *, budget:
 
 
 def assert_native_matches_float64_reference(layer: KWConv2d, x: torch.Tensor) -> None:
+    """Both compiled paths of a dense layer ("native": assembled kernels, "inline": assembly
+    inside the product), the one of a depthwise layer, against the float64 reference."""
     assert native.supports(layer.tiling, layer.groups, x)
     with torch.no_grad():
-        with use_path("native"):
-            out = layer(x)
         reference = copy.deepcopy(layer).double()
         with reference_path():
             expected = reference(x.double())
-    assert out.dtype == torch.float32 and out.shape == expected.shape
-    assert relative_error(out, expected) <= FLOAT32
+        for path in ("native", "inline") if layer.groups == 1 else ("native",):
+            with use_path(path):
+                out = layer(x)
+            assert out.dtype == torch.float32 and out.shape == expected.shape
+            assert relative_error(out, expected) <= FLOAT32, path
 
 
 def geometry_grid(kernels: tuple, last: tuple, label) -> list:
@@ -114,6 +117,17 @@ def test_native_walks_long_kernels_in_chunks():
     """512 input channels x 9 positions x 64 columns is 1.2 MB: the kernel walks K in chunks."""
     layer = kw_layer(512, 64, 3, (64, 512), padding=1)
     assert_native_matches_float64_reference(layer, torch.randn(2, 512, 5, 4))
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 6, 7, 13])
+def test_inline_mixes_chunks_for_groups_of_samples(batch):
+    """"inline" mixes up to 6 samples' kernels at a time in chunks of 64 rows of a segment: 96
+    input channels per cell leave a partial chunk, 13 samples a partial group, and with 2 panels
+    the samples are split into blocks over the threads."""
+    layer = kw_layer(96, 128, 3, (64, 96), padding=1, bias=True)
+    assert native.panel_width(layer.tiling) == 64 and layer.tiling.blocks_out == 2
+    assert_native_matches_float64_reference(layer, torch.randn(batch, 96, 4, 3))
 
 
 @needs_native
@@ -330,6 +344,14 @@ def conv_operands(batch: int = 2, grad: bool = False):
     return tiling, cols, blocks, bias
 
 
+def inline_operands(batch: int = 2, grad: bool = False):
+    """cols, attentions over a warehouse of 5 cells, that warehouse as ``inline_rows``, and bias."""
+    tiling, cols, _, bias = conv_operands(batch, grad)
+    alpha = torch.randn(batch, tiling.cells, 5, requires_grad=grad)
+    rows = native.inline_rows(torch.randn(5, 16, 16, 1, 1), 16).requires_grad_(grad)
+    return tiling, cols, alpha, rows, bias
+
+
 def depthwise_operands(batch: int = 2, grad: bool = False):
     torch.manual_seed(6)
     x = torch.randn(batch, 20, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
@@ -350,6 +372,10 @@ def test_the_operators_pass_opcheck():
     alpha = torch.randn(5, 6, requires_grad=True)
     panels = torch.randn(3, 6, 16, requires_grad=True)
     torch.library.opcheck(torch.ops.kwconvert.mix.default, (alpha, panels))
+    tiling, cols, mixtures, rows, bias = inline_operands(grad=True)
+    for b in (bias, None):
+        torch.library.opcheck(torch.ops.kwconvert.inline_conv.default,
+                              (cols, mixtures, rows, b, list(tiling.weight_shape), list(tiling.cell)))
 
 
 def test_the_operators_compute_what_their_pytorch_formulas_do(monkeypatch):
@@ -370,6 +396,19 @@ def test_the_operators_compute_what_their_pytorch_formulas_do(monkeypatch):
     wanted = torch.autograd.grad(expected, (cols, blocks, bias), grad)
     for g, w in zip(got, wanted):
         assert relative_error(g, w) <= FLOAT32
+    tiling, cols, alpha, rows, bias = inline_operands(grad=True)
+    out = native.inline_conv(tiling, cols, alpha, rows, bias)
+    blocks = torch.einsum("bmn,rnw->bmrw", alpha, rows).reshape(2, tiling.cells, 256)  # in panel order
+    expected = native.conv(tiling, cols, blocks, bias)
+    with monkeypatch.context() as patched:
+        patched.setattr(native, "_library", lambda: None)
+        fallback = native.inline_conv(tiling, cols, alpha, rows, bias)
+    assert relative_error(out, expected) <= FLOAT32 and relative_error(fallback, expected) <= FLOAT32
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (cols, alpha, rows, bias), grad)
+    wanted = torch.autograd.grad(expected, (cols, alpha, rows, bias), grad)
+    for g, w in zip(got, wanted):
+        assert relative_error(g, w) <= FLOAT32
     alpha, panels = torch.randn(50, 6), torch.randn(3, 6, 16)
     matrix = panels.transpose(0, 1).reshape(6, 48)
     assert relative_error(native.mix(alpha, panels), alpha @ matrix) <= FLOAT32
@@ -384,6 +423,9 @@ def test_the_operators_check_their_operands():
         native.conv(tiling, cols[0], blocks, bias)
     with pytest.raises(ValueError, match="does not fit panels"):
         native.mix(torch.randn(5, 7), torch.randn(3, 6, 16))
+    tiling, cols, alpha, rows, bias = inline_operands()
+    with pytest.raises(ValueError, match=r"kwconvert::inline_conv: .* do not fit a kernel \(32, 32, 3, 3\)"):
+        native.inline_conv(tiling, cols, alpha[:, :, :-1], rows, bias)
 
 
 @needs_native

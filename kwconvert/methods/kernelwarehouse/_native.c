@@ -24,6 +24,7 @@
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* Which instructions this copy may use: setup.py builds the file once per ISA (flags per
  * object, none naming the build machine's CPU) and native.py loads the best one the CPU runs. */
@@ -193,6 +194,84 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
             }
     }
     return 0;
+}
+
+/*
+ * The assembly inside the product (path "inline"): C[b] = A[b] @ W_b^T (+ bias) where W_b is never written
+ * out.  For each output panel P and segment g, chunks of INLINE_ROWS rows of W_b^T's block are
+ * mixed from the warehouse into a buffer of the thread's (L1/L2-sized) and multiplied at once:
+ * a whole batch of kernels (151 MB for resnet18's layer4 at batch 16) never goes through main
+ * memory, and each chunk of the warehouse is read once for up to MAX_ROWS samples.
+ *
+ * E is the warehouse packed as (cell rows, n, NP): for every row q of a cell in panel order
+ * (one input channel of NP output channels), the n cells' rows side by side, so that mixing
+ * one row for a few samples is one register tile: buffer[s, q, :] = alpha[s, mixture, :] @ E[q].
+ * mixtures[P * segments + g] is the mixture (index into alpha's m) of that block and
+ * rows_at[P * segments + g] its first row in E.  alpha is (batch, m, n), row stride alpha_sample.
+ * Items (panel x block of samples) run on `threads` threads.  Returns 0, -1 for an unsupported
+ * panel width, -2 when a thread's buffer could not be allocated.
+ */
+#define INLINE_ROWS 64
+
+int kw_native_inline(const float *A, long a_sample, long lda, const float *E, int n, const float *alpha,
+                    long alpha_sample, const int64_t *mixtures, const int64_t *rows_at, int num_panels, int segments,
+                    int seg_len, int NP, float *C, long c_sample, long ldc, const float *bias, int rows, int batch,
+                    int threads)
+{
+    if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
+        return -1;
+    const int groups = (batch + MAX_ROWS - 1) / MAX_ROWS;
+    int blocks = (2 * threads + num_panels - 1) / num_panels; /* enough items for every thread */
+    blocks = blocks > groups ? groups : (blocks < 1 ? 1 : blocks);
+    const long items = (long)num_panels * blocks;
+    const size_t buffer_bytes = (size_t)MAX_ROWS * INLINE_ROWS * NP * sizeof(float);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buffer = malloc(buffer_bytes);  /* loads are unaligned anyway; MSVC has no aligned_alloc */
+        if (buffer == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < items; item++) {
+            if (buffer == NULL)
+                continue;
+            const int P = (int)(item / blocks), block = (int)(item % blocks);
+            const int s_lo = (block * groups / blocks) * MAX_ROWS;
+            const int s_end = ((block + 1) * groups / blocks) * MAX_ROWS;
+            const int s_hi = s_end < batch ? s_end : batch;
+            const float *bias_p = bias ? bias + (long)P * NP : NULL;
+            for (int g = 0; g < segments; g++) {
+                const float *e_g = E + rows_at[(long)P * segments + g] * n * NP;
+                const long mixture = mixtures[(long)P * segments + g];
+                for (int q0 = 0; q0 < seg_len; q0 += INLINE_ROWS) {
+                    const int count = seg_len - q0 < INLINE_ROWS ? seg_len - q0 : INLINE_ROWS;
+                    for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS) {
+                        const int samples = s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS;
+                        const float *a_mix = alpha + (long)s0 * alpha_sample + mixture * n;
+                        for (int q = 0; q < count; q++) { /* the samples' rows q of this block */
+                            const float *e_q = e_g + (long)(q0 + q) * n * NP;
+                            run_tile(samples, 1, a_mix, alpha_sample, &e_q, 0, 1, n, 0, n, NP,
+                                     buffer + (long)q * NP, (long)INLINE_ROWS * NP, NULL);
+                        }
+                        for (int s = 0; s < samples; s++) {
+                            const float *panel = buffer + (long)s * INLINE_ROWS * NP;
+                            const float *a_b = A + (long)(s0 + s) * a_sample + (long)g * seg_len + q0;
+                            float *c_b = C + (long)(s0 + s) * c_sample + (long)P * NP;
+                            for (int r0 = 0, R; r0 < rows; r0 += R) {
+                                R = tile_rows(rows, r0);
+                                run_tile(R, g == 0 && q0 == 0, a_b + (long)r0 * lda, lda, &panel, 0, 1, count, 0,
+                                         count, NP, c_b + (long)r0 * ldc, ldc, bias_p);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        free(buffer);
+    }
+    return failed ? -2 : 0;
 }
 
 /*

@@ -32,8 +32,8 @@ from .cells import Tiling
 #: Guards the packed copies (two threads meeting a new warehouse pack it once).
 _lock = threading.RLock()
 _PROBES = 256
-#: id(cells) -> {column order: (key, probe, packed)}; entries die with the cells
-_packed: dict[int, dict[int | None, tuple]] = {}
+#: id(cells) -> {(panel width, for inline_conv): (key, probe, packed)}; entries die with the cells
+_packed: dict[int, dict[tuple[int | None, bool], tuple]] = {}
 #: Moves whenever cells may have changed in place: every packed copy made before is stale.
 _generation = 0
 _packing: contextvars.ContextVar[bool] = contextvars.ContextVar("kwconvert_packing", default=True)
@@ -78,27 +78,36 @@ def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
     return cells.reshape(cells.shape[0], -1) if panels is None else native.panel_order(cells, panels)
 
 
-def _packed_cells(cells: Tensor, panels: int | None = None) -> Tensor | None:
-    """The warehouse ``(n, *cell)`` packed for ``native.mix``, or None where it cannot serve."""
+def _packed_cells(cells: Tensor, panels: int | None = None, inline: bool = False) -> Tensor | None:
+    """The warehouse ``(n, *cell)`` packed for ``native.mix`` (``inline``: for ``native.inline_conv``,
+    rows of ``panels`` columns), or None where it cannot serve."""
     if torch.compiler.is_compiling() or not (
             _packing.get() and cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
-            and native.mix_width(math.prod(cells.shape[1:])) is not None):
+            and (inline or native.mix_width(math.prod(cells.shape[1:])) is not None)):
         return None
     key = (cells.data_ptr(), _generation, tuple(cells.shape))
     probe = _probe(cells)
     with _lock:
         entries = _packed.get(id(cells))
-        entry = None if entries is None else entries.get(panels)
+        entry = None if entries is None else entries.get((panels, inline))
         if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
             return entry[2]
-    packed = native.mix_panels(_cell_columns(cells.detach(), panels))
+    packed = native.inline_rows(cells.detach(), panels) if inline else \
+        native.mix_panels(_cell_columns(cells.detach(), panels))
     with _lock:
         entries = _packed.get(id(cells))
         if entries is None:
             weakref.finalize(cells, _packed.pop, id(cells), None)
             entries = _packed[id(cells)] = {}
-        entries[panels] = (key, probe, packed)
+        entries[(panels, inline)] = (key, probe, packed)
     return packed
+
+
+def inline_rows(cells: Tensor, width: int) -> Tensor:
+    """The warehouse as ``native.inline_conv`` reads it: the packed copy where one may serve (the
+    compiled kernel's inference), else packed now."""
+    packed = _packed_cells(cells, width, inline=True)
+    return native.inline_rows(cells, width) if packed is None else packed
 
 
 def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool, panels: int | None = None) -> Tensor:

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from .cells import Tiling
 
-__all__ = ["ISAS", "available", "built_isas", "conv", "cpu_isas", "depthwise", "is_depthwise", "isa",
-           "panel_order", "panel_width", "supports"]
+__all__ = ["ISAS", "available", "built_isas", "conv", "cpu_isas", "depthwise", "inline_conv", "inline_rows",
+           "is_depthwise", "isa", "panel_order", "panel_width", "supports"]
 
 _PANEL_WIDTHS = (64, 32, 16, 8)
 _MAX_SEGMENTS = 1024  # as in _native.c
@@ -75,6 +75,9 @@ def _load(isa: str) -> ctypes.CDLL | None:
     library.kw_native_conv.argtypes = [pointer, size, size, pointer, size, pointer, i32, i32, i32, i32, pointer,
                                        size, size, pointer, i32, size, i32]
     library.kw_native_conv.restype = i32
+    library.kw_native_inline.argtypes = [pointer, size, size, pointer, i32, pointer, size, pointer, pointer, i32, i32,
+                                        i32, i32, pointer, size, size, pointer, i32, i32, i32]
+    library.kw_native_inline.restype = i32
     library.kw_native_depthwise.argtypes = [pointer, i32, i32, i32, pointer, size, pointer, pointer] + [i32] * 12
     library.kw_native_depthwise.restype = i32
     library.kw_native_isa.restype = ctypes.c_char_p
@@ -297,6 +300,103 @@ def conv(tiling: Tiling, cols: Tensor, blocks: Tensor, bias: Tensor | None) -> T
     meanwhile.  The operator ``torch.ops.kwconvert.conv``.
     """
     return _conv(cols, blocks, bias, list(tiling.weight_shape), list(tiling.cell))
+
+
+def inline_rows(cells: Tensor, width: int) -> Tensor:
+    """The warehouse ``(n, f_e, c_e, 1, ...)`` packed for ``inline_conv``: ``(cell rows, n, width)``,
+    every row of a cell in panel order (``panel_order``: one input channel of ``width`` output
+    channels) followed by the same row of the n - 1 other cells, so that one row of a sample's
+    kernel is ``alpha (1, n) @ rows[q]`` read from one contiguous block."""
+    return panel_order(cells, width).reshape(cells.shape[0], -1, width).transpose(0, 1).contiguous()
+
+
+@functools.lru_cache(maxsize=512)
+def _inline_tables(tiling: Tiling, width: int) -> tuple[Tensor, Tensor]:
+    """``_offsets`` split for ``inline_conv``: each (panel, segment) block's mixture and first row of
+    ``inline_rows``."""
+    offsets, cell = _offsets(tiling, width), math.prod(tiling.cell)
+    return (offsets // cell).contiguous(), (offsets % cell // width).contiguous()
+
+
+def _inline_blocks(alpha: Tensor, rows: Tensor) -> Tensor:
+    """The assembly ``inline_conv`` never writes out: blocks ``(B, m, cell)`` in panel order."""
+    return torch.einsum("bmn,rnw->bmrw", alpha, rows).reshape(*alpha.shape[:2], -1)
+
+
+@torch.library.custom_op("kwconvert::inline_conv", mutates_args=())
+def _inline_conv(cols: Tensor, alpha: Tensor, rows: Tensor, bias: Tensor | None, weight_shape: list[int],
+           cell: list[int]) -> Tensor:
+    tiling = Tiling(tuple(weight_shape), tuple(cell))
+    width = panel_width(tiling)
+    _check("cols", cols, 3)
+    _check("alpha", alpha, 3)
+    _check("rows", rows, 3)
+    batch, count, depth = cols.shape
+    n = alpha.shape[2]
+    if width is None or alpha.shape[:2] != (batch, tiling.cells) or rows.shape != (math.prod(tiling.cell) // width, n, width) \
+            or depth != math.prod(tiling.weight_shape[1:]) or (bias is not None and bias.shape != (weight_shape[0],)):
+        raise ValueError(f"kwconvert::inline_conv: cols {tuple(cols.shape)}, alpha {tuple(alpha.shape)}, rows "
+                         f"{tuple(rows.shape)} and bias do not fit a kernel {tiling.weight_shape} of cells {tiling.cell}")
+    library = _kernel_for(cols, alpha, rows, bias)
+    if library is None or tiling.spatial * tiling.blocks_in > _MAX_SEGMENTS:
+        return _conv(cols, _inline_blocks(alpha, rows), bias, weight_shape, cell)
+    cols, alpha, rows = cols.contiguous(), alpha.contiguous(), rows.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    mixtures, rows_at = _inline_tables(tiling, width)
+    out_channels = weight_shape[0]
+    out = torch.empty(batch, count, out_channels, dtype=cols.dtype, device=cols.device)
+    panels, segments = mixtures.shape
+    _refused(library.kw_native_inline(
+        cols.data_ptr(), count * depth, depth, rows.data_ptr(), n, alpha.data_ptr(), alpha[0].numel(),
+        mixtures.data_ptr(), rows_at.data_ptr(), panels, segments, tiling.cell[1], width, out.data_ptr(),
+        count * out_channels, out_channels, _pointer(bias), count, batch, torch.get_num_threads()),
+        f"an inline assembly of panel width {width}")
+    return out
+
+
+@_inline_conv.register_fake
+def _(cols, alpha, rows, bias, weight_shape, cell):
+    return cols.new_empty(cols.shape[0], cols.shape[1], weight_shape[0])
+
+
+def _inline_setup(ctx, inputs, output) -> None:
+    cols, alpha, rows, bias, weight_shape, cell = inputs
+    ctx.tiling = Tiling(tuple(weight_shape), tuple(cell))
+    ctx.save_for_backward(cols, alpha, rows)
+
+
+def _inline_backward(ctx, grad: Tensor):
+    """The assembly redone in PyTorch ops, then ``conv``'s formula and the assembly's."""
+    cols, alpha, rows = ctx.saved_tensors
+    blocks = _inline_blocks(alpha, rows)
+    needs = ctx.needs_input_grad
+    conv_ctx = _Saved(ctx.tiling, (needs[0], needs[1] or needs[2], needs[3]), cols, blocks)
+    grad_cols, grad_blocks, grad_bias, _, _ = _conv_backward(conv_ctx, grad)
+    grad_alpha = grad_rows = None
+    if grad_blocks is not None:
+        grad_grid = grad_blocks.view(*alpha.shape[:2], rows.shape[0], rows.shape[2])
+        grad_alpha = torch.einsum("bmrw,rnw->bmn", grad_grid, rows)
+        grad_rows = torch.einsum("bmn,bmrw->rnw", alpha, grad_grid)
+    return grad_cols, grad_alpha, grad_rows, grad_bias, None, None
+
+
+class _Saved:
+    """``conv``'s backward context for ``inline_conv``'s: the tiling, which gradients, the blocks."""
+
+    def __init__(self, tiling: Tiling, needs_input_grad: tuple, cols: Tensor, blocks: Tensor) -> None:
+        self.tiling, self.needs_input_grad, self.saved_tensors = tiling, needs_input_grad, (cols, blocks)
+
+
+_inline_conv.register_autograd(_inline_backward, setup_context=_inline_setup)
+
+
+def inline_conv(tiling: Tiling, cols: Tensor, alpha: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv`` with the assembly fused in: ``(B, rows, C_out)`` from the NHWC im2col ``cols``,
+    the attentions ``alpha (B, m, n)`` and the warehouse as ``inline_rows``.  No sample's kernel is
+    written to memory: the kernel mixes chunks of it into a per-thread buffer and multiplies them
+    at once (resnet18's layer4 at batch 16 would otherwise write and read 151 MB of kernels per
+    layer).  The operator ``torch.ops.kwconvert.inline_conv``."""
+    return _inline_conv(cols, alpha, rows, bias, list(tiling.weight_shape), list(tiling.cell))
 
 
 @torch.library.custom_op("kwconvert::depthwise", mutates_args=())

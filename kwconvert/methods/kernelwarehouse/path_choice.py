@@ -199,10 +199,10 @@ def _time_paths(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], nee
     if "premix" in available and not _premix_writes_less(layer, x):
         available = tuple(path for path in available if path != "premix")
     if needs_grad:
-        # "native" has no fast backward; "grouped" and "folded" keep a batch of kernels alive
-        # until backward (autograd saves them for the convolution), memory the fused paths
-        # do not need unless it is small
-        trainable = tuple(path for path in available if path != "native")
+        # "native" and "inline" have no fast backward; "grouped" and "folded" keep a batch of
+        # kernels alive until backward (autograd saves them for the convolution), memory the
+        # fused paths do not need unless it is small
+        trainable = tuple(path for path in available if path not in ("native", "inline"))
         if layer.groups == 1 and not small:
             available = tuple(path for path in trainable if path not in ("grouped", "folded")) or trainable
         else:

@@ -29,7 +29,9 @@ input):
   in backward instead of holding a batch of kernels per layer until then;
 * ``"native"`` (inference) runs each sample's product in a compiled kernel (:mod:`.native`)
   that reads the kernels straight from the assembly's output: no per-sample weight reorder
-  inside a library GEMM, no copy into OHWI order.
+  inside a library GEMM, no copy into OHWI order; ``"inline"`` (inference) runs the assembly
+  inside that kernel too, a chunk of a few samples' kernels at a time in a buffer that stays in
+  cache: no batch of kernels is ever written out (the late stages, where kernels are big).
 
 Everything else is pure PyTorch, and without the extension the other paths run.  Results
 equal the straightforward path to float rounding (tests/test_fast.py, tests/test_native.py).
@@ -46,7 +48,7 @@ from torch import Tensor
 
 from ... import execution
 from . import native
-from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid
+from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, inline_rows
 from .cells import Tiling
 
 
@@ -574,7 +576,8 @@ def _available(layer, x: Tensor) -> tuple[str, ...]:
         return ("grouped",)  # the per-sample paths are tuned for oneDNN on CPU
     if tuple(layer.warehouse.cell[2:]) != (1,) * (len(layer.warehouse.cell) - 2):
         return ("grouped",)  # cells spanning several kernel positions: only the generic path
-    compiled = ("native",) if native.supports(layer.tiling, layer.groups, x) else ()
+    compiled = (("native", "inline") if layer.groups == 1 else ("native",)) \
+        if native.supports(layer.tiling, layer.groups, x) else ()
     # "premix" sums the inputs mixed per cell: in bfloat16 (autocast or a bfloat16 model) its
     # cells' gradients strayed (cosine 0.74 with float32's, the other paths 0.99)
     premix = ("premix",) if x.dtype != torch.bfloat16 and not torch.is_autocast_enabled(x.device.type) else ()
@@ -634,10 +637,11 @@ def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
     return _KWConv2d.apply(x, alpha, cells, layer.bias, spec)
 
 
-def _native(layer, x: Tensor, alpha: Tensor) -> Tensor:
+def _native(layer, x: Tensor, alpha: Tensor, inline: bool = False) -> Tensor:
     """Inference through the compiled kernel (:mod:`.native`), which reads each
     sample's kernel where the assembly leaves it: for a dense layer the warehouse is packed
-    in the kernel's panel order; a depthwise layer's blocks are in its order already."""
+    in the kernel's panel order; a depthwise layer's blocks are in its order already.
+    ``inline``: the kernel assembles the kernels itself, chunk by chunk (dense layers)."""
     if layer.padding_mode != "zeros":
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
     spec = _spec_for(layer, "native")
@@ -648,11 +652,12 @@ def _native(layer, x: Tensor, alpha: Tensor) -> Tensor:
         return native.depthwise(x, _assembled(spec.tiling, alpha, cells, pack=True), layer.bias, spec.stride,
                                 (top, left), spec.dilation, spec.kernel, spec.output_size(*x.shape[2:]))
     out_h, out_w = spec.output_size(*x.shape[2:])
+    dense = _native_inline if inline else _native_dense
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # no loop over a symbolic batch
-        out = _native_dense(layer, spec, x, alpha)
+        out = dense(layer, spec, x, alpha)
     else:
-        step = _native_slice(spec, x, out_h * out_w)
-        parts = [_native_dense(layer, spec, x[start:start + step], alpha[start:start + step])
+        step = _native_slice(spec, x, out_h * out_w, kernels=not inline)
+        parts = [dense(layer, spec, x[start:start + step], alpha[start:start + step])
                  for start in range(0, x.shape[0], step)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
@@ -667,11 +672,11 @@ def _native(layer, x: Tensor, alpha: Tensor) -> Tensor:
 NATIVE_SLICE_BYTES = 16 << 20
 
 
-def _native_slice(spec: ConvSpec, x: Tensor, rows: int) -> int:
+def _native_slice(spec: ConvSpec, x: Tensor, rows: int, kernels: bool = True) -> int:
     """Samples per call of the compiled kernel: as many as ``NATIVE_SLICE_BYTES`` of
-    temporaries allow (at least one)."""
-    per_sample = (rows * math.prod(spec.tiling.weight_shape[1:]) + math.prod(spec.tiling.weight_shape)) \
-        * x.element_size()
+    temporaries (columns, and ``kernels``: the assembled kernels) allow (at least one)."""
+    per_sample = (rows * math.prod(spec.tiling.weight_shape[1:])
+                  + (math.prod(spec.tiling.weight_shape) if kernels else 0)) * x.element_size()
     return max(1, NATIVE_SLICE_BYTES // per_sample)
 
 
@@ -682,11 +687,18 @@ def _native_dense(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
     return native.conv(spec.tiling, cols, blocks, layer.bias)
 
 
+def _native_inline(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
+    """``(B, rows, C_out)``: the product with the assembly inside the compiled kernel."""
+    rows = inline_rows(layer.warehouse.cells, native.panel_width(spec.tiling))
+    cols, _ = _im2col(spec, x)
+    return native.inline_conv(spec.tiling, cols, alpha, rows, layer.bias)
+
+
 def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
-    if path == "native":  # inference only: with a gradient to compute, an autograd path
+    if path in ("native", "inline"):  # inference only: with a gradient to compute, an autograd path
         if _needs_grad(x, alpha, layer.warehouse.cells, layer.bias):
             return _fused(layer, x, alpha, "matmul") if layer.groups == 1 else _grouped(layer, x, alpha)
-        return _native(layer, x, alpha)
+        return _native(layer, x, alpha, inline=path == "inline")
     if path == "grouped":
         return _grouped(layer, x, alpha)
     if path == "folded":
