@@ -122,12 +122,12 @@ def test_native_walks_long_kernels_in_chunks():
 @needs_native
 @pytest.mark.parametrize("batch", [1, 6, 7, 13])
 def test_inline_mixes_chunks_for_groups_of_samples(batch):
-    """"inline" mixes up to 6 samples' kernels at a time in chunks of 64 rows of a segment: 96
-    input channels per cell leave a partial chunk, 13 samples a partial group, and with 2 panels
-    the samples are split into blocks over the threads."""
-    layer = kw_layer(96, 128, 3, (64, 96), padding=1, bias=True)
+    """"inline" mixes up to 6 samples' kernels at a time in chunks of 128 rows of a segment: 160
+    input channels per cell make a whole chunk and a partial one, 13 samples a partial group of
+    samples, and with 2 panels the samples are split into blocks over the threads."""
+    layer = kw_layer(160, 128, 3, (64, 160), padding=1, bias=True)
     assert native.panel_width(layer.tiling) == 64 and layer.tiling.blocks_out == 2
-    assert_native_matches_float64_reference(layer, torch.randn(batch, 96, 4, 3))
+    assert_native_matches_float64_reference(layer, torch.randn(batch, 160, 4, 3))
 
 
 @needs_native
