@@ -192,6 +192,45 @@ def test_native_in_training_falls_back_to_the_autograd_path():
     assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
 
 
+def grads_on(layer: KWConv2d, x: torch.Tensor, path: str | None) -> list[torch.Tensor]:
+    """The output and the gradients of x and of every parameter, on ``path`` (None: the reference)."""
+    x = x.clone().requires_grad_()
+    with use_path(path) if path else reference_path():
+        out = layer(x)
+    params = [p for p in layer.parameters() if p.requires_grad] + [layer.warehouse.cells]
+    return [out, *torch.autograd.grad(out.square().sum(), [x, *params])]
+
+
+@needs_native
+@pytest.mark.parametrize("cin,cout,kernel,cell,stride,batch", [
+    (32, 32, 3, (16, 16), 1, 3),     # 2 x 2 blocks: every output block's mixture per segment
+    (32, 64, 3, (64, 32), 2, 20),    # stride 2, a second group of 16 samples for the weight gradient
+    (160, 128, 3, (64, 160), 1, 2),  # 160 input channels: a whole and a partial chunk, panels of 32
+    (48, 96, 1, (96, 48), 1, 7),     # a 1x1 layer, panels of 32 outputs and 16 inputs
+], ids=["blocks", "stride2-b20", "chunks", "1x1"])
+def test_inline_in_training_gives_the_reference_gradients(cin, cout, kernel, cell, stride, batch):
+    """"inline" trains in the compiled kernel (forward, the rows' gradient, the gradients of alpha
+    and of the warehouse): output and every gradient equal the float64 reference path's."""
+    layer = kw_layer(cin, cout, kernel, cell, stride=stride, padding=kernel // 2, bias=True).train()
+    x = torch.randn(batch, cin, 5, 6)
+    assert paths._inline_trains(layer, x)
+    got = grads_on(layer, x, "inline")
+    expected = grads_on(copy.deepcopy(layer).double(), x.double(), None)
+    assert len(got) == len(expected) == 2 + 1 + len([p for p in layer.parameters() if p.requires_grad])
+    for name, g, e in zip(["out", "x", "params..."], got, expected):
+        assert relative_error(g, e) <= 4 * FLOAT32, name
+
+
+def test_inline_in_training_falls_back_where_the_kernel_cannot_take_the_backward():
+    """12 input channels per cell (no panel of 8): the input gradient cannot be mixed in panels, so
+    "inline" trains on "matmul" and gives its results."""
+    layer = kw_layer(12, 16, 3, (16, 12), padding=1).train()
+    x = torch.randn(2, 12, 5, 5)
+    assert not paths._inline_trains(layer, x)
+    for a, b in zip(grads_on(layer, x, "inline"), grads_on(layer, x, "matmul")):
+        assert torch.equal(a, b)
+
+
 @needs_native
 def test_native_packed_warehouse_follows_changes_of_the_cells():
     layer = kw_layer(32, 32, 3, (16, 16), padding=1)

@@ -25,6 +25,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Which instructions this copy may use: setup.py builds the file once per ISA (flags per
  * object, none naming the build machine's CPU) and native.py loads the best one the CPU runs. */
@@ -265,6 +268,174 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
                                 run_tile(R, g == 0 && q0 == 0, a_b + (long)r0 * lda, lda, &panel, 0, 1, count, 0,
                                          count, NP, c_b + (long)r0 * ldc, ldc, bias_p);
                             }
+                        }
+                    }
+                }
+            }
+        }
+        free(buffer);
+    }
+    return failed ? -2 : 0;
+}
+
+/*
+ * The backward of "inline" (training), again without writing out a batch of kernels.
+ *
+ * kw_native_inline_input_grad: D[b] (rows x K) = G[b] (rows x O) @ W_b, the gradient of the im2col
+ * rows.  W_b's blocks are mixed transposed: ET holds the warehouse as (c_e / QW, f_e, n, QW), for
+ * every input-channel panel cp and output channel f of a cell the n cells' QW input channels side
+ * by side, so a chunk of W_b's rows (output channels f) over QW columns of segment g is one
+ * register tile per row.  mixtures[g * blocks_out + ob] is the mixture of output block ob in
+ * segment g.  Items (segment x input-channel panel) write disjoint columns of D.
+ */
+int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const float *ET, int n, const float *alpha,
+                                long alpha_sample, const int64_t *mixtures, int segments, int blocks_out, int f_e,
+                                int seg_len, int QW, float *D, long d_sample, long ldd, int rows, int batch,
+                                int threads)
+{
+    if (QW != 8 && QW != 16 && QW != 32 && QW != 64)
+        return -1;
+    const int input_panels = seg_len / QW;
+    const long items = (long)segments * input_panels;
+    const long per_sample = (long)INLINE_ROWS * QW;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buffer = malloc((size_t)MAX_ROWS * per_sample * sizeof(float));
+        if (buffer == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < items; item++) {
+            if (buffer == NULL)
+                continue;
+            const int g = (int)(item / input_panels), cp = (int)(item % input_panels);
+            for (int s0 = 0; s0 < batch; s0 += MAX_ROWS) {
+                const int samples = batch - s0 < MAX_ROWS ? batch - s0 : MAX_ROWS;
+                for (int ob = 0; ob < blocks_out; ob++) {
+                    const long mixture = mixtures[(long)g * blocks_out + ob];
+                    for (int f0 = 0; f0 < f_e; f0 += INLINE_ROWS) {
+                        const int count = f_e - f0 < INLINE_ROWS ? f_e - f0 : INLINE_ROWS;
+                        for (int f = 0; f < count; f++) {
+                            const float *e_f = ET + ((long)cp * f_e + f0 + f) * n * QW;
+                            run_tile(samples, 1, alpha + (long)s0 * alpha_sample + mixture * n, alpha_sample, &e_f,
+                                     0, 1, n, 0, n, QW, buffer + (long)f * QW, per_sample, NULL);
+                        }
+                        for (int s = 0; s < samples; s++) {
+                            const float *panel = buffer + s * per_sample;
+                            const float *g_b = G + (long)(s0 + s) * g_sample + (long)ob * f_e + f0;
+                            float *d_b = D + (long)(s0 + s) * d_sample + (long)g * seg_len + (long)cp * QW;
+                            for (int r0 = 0, R; r0 < rows; r0 += R) {
+                                R = tile_rows(rows, r0);
+                                run_tile(R, ob == 0 && f0 == 0, g_b + (long)r0 * ldg, ldg, &panel, 0, 1, count, 0,
+                                         count, QW, d_b + (long)r0 * ldd, ldd, NULL);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        free(buffer);
+    }
+    return failed ? -2 : 0;
+}
+
+/*
+ * kw_native_inline_weight_grad: the gradients of alpha and of the warehouse, through each
+ * sample's kernel gradient dW_b = A[b]^T @ G[b] taken a chunk at a time and never stored whole.
+ * AT is the im2col transposed, (batch, K, rows); GP the output gradient per panel, (batch,
+ * panels, rows, NP); E, mixtures and rows_at as for kw_native_inline; alpha_t is alpha as
+ * (m, n, batch).  For each (panel, segment) item and chunk of rows, the chunk of dW for a group of
+ * samples (in `buffer` as [row][sample][NP]) gives dalpha[b, mixture, j] += <dW_b, E_j> and
+ * dE[rows, j] += sum_b alpha[b, mixture, j] dW_b.  Items of different panels share mixtures and
+ * every mixture shares the warehouse, so each thread sums into its own slice of dalpha
+ * (threads x batch x m x n) and dE (threads x E's size), both zeroed by the caller, who adds
+ * the slices up.
+ */
+#define GRAD_SAMPLES 16
+
+/* sum over q < count, c < NP of a[q * a_stride + c] * b[q * b_stride + c]: NP partial sums kept
+ * across the rows (in registers, NP being a constant in each case) and added up once. */
+#define DOT_ROWS(WIDTH)                                                 \
+    {                                                                   \
+        float part[WIDTH] = {0};                                        \
+        for (int q = 0; q < count; q++) {                               \
+            const float *x = a + q * a_stride, *y = b + q * b_stride;   \
+            _Pragma("omp simd") for (int c = 0; c < WIDTH; c++)         \
+                part[c] += x[c] * y[c];                                 \
+        }                                                               \
+        float sum = 0.0f;                                               \
+        for (int c = 0; c < WIDTH; c++)                                 \
+            sum += part[c];                                             \
+        return sum;                                                     \
+    }
+
+static float dot_rows(const float *a, long a_stride, const float *b, long b_stride, int count, int NP)
+{
+    switch (NP) {
+    case 64: DOT_ROWS(64)
+    case 32: DOT_ROWS(32)
+    case 16: DOT_ROWS(16)
+    default: DOT_ROWS(8)
+    }
+}
+
+int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *GP, long gp_sample, const float *E,
+                                 int n, const float *alpha_t, long m_n, const int64_t *mixtures, const int64_t *rows_at,
+                                 int num_panels, int segments, int seg_len, int NP, int rows, int batch,
+                                 float *dalpha, long dalpha_size, float *dE, long e_size, int threads)
+{
+    if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
+        return -1;
+    const long items = (long)num_panels * segments;
+    const long buffer_floats = (long)INLINE_ROWS * GRAD_SAMPLES * NP;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int thread = omp_get_thread_num();
+#else
+        const int thread = 0;
+#endif
+        float *buffer = malloc((size_t)buffer_floats * sizeof(float));
+        float *da = dalpha + thread * dalpha_size, *de = dE + thread * e_size;
+        if (buffer == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < items; item++) {
+            if (buffer == NULL)
+                continue;
+            const int P = (int)(item / segments), g = (int)(item % segments);
+            const long mixture = mixtures[item], row0 = rows_at[item];
+            for (int q0 = 0; q0 < seg_len; q0 += INLINE_ROWS) {
+                const int count = seg_len - q0 < INLINE_ROWS ? seg_len - q0 : INLINE_ROWS;
+                for (int s0 = 0; s0 < batch; s0 += GRAD_SAMPLES) {
+                    const int samples = batch - s0 < GRAD_SAMPLES ? batch - s0 : GRAD_SAMPLES;
+                    for (int s = 0; s < samples; s++) { /* dW chunk: rows q of A^T times G's panel */
+                        const float *panel = GP + (long)(s0 + s) * gp_sample + (long)P * rows * NP;
+                        const float *a_t = AT + (long)(s0 + s) * at_sample + ((long)g * seg_len + q0) * rows;
+                        for (int q = 0, R; q < count; q += R) {
+                            R = tile_rows(count, q);
+                            run_tile(R, 1, a_t + (long)q * rows, rows, &panel, 0, 1, rows, 0, rows, NP,
+                                     buffer + ((long)q * GRAD_SAMPLES + s) * NP, (long)GRAD_SAMPLES * NP, NULL);
+                        }
+                    }
+                    for (int s = 0; s < samples; s++) { /* dalpha: the chunk against every cell */
+                        float *da_s = da + (long)(s0 + s) * m_n + mixture * n;
+                        for (int j = 0; j < n; j++)
+                            da_s[j] += dot_rows(E + ((row0 + q0) * n + j) * NP, (long)n * NP,
+                                                buffer + (long)s * NP, (long)GRAD_SAMPLES * NP, count, NP);
+                    }
+                    for (int q = 0; q < count; q++) { /* dE rows: alpha^T (n x samples) @ chunk (samples x NP) */
+                        const float *chunk = buffer + (long)q * GRAD_SAMPLES * NP;
+                        float *de_q = de + (row0 + q0 + q) * n * NP;
+                        for (int j = 0, R; j < n; j += R) {
+                            R = tile_rows(n, j);
+                            run_tile(R, 0, alpha_t + (mixture * n + j) * batch + s0, batch, &chunk, 0, 1, samples, 0,
+                                     samples, NP, de_q + (long)j * NP, NP, NULL);
                         }
                     }
                 }

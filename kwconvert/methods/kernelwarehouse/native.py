@@ -78,6 +78,13 @@ def _load(isa: str) -> ctypes.CDLL | None:
     library.kw_native_inline.argtypes = [pointer, size, size, pointer, i32, pointer, size, pointer, pointer, i32, i32,
                                         i32, i32, pointer, size, size, pointer, i32, i32, i32]
     library.kw_native_inline.restype = i32
+    library.kw_native_inline_input_grad.argtypes = [pointer, size, size, pointer, i32, pointer, size, pointer, i32,
+                                                    i32, i32, i32, i32, pointer, size, size, i32, i32, i32]
+    library.kw_native_inline_input_grad.restype = i32
+    library.kw_native_inline_weight_grad.argtypes = [pointer, size, pointer, size, pointer, i32, pointer, size,
+                                                     pointer, pointer, i32, i32, i32, i32, i32, i32, pointer, size,
+                                                     pointer, size, i32]
+    library.kw_native_inline_weight_grad.restype = i32
     library.kw_native_depthwise.argtypes = [pointer, i32, i32, i32, pointer, size, pointer, pointer] + [i32] * 12
     library.kw_native_depthwise.restype = i32
     library.kw_native_isa.restype = ctypes.c_char_p
@@ -397,6 +404,81 @@ def inline_conv(tiling: Tiling, cols: Tensor, alpha: Tensor, rows: Tensor, bias:
     at once (resnet18's layer4 at batch 16 would otherwise write and read 151 MB of kernels per
     layer).  The operator ``torch.ops.kwconvert.inline_conv``."""
     return _inline_conv(cols, alpha, rows, bias, list(tiling.weight_shape), list(tiling.cell))
+
+
+# --- the backward of "inline" (training) -----------------------------------------------------
+# Plain functions, not operators: only the autograd node of the "inline" path calls them, in
+# eager mode, where the compiled kernel runs (under torch.compile training takes "bmm").
+
+
+def input_width(tiling: Tiling) -> int | None:
+    """Input channels per panel of ``inline_input_grad``: the widest of 64, 32, 16, 8 dividing c_e."""
+    return next((width for width in _PANEL_WIDTHS if tiling.cell[1] % width == 0), None)
+
+
+def inline_columns(cells: Tensor, width: int) -> Tensor:
+    """The warehouse as ``inline_input_grad`` reads it: ``(c_e / width, f_e, n, width)``, for each
+    input-channel panel and output channel of a cell the n cells' ``width`` input channels."""
+    n, f_e, c_e = cells.shape[:3]
+    return cells.reshape(n, f_e, c_e // width, width).permute(2, 1, 0, 3).contiguous()
+
+
+@functools.lru_cache(maxsize=512)
+def _input_grad_mixtures(tiling: Tiling) -> Tensor:
+    """``[g, ob]``: the mixture of output block ob in segment g (kernel position, input block)."""
+    segment = torch.arange(tiling.spatial * tiling.blocks_in).unsqueeze(1)
+    block_out = torch.arange(tiling.blocks_out).unsqueeze(0)
+    position, block_in = segment // tiling.blocks_in, segment % tiling.blocks_in
+    return ((position * tiling.blocks_out + block_out) * tiling.blocks_in + block_in).contiguous()
+
+
+def inline_input_grad(tiling: Tiling, grad_rows: Tensor, alpha: Tensor, columns: Tensor) -> Tensor:
+    """``(B, rows, K)``: the gradient of ``inline_conv``'s im2col rows, ``grad_rows (B, rows, C_out)
+    @ W_b`` per sample, from the attentions and the warehouse as ``inline_columns``."""
+    library = _kernel_for(grad_rows, alpha, columns)
+    width = input_width(tiling)
+    batch, count, out_channels = grad_rows.shape
+    depth = math.prod(tiling.weight_shape[1:])
+    grad_rows, alpha = grad_rows.contiguous(), alpha.contiguous()
+    out = grad_rows.new_empty(batch, count, depth)
+    mixtures = _input_grad_mixtures(tiling)
+    _refused(library.kw_native_inline_input_grad(
+        grad_rows.data_ptr(), count * out_channels, out_channels, columns.data_ptr(), alpha.shape[2],
+        alpha.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), mixtures.shape[0], tiling.blocks_out,
+        tiling.cell[0], tiling.cell[1], width, out.data_ptr(), count * depth, depth, count, batch,
+        torch.get_num_threads()), f"an inline input gradient of panel width {width}")
+    return out
+
+
+def inline_weight_grad(tiling: Tiling, cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """The gradients of ``inline_conv``'s attentions ``(B, m, n)`` and warehouse (as ``inline_rows``)
+    from the im2col transposed ``(B, K, rows)``, with no sample's kernel gradient stored whole."""
+    library = _kernel_for(cols_t, grad_rows, alpha, rows)
+    width = panel_width(tiling)
+    batch, depth, count = cols_t.shape
+    panels = tiling.weight_shape[0] // width
+    cols_t = cols_t.contiguous()
+    grad_panels = grad_rows.reshape(batch, count, panels, width).transpose(1, 2).contiguous()  # (B, P, rows, NP)
+    alpha_t = alpha.permute(1, 2, 0).contiguous()  # (m, n, B)
+    threads = torch.get_num_threads()
+    grad_alpha = alpha.new_zeros(threads, *alpha.shape)
+    grad_warehouse = rows.new_zeros(threads, *rows.shape)
+    mixtures, rows_at = _inline_tables(tiling, width)
+    _refused(library.kw_native_inline_weight_grad(
+        cols_t.data_ptr(), depth * count, grad_panels.data_ptr(), grad_panels[0].numel(), rows.contiguous().data_ptr(),
+        alpha.shape[2], alpha_t.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), rows_at.data_ptr(), panels,
+        mixtures.shape[1], tiling.cell[1], width, count, batch, grad_alpha.data_ptr(), alpha.numel(),
+        grad_warehouse.data_ptr(), rows.numel(), threads), f"an inline weight gradient of panel width {width}")
+    return grad_alpha.sum(0), grad_warehouse.sum(0)
+
+
+def cells_from_rows(rows: Tensor, cell: tuple[int, ...]) -> Tensor:
+    """``inline_rows``' inverse: the warehouse ``(n, *cell)`` from its rows (a gradient of them)."""
+    n, width = rows.shape[1], rows.shape[2]
+    f_e, c_e = cell[:2]
+    flat = rows.transpose(0, 1).reshape(n, f_e // width, c_e, width)
+    return flat.transpose(2, 3).reshape(n, *cell)
 
 
 @torch.library.custom_op("kwconvert::depthwise", mutates_args=())

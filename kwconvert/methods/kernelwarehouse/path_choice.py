@@ -23,7 +23,7 @@ from ... import execution
 from . import assembly
 from .assembly import _needs_grad
 from .assembly import packing, _packing
-from .paths import _available, _keep_limit, _run, _spec_for
+from .paths import _available, _inline_trains, _keep_limit, _run, _spec_for
 
 #: Each layer keeps its own choice per input (``layer.path_choices``: input key -> path); a
 #: layer meeting a new input takes the path timed in this process for a layer of the same
@@ -199,15 +199,23 @@ def _time_paths(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], nee
     if "premix" in available and not _premix_writes_less(layer, x):
         available = tuple(path for path in available if path != "premix")
     if needs_grad:
-        # "native" and "inline" have no fast backward; "grouped" and "folded" keep a batch of
-        # kernels alive until backward (autograd saves them for the convolution), memory the
-        # fused paths do not need unless it is small
-        trainable = tuple(path for path in available if path not in ("native", "inline"))
+        # "native" has no fast backward ("inline" has, where paths._inline_trains); "grouped" and
+        # "folded" keep a batch of kernels alive until backward (autograd saves them for the
+        # convolution), memory the fused paths do not need unless it is small
+        trainable = tuple(path for path in available
+                          if path != "native" and (path != "inline" or _inline_trains(layer, x)))
         if layer.groups == 1 and not small:
             available = tuple(path for path in trainable if path not in ("grouped", "folded")) or trainable
         else:
             available = trainable
     with packing(_packing.get() and not needs_grad):  # training never uses a packed copy: make none
+        if needs_grad and not small and "inline" in available and len(available) > 1:
+            # "inline" is fast forward, and its backward is the fastest only where kernels are big
+            # (resnet18's layer4 at batch 16: 232-247 ms against 304-441 for "bmm", forward and
+            # backward; layer2: 183-214 against 72-77 for "conv"): the forward-timed best of the
+            # others against it, forward and backward (the winner's backward runs in the step anyway)
+            others = tuple(path for path in available if path != "inline")
+            return _fastest(layer, x, alpha, (_fastest(layer, x, alpha, others), "inline"), backward=True)
         return _fastest(layer, x, alpha, available, backward=needs_grad and small)
 
 

@@ -122,6 +122,14 @@ def _im2col(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
     return windows.permute(0, 1, 2, 4, 5, 3).reshape(batch, out_h * out_w, kh * kw * channels), (out_h, out_w)
 
 
+def _im2col_t(spec: ConvSpec, x: Tensor) -> Tensor:
+    """``_im2col`` transposed, ``(B, kh * kw * C, OH * OW)``, gathered from the input in one copy."""
+    batch, channels = x.shape[:2]
+    windows = _windows(spec, x)
+    out_h, out_w, kh, kw = windows.shape[1], windows.shape[2], *spec.kernel
+    return windows.permute(0, 4, 5, 3, 1, 2).reshape(batch, kh * kw * channels, out_h * out_w)
+
+
 def _windows(spec: ConvSpec, x: Tensor) -> Tensor:
     """The ``(B, OH, OW, C, kh, kw)`` windows of a channels-last input, a view (of the padded input)."""
     rows = x.permute(0, 2, 3, 1)
@@ -425,6 +433,51 @@ class _KWConv2dBatched(torch.autograd.Function):
         return grad_x, grad_alpha, grad_cells, grad_bias, None
 
 
+# --- the compiled kernel in training ---------------------------------------------------------
+
+
+@_keeps_autocast
+class _KWConv2dInline(torch.autograd.Function):
+    """Path ``"inline"`` in training: forward and backward in the compiled kernel, assembly inside.
+
+    Forward is ``native.inline_conv``; backward takes the im2col again and runs
+    ``native.inline_input_grad`` (the rows' gradient, kernels mixed transposed chunk by chunk)
+    and ``native.inline_weight_grad`` (each sample's kernel gradient a chunk at a time, turned at
+    once into alpha's and the warehouse's).  No batch of kernels or of kernel gradients exists at
+    any point, where ``"bmm"`` writes both and reads them back through three library products with
+    an inner size of n.  Saves the input, alpha and the warehouse.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+        ctx.spec = spec
+        ctx.save_for_backward(x, alpha, cells)
+        width = native.panel_width(spec.tiling)
+        out_h, out_w = spec.output_size(*x.shape[2:])
+        rows = native.inline_conv(spec.tiling, _im2col(spec, x)[0], alpha, native.inline_rows(cells, width), bias)
+        return rows.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, alpha, cells = ctx.saved_tensors
+        spec, tiling = ctx.spec, ctx.spec.tiling
+        need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(x.shape[0], -1, grad.shape[1])  # (B, L, C_out)
+        grad_x = grad_alpha = grad_cells = grad_bias = None
+        if need_x:
+            columns = native.inline_columns(cells, native.input_width(tiling))
+            grad_x = _col2im(spec, native.inline_input_grad(tiling, grad_rows, alpha, columns), x.shape)
+        if need_alpha or need_cells:
+            rows = native.inline_rows(cells, native.panel_width(tiling))
+            grad_alpha, grad_rows_of_cells = native.inline_weight_grad(tiling, _im2col_t(spec, x), grad_rows,
+                                                                       alpha, rows)
+            grad_cells = native.cells_from_rows(grad_rows_of_cells, tuple(cells.shape[1:])) if need_cells else None
+            grad_alpha = grad_alpha if need_alpha else None
+        if need_bias:
+            grad_bias = grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_alpha, grad_cells, grad_bias, None
+
+
 # --- mixing the inputs instead of the kernels (late stages of small images) ------------------
 
 
@@ -687,6 +740,14 @@ def _native_dense(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
     return native.conv(spec.tiling, cols, blocks, layer.bias)
 
 
+def _train_inline(layer, x: Tensor, alpha: Tensor) -> Tensor:
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+    spec = _spec_for(layer, "inline")
+    return _KWConv2dInline.apply(x.contiguous(memory_format=torch.channels_last), alpha, layer.warehouse.cells,
+                                 layer.bias, spec)
+
+
 def _native_inline(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
     """``(B, rows, C_out)``: the product with the assembly inside the compiled kernel."""
     rows = inline_rows(layer.warehouse.cells, native.panel_width(spec.tiling))
@@ -694,9 +755,18 @@ def _native_inline(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
     return native.inline_conv(spec.tiling, cols, alpha, rows, layer.bias)
 
 
+def _inline_trains(layer, x: Tensor) -> bool:
+    """Whether ``"inline"`` can run this layer's backward too (``native.input_width``)."""
+    return layer.groups == 1 and native.input_width(layer.tiling) is not None and x.dtype == torch.float32 \
+        and not torch.is_autocast_enabled(x.device.type)
+
+
 def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
-    if path in ("native", "inline"):  # inference only: with a gradient to compute, an autograd path
+    if path in ("native", "inline"):
         if _needs_grad(x, alpha, layer.warehouse.cells, layer.bias):
+            if path == "inline" and _inline_trains(layer, x):
+                return _train_inline(layer, x, alpha)
+            # "native" is inference only: with a gradient to compute, an autograd path
             return _fused(layer, x, alpha, "matmul") if layer.groups == 1 else _grouped(layer, x, alpha)
         return _native(layer, x, alpha, inline=path == "inline")
     if path == "grouped":
