@@ -355,29 +355,52 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
  */
 #define GRAD_SAMPLES 16
 
-/* sum over q < count, c < NP of a[q * a_stride + c] * b[q * b_stride + c]: NP partial sums kept
- * across the rows (in registers, NP being a constant in each case) and added up once. */
-#define DOT_ROWS(WIDTH)                                                 \
-    {                                                                   \
-        float part[WIDTH] = {0};                                        \
-        for (int q = 0; q < count; q++) {                               \
-            const float *x = a + q * a_stride, *y = b + q * b_stride;   \
-            _Pragma("omp simd") for (int c = 0; c < WIDTH; c++)         \
-                part[c] += x[c] * y[c];                                 \
-        }                                                               \
-        float sum = 0.0f;                                               \
-        for (int c = 0; c < WIDTH; c++)                                 \
-            sum += part[c];                                             \
-        return sum;                                                     \
+/*
+ * dalpha's dot products, S samples x J cells at a time: out[s * out_stride + j] += sum over rows
+ * q < count and columns c of w[q * w_stride + s * WIDTH + c] * e[q * e_stride + j * WIDTH + c].
+ * S x J x WIDTH partial sums stay in registers across the rows (S, J and WIDTH constants in each
+ * case): each row loads S + J vectors per S x J multiply-adds, where one dot at a time loaded two
+ * per multiply-add (dalpha then took two thirds of the weight gradient).
+ */
+#define DOT_BLOCK(WIDTH, S, J)                                                                   \
+    {                                                                                            \
+        float part[S][J][WIDTH] = {{{0}}};                                                      \
+        for (int q = 0; q < count; q++) {                                                        \
+            const float *x = w + q * w_stride, *y = e + q * e_stride;                            \
+            for (int s = 0; s < S; s++)                                                          \
+                for (int j = 0; j < J; j++)                                                      \
+                    _Pragma("omp simd") for (int c = 0; c < WIDTH; c++)                          \
+                        part[s][j][c] += x[s * WIDTH + c] * y[j * WIDTH + c];                    \
+        }                                                                                        \
+        for (int s = 0; s < S; s++)                                                              \
+            for (int j = 0; j < J; j++) {                                                        \
+                float sum = 0.0f;                                                                \
+                for (int c = 0; c < WIDTH; c++)                                                  \
+                    sum += part[s][j][c];                                                        \
+                out[s * out_stride + j] += sum;                                                  \
+            }                                                                                    \
+        return;                                                                                  \
     }
+#define DOT_SHAPES(WIDTH)                                                                        \
+    switch (S * 4 + J) {                                                                         \
+    case 3 * 4 + 2: DOT_BLOCK(WIDTH, 3, 2)                                                       \
+    case 3 * 4 + 1: DOT_BLOCK(WIDTH, 3, 1)                                                       \
+    case 2 * 4 + 2: DOT_BLOCK(WIDTH, 2, 2)                                                       \
+    case 2 * 4 + 1: DOT_BLOCK(WIDTH, 2, 1)                                                       \
+    case 1 * 4 + 2: DOT_BLOCK(WIDTH, 1, 2)                                                       \
+    default: DOT_BLOCK(WIDTH, 1, 1)                                                              \
+    }
+#define DOT_SAMPLES 3
+#define DOT_CELLS 2
 
-static float dot_rows(const float *a, long a_stride, const float *b, long b_stride, int count, int NP)
+static void dot_block(int S, int J, const float *w, long w_stride, const float *e, long e_stride, int count, int NP,
+                      float *out, long out_stride)
 {
     switch (NP) {
-    case 64: DOT_ROWS(64)
-    case 32: DOT_ROWS(32)
-    case 16: DOT_ROWS(16)
-    default: DOT_ROWS(8)
+    case 64: DOT_SHAPES(64)
+    case 32: DOT_SHAPES(32)
+    case 16: DOT_SHAPES(16)
+    default: DOT_SHAPES(8)
     }
 }
 
@@ -423,12 +446,12 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                                      buffer + ((long)q * GRAD_SAMPLES + s) * NP, (long)GRAD_SAMPLES * NP, NULL);
                         }
                     }
-                    for (int s = 0; s < samples; s++) { /* dalpha: the chunk against every cell */
-                        float *da_s = da + (long)(s0 + s) * m_n + mixture * n;
-                        for (int j = 0; j < n; j++)
-                            da_s[j] += dot_rows(E + ((row0 + q0) * n + j) * NP, (long)n * NP,
-                                                buffer + (long)s * NP, (long)GRAD_SAMPLES * NP, count, NP);
-                    }
+                    for (int s = 0; s < samples; s += DOT_SAMPLES) /* dalpha: the chunk against every cell */
+                        for (int j = 0; j < n; j += DOT_CELLS)
+                            dot_block(samples - s < DOT_SAMPLES ? samples - s : DOT_SAMPLES,
+                                      n - j < DOT_CELLS ? n - j : DOT_CELLS, buffer + (long)s * NP,
+                                      (long)GRAD_SAMPLES * NP, E + ((row0 + q0) * n + j) * NP, (long)n * NP, count, NP,
+                                      da + (long)(s0 + s) * m_n + mixture * n + j, m_n);
                     for (int q = 0; q < count; q++) { /* dE rows: alpha^T (n x samples) @ chunk (samples x NP) */
                         const float *chunk = buffer + (long)q * GRAD_SAMPLES * NP;
                         float *de_q = de + (row0 + q0 + q) * n * NP;
