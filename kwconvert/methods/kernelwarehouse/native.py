@@ -7,7 +7,9 @@ compiled product instead reads each sample's kernel straight from the assembly's
 the warehouse is packed with every cell's elements in *panel order* (``panel_order``),
 so that the assembly writes, for each run of ``NP`` output channels and each cell, a
 row-major ``(c_e, NP)`` block, and the product walks those blocks through a table of
-offsets.  Inference only; training keeps the pure-PyTorch paths (:mod:`.paths`).
+offsets.  ``inline_conv`` goes further and mixes the kernels itself, chunk by chunk, into a
+buffer that stays in cache; with ``inline_input_grad`` and ``inline_weight_grad`` it also trains
+(path ``"inline"``, :mod:`.paths`).
 
 ``pip install`` builds the kernel once per instruction set (``setup.py``: AVX-512, AVX2 +
 FMA, and a baseline copy for any CPU; every copy optional: when none builds, ``available()``
