@@ -211,14 +211,18 @@ def grads_on(layer: KWConv2d, x: torch.Tensor, path: str | None) -> list[torch.T
 def test_inline_in_training_gives_the_reference_gradients(cin, cout, kernel, cell, stride, batch):
     """"inline" trains in the compiled kernel (forward, the rows' gradient, the gradients of alpha
     and of the warehouse): output and every gradient equal the float64 reference path's."""
-    layer = kw_layer(cin, cout, kernel, cell, stride=stride, padding=kernel // 2, bias=True).train()
-    x = torch.randn(batch, cin, 5, 6)
+    layer = kw_layer(cin, cout, kernel, cell, stride=stride, padding=kernel // 2, bias=True)
+    assert_inline_trains_like_the_float64_reference(layer, torch.randn(batch, cin, 5, 6))
+
+
+def assert_inline_trains_like_the_float64_reference(layer: KWConv2d, x: torch.Tensor) -> None:
+    layer.train()
     assert paths._inline_trains(layer, x)
     got = grads_on(layer, x, "inline")
     expected = grads_on(copy.deepcopy(layer).double(), x.double(), None)
     assert len(got) == len(expected) == 2 + 1 + len([p for p in layer.parameters() if p.requires_grad])
-    for name, g, e in zip(["out", "x", "params..."], got, expected):
-        assert relative_error(g, e) <= 4 * FLOAT32, name
+    for index, (g, e) in enumerate(zip(got, expected)):
+        assert relative_error(g, e) <= 4 * FLOAT32, index  # 0: the output, 1: x's gradient, then parameters'
 
 
 def test_inline_in_training_falls_back_where_the_kernel_cannot_take_the_backward():
@@ -322,6 +326,8 @@ def test_every_copy_this_cpu_runs_equals_the_reference(isa, monkeypatch):
     for channels in (24, 20):
         depthwise = kw_layer(channels, channels, 3, (channels, 1), groups=channels, padding=1, bias=True)
         assert_native_matches_float64_reference(depthwise, torch.randn(2, channels, 11, 10))
+    assert_inline_trains_like_the_float64_reference(kw_layer(48, 64, 3, (64, 48), stride=2, padding=1, bias=True),
+                                                   torch.randn(7, 48, 5, 6))
 
 
 def test_a_copy_the_cpu_cannot_execute_is_refused_with_a_warning(monkeypatch):

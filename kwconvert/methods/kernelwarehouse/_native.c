@@ -217,6 +217,39 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
  */
 #define INLINE_ROWS 128
 
+/* A thread's scratch buffer inside `#pragma omp parallel`; when it cannot be allocated the thread
+ * skips its items and the routine returns -2 (`failed`). */
+#define THREAD_BUFFER(name, bytes)                \
+    float *name = malloc(bytes);                  \
+    if (name == NULL) {                           \
+        _Pragma("omp atomic write") failed = 1;   \
+    }
+
+/*
+ * One step of "inline" and of its input gradient: `count` rows of a block of every sample's
+ * kernel mixed into `buffer` (sample s's rows at s * per_sample, row stride `width`), row q from
+ * the n cells' rows at e + q * e_row; then C_s (+)= A_s (rows x count) @ that block for each
+ * sample (first: start from bias or 0).
+ */
+static void mix_and_multiply(int samples, const float *alpha, long alpha_sample, int n, const float *e, long e_row,
+                             int count, int width, float *buffer, long per_sample, const float *A, long a_sample,
+                             long lda, float *C, long c_sample, long ldc, int rows, int first, const float *bias)
+{
+    for (int q = 0; q < count; q++) {
+        const float *e_q = e + (long)q * e_row;
+        run_tile(samples, 1, alpha, alpha_sample, &e_q, 0, 1, n, 0, n, width, buffer + (long)q * width, per_sample,
+                 NULL);
+    }
+    for (int s = 0; s < samples; s++) {
+        const float *panel = buffer + s * per_sample;
+        for (int r0 = 0, R; r0 < rows; r0 += R) {
+            R = tile_rows(rows, r0);
+            run_tile(R, first, A + s * a_sample + (long)r0 * lda, lda, &panel, 0, 1, count, 0, count, width,
+                     C + s * c_sample + (long)r0 * ldc, ldc, bias);
+        }
+    }
+}
+
 int kw_native_inline(const float *A, long a_sample, long lda, const float *E, int n, const float *alpha,
                     long alpha_sample, const int64_t *mixtures, const int64_t *rows_at, int num_panels, int segments,
                     int seg_len, int NP, float *C, long c_sample, long ldc, const float *bias, int rows, int batch,
@@ -232,11 +265,7 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *buffer = malloc(buffer_bytes);  /* loads are unaligned anyway; MSVC has no aligned_alloc */
-        if (buffer == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        THREAD_BUFFER(buffer, buffer_bytes);
 #pragma omp for schedule(static)
         for (long item = 0; item < items; item++) {
             if (buffer == NULL)
@@ -251,25 +280,13 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
                 const long mixture = mixtures[(long)P * segments + g];
                 for (int q0 = 0; q0 < seg_len; q0 += INLINE_ROWS) {
                     const int count = seg_len - q0 < INLINE_ROWS ? seg_len - q0 : INLINE_ROWS;
-                    for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS) {
-                        const int samples = s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS;
-                        const float *a_mix = alpha + (long)s0 * alpha_sample + mixture * n;
-                        for (int q = 0; q < count; q++) { /* the samples' rows q of this block */
-                            const float *e_q = e_g + (long)(q0 + q) * n * NP;
-                            run_tile(samples, 1, a_mix, alpha_sample, &e_q, 0, 1, n, 0, n, NP,
-                                     buffer + (long)q * NP, (long)INLINE_ROWS * NP, NULL);
-                        }
-                        for (int s = 0; s < samples; s++) {
-                            const float *panel = buffer + (long)s * INLINE_ROWS * NP;
-                            const float *a_b = A + (long)(s0 + s) * a_sample + (long)g * seg_len + q0;
-                            float *c_b = C + (long)(s0 + s) * c_sample + (long)P * NP;
-                            for (int r0 = 0, R; r0 < rows; r0 += R) {
-                                R = tile_rows(rows, r0);
-                                run_tile(R, g == 0 && q0 == 0, a_b + (long)r0 * lda, lda, &panel, 0, 1, count, 0,
-                                         count, NP, c_b + (long)r0 * ldc, ldc, bias_p);
-                            }
-                        }
-                    }
+                    for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS)
+                        mix_and_multiply(s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS,
+                                         alpha + (long)s0 * alpha_sample + mixture * n, alpha_sample, n,
+                                         e_g + (long)q0 * n * NP, (long)n * NP, count, NP, buffer,
+                                         (long)INLINE_ROWS * NP, A + (long)s0 * a_sample + (long)g * seg_len + q0,
+                                         a_sample, lda, C + (long)s0 * c_sample + (long)P * NP, c_sample, ldc, rows,
+                                         g == 0 && q0 == 0, bias_p);
                 }
             }
         }
@@ -301,11 +318,7 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *buffer = malloc((size_t)MAX_ROWS * per_sample * sizeof(float));
-        if (buffer == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        THREAD_BUFFER(buffer, (size_t)MAX_ROWS * per_sample * sizeof(float));
 #pragma omp for schedule(static)
         for (long item = 0; item < items; item++) {
             if (buffer == NULL)
@@ -317,21 +330,11 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
                     const long mixture = mixtures[(long)g * blocks_out + ob];
                     for (int f0 = 0; f0 < f_e; f0 += INLINE_ROWS) {
                         const int count = f_e - f0 < INLINE_ROWS ? f_e - f0 : INLINE_ROWS;
-                        for (int f = 0; f < count; f++) {
-                            const float *e_f = ET + ((long)cp * f_e + f0 + f) * n * QW;
-                            run_tile(samples, 1, alpha + (long)s0 * alpha_sample + mixture * n, alpha_sample, &e_f,
-                                     0, 1, n, 0, n, QW, buffer + (long)f * QW, per_sample, NULL);
-                        }
-                        for (int s = 0; s < samples; s++) {
-                            const float *panel = buffer + s * per_sample;
-                            const float *g_b = G + (long)(s0 + s) * g_sample + (long)ob * f_e + f0;
-                            float *d_b = D + (long)(s0 + s) * d_sample + (long)g * seg_len + (long)cp * QW;
-                            for (int r0 = 0, R; r0 < rows; r0 += R) {
-                                R = tile_rows(rows, r0);
-                                run_tile(R, ob == 0 && f0 == 0, g_b + (long)r0 * ldg, ldg, &panel, 0, 1, count, 0,
-                                         count, QW, d_b + (long)r0 * ldd, ldd, NULL);
-                            }
-                        }
+                        mix_and_multiply(samples, alpha + (long)s0 * alpha_sample + mixture * n, alpha_sample, n,
+                                         ET + ((long)cp * f_e + f0) * n * QW, (long)n * QW, count, QW, buffer,
+                                         per_sample, G + (long)s0 * g_sample + (long)ob * f_e + f0, g_sample, ldg,
+                                         D + (long)s0 * d_sample + (long)g * seg_len + (long)cp * QW, d_sample, ldd,
+                                         rows, ob == 0 && f0 == 0, NULL);
                     }
                 }
             }
@@ -421,12 +424,8 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
 #else
         const int thread = 0;
 #endif
-        float *buffer = malloc((size_t)buffer_floats * sizeof(float));
+        THREAD_BUFFER(buffer, (size_t)buffer_floats * sizeof(float));
         float *da = dalpha + thread * dalpha_size, *de = dE + thread * e_size;
-        if (buffer == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
 #pragma omp for schedule(static)
         for (long item = 0; item < items; item++) {
             if (buffer == NULL)
