@@ -16,6 +16,7 @@ right after building the model, over two steps.
     .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--processes 3] [--compile]
                                          [--no-memory] [--allocator keep|default] [--threads 2]
                                          [--methods kernelwarehouse odconv kerneldna | all]
+                                         [--without-path inline]
 
 Targets (issue 7) are ratios of KW b = 1 to the plain model in eager NCHW.  The small-image
 row (issue 20) trains the accuracy benchmark's residual CNN (``benchmarks/fashion_mnist.py``,
@@ -25,6 +26,9 @@ processes, interleaved with the plain model exactly like the KW variants: "ODCon
 4x" and "KernelDNA", planned as ``kwconvert bench MODEL --method ...`` plans them.  KernelDNA's
 claim, inference at >= 0.9x the plain model's throughput, is a target of 1 / 0.9 on its time
 ratio.  Without ``kernelwarehouse`` among them no KW variant (nor its memory row) is built.
+``--without-path NAME`` adds the KW b = 1 model timed with that path left out of its choice
+(``path_choice.excluding``) as one more interleaved variant: what the path is worth, in the
+same processes (each row gets ``vs_without_path``, KW / KW without it).
 Prints a rich table and writes benchmarks/results/speed.json (atomically).
 """
 from __future__ import annotations
@@ -181,8 +185,13 @@ def make_step(variant: Variant, mode: str, images: torch.Tensor, labels: torch.T
     return bench.make_step(variant.model, mode, x, context=variant.context, labels=labels)
 
 
+def without_key(path: str) -> str:
+    """The timings' name of the KW b = 1 model timed without ``path`` (``--without-path``)."""
+    return f"kw_b1_without_{path}"
+
+
 def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool,
-                 methods: list[str] = ()) -> list[Variant]:
+                 methods: list[str] = (), without_path: str | None = None) -> list[Variant]:
     """The plain model and every variant timed against it; ``methods`` are MethodVariant keys."""
     plain = build(name, None)
     out = [Variant("plain", plain),
@@ -195,6 +204,9 @@ def variants_for(name: str, budgets: list[float], compiled: bool, reference: boo
         kw_b1 = next((v.model for v in out if v.name == "kw_b1"), None)
         out.append(Variant("reference_b1", build(name, 1.0) if kw_b1 is None else kw_b1, context=reference_path))
     out += [Variant(v.key, build_method(name, v)) for v in METHOD_VARIANTS if v.key in methods]
+    if without_path:
+        out.append(Variant(without_key(without_path), build(name, 1.0),
+                           context=lambda: path_choice.excluding(without_path)))
     return out
 
 
@@ -242,7 +254,7 @@ def timing_worker(spec: dict) -> dict:
         allocator.keep_freed_memory()
     console = Console(stderr=True)
     variants = variants_for(spec["model"], spec["budgets"], spec["compile"], spec["reference"],
-                            spec.get("methods", ()))
+                            spec.get("methods", ()), spec.get("without_path"))
     timings = {mode: time_workload(spec["model"], spec["batch"], mode, variants, spec["reps"], console)
                for mode in spec["modes"]}
     return {"times": timings, "paths": dict(collections.Counter(path_choice.timed_paths().values()))}
@@ -349,13 +361,15 @@ def render(rows: list[dict], memory: list[dict], settings: dict, method_rows: li
 def kw_table(rows: list[dict], settings: dict, processes: int) -> Table:
     table = Table(title=f"KW / plain time, {settings['threads']} threads, allocator {settings['allocator_mode']} "
                         f"(median over {processes} process(es) [25-75 % of per-repetition ratios])")
+    without = next((row["without_path"] for row in rows if row.get("without_path")), None)
     for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
-                   "reference/plain", "target"):
+                   "reference/plain", *([f"KW/without {without}"] if without else []), "target"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
         table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
                       f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
                       fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
+                      *([fmt(row.get("vs_without_path"))] if without else []),
                       target_note(row.get("target"), row["vs_plain"]["median"]))
     return table
 
@@ -394,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=(*METHODS, "all"), default=["kernelwarehouse"],
                         help="methods timed against the plain model [kernelwarehouse]: odconv adds ODConv 1x and "
                              "4x, kerneldna KernelDNA; memory and reference rows are KernelWarehouse's")
+    parser.add_argument("--without-path", choices=execution.PATHS,
+                        help="also time the KW b=1 model with this path left out of its choice (what it is worth)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--processes", type=int, default=3,
                         help="fresh processes per workload, ratios are medians over them [3; 0: this process]")
@@ -436,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, batch, modes in workloads:
         spec = {"model": name, "batch": batch, "modes": list(modes), "budgets": budgets, "compile": args.compile,
                 "reference": kw and not args.no_reference, "reps": reps, "threads": args.threads,
-                "allocator": args.allocator, "methods": [v.key for v in others]}
+                "allocator": args.allocator, "methods": [v.key for v in others],
+                "without_path": args.without_path if 1.0 in budgets else None}
         timings, chosen = measure_workload(spec, args.processes, console)
         paths.update(chosen)
         for mode in modes:
@@ -451,8 +468,13 @@ def main(argv: list[str] | None = None) -> int:
                 if budget == 1.0:
                     row["reference_vs_plain"] = ratio(runs, "reference_b1", "plain")
                     row["target"] = TARGETS.get((name, batch, mode))
+                    if spec["without_path"]:
+                        row["without_path"] = spec["without_path"]
+                        row["vs_without_path"] = ratio(runs, kw, without_key(spec["without_path"]))
                 rows.append(row)
-                console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}")
+                without = f", KW / KW without {row['without_path']} {fmt(row['vs_without_path'])}" \
+                    if row.get("without_path") else ""
+                console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}{without}")
             for variant in others:
                 method_rows.append(method_row(runs, name, batch, mode, variant))
                 console.log(f"{name} batch {batch} {mode} {variant.label}: /plain {fmt(method_rows[-1]['vs_plain'])}")

@@ -307,6 +307,28 @@ def test_small_layers_are_timed_forward_and_backward_in_training_without_touchin
     path_choice.clear_caches()
 
 
+def test_excluded_paths_are_left_out_of_the_choice_and_time_apart():
+    """Inside ``excluding`` a layer chooses among the other paths; its twin timed outside does not
+    take that choice (the exclusions are part of what a timed path is kept under)."""
+    layer = kw_conv(16, 16, 3, padding=1, dtype=torch.float32).eval()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 16, 6, 6)
+    path_choice.clear_caches()
+    candidates = []
+    timed = path_choice._fastest
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(path_choice, "_fastest", lambda *args, **kwargs: candidates.append(args[3]) or timed(*args, **kwargs))
+        with path_choice.excluding("conv", "matmul"):
+            layer(x)
+        twin(x)
+    assert "conv" not in candidates[0] and "matmul" not in candidates[0] and "bmm" in candidates[0]
+    assert "conv" in candidates[1] and len(candidates) == 2
+    with pytest.raises(ValueError, match="unknown paths \\['fastest'\\]"):
+        with path_choice.excluding("fastest"):
+            pass
+    path_choice.clear_caches()
+
+
 def test_each_layer_keeps_its_choice_per_input_and_identical_layers_time_once(monkeypatch):
     layer = kw_conv(8, 8, 3, padding=1, dtype=torch.float32).eval()
     twin = copy.deepcopy(layer)

@@ -116,3 +116,12 @@ def test_methods_without_kernelwarehouse_time_only_their_variants_and_write_thei
     assert all(r["vs_plain"]["median"] > 0 and r["converted_ms"] > 0 for r in data["method_rows"])
     (times,) = data["raw_seconds"][f"{speed.SMALL}/64/training"]
     assert set(times) == {"plain", "plain_cl", "odconv_1x", "odconv_4x", "kerneldna"}
+
+
+def test_without_path_adds_the_kw_model_timed_without_that_path():
+    """``--without-path inline``: one more KW b=1 variant whose steps run inside ``excluding``."""
+    variants = speed.variants_for(speed.SMALL, [1.0], compiled=False, reference=False, without_path="inline")
+    assert [v.name for v in variants] == ["plain", "plain_cl", "kw_b1", speed.without_key("inline")]
+    with variants[-1].context():
+        assert speed.path_choice._excluded.get() == {"inline"}
+    assert speed.path_choice._excluded.get() == frozenset()

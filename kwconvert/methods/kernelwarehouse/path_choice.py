@@ -11,6 +11,7 @@ guarded by a lock; ``kwconvert.execution.use_path`` forces a path in one thread 
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
 import threading
@@ -30,8 +31,6 @@ from .paths import _available, _inline_trains, _keep_limit, _run, _spec_for
 #: configuration (the blocks of a stage, a model and its copy), so identical layers time
 #: once, take the same path and give bit-identical results: configuration -> path.
 _timed: dict[tuple, str] = {}
-#: Guards the choices and the packed copies; timing runs under it, one layer at a time, so two
-#: threads meeting a new shape time it once and never time while the other is timing.
 #: Guards the choices; timing runs under it, one layer at a time, so two threads meeting a
 #: new shape time it once and never time while the other is timing.
 _lock = threading.RLock()
@@ -69,9 +68,35 @@ def forget_paths(model: torch.nn.Module) -> None:
             layer.path_choices.clear()
 
 
+#: Paths left out of the timed choice in this thread (``excluding``).
+_excluded: contextvars.ContextVar[frozenset] = contextvars.ContextVar("kwconvert_excluded_paths",
+                                                                     default=frozenset())
+
+
+@contextlib.contextmanager
+def excluding(*names: str):
+    """Leave the paths ``names`` out of the choice of every layer that chooses inside the block
+    (this thread only; a layer that has chosen already keeps its choice: ``forget_paths`` first).
+
+    What a path is worth, measured: a model timed inside ``excluding("inline")`` against its copy
+    timed without, in one process (``benchmarks/speed.py --without-path inline``).
+    """
+    unknown = sorted(set(names) - set(execution.PATHS))
+    if unknown:
+        raise ValueError(f"unknown paths {unknown}: the paths are {', '.join(execution.PATHS)}")
+    token = _excluded.set(_excluded.get() | frozenset(names))
+    try:
+        yield
+    finally:
+        _excluded.reset(token)
+
+
 def conv2d(layer, x: Tensor, alpha: Tensor) -> Tensor:
     """A KW Conv2d's output for a batched input ``x`` and its attention ``alpha`` (B, m, n)."""
     available = _available(layer, x)
+    excluded = _excluded.get()
+    if excluded:
+        available = tuple(path for path in available if path not in excluded) or available
     forced = execution.forced()
     if forced is not None:
         path = forced if forced in available else "grouped"
@@ -176,7 +201,7 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
     with _lock:
         path = layer.path_choices.get(key)
         if path is None:
-            configuration = (*_layer_key(layer), *key)
+            configuration = (*_layer_key(layer), *key, *sorted(_excluded.get()))
             path = _timed.get(configuration)
             if path is None:
                 needs_grad = _training(layer, x, alpha)
