@@ -29,9 +29,10 @@ input):
   in backward instead of holding a batch of kernels per layer until then;
 * ``"native"`` (inference) runs each sample's product in a compiled kernel (:mod:`.native`)
   that reads the kernels straight from the assembly's output: no per-sample weight reorder
-  inside a library GEMM, no copy into OHWI order; ``"inline"`` (inference) runs the assembly
-  inside that kernel too, a chunk of a few samples' kernels at a time in a buffer that stays in
-  cache: no batch of kernels is ever written out (the late stages, where kernels are big).
+  inside a library GEMM, no copy into OHWI order; ``"inline"`` runs the assembly inside that
+  kernel too, a chunk of a few samples' kernels at a time in a buffer that stays in cache: no
+  batch of kernels is ever written out (the late stages, where kernels are big); it also trains
+  (``_KWConv2dInline``: the backward in the compiled kernel as well).
 
 Everything else is pure PyTorch, and without the extension the other paths run.  Results
 equal the straightforward path to float rounding (tests/test_fast.py, tests/test_native.py).
