@@ -225,6 +225,7 @@ def assert_inline_trains_like_the_float64_reference(layer: KWConv2d, x: torch.Te
         assert relative_error(g, e) <= 4 * FLOAT32, index  # 0: the output, 1: x's gradient, then parameters'
 
 
+@needs_native
 def test_inline_in_training_falls_back_where_the_kernel_cannot_take_the_backward():
     """12 input channels per cell (no panel of 8): the input gradient cannot be mixed in panels, so
     "inline" trains on "matmul" and gives its results."""
