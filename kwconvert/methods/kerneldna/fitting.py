@@ -123,9 +123,9 @@ def parent_ranking(kernels: list[Tensor], rounds: int) -> list[float]:
         for child in range(len(kernels)):
             if child != parent:
                 s, f = _gram_scalings(inner, child, ones, rounds)
-                a = _scale(s, f).squeeze(1)
-                squared = (a * a * gram[parent, parent] - 2 * a * gram[parent, child] + gram[child, child]).sum()
-                total += float((squared.clamp_min(0) / gram[child, child].sum().clamp_min(_TINY)).sqrt())
+                squared = _squared_error(_scale(s, f).squeeze(1), gram[parent, parent], gram[parent, child],
+                                         gram[child, child])
+                total += float((squared / gram[child, child].sum().clamp_min(_TINY)).sqrt())
         totals.append(total)
     return totals
 
@@ -178,8 +178,14 @@ def _objective(gram: Tensor, weights: Tensor, inner: tuple[Tensor, Tensor],
                scalings: list[tuple[Tensor, Tensor]]) -> float:
     """The family's summed squared relative error, from inner products (no kernel is built)."""
     with_kernels, with_itself = inner
-    total = weights[0] * (with_itself - 2 * with_kernels[0] + gram[0, 0]).sum().clamp_min(0)
+    total = weights[0] * _squared_error(1.0, with_itself, with_kernels[0], gram[0, 0])
     for j, (s, f) in enumerate(scalings, start=1):
         a = f.view(-1, 1) * s.view(1, -1)
-        total = total + weights[j] * (a * a * with_itself - 2 * a * with_kernels[j] + gram[j, j]).sum().clamp_min(0)
+        total = total + weights[j] * _squared_error(a, with_itself, with_kernels[j], gram[j, j])
     return float(total)
+
+
+def _squared_error(a, with_itself: Tensor, with_target: Tensor, target_squared: Tensor) -> Tensor:
+    """``||P * a - T||^2`` from inner products per (filter, position): ``<P, P>``, ``<P, T>``
+    and ``<T, T>`` (``a`` the scalings there, or 1); never below 0 from rounding."""
+    return (a * a * with_itself - 2 * a * with_target + target_squared).sum().clamp_min(0)

@@ -103,7 +103,7 @@ def _packed_cells(cells: Tensor, panels: int | None = None, inline: bool = False
     return packed
 
 
-def inline_rows(cells: Tensor, width: int) -> Tensor:
+def cached_inline_rows(cells: Tensor, width: int) -> Tensor:
     """The warehouse as ``native.inline_conv`` reads it: the packed copy where one may serve (the
     compiled kernel's inference), else packed now."""
     packed = _packed_cells(cells, width, inline=True)

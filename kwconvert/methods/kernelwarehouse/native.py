@@ -281,20 +281,25 @@ def _conv_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(cols, blocks)
 
 
-def _conv_backward(ctx, grad: Tensor):
-    """Each sample's kernel^T gathered from its blocks; then the two products of a linear map."""
-    cols, blocks = ctx.saved_tensors
-    index = _kernel_index(ctx.tiling, panel_width(ctx.tiling), blocks.device)
+def _conv_grads(tiling: Tiling, cols: Tensor, blocks: Tensor, grad: Tensor, needs: tuple[bool, bool, bool]
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``conv``'s gradients of cols, blocks and bias (those ``needs`` asks for): each sample's
+    kernel^T gathered from its blocks, then the two products of a linear map."""
+    index = _kernel_index(tiling, panel_width(tiling), blocks.device)
     flat = blocks.reshape(blocks.shape[0], -1)
     grad_cols = grad_blocks = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if needs[0]:
         grad_cols = torch.bmm(grad, flat[:, index].transpose(1, 2))
-    if ctx.needs_input_grad[1]:
+    if needs[1]:
         grad_kernel = torch.bmm(cols.transpose(1, 2), grad).reshape(blocks.shape[0], -1)
         grad_blocks = grad_kernel[:, torch.argsort(index.reshape(-1))].view_as(blocks)
-    if ctx.needs_input_grad[2]:
+    if needs[2]:
         grad_bias = grad.sum(dim=(0, 1))
-    return grad_cols, grad_blocks, grad_bias, None, None
+    return grad_cols, grad_blocks, grad_bias
+
+
+def _conv_backward(ctx, grad: Tensor):
+    return *_conv_grads(ctx.tiling, *ctx.saved_tensors, grad, ctx.needs_input_grad[:3]), None, None
 
 
 _conv.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -334,7 +339,7 @@ def _inline_blocks(alpha: Tensor, rows: Tensor) -> Tensor:
 
 @torch.library.custom_op("kwconvert::inline_conv", mutates_args=())
 def _inline_conv(cols: Tensor, alpha: Tensor, rows: Tensor, bias: Tensor | None, weight_shape: list[int],
-           cell: list[int]) -> Tensor:
+                 cell: list[int]) -> Tensor:
     tiling = Tiling(tuple(weight_shape), tuple(cell))
     width = panel_width(tiling)
     _check("cols", cols, 3)
@@ -342,12 +347,13 @@ def _inline_conv(cols: Tensor, alpha: Tensor, rows: Tensor, bias: Tensor | None,
     _check("rows", rows, 3)
     batch, count, depth = cols.shape
     n = alpha.shape[2]
-    if width is None or alpha.shape[:2] != (batch, tiling.cells) or rows.shape != (math.prod(tiling.cell) // width, n, width) \
+    if width is None or alpha.shape[:2] != (batch, tiling.cells) \
+            or rows.shape != (math.prod(tiling.cell) // width, n, width) \
             or depth != math.prod(tiling.weight_shape[1:]) or (bias is not None and bias.shape != (weight_shape[0],)):
         raise ValueError(f"kwconvert::inline_conv: cols {tuple(cols.shape)}, alpha {tuple(alpha.shape)}, rows "
                          f"{tuple(rows.shape)} and bias do not fit a kernel {tiling.weight_shape} of cells {tiling.cell}")
     library = _kernel_for(cols, alpha, rows, bias)
-    if library is None or tiling.spatial * tiling.blocks_in > _MAX_SEGMENTS:
+    if library is None:
         return _conv(cols, _inline_blocks(alpha, rows), bias, weight_shape, cell)
     cols, alpha, rows = cols.contiguous(), alpha.contiguous(), rows.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -377,23 +383,15 @@ def _inline_setup(ctx, inputs, output) -> None:
 def _inline_backward(ctx, grad: Tensor):
     """The assembly redone in PyTorch ops, then ``conv``'s formula and the assembly's."""
     cols, alpha, rows = ctx.saved_tensors
-    blocks = _inline_blocks(alpha, rows)
     needs = ctx.needs_input_grad
-    conv_ctx = _Saved(ctx.tiling, (needs[0], needs[1] or needs[2], needs[3]), cols, blocks)
-    grad_cols, grad_blocks, grad_bias, _, _ = _conv_backward(conv_ctx, grad)
+    grad_cols, grad_blocks, grad_bias = _conv_grads(ctx.tiling, cols, _inline_blocks(alpha, rows), grad,
+                                                    (needs[0], needs[1] or needs[2], needs[3]))
     grad_alpha = grad_rows = None
     if grad_blocks is not None:
         grad_grid = grad_blocks.view(*alpha.shape[:2], rows.shape[0], rows.shape[2])
         grad_alpha = torch.einsum("bmrw,rnw->bmn", grad_grid, rows)
         grad_rows = torch.einsum("bmn,bmrw->rnw", alpha, grad_grid)
     return grad_cols, grad_alpha, grad_rows, grad_bias, None, None
-
-
-class _Saved:
-    """``conv``'s backward context for ``inline_conv``'s: the tiling, which gradients, the blocks."""
-
-    def __init__(self, tiling: Tiling, needs_input_grad: tuple, cols: Tensor, blocks: Tensor) -> None:
-        self.tiling, self.needs_input_grad, self.saved_tensors = tiling, needs_input_grad, (cols, blocks)
 
 
 _inline_conv.register_autograd(_inline_backward, setup_context=_inline_setup)

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ... import execution
 from . import native
-from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, inline_rows
+from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline_rows
 from .cells import Tiling
 
 
@@ -615,6 +615,13 @@ class _KWConv2dPremixed(torch.autograd.Function):
 # --- entry points used by layers.py --------------------------------------------------------
 
 
+def _padded(layer, x: Tensor) -> Tensor:
+    """``x`` padded where the padding mode is not zeros (``_spec_for`` then pads with nothing)."""
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+    return x
+
+
 def _spec_for(layer, path: str) -> ConvSpec:
     """The fused node's geometry; non-zero padding modes are applied before (see conv2d)."""
     if layer.padding_mode == "zeros":
@@ -669,9 +676,7 @@ def _folded(layer, x: Tensor, alpha: Tensor) -> Tensor:
 
 
 def _fused(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
-    if layer.padding_mode != "zeros":
-        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-    spec = _spec_for(layer, path)
+    x, spec = _padded(layer, x), _spec_for(layer, path)
     x = x.contiguous(memory_format=torch.channels_last)
     cells = layer.warehouse.cells
     if not _needs_grad(x, alpha, cells, layer.bias):  # inference: no autograd node, packed warehouse
@@ -696,9 +701,7 @@ def _native(layer, x: Tensor, alpha: Tensor, inline: bool = False) -> Tensor:
     sample's kernel where the assembly leaves it: for a dense layer the warehouse is packed
     in the kernel's panel order; a depthwise layer's blocks are in its order already.
     ``inline``: the kernel assembles the kernels itself, chunk by chunk (dense layers)."""
-    if layer.padding_mode != "zeros":
-        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-    spec = _spec_for(layer, "native")
+    x, spec = _padded(layer, x), _spec_for(layer, "native")
     x = x.contiguous(memory_format=torch.channels_last)
     cells = layer.warehouse.cells
     if layer.groups > 1:
@@ -742,16 +745,14 @@ def _native_dense(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
 
 
 def _train_inline(layer, x: Tensor, alpha: Tensor) -> Tensor:
-    if layer.padding_mode != "zeros":
-        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-    spec = _spec_for(layer, "inline")
+    x, spec = _padded(layer, x), _spec_for(layer, "inline")
     return _KWConv2dInline.apply(x.contiguous(memory_format=torch.channels_last), alpha, layer.warehouse.cells,
                                  layer.bias, spec)
 
 
 def _native_inline(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
     """``(B, rows, C_out)``: the product with the assembly inside the compiled kernel."""
-    rows = inline_rows(layer.warehouse.cells, native.panel_width(spec.tiling))
+    rows = cached_inline_rows(layer.warehouse.cells, native.panel_width(spec.tiling))
     cols, _ = _im2col(spec, x)
     return native.inline_conv(spec.tiling, cols, alpha, rows, layer.bias)
 
