@@ -2,7 +2,7 @@
 
 ``kwconvert/methods/kernelwarehouse/_native.c`` is compiled once per instruction set, each copy its own module:
 ``_native_baseline`` with the compiler's default target (any CPU of the architecture) and, on
-x86-64, ``_native_avx2`` (AVX2 + FMA) and ``_native_avx512`` (AVX-512F).  No copy is tied
+x86-64, ``_native_avx2`` (AVX2 + FMA + F16C) and ``_native_avx512`` (AVX-512F).  No copy is tied
 to the CPU that built it (no flag asks for the build machine's own ISA): ``kwconvert.methods.kernelwarehouse.native`` loads, at run time,
 the best copy the CPU executes (``KWCONVERT_ISA`` forces one).  Every copy is optional: when
 the compiler is missing or refuses a flag, pip still installs kwconvert and the
@@ -19,7 +19,7 @@ SOURCE = PACKAGE.replace(".", "/")
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 OPENMP = [] if sys.platform in ("darwin", "win32") else ["-fopenmp"]
 #: module suffix -> the compiler flags of its instruction set
-ISAS = {"baseline": [], **({"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mavx2", "-mfma"]}
+ISAS = {"baseline": [], **({"avx2": ["-mavx2", "-mfma", "-mf16c"], "avx512": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"]}
                            if X86_64 and sys.platform != "win32" else {})}
 
 

@@ -16,7 +16,7 @@ right after building the model, over two steps.
     .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--processes 3] [--compile]
                                          [--no-memory] [--allocator keep|default] [--threads 2]
                                          [--methods kernelwarehouse odconv kerneldna | all]
-                                         [--without-path inline]
+                                         [--without-path inline] [--half-warehouses]
 
 Targets (issue 7) are ratios of KW b = 1 to the plain model in eager NCHW.  The small-image
 row (issue 20) trains the accuracy benchmark's residual CNN (``benchmarks/fashion_mnist.py``,
@@ -28,7 +28,10 @@ claim, inference at >= 0.9x the plain model's throughput, is a target of 1 / 0.9
 ratio.  Without ``kernelwarehouse`` among them no KW variant (nor its memory row) is built.
 ``--without-path NAME`` adds the KW b = 1 model timed with that path left out of its choice
 (``path_choice.excluding``) as one more interleaved variant: what the path is worth, in the
-same processes (each row gets ``vs_without_path``, KW / KW without it).
+same processes (each row gets ``vs_without_path``, KW / KW without it).  ``--half-warehouses``
+adds, in inference, the KW b = 1 model served from float16 warehouse copies
+(``kwconvert.half_warehouses``; rows get ``half_vs_plain``, ``half_vs_kw`` and ``half_error``, the
+largest output difference from the float32 KW model on the timed batch, relative to its scale).
 Prints a rich table and writes benchmarks/results/speed.json (atomically).
 """
 from __future__ import annotations
@@ -60,7 +63,7 @@ if str(ROOT) not in sys.path:  # run as a script: ``benchmarks.results_io`` and 
 
 import kwconvert  # noqa: E402
 from kwconvert import allocator, bench, execution, reference_path  # noqa: E402
-from kwconvert.methods.kernelwarehouse import native, path_choice  # noqa: E402
+from kwconvert.methods.kernelwarehouse import native, path_choice, serving  # noqa: E402
 from kwconvert.methods.kernelwarehouse.layers import set_temperature  # noqa: E402
 from kwconvert.methods import odconv  # noqa: E402
 from benchmarks.results_io import write_json  # noqa: E402
@@ -140,6 +143,7 @@ class Variant:
     model: torch.nn.Module
     channels_last: bool = False
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    inference_only: bool = False  # e.g. float16 warehouses: training reads the float32 cells anyway
 
 
 def build(name: str, budget: float | None, seed: int = 0) -> torch.nn.Module:
@@ -190,8 +194,11 @@ def without_key(path: str) -> str:
     return f"kw_b1_without_{path}"
 
 
+HALF = "kw_b1_half"  # the timings' name of the KW b = 1 model served from float16 warehouses
+
+
 def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool,
-                 methods: list[str] = (), without_path: str | None = None) -> list[Variant]:
+                 methods: list[str] = (), without_path: str | None = None, half: bool = False) -> list[Variant]:
     """The plain model and every variant timed against it; ``methods`` are MethodVariant keys."""
     plain = build(name, None)
     out = [Variant("plain", plain),
@@ -207,13 +214,25 @@ def variants_for(name: str, budgets: list[float], compiled: bool, reference: boo
     if without_path:
         out.append(Variant(without_key(without_path), build(name, 1.0),
                            context=lambda: path_choice.excluding(without_path)))
+    if half:
+        model = build(name, 1.0)
+        serving.set_half(model, True)
+        out.append(Variant(HALF, model, inference_only=True))
     return out
+
+
+def half_error(name: str, batch: int, variants: list[Variant]) -> float:
+    """How far float16 warehouses move the KW b = 1 model's outputs on the timed batch."""
+    models = {v.name: v.model.eval() for v in variants}  # make_step sets each step's mode
+    images, _ = inputs_for(name, batch)
+    with torch.no_grad():
+        return serving.output_error(models["kw_b1"](images), models[HALF](images))
 
 
 def time_workload(name: str, batch: int, mode: str, variants: list[Variant], reps: int,
                   console: Console) -> dict[str, list[float]]:
     images, labels = inputs_for(name, batch)
-    steps = {v.name: make_step(v, mode, images, labels) for v in variants}
+    steps = {v.name: make_step(v, mode, images, labels) for v in variants if mode == "inference" or not v.inference_only}
     for variant_name, step in steps.items():  # warm-up: oneDNN primitives, path timing, compilation
         start = time.perf_counter()
         step()
@@ -254,14 +273,18 @@ def timing_worker(spec: dict) -> dict:
         allocator.keep_freed_memory()
     console = Console(stderr=True)
     variants = variants_for(spec["model"], spec["budgets"], spec["compile"], spec["reference"],
-                            spec.get("methods", ()), spec.get("without_path"))
+                            spec.get("methods", ()), spec.get("without_path"), spec.get("half", False))
+    error = half_error(spec["model"], spec["batch"], variants) if spec.get("half") else None  # before any step trains
     timings = {mode: time_workload(spec["model"], spec["batch"], mode, variants, spec["reps"], console)
                for mode in spec["modes"]}
-    return {"times": timings, "paths": dict(collections.Counter(path_choice.timed_paths().values()))}
+    return {"times": timings, "paths": dict(collections.Counter(path_choice.timed_paths().values())),
+            "half_error": error}
 
 
-def measure_workload(spec: dict, processes: int, console: Console) -> tuple[dict[str, list[dict]], collections.Counter]:
-    """{mode: [timings of each process]}: in this process (``processes`` = 0) or in fresh ones.
+def measure_workload(spec: dict, processes: int, console: Console) -> tuple[dict[str, list[dict]], collections.Counter,
+                                                                            float | None]:
+    """{mode: [timings of each process]}, the paths chosen and the largest ``half_error``: in this
+    process (``processes`` = 0) or in fresh ones.
 
     Fresh processes matter: the same plain model in NCHW runs at 77 or at 96 ms from one
     process to the next (mobilenet_v2, batch 16), whatever the interleaving within one.
@@ -278,7 +301,9 @@ def measure_workload(spec: dict, processes: int, console: Console) -> tuple[dict
     paths = collections.Counter()
     for result in results:
         paths.update(result["paths"])
-    return {mode: [result["times"][mode] for result in results] for mode in spec["modes"]}, paths
+    errors = [result["half_error"] for result in results if result.get("half_error") is not None]
+    return {mode: [result["times"][mode] for result in results] for mode in spec["modes"]}, paths, \
+        (max(errors) if errors else None)
 
 
 # --- memory: one fresh process per model ---------------------------------------------------
@@ -362,14 +387,18 @@ def kw_table(rows: list[dict], settings: dict, processes: int) -> Table:
     table = Table(title=f"KW / plain time, {settings['threads']} threads, allocator {settings['allocator_mode']} "
                         f"(median over {processes} process(es) [25-75 % of per-repetition ratios])")
     without = next((row["without_path"] for row in rows if row.get("without_path")), None)
+    half = any(row.get("half_vs_plain") for row in rows)
     for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
-                   "reference/plain", *([f"KW/without {without}"] if without else []), "target"):
+                   "reference/plain", *([f"KW/without {without}"] if without else []),
+                   *(["KW f16/plain", "f16 error"] if half else []), "target"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
         table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
                       f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
                       fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
                       *([fmt(row.get("vs_without_path"))] if without else []),
+                      *([fmt(row.get("half_vs_plain")), f"{row['half_error']:.1e}" if row.get("half_error") else ""]
+                        if half else []),
                       target_note(row.get("target"), row["vs_plain"]["median"]))
     return table
 
@@ -410,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                              "4x, kerneldna KernelDNA; memory and reference rows are KernelWarehouse's")
     parser.add_argument("--without-path", choices=execution.PATHS,
                         help="also time the KW b=1 model with this path left out of its choice (what it is worth)")
+    parser.add_argument("--half-warehouses", action="store_true",
+                        help="add the KW b = 1 model served from float16 warehouses (inference rows)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--processes", type=int, default=3,
                         help="fresh processes per workload, ratios are medians over them [3; 0: this process]")
@@ -453,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"model": name, "batch": batch, "modes": list(modes), "budgets": budgets, "compile": args.compile,
                 "reference": kw and not args.no_reference, "reps": reps, "threads": args.threads,
                 "allocator": args.allocator, "methods": [v.key for v in others],
-                "without_path": args.without_path if 1.0 in budgets else None}
-        timings, chosen = measure_workload(spec, args.processes, console)
+                "without_path": args.without_path if 1.0 in budgets else None,
+                "half": args.half_warehouses and 1.0 in budgets and "inference" in modes}
+        timings, chosen, error = measure_workload(spec, args.processes, console)
         paths.update(chosen)
         for mode in modes:
             runs = timings[mode]
@@ -471,10 +503,15 @@ def main(argv: list[str] | None = None) -> int:
                     if spec["without_path"]:
                         row["without_path"] = spec["without_path"]
                         row["vs_without_path"] = ratio(runs, kw, without_key(spec["without_path"]))
+                    if spec["half"] and mode == "inference":
+                        row.update(half_vs_plain=ratio(runs, HALF, "plain"), half_vs_kw=ratio(runs, HALF, kw),
+                                   half_error=error)
                 rows.append(row)
                 without = f", KW / KW without {row['without_path']} {fmt(row['vs_without_path'])}" \
                     if row.get("without_path") else ""
-                console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}{without}")
+                half = f", KW float16 warehouses / plain {fmt(row['half_vs_plain'])} (outputs moved by " \
+                    f"{row['half_error']:.1e})" if row.get("half_vs_plain") else ""
+                console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}{without}{half}")
             for variant in others:
                 method_rows.append(method_row(runs, name, batch, mode, variant))
                 console.log(f"{name} batch {batch} {mode} {variant.label}: /plain {fmt(method_rows[-1]['vs_plain'])}")

@@ -385,6 +385,7 @@ def bench(
     input_size: Annotated[Optional[str], typer.Option(help="one sample's input size C,H,W [default: the save's, else the model's own]")] = None,
     base_model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help="the unconverted model (as for convert) when the save records no source")] = None,
     model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", "-M", help="argument of MODEL's constructor as KEY=VALUE (repeatable)")] = None,
+    half_warehouses: Annotated[bool, typer.Option("--half-warehouses", help="serve the KW model's inference from float16 warehouse copies (kwconvert.half_warehouses: refused when its outputs move by more than 1e-3 of their scale)")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print only JSON on stdout")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing but errors (and --json's output)")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
@@ -415,6 +416,11 @@ def bench(
                 budget_value, options = _method_options(method, budget, kernels, None, None)
                 original, converted, size = _converted_pair(target, budget_value, options, args, size)
             inputs = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+            error = None
+            if half_warehouses:
+                from kwconvert import half_warehouses as serve_half
+                step("measuring float16 warehouses against float32")
+                error = serve_half(converted.eval(), inputs)
             rows = compare_speed(original, converted, inputs, modes=modes, repetitions=repetitions,
                                  progress=lambda name, done, total: step(f"timing {name}, interleaved", done, total))
         from kwconvert.rewrite import plan_of
@@ -423,6 +429,8 @@ def bench(
                   "input_size": list(size), "batch": batch,
                   "threads": torch.get_num_threads(), "cpu": cpu_description(), "torch": torch.__version__,
                   "rows": [row.to_dict() for row in rows]}
+        if half_warehouses:
+            result["half_warehouses_error"] = error
         if json_output:
             print(json.dumps(result, indent=2))
         elif not quiet:

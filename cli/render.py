@@ -175,6 +175,10 @@ def saved(directory, meta: dict, plan) -> Table:
     paths = meta.get("paths")
     if isinstance(paths, dict) and paths:
         table.add_row("timed paths", f"{count(len(paths), 'layer')} (kwconvert.tune): served without timing")
+    half = meta.get("half_warehouses")
+    if isinstance(half, list) and half:
+        table.add_row("warehouses", f"{count(len(half), 'warehouse')} served from float16 copies in inference "
+                                    "(kwconvert.half_warehouses)")
     versions = meta.get("versions") or {}
     table.add_row("written by", ", ".join(f"{name} {version}" for name, version in versions.items()))
     return table
@@ -226,4 +230,7 @@ def speed(result: dict) -> Group:
                       f"{row['ratio']:.2f}x", f"{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}")
     where = (f"{result['cpu']}, {count(result['threads'], 'thread')}, torch {result['torch']}; medians of "
              f"{count(result['rows'][0]['repetitions'], 'repetition')}, interleaved in one process")
+    if result.get("half_warehouses_error") is not None:
+        where += (f"; inference from float16 warehouses (outputs moved by {result['half_warehouses_error']:.1e} "
+                  f"of their scale; training reads float32)")
     return Group(title, table, Text(where))

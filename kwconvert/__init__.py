@@ -15,10 +15,11 @@ from .io import load, save  # noqa: E402
 from .export import export  # noqa: E402
 from .trace import trace  # noqa: E402
 from .methods.kernelwarehouse.path_choice import tune  # noqa: E402
+from .methods.kernelwarehouse.serving import half_warehouses  # noqa: E402
 from .execution import reference_path, use_path  # noqa: E402
 
 __all__ = [
-    "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "Warehouse", "Plan", "convert", "export", "load",
+    "KWConv1d", "KWConv2d", "KWConv3d", "KWLinear", "Warehouse", "Plan", "convert", "export", "half_warehouses", "load",
     "parse_budget", "plan", "plan_of", "reference_path", "save", "set_temperature", "temperature_at", "trace", "tune",
     "use_path",
 ]

@@ -28,6 +28,7 @@ from . import __version__, methods
 from .files import umask
 from .methods.kernelwarehouse.layers import Warehouse
 from .methods.kernelwarehouse.path_choice import restore_choices, saved_choices
+from .methods.kernelwarehouse.serving import half_names, restore_half
 from .models import build_model
 from .plan import Plan
 from .rewrite import PLAN_ATTR, convert, plan_of
@@ -75,6 +76,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
                          _sha256(weights_path), _temperatures(model))
         meta["model_args"] = dict(model_args if model_args is not None else getattr(model, MODEL_ARGS_ATTR, {}))
         meta["paths"] = saved_choices(model)  # each layer's timed path (kwconvert.tune): no timing after load
+        meta["half_warehouses"] = half_names(model)  # served from float16 copies (kwconvert.half_warehouses)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         _fsync_dir(staging)
         _apply_umask(staging)
@@ -118,6 +120,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     _load_strict(converted, state, path)
     _set_temperatures(converted, meta.get("temperatures", {}), path)
     _remember_source(converted, meta.get("source"), meta.get("model_args", {}))
+    half = meta.get("half_warehouses", [])
+    if isinstance(half, list):
+        restore_half(converted, half)
     paths = meta.get("paths", {})
     if isinstance(paths, dict):  # saves of 2026-12-01 listed choices per configuration: timed again
         restore_choices(converted, paths)

@@ -324,6 +324,21 @@ def test_bench_times_a_save_and_a_model_against_their_originals(tmp_path):
     assert "1 thread," in text and "medians of 1 repetition, interleaved in one process" in text
 
 
+def test_bench_half_warehouses_reports_the_error_or_says_why_not(monkeypatch):
+    from kwconvert.methods.kernelwarehouse import native, serving
+    args = ("bench", "resnet18", "-M", "num_classes=10", "--input-size", "3,32,32", "--batch", "1", "--mode",
+            "inference", "--reps", "1", "--half-warehouses")
+    if native.mixes_half():
+        data = json.loads(invoke(*args, "--json").stdout)
+        assert 0 < data["half_warehouses_error"] <= serving.HALF_TOLERANCE
+        assert "inference from float16 warehouses (outputs moved by" in " ".join(invoke(*args).stdout.split())
+    monkeypatch.setattr(native, "mixes_half", lambda: False)
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert re.fullmatch(r"error: RuntimeError: float16 warehouses need kwconvert's compiled AVX2 or AVX-512 kernel; "
+                        r".*: the warehouses stay float32", one_line(result.stderr))
+
+
 @pytest.mark.parametrize("args, pattern", [
     (("SAVE", "--budget", "2"), r"--budget applies to a MODEL; .* is a saved model, already converted"),
     (("resnet18", "--mode", "serving"), r"--mode must be inference or training, got 'serving'"),

@@ -418,6 +418,7 @@ def test_the_operators_pass_opcheck():
     alpha = torch.randn(5, 6, requires_grad=True)
     panels = torch.randn(3, 6, 16, requires_grad=True)
     torch.library.opcheck(torch.ops.kwconvert.mix.default, (alpha, panels))
+    torch.library.opcheck(torch.ops.kwconvert.mix.default, (alpha.detach(), panels.detach().half()))
     tiling, cols, mixtures, rows, bias = inline_operands(grad=True)
     for b in (bias, None):
         torch.library.opcheck(torch.ops.kwconvert.inline_conv.default,
@@ -492,3 +493,25 @@ def test_compiled_with_a_dynamic_batch_the_model_runs_the_kernel_in_one_graph(kw
     assert len(graphs) == 1
     targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert torch.ops.kwconvert.conv.default in targets
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("width", (8, 16, 32, 64))
+def test_the_float16_assembly_of_every_copy_equals_float64(isa, width, monkeypatch):
+    """``mix`` from a float16 warehouse copy: each copy that converts float16 on load, at every panel
+    width and row-tile split, gives the float64 product of alpha and the float16-rounded cells (and
+    the copies that cannot convert fall back to PyTorch with the same result)."""
+    if isa not in native.built_isas() or isa not in native.cpu_isas():
+        pytest.skip(f"the {isa} copy is not built or this CPU cannot execute it")
+    monkeypatch.setenv("KWCONVERT_ISA", isa)
+    monkeypatch.delenv("KWCONVERT_NATIVE", raising=False)
+    assert native.mixes_half() == (isa != "baseline")
+    torch.manual_seed(width)
+    n, columns = 13, 4 * width
+    cells = torch.randn(n, columns)
+    panels = cells.reshape(n, 4, width).transpose(0, 1).contiguous().half()
+    for rows in (1, 5, 6, 7, 13):
+        alpha = torch.randn(rows, n)
+        out = native.mix(alpha, panels)
+        expected = torch.einsum("rn,pnw->rpw", alpha.double(), panels.double()).reshape(rows, -1)
+        assert out.dtype == torch.float32 and relative_error(out, expected) <= FLOAT32, rows

@@ -125,3 +125,21 @@ def test_without_path_adds_the_kw_model_timed_without_that_path():
     with variants[-1].context():
         assert speed.path_choice._excluded.get() == {"inline"}
     assert speed.path_choice._excluded.get() == frozenset()
+
+
+@pytest.mark.skipif(not speed.native.mixes_half(), reason="needs the compiled AVX2 / AVX-512 kernel")
+def test_half_warehouses_add_an_inference_variant_with_its_error(tmp_path):
+    """``--half-warehouses``: the KW b=1 model served from float16 copies, timed in inference only
+    (training reads the float32 cells), its ratios and output error in the row."""
+    out = tmp_path / "speed.json"
+    assert speed.main(["--models", speed.SMALL, "--batches", "64", "--processes", "0", "--reps", "1", "--threads", "1",
+                       "--allocator", "default", "--no-reference", "--no-memory", "--half-warehouses",
+                       "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {(row["mode"], row["budget"]): row for row in data["rows"]}
+    inference, training = rows[("inference", 1.0)], rows[("training", 1.0)]
+    assert inference["half_vs_plain"]["median"] > 0 and inference["half_vs_kw"]["median"] > 0
+    assert 0 < inference["half_error"] <= speed.serving.HALF_TOLERANCE
+    assert "half_vs_plain" not in training
+    assert speed.HALF in data["raw_seconds"][f"{speed.SMALL}/64/inference"][0]
+    assert speed.HALF not in data["raw_seconds"][f"{speed.SMALL}/64/training"][0]

@@ -65,7 +65,6 @@ static inline int tile_rows(int rows, int r0)
 /* Register tiles, one per vector width: acc (R rows x NV vectors) over segments [g0, g1), rows
  * [q0, q1) of each, for the panel columns [col, col + NV * width); first: start from bias or 0. */
 #if KW_VECTOR >= 256
-#define TILE_NAME tile256
 #define TILE_VEC __m256
 #define TILE_WIDTH 8
 #define TILE_MAX_VECTORS 2         /* 6 x 2 sums + 2 weights + 1 broadcast: 15 of 16 registers */
@@ -74,10 +73,24 @@ static inline int tile_rows(int rows, int r0)
 #define TILE_SET1 _mm256_set1_ps
 #define TILE_ZERO _mm256_setzero_ps
 #define TILE_FMA _mm256_fmadd_ps
+#define TILE_NAME tile256
+#define TILE_WTYPE float
+#define TILE_WLOAD _mm256_loadu_ps
 #include "_native_tile.h"
+#define TILE_NAME tile256h
+#define TILE_WTYPE uint16_t
+#define TILE_WLOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#include "_native_tile.h"
+#undef TILE_VEC
+#undef TILE_WIDTH
+#undef TILE_MAX_VECTORS
+#undef TILE_LOAD
+#undef TILE_STORE
+#undef TILE_SET1
+#undef TILE_ZERO
+#undef TILE_FMA
 #endif
 #if KW_VECTOR >= 512
-#define TILE_NAME tile512
 #define TILE_VEC __m512
 #define TILE_WIDTH 16
 #define TILE_MAX_VECTORS 4         /* 6 x 4 sums + 4 weights of 32 registers */
@@ -86,6 +99,13 @@ static inline int tile_rows(int rows, int r0)
 #define TILE_SET1 _mm512_set1_ps
 #define TILE_ZERO _mm512_setzero_ps
 #define TILE_FMA _mm512_fmadd_ps
+#define TILE_NAME tile512
+#define TILE_WTYPE float
+#define TILE_WLOAD _mm512_loadu_ps
+#include "_native_tile.h"
+#define TILE_NAME tile512h
+#define TILE_WTYPE uint16_t
+#define TILE_WLOAD(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #include "_native_tile.h"
 #endif
 
@@ -94,21 +114,31 @@ static inline int tile_rows(int rows, int r0)
 #define TILE_ROWS(NAME, NV) TILE_CASE(NAME, 1, NV) TILE_CASE(NAME, 2, NV) TILE_CASE(NAME, 3, NV) \
     TILE_CASE(NAME, 4, NV) TILE_CASE(NAME, 5, NV) TILE_CASE(NAME, 6, NV)
 
+/* The vector tiles' dispatch for R rows of one panel, NP columns (SUFFIX: empty for float32 panels, h for
+ * float16 ones): AVX-512 tiles of up to 64 columns, else AVX2 tiles of 8 or 16 across the panel. */
+#if KW_VECTOR >= 512
+#define WIDE_TILES(SUFFIX)                                                                                      \
+    if (NP >= 16) {                                                                                             \
+        const int col = 0;                                                                                      \
+        switch (R * 8 + NP / 16) { TILE_ROWS(tile512##SUFFIX, 1) TILE_ROWS(tile512##SUFFIX, 2)                  \
+                                   TILE_ROWS(tile512##SUFFIX, 4) default: break; }                              \
+        return;                                                                                                 \
+    }
+#else
+#define WIDE_TILES(SUFFIX)
+#endif
+#define NARROW_TILES(SUFFIX)                                                                                    \
+    const int NV = NP == 8 ? 1 : 2;                                                                             \
+    for (int col = 0; col < NP; col += 8 * NV)                                                                  \
+        switch (R * 8 + NV) { TILE_ROWS(tile256##SUFFIX, 1) TILE_ROWS(tile256##SUFFIX, 2) default: break; }
+
 /* R rows of one panel (NP = 8, 16, 32 or 64 columns) in the widest tiles that fit in registers. */
 static void run_tile(int R, int first, const float *A, long lda, const float *const *panels, int g0, int g1,
                      int seg_len, int q0, int q1, int NP, float *C, long ldc, const float *bias)
 {
-#if KW_VECTOR >= 512
-    if (NP >= 16) {
-        const int col = 0;
-        switch (R * 8 + NP / 16) { TILE_ROWS(tile512, 1) TILE_ROWS(tile512, 2) TILE_ROWS(tile512, 4) default: break; }
-        return;
-    }
-#endif
 #if KW_VECTOR >= 256
-    const int NV = NP == 8 ? 1 : 2;
-    for (int col = 0; col < NP; col += 8 * NV)
-        switch (R * 8 + NV) { TILE_ROWS(tile256, 1) TILE_ROWS(tile256, 2) default: break; }
+    WIDE_TILES()
+    NARROW_TILES()
 #else
     for (int r = 0; r < R; r++) {
         float *c = C + r * ldc;
@@ -123,6 +153,46 @@ static void run_tile(int R, int first, const float *A, long lda, const float *co
                     c[j] += x * w[j];
             }
     }
+#endif
+}
+
+#if KW_VECTOR >= 256
+/* run_tile's assembly case (one segment of n rows, sums from 0) on a float16 warehouse copy. */
+static void run_half_tile(int R, const float *A, long lda, const uint16_t *panel, int n, int NP, float *C, long ldc)
+{
+    const uint16_t *const *panels = &panel;
+    const int first = 1, g0 = 0, g1 = 1, seg_len = n, q0 = 0, q1 = n;
+    const float *bias = NULL;
+    WIDE_TILES(h)
+    NARROW_TILES(h)
+}
+#endif
+
+/*
+ * The assembly from a float16 copy of the warehouse (inference, batch 1-2, where it is bound by
+ * memory: every layer of a stage streams the stage's whole warehouse, 36 MB in float32 for each of
+ * resnet50's 19 stage-3 layers, and the copy halves that): out (rows x count * NP) = alpha (rows x n)
+ * @ the warehouse packed as `count` panels of (n, NP) float16s, converted on load (F16C, which
+ * every AVX2 CPU has).  Items are panels; every row tile of a panel runs while it is in L1.
+ * Returns 0, or -1 for an unsupported panel width or on the baseline copy (no conversion).
+ */
+int kw_native_mix_half(const float *alpha, int rows, int n, const uint16_t *panels, int count, int NP, float *out,
+                       int threads)
+{
+#if KW_VECTOR >= 256
+    if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
+        return -1;
+    const long ldc = (long)count * NP;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long P = 0; P < count; P++)
+        for (int r0 = 0, R; r0 < rows; r0 += R) {
+            R = tile_rows(rows, r0);
+            run_half_tile(R, alpha + (long)r0 * n, n, panels + P * n * NP, n, NP, out + (long)r0 * ldc + P * NP, ldc);
+        }
+    return 0;
+#else
+    (void)alpha, (void)rows, (void)n, (void)panels, (void)count, (void)NP, (void)out, (void)threads;
+    return -1;
 #endif
 }
 

@@ -1,14 +1,16 @@
 /*
  * One register tile of kw_native_conv, written once for every vector width: _native.c
- * defines TILE_NAME, TILE_VEC, TILE_WIDTH (floats per vector), TILE_MAX_VECTORS and the
- * TILE_* intrinsics, then includes this file (C's stand-in for a template).
+ * defines TILE_NAME, TILE_VEC, TILE_WIDTH (floats per vector), TILE_MAX_VECTORS, the
+ * TILE_* intrinsics and the panels' element type TILE_WTYPE with its TILE_WLOAD (float32, or
+ * float16 converted on load: a half-size warehouse copy), then includes this file (C's
+ * stand-in for a template).  It undefines the three that vary per copy; _native.c the rest.
  *
  * C[r, col + j] (+)= sum over segments g in [g0, g1), rows q in [q0, q1) of
  * A[r, g * seg_len + q] * panels[g][q * NP + col + j], for R rows and NV vectors of columns;
  * first: the sums start from the bias (or 0) instead of C.
  */
 static inline __attribute__((always_inline)) void TILE_NAME(
-    const int R, const int NV, int first, const float *A, long lda, const float *const *panels, int g0, int g1,
+    const int R, const int NV, int first, const float *A, long lda, const TILE_WTYPE *const *panels, int g0, int g1,
     int seg_len, int q0, int q1, int NP, int col, float *C, long ldc, const float *bias)
 {
     TILE_VEC acc[MAX_ROWS][TILE_MAX_VECTORS];
@@ -17,12 +19,12 @@ static inline __attribute__((always_inline)) void TILE_NAME(
             acc[r][v] = first ? (bias ? TILE_LOAD(bias + col + TILE_WIDTH * v) : TILE_ZERO())
                               : TILE_LOAD(C + r * ldc + col + TILE_WIDTH * v);
     for (int g = g0; g < g1; g++) {
-        const float *w = panels[g] + (long)q0 * NP + col;
+        const TILE_WTYPE *w = panels[g] + (long)q0 * NP + col;
         const float *a = A + (long)g * seg_len;
         for (int q = q0; q < q1; q++, w += NP) {
             TILE_VEC wv[TILE_MAX_VECTORS];
             for (int v = 0; v < NV; v++)
-                wv[v] = TILE_LOAD(w + TILE_WIDTH * v);
+                wv[v] = TILE_WLOAD(w + TILE_WIDTH * v);
             for (int r = 0; r < R; r++) {
                 const TILE_VEC x = TILE_SET1(a[r * lda + q]);
                 for (int v = 0; v < NV; v++)
@@ -36,11 +38,5 @@ static inline __attribute__((always_inline)) void TILE_NAME(
 }
 
 #undef TILE_NAME
-#undef TILE_VEC
-#undef TILE_WIDTH
-#undef TILE_MAX_VECTORS
-#undef TILE_LOAD
-#undef TILE_STORE
-#undef TILE_SET1
-#undef TILE_ZERO
-#undef TILE_FMA
+#undef TILE_WTYPE
+#undef TILE_WLOAD

@@ -10,7 +10,8 @@ slower).  In inference (no gradient needed) the compiled kernel's ``native.mix``
 copy packed once, reused while the cells keep their storage, no optimizer has stepped and
 no state dict was loaded since (``_generation``, moved by public hooks) and a sample of
 their values is unchanged (the sample catches most edits by hand; ``cells_changed()``
-says so for any other).
+says so for any other).  A warehouse may be served from a float16 copy (``serve_half``): half
+the bytes that every layer of its stage reads whole.
 """
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ from .cells import Tiling
 #: Guards the packed copies (two threads meeting a new warehouse pack it once).
 _lock = threading.RLock()
 _PROBES = 256
-#: id(cells) -> {(panel width, for inline_conv): (key, probe, packed)}; entries die with the cells
-_packed: dict[int, dict[tuple[int | None, bool], tuple]] = {}
+#: id(cells) -> {(panel width, for inline_conv, float16): (key, probe, packed)}; entries die with the cells
+_packed: dict[int, dict[tuple[int | None, bool, bool], tuple]] = {}
+#: id(cells) of the warehouses whose packed copy for ``native.mix`` is float16 (``serve_half``)
+_half: set[int] = set()
 #: Moves whenever cells may have changed in place: every packed copy made before is stale.
 _generation = 0
 _packing: contextvars.ContextVar[bool] = contextvars.ContextVar("kwconvert_packing", default=True)
@@ -67,6 +70,28 @@ def cells_changed(*_) -> None:
 register_optimizer_step_post_hook(cells_changed)
 
 
+def serve_half(cells: Tensor, enabled: bool) -> None:
+    """Serve the inference assembly of ``cells`` from a float16 copy (or again from float32).
+
+    Where the compiled kernel converts float16 on load (``native.mixes_half``), the assembly reads
+    half the bytes: at batch 1 every layer streams its stage's whole warehouse from memory
+    (resnet50's stage 3: 36 MB in float32, per layer).  Training and the
+    "inline" path read the float32 cells as before.  The choice follows the cells tensor (a deep
+    copy of the model serves float32 again).
+    """
+    with _lock:
+        if enabled and id(cells) not in _half:
+            _half.add(id(cells))
+            weakref.finalize(cells, _half.discard, id(cells))
+        elif not enabled:
+            _half.discard(id(cells))
+
+
+def serves_half(cells: Tensor) -> bool:
+    """Whether ``serve_half`` was asked for these cells."""
+    return id(cells) in _half
+
+
 def _probe(cells: Tensor) -> Tensor:
     flat = cells.detach().reshape(-1)
     return flat[::max(1, flat.numel() // _PROBES)].clone()
@@ -80,26 +105,30 @@ def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
 
 def _packed_cells(cells: Tensor, panels: int | None = None, inline: bool = False) -> Tensor | None:
     """The warehouse ``(n, *cell)`` packed for ``native.mix`` (``inline``: for ``native.inline_conv``,
-    rows of ``panels`` columns), or None where it cannot serve."""
+    rows of ``panels`` columns), or None where it cannot serve; float16 for ``native.mix`` where
+    ``serve_half`` asked for it and the kernel converts it."""
     if torch.compiler.is_compiling() or not (
             _packing.get() and cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
             and (inline or native.mix_width(math.prod(cells.shape[1:])) is not None)):
         return None
     key = (cells.data_ptr(), _generation, tuple(cells.shape))
     probe = _probe(cells)
+    half = not inline and id(cells) in _half and native.mixes_half()
     with _lock:
         entries = _packed.get(id(cells))
-        entry = None if entries is None else entries.get((panels, inline))
+        entry = None if entries is None else entries.get((panels, inline, half))
         if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
             return entry[2]
     packed = native.inline_rows(cells.detach(), panels) if inline else \
         native.mix_panels(_cell_columns(cells.detach(), panels))
+    if half:
+        packed = packed.half()
     with _lock:
         entries = _packed.get(id(cells))
         if entries is None:
             weakref.finalize(cells, _packed.pop, id(cells), None)
             entries = _packed[id(cells)] = {}
-        entries[(panels, inline)] = (key, probe, packed)
+        entries[(panels, inline, half)] = (key, probe, packed)
     return packed
 
 

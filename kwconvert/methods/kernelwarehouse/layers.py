@@ -116,8 +116,18 @@ class Warehouse(nn.Module):
         with torch.no_grad():
             _kaiming_fan_out(self.cells[start:end].view(-1, *self.cell[1:]))
 
+    @property
+    def serves_half(self) -> bool:
+        """Whether inference assembles kernels from a float16 copy of the cells (``kwconvert.half_warehouses``)."""
+        return assembly.serves_half(self.cells)
+
+    @serves_half.setter
+    def serves_half(self, enabled: bool) -> None:
+        assembly.serve_half(self.cells, bool(enabled))
+
     def extra_repr(self) -> str:
-        return f"n={self.n}, cell={dims(self.cell)}" + (f", name={self.name!r}" if self.name else "")
+        return f"n={self.n}, cell={dims(self.cell)}" + (f", name={self.name!r}" if self.name else "") \
+            + (", serves float16" if self.serves_half else "")
 
 
 # --- tiling between a kernel and its cells ------------------------------------------------

@@ -87,6 +87,8 @@ def _load(isa: str) -> ctypes.CDLL | None:
                                                      pointer, pointer, i32, i32, i32, i32, i32, i32, pointer, size,
                                                      pointer, size, i32]
     library.kw_native_inline_weight_grad.restype = i32
+    library.kw_native_mix_half.argtypes = [pointer, i32, i32, pointer, i32, i32, pointer, i32]
+    library.kw_native_mix_half.restype = i32
     library.kw_native_depthwise.argtypes = [pointer, i32, i32, i32, pointer, size, pointer, pointer] + [i32] * 12
     library.kw_native_depthwise.restype = i32
     library.kw_native_isa.restype = ctypes.c_char_p
@@ -594,6 +596,12 @@ def mix_width(columns: int) -> int | None:
     return next((width for width in _PANEL_WIDTHS if width <= widest and columns % width == 0), None)
 
 
+def mixes_half() -> bool:
+    """Whether the copy that runs converts a float16 warehouse as it reads it (AVX2's F16C and AVX-512;
+    not the baseline copy)."""
+    return isa() in ("avx2", "avx512")
+
+
 def mix_panels(matrix: Tensor) -> Tensor:
     """The warehouse matrix ``(n, columns)`` packed for ``mix``: ``(columns / width, n, width)``."""
     n, columns = matrix.shape
@@ -607,12 +615,18 @@ def _mix(alpha: Tensor, panels: Tensor) -> Tensor:
     count, n, width = panels.shape
     if alpha.shape[1] != n or width not in _PANEL_WIDTHS:
         raise ValueError(f"kwconvert::mix: alpha {tuple(alpha.shape)} does not fit panels {tuple(panels.shape)}")
-    library = _kernel_for(alpha, panels)
-    if library is None:
-        return torch.einsum("rn,pnw->rpw", alpha, panels).reshape(alpha.shape[0], -1)
+    half = panels.dtype == torch.float16
+    library = _kernel_for(alpha, None if half else panels)
+    if library is None or (half and not mixes_half()) or panels.device != alpha.device:
+        return torch.einsum("rn,pnw->rpw", alpha, panels.to(alpha)).reshape(alpha.shape[0], -1)
     alpha, panels = alpha.contiguous(), panels.contiguous()
     rows = alpha.shape[0]
     out = torch.empty(rows, count * width, dtype=alpha.dtype, device=alpha.device)
+    if half:
+        _refused(library.kw_native_mix_half(alpha.data_ptr(), rows, n, panels.data_ptr(), count, width,
+                                            out.data_ptr(), torch.get_num_threads()),
+                 f"a float16 assembly of panel width {width}")
+        return out
     offsets = torch.arange(count, dtype=torch.int64) * (n * width)
     step = max(1, _MIX_ROWS_BYTES // (4 * n))
     for first in range(0, rows, step):
@@ -637,8 +651,8 @@ def _mix_backward(ctx, grad: Tensor):
     alpha, panels = ctx.saved_tensors
     count, n, width = panels.shape
     grad_rows = grad.view(-1, count, width)
-    grad_alpha = torch.einsum("rpw,pnw->rn", grad_rows, panels) if ctx.needs_input_grad[0] else None
-    grad_panels = torch.einsum("rn,rpw->pnw", alpha, grad_rows) if ctx.needs_input_grad[1] else None
+    grad_alpha = torch.einsum("rpw,pnw->rn", grad_rows, panels.to(grad)) if ctx.needs_input_grad[0] else None
+    grad_panels = torch.einsum("rn,rpw->pnw", alpha, grad_rows).to(panels) if ctx.needs_input_grad[1] else None
     return grad_alpha, grad_panels
 
 
@@ -646,6 +660,7 @@ _mix.register_autograd(_mix_backward, setup_context=_mix_setup)
 
 
 def mix(alpha: Tensor, panels: Tensor) -> Tensor:
-    """``alpha (M, n) @ warehouse (n, columns)`` from the warehouse's ``mix_panels``: ``(M, columns)``.
-    The operator ``torch.ops.kwconvert.mix``."""
+    """``alpha (M, n) @ warehouse (n, columns)`` from the warehouse's ``mix_panels``: ``(M, columns)``
+    in alpha's dtype; ``panels`` may be a float16 copy (``mixes_half``).  The operator
+    ``torch.ops.kwconvert.mix``."""
     return _mix(alpha, panels)

@@ -135,16 +135,20 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool = False) -> dic
     return paths
 
 
-def _tensors(out) -> list[Tensor]:
+def output_tensors(out) -> list[Tensor]:
     """The floating-point tensors of a model's output (a tensor, a tuple / list or a dict of them)."""
     values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
-    return [value for value in values if isinstance(value, Tensor) and value.is_floating_point()
-            and value.requires_grad]
+    return [value for value in values if isinstance(value, Tensor) and value.is_floating_point()]
+
+
+def _tensors(out) -> list[Tensor]:
+    return [value for value in output_tensors(out) if value.requires_grad]
 
 
 def _layer_key(layer) -> tuple:
     return (layer.weight_shape, layer.warehouse.cell, layer.warehouse.n, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, layer.padding_mode, layer.bias is not None)
+            layer.padding, layer.dilation, layer.groups, layer.padding_mode, layer.bias is not None,
+            layer.warehouse.serves_half)
 
 
 def _training(layer, x: Tensor, alpha: Tensor) -> bool:
