@@ -99,6 +99,11 @@ def test_a_model_without_warehouses_or_a_kernel_that_cannot_convert_is_refused(m
     model, x = model_and_inputs
     with pytest.raises(ValueError, match="no KernelWarehouse warehouses: convert it first"):
         kwconvert.half_warehouses(torchvision.models.resnet18(weights=None, num_classes=10), x)
+    with pytest.raises(ValueError, match=r"serve float32 models on the CPU .*; this model's warehouses are "
+                                         r"torch.float64 on cpu"):
+        kwconvert.half_warehouses(copy.deepcopy(model).double(), x.double())
+    with pytest.raises(ValueError, match="this model's warehouses are torch.float32 on meta"):
+        kwconvert.half_warehouses(copy.deepcopy(model).to("meta"), x.to("meta"))
     monkeypatch.setattr(native, "mixes_half", lambda: False)
     with pytest.raises(RuntimeError, match="need kwconvert's compiled AVX2 or AVX-512 kernel.*stay float32"):
         kwconvert.half_warehouses(model, x)

@@ -45,13 +45,19 @@ def half_warehouses(model: nn.Module, *example_inputs, tolerance: float = HALF_T
     largest magnitude); returns that error.
 
     Above the tolerance the warehouses stay float32 and ``ValueError`` says by how much it was
-    missed.  The layers' paths are timed again with the copies (as ``kwconvert.tune`` does), so
+    missed; a model that is not float32 on the CPU (where the compiled kernel assembles) is
+    refused the same way.  The layers' paths are timed again with the copies (as ``kwconvert.tune`` does), so
     the first request after this is not the slow one; ``kwconvert.save`` records the choice.
     Training and the ``"inline"`` path keep reading the float32 cells.
     """
     found = warehouses(model)
     if not found:
         raise ValueError("the model has no KernelWarehouse warehouses: convert it first (kwconvert.convert)")
+    served = {(warehouse.cells.device.type, warehouse.cells.dtype) for warehouse in found.values()}
+    if served != {("cpu", torch.float32)}:
+        where = ", ".join(sorted(f"{dtype} on {device}" for device, dtype in served))
+        raise ValueError(f"float16 warehouses serve float32 models on the CPU (the compiled kernel's assembly); "
+                         f"this model's warehouses are {where}")
     if not native.mixes_half():
         raise RuntimeError(f"float16 warehouses need kwconvert's compiled AVX2 or AVX-512 kernel; this process runs "
                            f"{native.isa() or 'none'} (KWCONVERT_NATIVE / KWCONVERT_ISA, or reinstall with a C "
