@@ -510,7 +510,7 @@ def test_the_float16_assembly_of_every_copy_equals_float64(isa, width, monkeypat
     n, columns = 13, 4 * width
     cells = torch.randn(n, columns)
     panels = cells.reshape(n, 4, width).transpose(0, 1).contiguous().half()
-    for rows in (1, 5, 6, 7, 13):
+    for rows in (1, 5, 6, 7, 13, native._MIX_ROWS_BYTES // (4 * n) + 7):  # the last: two calls of rows
         alpha = torch.randn(rows, n)
         out = native.mix(alpha, panels)
         expected = torch.einsum("rn,pnw->rpw", alpha.double(), panels.double()).reshape(rows, -1)

@@ -622,19 +622,19 @@ def _mix(alpha: Tensor, panels: Tensor) -> Tensor:
     alpha, panels = alpha.contiguous(), panels.contiguous()
     rows = alpha.shape[0]
     out = torch.empty(rows, count * width, dtype=alpha.dtype, device=alpha.device)
-    if half:
-        _refused(library.kw_native_mix_half(alpha.data_ptr(), rows, n, panels.data_ptr(), count, width,
-                                            out.data_ptr(), torch.get_num_threads()),
-                 f"a float16 assembly of panel width {width}")
-        return out
-    offsets = torch.arange(count, dtype=torch.int64) * (n * width)
+    offsets = None if half else torch.arange(count, dtype=torch.int64) * (n * width)
     step = max(1, _MIX_ROWS_BYTES // (4 * n))
+    threads = torch.get_num_threads()
     for first in range(0, rows, step):
         chunk = min(step, rows - first)
-        _refused(library.kw_native_conv(
-            alpha[first].data_ptr(), chunk * n, n, panels.data_ptr(), panels.numel(), offsets.data_ptr(), count, 1,
-            n, width, out[first].data_ptr(), chunk * count * width, count * width, None, chunk, 1,
-            torch.get_num_threads()), f"an assembly of panel width {width}")
+        if half:
+            code = library.kw_native_mix_half(alpha[first].data_ptr(), chunk, n, panels.data_ptr(), count, width,
+                                              out[first].data_ptr(), threads)
+        else:
+            code = library.kw_native_conv(
+                alpha[first].data_ptr(), chunk * n, n, panels.data_ptr(), panels.numel(), offsets.data_ptr(), count,
+                1, n, width, out[first].data_ptr(), chunk * count * width, count * width, None, chunk, 1, threads)
+        _refused(code, f"a{' float16' if half else 'n'} assembly of panel width {width}")
     return out
 
 

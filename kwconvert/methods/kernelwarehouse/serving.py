@@ -15,19 +15,16 @@ from torch import nn
 
 from . import native
 from .layers import Warehouse
-from .path_choice import forget_paths, output_tensors, tune
+from .path_choice import forget_paths, output_tensors
 
 #: How far the outputs may move, relative to their largest magnitude, by default.
 HALF_TOLERANCE = 1e-3
 
 
 def warehouses(model: nn.Module) -> dict[str, Warehouse]:
-    """The model's warehouses by qualified name (each once, however many layers share it)."""
-    found: dict[int, tuple[str, Warehouse]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Warehouse):
-            found.setdefault(id(module), (name, module))
-    return dict(found.values())
+    """The model's warehouses by qualified name (``named_modules`` lists a warehouse once, under
+    the first layer that holds it, however many share it)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, Warehouse)}
 
 
 def output_error(reference, out) -> float:
@@ -46,8 +43,9 @@ def half_warehouses(model: nn.Module, *example_inputs, tolerance: float = HALF_T
 
     Above the tolerance the warehouses stay float32 and ``ValueError`` says by how much it was
     missed; a model that is not float32 on the CPU (where the compiled kernel assembles) is
-    refused the same way.  The layers' paths are timed again with the copies (as ``kwconvert.tune`` does), so
-    the first request after this is not the slow one; ``kwconvert.save`` records the choice.
+    refused the same way.  The measuring forward times the layers' paths again with the copies
+    (as ``kwconvert.tune`` does), so the first request after this is not the slow one;
+    ``kwconvert.save`` records the choice.
     Training and the ``"inline"`` path keep reading the float32 cells.
     """
     found = warehouses(model)
@@ -64,8 +62,7 @@ def half_warehouses(model: nn.Module, *example_inputs, tolerance: float = HALF_T
                            f"compiler): the warehouses stay float32")
     with torch.no_grad():
         reference = model(*example_inputs)
-        set_half(model, True)
-        tune(model, *example_inputs)
+        set_half(model, True)  # drops the path choices: this forward times them again, as kwconvert.tune does
         error = output_error(reference, model(*example_inputs))
     if error > tolerance:
         set_half(model, False)
