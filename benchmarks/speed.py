@@ -2,7 +2,9 @@
 
 For each workload (model, batch) it times inference (eval, no grad) and a training step
 (forward, cross-entropy, backward, SGD step) of the plain model in NCHW, the plain model in
-channels_last, optionally the plain model under torch.compile, the KW model at b = 1 (and
+channels_last, optionally the plain and the KW b = 1 model under torch.compile (``--compile``;
+the KW one compiled after its eager warm-up, so that its graph takes the paths its layers
+chose; rows get ``compiled_vs_kw``, compiled / eager KW), the KW model at b = 1 (and
 b = 1/2, 4), and the KW model on the straightforward path (``kwconvert.reference_path``,
 the authors' assemble-then-grouped-convolution forward).  All variants of a workload run in
 one process with their repetitions interleaved (the order rotates every repetition), so load
@@ -195,6 +197,7 @@ def without_key(path: str) -> str:
 
 
 HALF = "kw_b1_half"  # the timings' name of the KW b = 1 model served from float16 warehouses
+COMPILED = "kw_b1_compiled"  # the KW b = 1 model under torch.compile (after its eager warm-up)
 
 
 def variants_for(name: str, budgets: list[float], compiled: bool, reference: bool,
@@ -207,8 +210,10 @@ def variants_for(name: str, budgets: list[float], compiled: bool, reference: boo
         out.append(Variant("plain_compiled", torch.compile(copy.deepcopy(plain))))
     for budget in budgets:
         out.append(Variant(f"kw_b{budget:g}", build(name, budget)))
+    kw_b1 = next((v.model for v in out if v.name == "kw_b1"), None)
+    if compiled and kw_b1 is not None:  # warmed up after kw_b1, it traces the paths kw_b1 chose
+        out.append(Variant(COMPILED, torch.compile(kw_b1)))
     if reference:
-        kw_b1 = next((v.model for v in out if v.name == "kw_b1"), None)
         out.append(Variant("reference_b1", build(name, 1.0) if kw_b1 is None else kw_b1, context=reference_path))
     out += [Variant(v.key, build_method(name, v)) for v in METHOD_VARIANTS if v.key in methods]
     if without_path:
@@ -388,14 +393,17 @@ def kw_table(rows: list[dict], settings: dict, processes: int) -> Table:
                         f"(median over {processes} process(es) [25-75 % of per-repetition ratios])")
     without = next((row["without_path"] for row in rows if row.get("without_path")), None)
     half = any(row.get("half_vs_plain") for row in rows)
+    compiled = any(row.get("compiled_vs_kw") for row in rows)
     for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
-                   "reference/plain", *([f"KW/without {without}"] if without else []),
+                   "reference/plain", *(["KW compiled/KW"] if compiled else []),
+                   *([f"KW/without {without}"] if without else []),
                    *(["KW f16/plain", "f16 error"] if half else []), "target"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
         table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
                       f"{row['plain_ms']:.1f}", f"{row['kw_ms']:.1f}", fmt(row["vs_plain"]),
                       fmt(row["vs_plain_cl"]), fmt(row.get("vs_plain_compiled")), fmt(row.get("reference_vs_plain")),
+                      *([fmt(row.get("compiled_vs_kw"))] if compiled else []),
                       *([fmt(row.get("vs_without_path"))] if without else []),
                       *([fmt(row.get("half_vs_plain")), f"{row['half_error']:.1e}" if row.get("half_error") else ""]
                         if half else []),
@@ -428,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
                         help="keep: kwconvert.allocator.keep_freed_memory() for every model of the run")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile'd plain models (slow to build)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile'd plain and KW b = 1 models (slow to build)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--no-reference", action="store_true", help="skip the straightforward-path rows")
@@ -500,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                 if budget == 1.0:
                     row["reference_vs_plain"] = ratio(runs, "reference_b1", "plain")
                     row["target"] = TARGETS.get((name, batch, mode))
+                    if spec["compile"]:
+                        row["compiled_vs_kw"] = ratio(runs, COMPILED, kw)
                     if spec["without_path"]:
                         row["without_path"] = spec["without_path"]
                         row["vs_without_path"] = ratio(runs, kw, without_key(spec["without_path"]))
@@ -511,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                     if row.get("without_path") else ""
                 half = f", KW float16 warehouses / plain {fmt(row['half_vs_plain'])} (outputs moved by " \
                     f"{row['half_error']:.1e})" if row.get("half_vs_plain") else ""
-                console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}{without}{half}")
+                compiled = f", compiled KW / KW {fmt(row['compiled_vs_kw'])}" if row.get("compiled_vs_kw") else ""
+                console.log(f"{name} batch {batch} {mode} b={budget:g}: KW/plain {fmt(row['vs_plain'])}{compiled}{without}"
+                            f"{half}")
             for variant in others:
                 method_rows.append(method_row(runs, name, batch, mode, variant))
                 console.log(f"{name} batch {batch} {mode} {variant.label}: /plain {fmt(method_rows[-1]['vs_plain'])}")

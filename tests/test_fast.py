@@ -14,7 +14,7 @@ from torch import nn
 
 import kwconvert
 from kwconvert import allocator, execution, reference_path, use_path
-from kwconvert.methods.kernelwarehouse import assembly, cells, path_choice, paths
+from kwconvert.methods.kernelwarehouse import assembly, cells, native, path_choice, paths
 from kwconvert.methods.kernelwarehouse.layers import KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, set_temperature
 
 from .helpers import FLOAT32, input_dependent
@@ -385,6 +385,16 @@ def test_packed_warehouse_follows_every_change_of_the_cells():
         check()
 
 
+@pytest.mark.parametrize("mixtures", (2, 40))
+def test_the_unpacked_assembly_in_panel_order_reorders_the_smaller_side(mixtures):
+    """Without a packed copy (a graph being compiled), the mixtures in the compiled kernel's panel
+    order come from reordering the mixtures (fewer than the cells: batch 1) or the warehouse."""
+    torch.manual_seed(mixtures)
+    warehouse, alpha = torch.randn(6, 32, 16, 1, 1), torch.randn(mixtures, 6)
+    expected = alpha.double() @ native.panel_order(warehouse.double(), 16)
+    assert relative_error(assembly._mix_rows(alpha, warehouse, pack=False, panels=16), expected) <= FLOAT32
+
+
 def test_use_path_rejects_unknown_names_and_restores_the_previous_setting():
     with pytest.raises(ValueError, match="matmull"):
         with use_path("matmull"):
@@ -479,10 +489,16 @@ def small_kw_model() -> nn.Module:
     return model
 
 
-def compiled_matches_eager(backend: str, tolerance: float) -> None:
+def compiled_matches_eager(backend: str, tolerance: float, tuned: bool = False) -> None:
+    """tuned: the layers chose their paths eagerly first, which the graph then follows (where
+    they can run in a graph), in inference and in training."""
     model = small_kw_model()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)  # fullgraph: a graph break raises
     x = torch.randn(2, 3, 16, 16)
+    if tuned:
+        torch.compiler.reset()  # else the batch size may stay dynamic from an earlier graph
+        kwconvert.tune(model.eval(), x)
+        kwconvert.tune(model.train(), x, backward=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)  # fullgraph: a graph break raises
     with torch.no_grad():
         assert relative_error(compiled.eval()(x), model.eval()(x)) <= tolerance
     cells = [p for name, p in model.named_parameters() if name.endswith("cells")]
@@ -496,8 +512,9 @@ def compiled_matches_eager(backend: str, tolerance: float) -> None:
         assert relative_error(grad_c, grad_e) <= 10 * tolerance
 
 
-def test_layers_compile_without_graph_breaks_and_match_eager():
-    compiled_matches_eager("aot_eager", FLOAT32)
+@pytest.mark.parametrize("tuned", (False, True))
+def test_layers_compile_without_graph_breaks_and_match_eager(tuned):
+    compiled_matches_eager("aot_eager", FLOAT32, tuned)
 
 
 @pytest.mark.slow

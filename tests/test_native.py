@@ -425,6 +425,58 @@ def test_the_operators_pass_opcheck():
                               (cols, mixtures, rows, b, list(tiling.weight_shape), list(tiling.cell)))
 
 
+@needs_native
+def test_the_backward_operators_of_inline_pass_opcheck():
+    """``inline_input_grad`` and ``inline_weight_grad`` (what inline_conv's autograd formula runs
+    where the kernel can, in a compiled graph too): schema, fake implementation, dynamic batch."""
+    tiling, cols, alpha, rows, _ = inline_operands(batch=3)
+    shapes = (list(tiling.weight_shape), list(tiling.cell))
+    grad = torch.randn(cols.shape[0], cols.shape[1], tiling.weight_shape[0])
+    columns = native.inline_columns(native.cells_from_rows(rows, tiling.cell), native.input_width(tiling))
+    torch.library.opcheck(torch.ops.kwconvert.inline_input_grad.default, (grad, alpha, columns, *shapes))
+    torch.library.opcheck(torch.ops.kwconvert.inline_weight_grad.default,
+                          (cols.transpose(1, 2), grad, alpha, rows, *shapes))
+
+
+@pytest.mark.parametrize("path", ("grouped", "conv", "matmul", "bmm", "premix", "inline"))
+def test_every_path_a_layer_may_train_on_compiles_into_one_graph(path):
+    """A layer whose eager choice for training is ``path`` (2 x 2 blocks of cells) trains in one
+    compiled graph (fullgraph: a graph break raises) and gives eager's output and gradients."""
+    layer = kw_layer(32, 32, 3, (16, 16), padding=1, bias=True).train()
+    x = torch.randn(3, 32, 6, 5, requires_grad=True)
+    expected = grads_on(layer, x, path)
+    kwconvert.tune(layer, x, backward=True)
+    layer.path_choices.update((key, path) for key in layer.path_choices)
+    torch.compiler.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    params = [p for p in layer.parameters() if p.requires_grad] + [layer.warehouse.cells]
+    got = [out, *torch.autograd.grad(out.square().sum(), [x, *params])]
+    for index, (g, e) in enumerate(zip(got, expected)):
+        assert relative_error(g, e) <= 4 * FLOAT32, index
+
+
+@needs_native
+def test_compiled_training_on_inline_runs_the_kernels_backward_and_matches_eager():
+    """A layer that chose "inline" for training keeps it in a compiled graph: forward and both
+    backward kernels run as operators, and the gradients equal eager "inline"'s."""
+    layer = kw_layer(32, 64, 3, (64, 32), stride=2, padding=1, bias=True).train()
+    x = torch.randn(3, 32, 6, 7, requires_grad=True)
+    expected = grads_on(layer, x, "inline")
+    kwconvert.tune(layer, x, backward=True)
+    layer.path_choices.update((key, "inline") for key in layer.path_choices)
+    torch.compiler.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.profiler.profile() as profile:
+        out = compiled(x)
+        got = [out, *torch.autograd.grad(out.square().sum(), [x, *[p for p in layer.parameters() if p.requires_grad],
+                                                               layer.warehouse.cells])]
+    ran = {event.key for event in profile.key_averages()}
+    assert {"kwconvert::inline_conv", "kwconvert::inline_input_grad", "kwconvert::inline_weight_grad"} <= ran
+    for index, (g, e) in enumerate(zip(got, expected)):
+        assert relative_error(g, e) <= 4 * FLOAT32, index
+
+
 def test_the_operators_compute_what_their_pytorch_formulas_do(monkeypatch):
     """The compiled kernel, the PyTorch fallback (kernel not built) and the autograd formula agree:
     the gradients of the kernel's forward equal the gradients of a plain PyTorch product."""
@@ -493,6 +545,33 @@ def test_compiled_with_a_dynamic_batch_the_model_runs_the_kernel_in_one_graph(kw
     assert len(graphs) == 1
     targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert torch.ops.kwconvert.conv.default in targets
+
+
+@needs_native
+def test_compiled_for_shapes_tuned_eagerly_each_layer_takes_its_own_choice(kw_resnet18):
+    """A graph compiled for an input the layers have met eagerly (``tune``) runs each layer's
+    choice, not the rule of thumb for a dynamic batch (resnet18 at batch 16 ran 1.36x slower
+    compiled than eager with the rule, 0.95x with its choices), in one graph."""
+    torch.compiler.reset()  # a batch size an earlier test's graph varied would stay dynamic
+    model = copy.deepcopy(kw_resnet18)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        kwconvert.tune(model, x)
+    for layer in model.modules():
+        if isinstance(layer, KWConv2d):
+            assert layer.path_choices
+            layer.path_choices.update((key, "inline") for key in layer.path_choices)
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) <= FLOAT32
+    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert torch.ops.kwconvert.inline_conv.default in targets and torch.ops.kwconvert.conv.default not in targets
 
 
 @pytest.mark.parametrize("isa", native.ISAS)

@@ -127,6 +127,26 @@ def test_without_path_adds_the_kw_model_timed_without_that_path():
     assert speed.path_choice._excluded.get() == frozenset()
 
 
+def test_compile_adds_the_kw_model_compiled_after_its_eager_self():
+    """``--compile``: the KW b=1 model under torch.compile wraps the eager variant's own model and
+    comes after it, so its warm-up traces the paths the eager warm-up chose."""
+    variants = speed.variants_for(speed.SMALL, [1.0], compiled=True, reference=False)
+    names = [v.name for v in variants]
+    assert names == ["plain", "plain_cl", "plain_compiled", "kw_b1", speed.COMPILED]
+    assert variants[-1].model._orig_mod is variants[3].model
+
+
+@pytest.mark.slow
+def test_compile_rows_compare_the_compiled_kw_model_with_the_eager_one(tmp_path):
+    out = tmp_path / "speed.json"
+    assert speed.main(["--models", speed.SMALL, "--batches", "64", "--processes", "0", "--reps", "1", "--threads", "1",
+                       "--allocator", "default", "--no-memory", "--no-reference", "--compile",
+                       "--out", str(out)]) == 0
+    rows = [row for row in json.loads(out.read_text())["rows"] if row["budget"] == 1.0]
+    assert rows and all(row["compiled_vs_kw"]["median"] > 0 and row["vs_plain_compiled"]["median"] > 0
+                        for row in rows)
+
+
 @pytest.mark.skipif(not speed.native.mixes_half(), reason="needs the compiled AVX2 / AVX-512 kernel")
 def test_half_warehouses_add_an_inference_variant_with_its_error(tmp_path):
     """``--half-warehouses``: the KW b=1 model served from float16 copies, timed in inference only

@@ -383,9 +383,13 @@ def _inline_setup(ctx, inputs, output) -> None:
 
 
 def _inline_backward(ctx, grad: Tensor):
-    """The assembly redone in PyTorch ops, then ``conv``'s formula and the assembly's."""
+    """In the compiled kernel where it can take it (what a compiled graph of the "inline" path
+    trains with), else the assembly redone in PyTorch ops, then ``conv``'s formula and the
+    assembly's."""
     cols, alpha, rows = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if trains_inline(ctx.tiling, cols, alpha, rows, grad):
+        return *_inline_grads_in_kernel(ctx.tiling, cols, alpha, rows, grad, needs), None, None
     grad_cols, grad_blocks, grad_bias = _conv_grads(ctx.tiling, cols, _inline_blocks(alpha, rows), grad,
                                                     (needs[0], needs[1] or needs[2], needs[3]))
     grad_alpha = grad_rows = None
@@ -394,6 +398,21 @@ def _inline_backward(ctx, grad: Tensor):
         grad_alpha = torch.einsum("bmrw,rnw->bmn", grad_grid, rows)
         grad_rows = torch.einsum("bmn,bmrw->rnw", alpha, grad_grid)
     return grad_cols, grad_alpha, grad_rows, grad_bias, None, None
+
+
+def _inline_grads_in_kernel(tiling: Tiling, cols: Tensor, alpha: Tensor, rows: Tensor, grad: Tensor,
+                            needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """``inline_conv``'s gradients of cols, alpha, rows and bias (those ``needs`` asks for) from
+    ``inline_input_grad`` and ``inline_weight_grad``."""
+    grad_cols = grad_alpha = grad_rows = grad_bias = None
+    if needs[0]:
+        cells = cells_from_rows(rows, tuple(tiling.cell))
+        grad_cols = inline_input_grad(tiling, grad, alpha, inline_columns(cells, input_width(tiling)))
+    if needs[1] or needs[2]:
+        grad_alpha, grad_rows = inline_weight_grad(tiling, cols.transpose(1, 2), grad, alpha, rows)
+    if needs[3]:
+        grad_bias = grad.sum(dim=(0, 1))
+    return grad_cols, grad_alpha if needs[1] else None, grad_rows if needs[2] else None, grad_bias
 
 
 _inline_conv.register_autograd(_inline_backward, setup_context=_inline_setup)
@@ -409,8 +428,9 @@ def inline_conv(tiling: Tiling, cols: Tensor, alpha: Tensor, rows: Tensor, bias:
 
 
 # --- the backward of "inline" (training) -----------------------------------------------------
-# Plain functions, not operators: only the autograd node of the "inline" path calls them, in
-# eager mode, where the compiled kernel runs (under torch.compile training takes "bmm").
+# Operators too, forward only: the autograd node of the "inline" path calls them in eager mode,
+# ``inline_conv``'s autograd formula in a compiled graph.  They need the compiled kernel (the
+# callers check ``trains_inline``): elsewhere the formula in PyTorch ops above runs instead.
 
 
 def input_width(tiling: Tiling) -> int | None:
@@ -436,12 +456,20 @@ def _input_grad_mixtures(tiling: Tiling) -> Tensor:
 
 def inline_input_grad(tiling: Tiling, grad_rows: Tensor, alpha: Tensor, columns: Tensor) -> Tensor:
     """``(B, rows, K)``: the gradient of ``inline_conv``'s im2col rows, ``grad_rows (B, rows, C_out)
-    @ W_b`` per sample, from the attentions and the warehouse as ``inline_columns``."""
-    library = _kernel_for(grad_rows, alpha, columns)
+    @ W_b`` per sample, from the attentions and the warehouse as ``inline_columns``.  The operator
+    ``torch.ops.kwconvert.inline_input_grad``."""
+    return _inline_input_grad(grad_rows, alpha, columns, list(tiling.weight_shape), list(tiling.cell))
+
+
+@torch.library.custom_op("kwconvert::inline_input_grad", mutates_args=())
+def _inline_input_grad(grad_rows: Tensor, alpha: Tensor, columns: Tensor, weight_shape: list[int],
+                       cell: list[int]) -> Tensor:
+    tiling = Tiling(tuple(weight_shape), tuple(cell))
+    library = _backward_kernel("inline_input_grad", tiling, grad_rows, alpha, columns)
     width = input_width(tiling)
     batch, count, out_channels = grad_rows.shape
     depth = math.prod(tiling.weight_shape[1:])
-    grad_rows, alpha = grad_rows.contiguous(), alpha.contiguous()
+    grad_rows, alpha, columns = grad_rows.contiguous(), alpha.contiguous(), columns.contiguous()
     out = grad_rows.new_empty(batch, count, depth)
     mixtures = _input_grad_mixtures(tiling)
     _refused(library.kw_native_inline_input_grad(
@@ -452,15 +480,28 @@ def inline_input_grad(tiling: Tiling, grad_rows: Tensor, alpha: Tensor, columns:
     return out
 
 
+@_inline_input_grad.register_fake
+def _(grad_rows, alpha, columns, weight_shape, cell):
+    return grad_rows.new_empty(grad_rows.shape[0], grad_rows.shape[1], math.prod(weight_shape[1:]))
+
+
 def inline_weight_grad(tiling: Tiling, cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor
                        ) -> tuple[Tensor, Tensor]:
     """The gradients of ``inline_conv``'s attentions ``(B, m, n)`` and warehouse (as ``inline_rows``)
-    from the im2col transposed ``(B, K, rows)``, with no sample's kernel gradient stored whole."""
-    library = _kernel_for(cols_t, grad_rows, alpha, rows)
+    from the im2col transposed ``(B, K, rows)``, with no sample's kernel gradient stored whole.
+    The operator ``torch.ops.kwconvert.inline_weight_grad``."""
+    return _inline_weight_grad(cols_t, grad_rows, alpha, rows, list(tiling.weight_shape), list(tiling.cell))
+
+
+@torch.library.custom_op("kwconvert::inline_weight_grad", mutates_args=())
+def _inline_weight_grad(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor, weight_shape: list[int],
+                        cell: list[int]) -> tuple[Tensor, Tensor]:
+    tiling = Tiling(tuple(weight_shape), tuple(cell))
+    library = _backward_kernel("inline_weight_grad", tiling, cols_t, grad_rows, alpha, rows)
     width = panel_width(tiling)
     batch, depth, count = cols_t.shape
     panels = tiling.weight_shape[0] // width
-    cols_t = cols_t.contiguous()
+    cols_t, rows = cols_t.contiguous(), rows.contiguous()
     grad_panels = grad_rows.reshape(batch, count, panels, width).transpose(1, 2).contiguous()  # (B, P, rows, NP)
     alpha_t = alpha.permute(1, 2, 0).contiguous()  # (m, n, B)
     threads = torch.get_num_threads()
@@ -468,11 +509,29 @@ def inline_weight_grad(tiling: Tiling, cols_t: Tensor, grad_rows: Tensor, alpha:
     grad_warehouse = rows.new_zeros(threads, *rows.shape)
     mixtures, rows_at = _inline_tables(tiling, width)
     _refused(library.kw_native_inline_weight_grad(
-        cols_t.data_ptr(), depth * count, grad_panels.data_ptr(), grad_panels[0].numel(), rows.contiguous().data_ptr(),
+        cols_t.data_ptr(), depth * count, grad_panels.data_ptr(), grad_panels[0].numel(), rows.data_ptr(),
         alpha.shape[2], alpha_t.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), rows_at.data_ptr(), panels,
         mixtures.shape[1], tiling.cell[1], width, count, batch, grad_alpha.data_ptr(), alpha.numel(),
         grad_warehouse.data_ptr(), rows.numel(), threads), f"an inline weight gradient of panel width {width}")
     return grad_alpha.sum(0), grad_warehouse.sum(0)
+
+
+@_inline_weight_grad.register_fake
+def _(cols_t, grad_rows, alpha, rows, weight_shape, cell):
+    return alpha.new_empty(alpha.shape), rows.new_empty(rows.shape)
+
+
+def trains_inline(tiling: Tiling, *tensors: Tensor) -> bool:
+    """Whether the compiled kernel can take ``inline_conv``'s backward for these tensors."""
+    return input_width(tiling) is not None and _kernel_for(*tensors) is not None
+
+
+def _backward_kernel(name: str, tiling: Tiling, *tensors: Tensor) -> ctypes.CDLL:
+    if not trains_inline(tiling, *tensors):
+        raise RuntimeError(f"kwconvert::{name} needs the compiled kernel, float32 CPU tensors and cells of a "
+                           f"multiple of 8 input channels (got cells {tiling.cell}); without them the gradient "
+                           f"of inline_conv is computed in PyTorch ops")
+    return _library()
 
 
 def cells_from_rows(rows: Tensor, cell: tuple[int, ...]) -> Tensor:

@@ -344,6 +344,8 @@ def _bmm_kernel_grad(cols: Tensor, grad_rows: Tensor, blocks_out: int) -> Tensor
     rows = cols.transpose(1, 2)
     if blocks_out == 1:
         return torch.bmm(rows, grad_rows).unsqueeze(1)
+    if torch.compiler.is_compiling():  # a graph takes no strided out=: one product, then the layout
+        return torch.bmm(rows, grad_rows).view(batch, rows.shape[1], blocks_out, f_e).transpose(1, 2).contiguous()
     grad = grad_rows.new_empty(batch, blocks_out, rows.shape[1], f_e)
     for block in range(blocks_out):
         torch.bmm(rows, grad_rows[..., block * f_e:(block + 1) * f_e], out=grad[:, block])
@@ -767,6 +769,8 @@ def _run(layer, x: Tensor, alpha: Tensor, path: str) -> Tensor:
     if path in ("native", "inline"):
         if _needs_grad(x, alpha, layer.warehouse.cells, layer.bias):
             if path == "inline" and _inline_trains(layer, x):
+                if torch.compiler.is_compiling():  # the operator, whose autograd runs the same kernels
+                    return _native(layer, x, alpha, inline=True)
                 return _train_inline(layer, x, alpha)
             # "native" is inference only: with a gradient to compute, an autograd path
             return _fused(layer, x, alpha, "matmul") if layer.groups == 1 else _grouped(layer, x, alpha)
