@@ -576,6 +576,25 @@ def test_compiled_for_shapes_tuned_eagerly_each_layer_takes_its_own_choice(kw_re
 
 @pytest.mark.parametrize("isa", native.ISAS)
 @pytest.mark.parametrize("width", (8, 16, 32, 64))
+def test_the_assembly_of_every_copy_reads_a_warehouse_in_place(isa, width, monkeypatch):
+    """``mix`` of panels that are a view of the warehouse (each panel's rows a cell apart: what a
+    compiled graph mixes from, holding no packed copy) equals the float64 product, every row split."""
+    if isa not in native.built_isas() or isa not in native.cpu_isas():
+        pytest.skip(f"the {isa} copy is not built or this CPU cannot execute it")
+    monkeypatch.setenv("KWCONVERT_ISA", isa)
+    monkeypatch.delenv("KWCONVERT_NATIVE", raising=False)
+    torch.manual_seed(width)
+    n, columns = 11, 6 * width
+    warehouse = torch.randn(n, columns)
+    panels = warehouse.view(n, 6, width).transpose(0, 1)
+    assert not panels.is_contiguous()
+    for rows in (1, 6, 7, 13):
+        alpha = torch.randn(rows, n)
+        assert relative_error(native.mix(alpha, panels), alpha.double() @ warehouse.double()) <= FLOAT32, rows
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("width", (8, 16, 32, 64))
 def test_the_float16_assembly_of_every_copy_equals_float64(isa, width, monkeypatch):
     """``mix`` from a float16 warehouse copy: each copy that converts float16 on load, at every panel
     width and row-tile split, gives the float64 product of alpha and the float16-rounded cells (and

@@ -110,7 +110,7 @@ static inline int tile_rows(int rows, int r0)
 #endif
 
 #define TILE_CASE(NAME, R, NV) case (R) * 8 + (NV): \
-    NAME(R, NV, first, A, lda, panels, g0, g1, seg_len, q0, q1, NP, col, C, ldc, bias); break;
+    NAME(R, NV, first, A, lda, panels, g0, g1, seg_len, q0, q1, NP, ldw, col, C, ldc, bias); break;
 #define TILE_ROWS(NAME, NV) TILE_CASE(NAME, 1, NV) TILE_CASE(NAME, 2, NV) TILE_CASE(NAME, 3, NV) \
     TILE_CASE(NAME, 4, NV) TILE_CASE(NAME, 5, NV) TILE_CASE(NAME, 6, NV)
 
@@ -134,7 +134,7 @@ static inline int tile_rows(int rows, int r0)
 
 /* R rows of one panel (NP = 8, 16, 32 or 64 columns) in the widest tiles that fit in registers. */
 static void run_tile(int R, int first, const float *A, long lda, const float *const *panels, int g0, int g1,
-                     int seg_len, int q0, int q1, int NP, float *C, long ldc, const float *bias)
+                     int seg_len, int q0, int q1, int NP, long ldw, float *C, long ldc, const float *bias)
 {
 #if KW_VECTOR >= 256
     WIDE_TILES()
@@ -148,7 +148,7 @@ static void run_tile(int R, int first, const float *A, long lda, const float *co
         for (int g = g0; g < g1; g++)
             for (int q = q0; q < q1; q++) {
                 const float x = A[r * lda + (long)g * seg_len + q];
-                const float *w = panels[g] + (long)q * NP;
+                const float *w = panels[g] + (long)q * ldw;
                 for (int j = 0; j < NP; j++)
                     c[j] += x * w[j];
             }
@@ -162,6 +162,7 @@ static void run_half_tile(int R, const float *A, long lda, const uint16_t *panel
 {
     const uint16_t *const *panels = &panel;
     const int first = 1, g0 = 0, g1 = 1, seg_len = n, q0 = 0, q1 = n;
+    const long ldw = NP;
     const float *bias = NULL;
     WIDE_TILES(h)
     NARROW_TILES(h)
@@ -198,7 +199,8 @@ int kw_native_mix_half(const float *alpha, int rows, int n, const uint16_t *pane
 
 /*
  * C[b] (rows x O, row stride ldc) = A[b] (rows x K, row stride lda) @ W_b^T (+ bias) for every
- * sample b < batch; offsets[P * segments + g] locate W_b^T's blocks as described above.
+ * sample b < batch; offsets[P * segments + g] locate W_b^T's blocks as described above, rows
+ * ldw apart (NP where they are packed; the assembly may read a warehouse's rows in place).
  * Three walks, by how much of W_b^T fits in cache (the per-core L2 here is 1 MB):
  *  - all of it (small K x O, e.g. 1x1 layers on large maps) and enough rows to keep every
  *    thread busy: row tiles outside, panels inside, so each output row is written whole
@@ -211,7 +213,7 @@ int kw_native_mix_half(const float *alpha, int rows, int n, const uint16_t *pane
  * must be 8, 16, 32 or 64) or too many segments.
  */
 int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long w_sample, const int64_t *offsets,
-                   int num_panels, int segments, int seg_len, int NP, float *C, long c_sample, long ldc,
+                   int num_panels, int segments, int seg_len, int NP, long ldw, float *C, long c_sample, long ldc,
                    const float *bias, int rows, int batch, int threads)
 {
     if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || segments > MAX_SEGMENTS)
@@ -238,7 +240,8 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
                     for (int g = 0; g < segments; g++)
                         panels[g] = W + b * w_sample + offsets[(long)P * segments + g];
                     run_tile(R, 1, a_b + (long)(first + r0) * lda, lda, panels, 0, segments, seg_len, 0, seg_len,
-                             NP, c_b + (long)(first + r0) * ldc + (long)P * NP, ldc, bias ? bias + (long)P * NP : NULL);
+                             NP, ldw, c_b + (long)(first + r0) * ldc + (long)P * NP, ldc,
+                             bias ? bias + (long)P * NP : NULL);
                 }
             }
             continue;
@@ -251,7 +254,7 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
         if (panel_bytes <= BLOCK_BYTES) {
             for (int r0 = 0, R; r0 < rows; r0 += R) {
                 R = tile_rows(rows, r0);
-                run_tile(R, 1, a_b + (long)r0 * lda, lda, panels, 0, segments, seg_len, 0, seg_len, NP,
+                run_tile(R, 1, a_b + (long)r0 * lda, lda, panels, 0, segments, seg_len, 0, seg_len, NP, ldw,
                          c_p + (long)r0 * ldc, ldc, bias_p);
             }
             continue;
@@ -262,7 +265,7 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
                 for (int r0 = 0, R; r0 < rows; r0 += R) {
                     R = tile_rows(rows, r0);
                     run_tile(R, g == 0 && q0 == 0, a_b + (long)r0 * lda, lda, panels, g, g + 1, seg_len, q0, q1,
-                             NP, c_p + (long)r0 * ldc, ldc, bias_p);
+                             NP, ldw, c_p + (long)r0 * ldc, ldc, bias_p);
                 }
             }
     }
@@ -307,14 +310,14 @@ static void mix_and_multiply(int samples, const float *alpha, long alpha_sample,
 {
     for (int q = 0; q < count; q++) {
         const float *e_q = e + (long)q * e_row;
-        run_tile(samples, 1, alpha, alpha_sample, &e_q, 0, 1, n, 0, n, width, buffer + (long)q * width, per_sample,
-                 NULL);
+        run_tile(samples, 1, alpha, alpha_sample, &e_q, 0, 1, n, 0, n, width, width, buffer + (long)q * width,
+                 per_sample, NULL);
     }
     for (int s = 0; s < samples; s++) {
         const float *panel = buffer + s * per_sample;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
             R = tile_rows(rows, r0);
-            run_tile(R, first, A + s * a_sample + (long)r0 * lda, lda, &panel, 0, 1, count, 0, count, width,
+            run_tile(R, first, A + s * a_sample + (long)r0 * lda, lda, &panel, 0, 1, count, 0, count, width, width,
                      C + s * c_sample + (long)r0 * ldc, ldc, bias);
         }
     }
@@ -559,7 +562,7 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                         const float *a_t = AT + (long)(s0 + s) * at_sample + ((long)g * seg_len + q0) * rows;
                         for (int q = 0, R; q < count; q += R) {
                             R = tile_rows(count, q);
-                            run_tile(R, 1, a_t + (long)q * rows, rows, &panel, 0, 1, rows, 0, rows, NP,
+                            run_tile(R, 1, a_t + (long)q * rows, rows, &panel, 0, 1, rows, 0, rows, NP, NP,
                                      buffer + ((long)q * group + s) * NP, (long)group * NP, NULL);
                         }
                     }
@@ -575,7 +578,7 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                         for (int j = 0, R; j < n; j += R) {
                             R = tile_rows(n, j);
                             run_tile(R, 0, alpha_t + (mixture * n + j) * batch + s0, batch, &chunk, 0, 1, samples, 0,
-                                     samples, NP, de_q + (long)j * NP, NP, NULL);
+                                     samples, NP, NP, de_q + (long)j * NP, NP, NULL);
                         }
                     }
                 }

@@ -74,8 +74,8 @@ def _load(isa: str) -> ctypes.CDLL | None:
         return None
     library = ctypes.CDLL(path)
     pointer, size, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    library.kw_native_conv.argtypes = [pointer, size, size, pointer, size, pointer, i32, i32, i32, i32, pointer,
-                                       size, size, pointer, i32, size, i32]
+    library.kw_native_conv.argtypes = [pointer, size, size, pointer, size, pointer, i32, i32, i32, i32, size,
+                                       pointer, size, size, pointer, i32, size, i32]
     library.kw_native_conv.restype = i32
     library.kw_native_inline.argtypes = [pointer, size, size, pointer, i32, pointer, size, pointer, pointer, i32, i32,
                                         i32, i32, pointer, size, size, pointer, i32, i32, i32]
@@ -253,8 +253,8 @@ def _conv(cols: Tensor, blocks: Tensor, bias: Tensor | None, weight_shape: list[
     panels, segments = offsets.shape
     _refused(library.kw_native_conv(
         cols.data_ptr(), rows * depth, depth, blocks.data_ptr(), blocks[0].numel(), offsets.data_ptr(), panels,
-        segments, tiling.cell[1], width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias), rows,
-        batch, torch.get_num_threads()), f"panel width {width} / {segments} segments")
+        segments, tiling.cell[1], width, width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias),
+        rows, batch, torch.get_num_threads()), f"panel width {width} / {segments} segments")
     return out
 
 
@@ -678,10 +678,13 @@ def _mix(alpha: Tensor, panels: Tensor) -> Tensor:
     library = _kernel_for(alpha, None if half else panels)
     if library is None or (half and not mixes_half()) or panels.device != alpha.device:
         return torch.einsum("rn,pnw->rpw", alpha, panels.to(alpha)).reshape(alpha.shape[0], -1)
-    alpha, panels = alpha.contiguous(), panels.contiguous()
+    alpha = alpha.contiguous()
+    if half or panels.stride(2) != 1:  # float32 panels are read in place: rows row_stride apart
+        panels = panels.contiguous()
+    panel_stride, row_stride = panels.stride(0), panels.stride(1)
     rows = alpha.shape[0]
     out = torch.empty(rows, count * width, dtype=alpha.dtype, device=alpha.device)
-    offsets = None if half else torch.arange(count, dtype=torch.int64) * (n * width)
+    offsets = None if half else torch.arange(count, dtype=torch.int64) * panel_stride
     step = max(1, _MIX_ROWS_BYTES // (4 * n))
     threads = torch.get_num_threads()
     for first in range(0, rows, step):
@@ -692,7 +695,8 @@ def _mix(alpha: Tensor, panels: Tensor) -> Tensor:
         else:
             code = library.kw_native_conv(
                 alpha[first].data_ptr(), chunk * n, n, panels.data_ptr(), panels.numel(), offsets.data_ptr(), count,
-                1, n, width, out[first].data_ptr(), chunk * count * width, count * width, None, chunk, 1, threads)
+                1, n, width, row_stride, out[first].data_ptr(), chunk * count * width, count * width, None, chunk, 1,
+                threads)
         _refused(code, f"a{' float16' if half else 'n'} assembly of panel width {width}")
     return out
 
