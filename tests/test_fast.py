@@ -388,7 +388,8 @@ def test_packed_warehouse_follows_every_change_of_the_cells():
 @pytest.mark.parametrize("mixtures", (2, 40))
 def test_the_unpacked_assembly_in_panel_order_reorders_the_smaller_side(mixtures):
     """Without a packed copy (a graph being compiled), the mixtures in the compiled kernel's panel
-    order come from reordering the mixtures (fewer than the cells: batch 1) or the warehouse."""
+    order come from the warehouse read in place, then reordered (fewer mixtures than cells: batch
+    1), or from the warehouse reordered."""
     torch.manual_seed(mixtures)
     warehouse, alpha = torch.randn(6, 32, 16, 1, 1), torch.randn(mixtures, 6)
     expected = alpha.double() @ native.panel_order(warehouse.double(), 16)
@@ -490,8 +491,8 @@ def small_kw_model() -> nn.Module:
 
 
 def compiled_matches_eager(backend: str, tolerance: float, tuned: bool = False) -> None:
-    """tuned: the layers chose their paths eagerly first, which the graph then follows (where
-    they can run in a graph), in inference and in training."""
+    """tuned: the layers chose their paths eagerly first, which the graph then follows, in
+    inference and in training."""
     model = small_kw_model()
     x = torch.randn(2, 3, 16, 16)
     if tuned:

@@ -92,6 +92,11 @@ def serves_half(cells: Tensor) -> bool:
     return id(cells) in _half
 
 
+def _kernel_reads(cells: Tensor) -> bool:
+    """Whether the compiled kernel's assembly can read these cells (float32, on the CPU)."""
+    return cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
+
+
 def _probe(cells: Tensor) -> Tensor:
     flat = cells.detach().reshape(-1)
     return flat[::max(1, flat.numel() // _PROBES)].clone()
@@ -108,7 +113,7 @@ def _packed_cells(cells: Tensor, panels: int | None = None, inline: bool = False
     rows of ``panels`` columns), or None where it cannot serve; float16 for ``native.mix`` where
     ``serve_half`` asked for it and the kernel converts it."""
     if torch.compiler.is_compiling() or not (
-            _packing.get() and cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
+            _packing.get() and _kernel_reads(cells)
             and (inline or native.mix_width(math.prod(cells.shape[1:])) is not None)):
         return None
     key = (cells.data_ptr(), _generation, tuple(cells.shape))
@@ -160,8 +165,7 @@ def _mix_in_place(alpha: Tensor, cells: Tensor) -> Tensor:
     36 MB: 2.6 ms, F.linear 8.0, F.linear on the warehouse in panel order 23)."""
     flat = cells.reshape(cells.shape[0], -1)
     width = native.mix_width(flat.shape[1])
-    if width is None or not (native.available() and cells.device.type == "cpu" and cells.dtype == alpha.dtype
-                             == torch.float32):
+    if width is None or alpha.dtype != cells.dtype or not _kernel_reads(cells):
         return F.linear(alpha, flat.t())
     return native.mix(alpha, flat.view(flat.shape[0], -1, width).transpose(0, 1))
 
