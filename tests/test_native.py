@@ -192,11 +192,16 @@ def test_native_in_training_falls_back_to_the_autograd_path():
     assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
 
 
-def grads_on(layer: KWConv2d, x: torch.Tensor, path: str | None) -> list[torch.Tensor]:
-    """The output and the gradients of x and of every parameter, on ``path`` (None: the reference)."""
+def grads_on(layer: KWConv2d, x: torch.Tensor, path: str | None, through: nn.Module | None = None
+             ) -> list[torch.Tensor]:
+    """The output and the gradients of x and of every parameter, on ``path`` (None: the reference),
+    or ``through`` a wrapper of the layer (a compiled one), which takes the paths the layer chose."""
     x = x.clone().requires_grad_()
-    with use_path(path) if path else reference_path():
-        out = layer(x)
+    if through is not None:
+        out = through(x)
+    else:
+        with use_path(path) if path else reference_path():
+            out = layer(x)
     params = [p for p in layer.parameters() if p.requires_grad] + [layer.warehouse.cells]
     return [out, *torch.autograd.grad(out.square().sum(), [x, *params])]
 
@@ -221,8 +226,7 @@ def assert_inline_trains_like_the_float64_reference(layer: KWConv2d, x: torch.Te
     got = grads_on(layer, x, "inline")
     expected = grads_on(copy.deepcopy(layer).double(), x.double(), None)
     assert len(got) == len(expected) == 2 + 1 + len([p for p in layer.parameters() if p.requires_grad])
-    for index, (g, e) in enumerate(zip(got, expected)):
-        assert relative_error(g, e) <= 4 * FLOAT32, index  # 0: the output, 1: x's gradient, then parameters'
+    assert_same_grads(got, expected)
 
 
 @needs_native
@@ -312,14 +316,20 @@ def test_no_copy_needs_more_than_its_instruction_set():
         assert not any(register in code for register in forbidden[isa]), isa
 
 
-@pytest.mark.parametrize("isa", native.ISAS)
-def test_every_copy_this_cpu_runs_equals_the_reference(isa, monkeypatch):
-    """Forced with KWCONVERT_ISA, each copy gives the float64 reference on dense layers of every
-    panel width, a partial row tile, and depthwise layers with a partial vector of channels."""
+def run_on_isa(isa: str, monkeypatch) -> None:
+    """Force the compiled copy of ``isa`` for this test (KWCONVERT_ISA), or skip it where that copy
+    is not built or this CPU cannot execute it."""
     if isa not in native.built_isas() or isa not in native.cpu_isas():
         pytest.skip(f"the {isa} copy is not built or this CPU cannot execute it")
     monkeypatch.setenv("KWCONVERT_ISA", isa)
     monkeypatch.delenv("KWCONVERT_NATIVE", raising=False)
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_every_copy_this_cpu_runs_equals_the_reference(isa, monkeypatch):
+    """Forced with KWCONVERT_ISA, each copy gives the float64 reference on dense layers of every
+    panel width, a partial row tile, and depthwise layers with a partial vector of channels."""
+    run_on_isa(isa, monkeypatch)
     assert native.isa() == isa
     for cin, cout, cell in ((16, 8, (8, 16)), (16, 48, (16, 16)), (32, 64, (32, 16)), (16, 128, (64, 16))):
         assert_native_matches_float64_reference(kw_layer(cin, cout, 3, cell, padding=1, bias=True),
@@ -442,18 +452,23 @@ def test_the_backward_operators_of_inline_pass_opcheck():
 def test_every_path_a_layer_may_train_on_compiles_into_one_graph(path):
     """A layer whose eager choice for training is ``path`` (2 x 2 blocks of cells) trains in one
     compiled graph (fullgraph: a graph break raises) and gives eager's output and gradients."""
-    layer = kw_layer(32, 32, 3, (16, 16), padding=1, bias=True).train()
-    x = torch.randn(3, 32, 6, 5, requires_grad=True)
+    layer, x = kw_layer(32, 32, 3, (16, 16), padding=1, bias=True).train(), torch.randn(3, 32, 6, 5)
     expected = grads_on(layer, x, path)
+    assert_same_grads(grads_on(layer, x, None, through=compiled_for_training(layer, x, path)), expected)
+
+
+def compiled_for_training(layer: KWConv2d, x: torch.Tensor, path: str) -> nn.Module:
+    """``layer`` tuned for training on ``x``, its choice set to ``path``, compiled whole
+    (fullgraph: a graph break raises)."""
     kwconvert.tune(layer, x, backward=True)
     layer.path_choices.update((key, path) for key in layer.path_choices)
-    torch.compiler.reset()
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    out = compiled(x)
-    params = [p for p in layer.parameters() if p.requires_grad] + [layer.warehouse.cells]
-    got = [out, *torch.autograd.grad(out.square().sum(), [x, *params])]
+    torch.compiler.reset()  # a batch size an earlier test's graph varied would stay dynamic
+    return torch.compile(layer, backend="aot_eager", fullgraph=True)
+
+
+def assert_same_grads(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     for index, (g, e) in enumerate(zip(got, expected)):
-        assert relative_error(g, e) <= 4 * FLOAT32, index
+        assert relative_error(g, e) <= 4 * FLOAT32, index  # 0: the output, 1: x's gradient, then parameters'
 
 
 @needs_native
@@ -461,20 +476,14 @@ def test_compiled_training_on_inline_runs_the_kernels_backward_and_matches_eager
     """A layer that chose "inline" for training keeps it in a compiled graph: forward and both
     backward kernels run as operators, and the gradients equal eager "inline"'s."""
     layer = kw_layer(32, 64, 3, (64, 32), stride=2, padding=1, bias=True).train()
-    x = torch.randn(3, 32, 6, 7, requires_grad=True)
+    x = torch.randn(3, 32, 6, 7)
     expected = grads_on(layer, x, "inline")
-    kwconvert.tune(layer, x, backward=True)
-    layer.path_choices.update((key, "inline") for key in layer.path_choices)
-    torch.compiler.reset()
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled = compiled_for_training(layer, x, "inline")
     with torch.profiler.profile() as profile:
-        out = compiled(x)
-        got = [out, *torch.autograd.grad(out.square().sum(), [x, *[p for p in layer.parameters() if p.requires_grad],
-                                                               layer.warehouse.cells])]
+        got = grads_on(layer, x, None, through=compiled)
     ran = {event.key for event in profile.key_averages()}
     assert {"kwconvert::inline_conv", "kwconvert::inline_input_grad", "kwconvert::inline_weight_grad"} <= ran
-    for index, (g, e) in enumerate(zip(got, expected)):
-        assert relative_error(g, e) <= 4 * FLOAT32, index
+    assert_same_grads(got, expected)
 
 
 def test_the_operators_compute_what_their_pytorch_formulas_do(monkeypatch):
@@ -527,16 +536,22 @@ def test_the_operators_check_their_operands():
         native.inline_conv(tiling, cols, alpha[:, :, :-1], rows, bias)
 
 
-@needs_native
-def test_compiled_with_a_dynamic_batch_the_model_runs_the_kernel_in_one_graph(kw_resnet18):
-    """torch.compile(fullgraph=True, dynamic=True) keeps the compiled kernel (its operator) in the
-    graph, compiles once for every batch size, and matches eager."""
+def graph_recorder():
+    """A torch.compile backend that keeps every graph it is given (and runs it as traced)."""
     graphs = []
 
     def backend(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
 
+    return graphs, backend
+
+
+@needs_native
+def test_compiled_with_a_dynamic_batch_the_model_runs_the_kernel_in_one_graph(kw_resnet18):
+    """torch.compile(fullgraph=True, dynamic=True) keeps the compiled kernel (its operator) in the
+    graph, compiles once for every batch size, and matches eager."""
+    graphs, backend = graph_recorder()
     compiled = torch.compile(kw_resnet18, backend=backend, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for batch in (2, 3):
@@ -561,12 +576,7 @@ def test_compiled_for_shapes_tuned_eagerly_each_layer_takes_its_own_choice(kw_re
         if isinstance(layer, KWConv2d):
             assert layer.path_choices
             layer.path_choices.update((key, "inline") for key in layer.path_choices)
-    graphs = []
-
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+    graphs, backend = graph_recorder()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         assert relative_error(compiled(x), model(x)) <= FLOAT32
@@ -579,10 +589,7 @@ def test_compiled_for_shapes_tuned_eagerly_each_layer_takes_its_own_choice(kw_re
 def test_the_assembly_of_every_copy_reads_a_warehouse_in_place(isa, width, monkeypatch):
     """``mix`` of panels that are a view of the warehouse (each panel's rows a cell apart: what a
     compiled graph mixes from, holding no packed copy) equals the float64 product, every row split."""
-    if isa not in native.built_isas() or isa not in native.cpu_isas():
-        pytest.skip(f"the {isa} copy is not built or this CPU cannot execute it")
-    monkeypatch.setenv("KWCONVERT_ISA", isa)
-    monkeypatch.delenv("KWCONVERT_NATIVE", raising=False)
+    run_on_isa(isa, monkeypatch)
     torch.manual_seed(width)
     n, columns = 11, 6 * width
     warehouse = torch.randn(n, columns)
@@ -599,10 +606,7 @@ def test_the_float16_assembly_of_every_copy_equals_float64(isa, width, monkeypat
     """``mix`` from a float16 warehouse copy: each copy that converts float16 on load, at every panel
     width and row-tile split, gives the float64 product of alpha and the float16-rounded cells (and
     the copies that cannot convert fall back to PyTorch with the same result)."""
-    if isa not in native.built_isas() or isa not in native.cpu_isas():
-        pytest.skip(f"the {isa} copy is not built or this CPU cannot execute it")
-    monkeypatch.setenv("KWCONVERT_ISA", isa)
-    monkeypatch.delenv("KWCONVERT_NATIVE", raising=False)
+    run_on_isa(isa, monkeypatch)
     assert native.mixes_half() == (isa != "baseline")
     torch.manual_seed(width)
     n, columns = 13, 4 * width

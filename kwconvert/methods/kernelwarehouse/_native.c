@@ -535,7 +535,8 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
         return -1;
     const long items = (long)num_panels * segments;
     const int group = batch < GRAD_SAMPLES ? batch : GRAD_SAMPLES;
-    const int chunk_rows = GRAD_BUFFER_FLOATS / (group * NP) < INLINE_ROWS ? GRAD_BUFFER_FLOATS / (group * NP) : INLINE_ROWS;
+    const int fitting_rows = GRAD_BUFFER_FLOATS / (group * NP);
+    const int chunk_rows = fitting_rows < INLINE_ROWS ? fitting_rows : INLINE_ROWS;
     const long buffer_floats = (long)chunk_rows * group * NP;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
