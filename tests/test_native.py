@@ -113,8 +113,9 @@ def test_a_batch_too_big_for_one_call_runs_in_slices_with_the_same_result(monkey
 
 
 @needs_native
-def test_native_walks_long_kernels_in_chunks():
-    """512 input channels x 9 positions x 64 columns is 1.2 MB: the kernel walks K in chunks."""
+def test_native_takes_a_kernel_panel_bigger_than_the_cache():
+    """512 input channels x 9 positions x 64 columns is a 1.2 MB panel, more than a core's L2:
+    each row tile still sums over all of K in registers."""
     layer = kw_layer(512, 64, 3, (64, 512), padding=1)
     assert_native_matches_float64_reference(layer, torch.randn(2, 512, 5, 4))
 
@@ -218,6 +219,21 @@ def test_inline_in_training_gives_the_reference_gradients(cin, cout, kernel, cel
     and of the warehouse): output and every gradient equal the float64 reference path's."""
     layer = kw_layer(cin, cout, kernel, cell, stride=stride, padding=kernel // 2, bias=True)
     assert_inline_trains_like_the_float64_reference(layer, torch.randn(batch, cin, 5, 6))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_inline_weight_gradient_is_the_same_on_any_number_of_threads(threads):
+    """The threads of ``inline_weight_grad`` share one warehouse gradient, each writing its own
+    part of every block's rows (40 rows: 13, 13 and 14 on 3 threads), while the nine mixtures of a
+    3x3 layer add into the same rows: the gradients equal the float64 reference's."""
+    layer = kw_layer(40, 64, 3, (64, 40), padding=1, bias=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_inline_trains_like_the_float64_reference(layer, torch.randn(5, 40, 4, 5))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def assert_inline_trains_like_the_float64_reference(layer: KWConv2d, x: torch.Tensor) -> None:

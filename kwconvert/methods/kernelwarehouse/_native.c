@@ -48,7 +48,6 @@
 #define MAX_ROWS 6                 /* rows of a register tile */
 #define BLOCK_BYTES (256 * 1024)   /* kernel bytes that stay in cache across row tiles */
 #define ROWS_PER_ITEM 48           /* rows per work item when all of W_b stays in cache */
-#define CHUNK_ROWS 256             /* K rows per chunk when a panel does not */
 #define MAX_SEGMENTS 1024          /* as native.py's _MAX_SEGMENTS */
 
 const char *kw_native_isa(void) { return KW_ISA; }
@@ -201,12 +200,15 @@ int kw_native_mix_half(const float *alpha, int rows, int n, const uint16_t *pane
  * C[b] (rows x O, row stride ldc) = A[b] (rows x K, row stride lda) @ W_b^T (+ bias) for every
  * sample b < batch; offsets[P * segments + g] locate W_b^T's blocks as described above, rows
  * ldw apart (NP where they are packed; the assembly may read a warehouse's rows in place).
- * Three walks, by how much of W_b^T fits in cache (the per-core L2 here is 1 MB):
- *  - all of it (small K x O, e.g. 1x1 layers on large maps) and enough rows to keep every
- *    thread busy: row tiles outside, panels inside, so each output row is written whole
- *    (items: sample x chunk of rows);
- *  - one panel (K x NP): each row tile keeps its sums in registers over all of K;
- *  - less: K in chunks of CHUNK_ROWS, every row tile per chunk (items: sample x panel).
+ * Two walks:
+ *  - all of W_b^T fits in cache (small K x O, e.g. 1x1 layers on large maps) and there are
+ *    enough rows to keep every thread busy: row tiles outside, panels inside, so each output
+ *    row is written whole (items: sample x chunk of rows);
+ *  - otherwise one panel (K x NP) at a time: each row tile keeps its sums in registers over all
+ *    of K (items: sample x panel), however long K is.  Walking K in chunks of 256 rows to keep
+ *    a panel in L2 read each im2col row in bursts of 1 kB, too short for the hardware's stream
+ *    prefetcher: resnet18's layer3 product (196 rows, K 2304, 256 outputs, batch 4) ran at 51
+ *    G multiply-adds/s on 2 Zen 4 cores that way, 107 in one pass (torch.bmm: 80-90).
  * Items run on `threads` OpenMP threads (the runtime torch loaded, when this library is loaded
  * after torch: it asks for libgomp.so.1, which the loader finds already mapped, so no second
  * thread pool spins beside torch's).  Returns 0, or -1 for an unsupported panel width (NP
@@ -251,23 +253,11 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
             panels[g] = W + b * w_sample + offsets[(long)P * segments + g];
         const float *bias_p = bias ? bias + (long)P * NP : NULL;
         float *c_p = c_b + (long)P * NP;
-        if (panel_bytes <= BLOCK_BYTES) {
-            for (int r0 = 0, R; r0 < rows; r0 += R) {
-                R = tile_rows(rows, r0);
-                run_tile(R, 1, a_b + (long)r0 * lda, lda, panels, 0, segments, seg_len, 0, seg_len, NP, ldw,
-                         c_p + (long)r0 * ldc, ldc, bias_p);
-            }
-            continue;
+        for (int r0 = 0, R; r0 < rows; r0 += R) {
+            R = tile_rows(rows, r0);
+            run_tile(R, 1, a_b + (long)r0 * lda, lda, panels, 0, segments, seg_len, 0, seg_len, NP, ldw,
+                     c_p + (long)r0 * ldc, ldc, bias_p);
         }
-        for (int g = 0; g < segments; g++)
-            for (int q0 = 0; q0 < seg_len; q0 += CHUNK_ROWS) {
-                const int q1 = q0 + CHUNK_ROWS < seg_len ? q0 + CHUNK_ROWS : seg_len;
-                for (int r0 = 0, R; r0 < rows; r0 += R) {
-                    R = tile_rows(rows, r0);
-                    run_tile(R, g == 0 && q0 == 0, a_b + (long)r0 * lda, lda, panels, g, g + 1, seg_len, q0, q1,
-                             NP, ldw, c_p + (long)r0 * ldc, ldc, bias_p);
-                }
-            }
     }
     return 0;
 }
@@ -298,6 +288,21 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
         _Pragma("omp atomic write") failed = 1;   \
     }
 
+/* Asks for `rows` rows of `count` floats (lda apart) ahead of use: the inline walks read the
+ * im2col rows a short chunk at a time, too short for the hardware's stream prefetcher (with the
+ * next row tile asked for, resnet18's layer2 and layer3 "inline" at batch 16: 24-25 ms, 26-30
+ * without). */
+static inline void prefetch_rows(const float *a, long lda, int rows, int count)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    for (int r = 0; r < rows; r++)
+        for (int q = 0; q < count; q += 16)
+            __builtin_prefetch(a + r * lda + q, 0, 3);
+#else
+    (void)a, (void)lda, (void)rows, (void)count;
+#endif
+}
+
 /*
  * One step of "inline" and of its input gradient: `count` rows of a block of every sample's
  * kernel mixed into `buffer` (sample s's rows at s * per_sample, row stride `width`), row q from
@@ -317,6 +322,8 @@ static void mix_and_multiply(int samples, const float *alpha, long alpha_sample,
         const float *panel = buffer + s * per_sample;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
             R = tile_rows(rows, r0);
+            prefetch_rows(A + s * a_sample + (long)(r0 + R) * lda, lda, r0 + R < rows ? tile_rows(rows, r0 + R) : 0,
+                          count);
             run_tile(R, first, A + s * a_sample + (long)r0 * lda, lda, &panel, 0, 1, count, 0, count, width, width,
                      C + s * c_sample + (long)r0 * ldc, ldc, bias);
         }
@@ -424,12 +431,15 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
  * panels, rows, NP); E, mixtures and rows_at as for kw_native_inline; alpha_t is alpha as
  * (m, n, batch).  For each (panel, segment) item and chunk of rows, the chunk of dW for a group of
  * samples (in `buffer` as [row][sample][NP]) gives dalpha[b, mixture, j] += <dW_b, E_j> and
- * dE[rows, j] += sum_b alpha[b, mixture, j] dW_b.  Items of different panels share mixtures and
- * every mixture shares the warehouse, so each thread sums into its own slice of dalpha
- * (threads x batch x m x n) and dE (threads x E's size), both zeroed by the caller, who adds
- * the slices up.  Groups of up to GRAD_SAMPLES samples: dE's register tiles then sum over 32
- * samples per load and store of their sums, not 16; the chunks of rows are as long as a buffer of
- * GRAD_BUFFER_FLOATS allows (128 rows of 16 samples, 64 of 32).
+ * dE[rows, j] += sum_b alpha[b, mixture, j] dW_b.  Items of different panels share mixtures, so
+ * each thread sums into its own slice of dalpha (threads x batch x m x n), zeroed by the caller,
+ * who adds the slices up.  Every mixture adds into the same rows of dE (zeroed by the caller):
+ * each thread takes every item but only its own share of each block's rows, so no two threads
+ * write one row and one dE serves them all (a copy per thread, zeroed and added up, cost
+ * resnet18's layer3 10 ms of its 50 at batch 16, layer4 about 35 of 100).  Groups of up to
+ * GRAD_SAMPLES samples: dE's register tiles then sum over 32 samples per load and store of their
+ * sums, not 16; the chunks of rows are as long as a buffer of GRAD_BUFFER_FLOATS allows (128 rows
+ * of 16 samples, 64 of 32).
  */
 #define GRAD_SAMPLES 32
 #define GRAD_BUFFER_FLOATS (64 * 32 * 64) /* a thread's chunk of kernel gradients: 512 kB of its L2 */
@@ -529,7 +539,7 @@ static void dot_block(int S, int J, const float *w, long w_stride, const float *
 int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *GP, long gp_sample, const float *E,
                                  int n, const float *alpha_t, long m_n, const int64_t *mixtures, const int64_t *rows_at,
                                  int num_panels, int segments, int seg_len, int NP, int rows, int batch,
-                                 float *dalpha, long dalpha_size, float *dE, long e_size, int threads)
+                                 float *dalpha, long dalpha_size, float *dE, int threads)
 {
     if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
         return -1;
@@ -542,20 +552,19 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
 #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-        const int thread = omp_get_thread_num();
+        const int thread = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-        const int thread = 0;
+        const int thread = 0, team = 1;
 #endif
         THREAD_BUFFER(buffer, (size_t)buffer_floats * sizeof(float));
-        float *da = dalpha + thread * dalpha_size, *de = dE + thread * e_size;
-#pragma omp for schedule(static)
-        for (long item = 0; item < items; item++) {
-            if (buffer == NULL)
-                continue;
+        float *da = dalpha + thread * dalpha_size;
+        /* this thread's rows of every block: threads write disjoint rows of dE */
+        const int q_lo = (int)((long)seg_len * thread / team), q_hi = (int)((long)seg_len * (thread + 1) / team);
+        for (long item = 0; item < items && buffer != NULL; item++) {
             const int P = (int)(item / segments), g = (int)(item % segments);
             const long mixture = mixtures[item], row0 = rows_at[item];
-            for (int q0 = 0; q0 < seg_len; q0 += chunk_rows) {
-                const int count = seg_len - q0 < chunk_rows ? seg_len - q0 : chunk_rows;
+            for (int q0 = q_lo; q0 < q_hi; q0 += chunk_rows) {
+                const int count = q_hi - q0 < chunk_rows ? q_hi - q0 : chunk_rows;
                 for (int s0 = 0; s0 < batch; s0 += group) {
                     const int samples = batch - s0 < group ? batch - s0 : group;
                     for (int s = 0; s < samples; s++) { /* dW chunk: rows q of A^T times G's panel */
@@ -575,7 +584,7 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                                       da + (long)(s0 + s) * m_n + mixture * n + j, m_n);
                     for (int q = 0; q < count; q++) { /* dE rows: alpha^T (n x samples) @ chunk (samples x NP) */
                         const float *chunk = buffer + (long)q * group * NP;
-                        float *de_q = de + (row0 + q0 + q) * n * NP;
+                        float *de_q = dE + (row0 + q0 + q) * n * NP;
                         for (int j = 0, R; j < n; j += R) {
                             R = tile_rows(n, j);
                             run_tile(R, 0, alpha_t + (mixture * n + j) * batch + s0, batch, &chunk, 0, 1, samples, 0,

@@ -85,7 +85,7 @@ def _load(isa: str) -> ctypes.CDLL | None:
     library.kw_native_inline_input_grad.restype = i32
     library.kw_native_inline_weight_grad.argtypes = [pointer, size, pointer, size, pointer, i32, pointer, size,
                                                      pointer, pointer, i32, i32, i32, i32, i32, i32, pointer, size,
-                                                     pointer, size, i32]
+                                                     pointer, i32]
     library.kw_native_inline_weight_grad.restype = i32
     library.kw_native_mix_half.argtypes = [pointer, i32, i32, pointer, i32, i32, pointer, i32]
     library.kw_native_mix_half.restype = i32
@@ -506,14 +506,14 @@ def _inline_weight_grad(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: 
     alpha_t = alpha.permute(1, 2, 0).contiguous()  # (m, n, B)
     threads = torch.get_num_threads()
     grad_alpha = alpha.new_zeros(threads, *alpha.shape)
-    grad_warehouse = rows.new_zeros(threads, *rows.shape)
+    grad_warehouse = rows.new_zeros(rows.shape)
     mixtures, rows_at = _inline_tables(tiling, width)
     _refused(library.kw_native_inline_weight_grad(
         cols_t.data_ptr(), depth * count, grad_panels.data_ptr(), grad_panels[0].numel(), rows.data_ptr(),
         alpha.shape[2], alpha_t.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), rows_at.data_ptr(), panels,
         mixtures.shape[1], tiling.cell[1], width, count, batch, grad_alpha.data_ptr(), alpha.numel(),
-        grad_warehouse.data_ptr(), rows.numel(), threads), f"an inline weight gradient of panel width {width}")
-    return grad_alpha.sum(0), grad_warehouse.sum(0)
+        grad_warehouse.data_ptr(), threads), f"an inline weight gradient of panel width {width}")
+    return grad_alpha.sum(0), grad_warehouse
 
 
 @_inline_weight_grad.register_fake
