@@ -17,7 +17,7 @@ from torch import nn
 
 import kwconvert
 from kwconvert import reference_path, use_path
-from kwconvert.methods.kernelwarehouse import native, path_choice, paths
+from kwconvert.methods.kernelwarehouse import assembly, native, path_choice, paths
 from kwconvert.methods.kernelwarehouse.layers import KWConv2d, KWLinear, Warehouse, set_temperature
 
 from .helpers import FLOAT32, input_dependent
@@ -234,6 +234,32 @@ def test_inline_weight_gradient_is_the_same_on_any_number_of_threads(threads):
         assert_inline_trains_like_the_float64_reference(layer, torch.randn(5, 40, 4, 5))
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_native
+def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optimizer(monkeypatch):
+    """Between two optimizer steps, the forward and backward of "inline" read one packed copy of
+    the warehouse per layout (rows for the forward and the weight gradient, columns for the
+    input gradient); an optimizer step makes the next forward pack again.  Two SGD steps end on
+    the float64 reference path's weights."""
+    packings = []
+    for layout, pack in list(assembly._LAYOUTS.items()):
+        monkeypatch.setitem(assembly._LAYOUTS, layout,
+                            lambda cells, width, layout=layout, pack=pack: packings.append(layout) or pack(cells, width))
+    layer = kw_layer(32, 64, 3, (64, 32), padding=1, bias=True).train()
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(3, 32, 5, 6)
+    for model, inputs, path in ((layer, x, "inline"), (reference, x.double(), None)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        inputs.requires_grad_()
+        for _ in range(2):
+            optimizer.zero_grad()
+            with use_path(path) if path else reference_path():
+                model(inputs).square().mean().backward()
+            optimizer.step()
+    assert sorted(packings) == ["columns", "columns", "rows", "rows"]
+    assert relative_error(layer.warehouse.cells, reference.warehouse.cells) <= 4 * FLOAT32
+    assert relative_error(layer.attention.fc1.weight, reference.attention.fc1.weight) <= 4 * FLOAT32
 
 
 def assert_inline_trains_like_the_float64_reference(layer: KWConv2d, x: torch.Tensor) -> None:

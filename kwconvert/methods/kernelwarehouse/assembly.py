@@ -7,7 +7,7 @@ copy.  The assembly reads the whole warehouse in every layer.  Given the warehou
 plain matrix, a library GEMM packs it on every call, which costs as much as the product in
 the few-row products of batch 1 (a whole KW resnet18 / resnet50 at batch 1 ran 1.6-1.8x
 slower).  In inference (no gradient needed) the compiled kernel's ``native.mix`` reads a
-copy packed once, reused while the cells keep their storage, no optimizer has stepped and
+copy packed once (as does "inline", in training too), reused while the cells keep their storage, no optimizer has stepped and
 no state dict was loaded since (``_generation``, moved by public hooks) and a sample of
 their values is unchanged (the sample catches most edits by hand; ``cells_changed()``
 says so for any other).  A warehouse may be served from a float16 copy (``serve_half``): half
@@ -33,8 +33,8 @@ from .cells import Tiling
 #: Guards the packed copies (two threads meeting a new warehouse pack it once).
 _lock = threading.RLock()
 _PROBES = 256
-#: id(cells) -> {(panel width, for inline_conv, float16): (key, probe, packed)}; entries die with the cells
-_packed: dict[int, dict[tuple[int | None, bool, bool], tuple]] = {}
+#: id(cells) -> {(panel width, layout, float16): (key, probe, packed)}; entries die with the cells
+_packed: dict[int, dict[tuple[int | None, str, bool], tuple]] = {}
 #: id(cells) of the warehouses whose packed copy for ``native.mix`` is float16 (``serve_half``)
 _half: set[int] = set()
 #: Moves whenever cells may have changed in place: every packed copy made before is stale.
@@ -108,24 +108,29 @@ def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
     return cells.reshape(cells.shape[0], -1) if panels is None else native.panel_order(cells, panels)
 
 
-def _packed_cells(cells: Tensor, panels: int | None = None, inline: bool = False) -> Tensor | None:
-    """The warehouse ``(n, *cell)`` packed for ``native.mix`` (``inline``: for ``native.inline_conv``,
-    rows of ``panels`` columns), or None where it cannot serve; float16 for ``native.mix`` where
-    ``serve_half`` asked for it and the kernel converts it."""
+#: How each layout of a packed copy is made from the cells (and the panel width).
+_LAYOUTS = {"mix": lambda cells, panels: native.mix_panels(_cell_columns(cells, panels)),
+            "rows": native.inline_rows, "columns": native.inline_columns}
+
+
+def _packed_cells(cells: Tensor, panels: int | None = None, layout: str = "mix") -> Tensor | None:
+    """The warehouse ``(n, *cell)`` packed for ``native.mix`` (``layout="rows"``: as
+    ``native.inline_rows``, ``"columns"``: as ``native.inline_columns``, ``panels`` wide), or
+    None where it cannot serve; float16 for ``native.mix`` where ``serve_half`` asked for it and
+    the kernel converts it."""
     if torch.compiler.is_compiling() or not (
             _packing.get() and _kernel_reads(cells)
-            and (inline or native.mix_width(math.prod(cells.shape[1:])) is not None)):
+            and (layout != "mix" or native.mix_width(math.prod(cells.shape[1:])) is not None)):
         return None
     key = (cells.data_ptr(), _generation, tuple(cells.shape))
     probe = _probe(cells)
-    half = not inline and id(cells) in _half and native.mixes_half()
+    half = layout == "mix" and id(cells) in _half and native.mixes_half()
     with _lock:
         entries = _packed.get(id(cells))
-        entry = None if entries is None else entries.get((panels, inline, half))
+        entry = None if entries is None else entries.get((panels, layout, half))
         if entry is not None and entry[0] == key and torch.equal(entry[1], probe):
             return entry[2]
-    packed = native.inline_rows(cells.detach(), panels) if inline else \
-        native.mix_panels(_cell_columns(cells.detach(), panels))
+    packed = _LAYOUTS[layout](cells.detach(), panels)
     if half:
         packed = packed.half()
     with _lock:
@@ -133,15 +138,18 @@ def _packed_cells(cells: Tensor, panels: int | None = None, inline: bool = False
         if entries is None:
             weakref.finalize(cells, _packed.pop, id(cells), None)
             entries = _packed[id(cells)] = {}
-        entries[(panels, inline, half)] = (key, probe, packed)
+        entries[(panels, layout, half)] = (key, probe, packed)
     return packed
 
 
-def cached_inline_rows(cells: Tensor, width: int) -> Tensor:
-    """The warehouse as ``native.inline_conv`` reads it: the packed copy where one may serve (the
-    compiled kernel's inference), else packed now."""
-    packed = _packed_cells(cells, width, inline=True)
-    return native.inline_rows(cells, width) if packed is None else packed
+def cached_inline(cells: Tensor, width: int, layout: str = "rows") -> Tensor:
+    """The warehouse as ``native.inline_conv`` reads it (``layout="columns"``: as
+    ``native.inline_input_grad`` does): the packed copy where one may serve, else packed now.
+    Training uses the copies too: every layer of a stage reads the same warehouse, forward and
+    backward, between two optimizer steps (packing resnet18's stage-4 warehouse took 33 ms,
+    15 times a step)."""
+    packed = _packed_cells(cells, width, layout)
+    return _LAYOUTS[layout](cells, width) if packed is None else packed  # a graph's: differentiable
 
 
 def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool, panels: int | None = None) -> Tensor:

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ... import execution
 from . import native
-from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline_rows
+from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline
 from .cells import Tiling
 
 
@@ -457,7 +457,7 @@ class _KWConv2dInline(torch.autograd.Function):
         ctx.save_for_backward(x, alpha, cells)
         width = native.panel_width(spec.tiling)
         out_h, out_w = spec.output_size(*x.shape[2:])
-        rows = native.inline_conv(spec.tiling, _im2col(spec, x)[0], alpha, native.inline_rows(cells, width), bias)
+        rows = native.inline_conv(spec.tiling, _im2col(spec, x)[0], alpha, cached_inline(cells, width), bias)
         return rows.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
     @staticmethod
@@ -468,10 +468,10 @@ class _KWConv2dInline(torch.autograd.Function):
         grad_rows = grad.permute(0, 2, 3, 1).reshape(x.shape[0], -1, grad.shape[1])  # (B, L, C_out)
         grad_x = grad_alpha = grad_cells = grad_bias = None
         if need_x:
-            columns = native.inline_columns(cells, native.input_width(tiling))
+            columns = cached_inline(cells, native.input_width(tiling), "columns")
             grad_x = _col2im(spec, native.inline_input_grad(tiling, grad_rows, alpha, columns), x.shape)
         if need_alpha or need_cells:
-            rows = native.inline_rows(cells, native.panel_width(tiling))
+            rows = cached_inline(cells, native.panel_width(tiling))
             grad_alpha, grad_rows_of_cells = native.inline_weight_grad(tiling, _im2col_t(spec, x), grad_rows,
                                                                        alpha, rows)
             grad_cells = native.cells_from_rows(grad_rows_of_cells, tuple(cells.shape[1:])) if need_cells else None
@@ -754,7 +754,7 @@ def _train_inline(layer, x: Tensor, alpha: Tensor) -> Tensor:
 
 def _native_inline(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
     """``(B, rows, C_out)``: the product with the assembly inside the compiled kernel."""
-    rows = cached_inline_rows(layer.warehouse.cells, native.panel_width(spec.tiling))
+    rows = cached_inline(layer.warehouse.cells, native.panel_width(spec.tiling))
     cols, _ = _im2col(spec, x)
     return native.inline_conv(spec.tiling, cols, alpha, rows, layer.bias)
 
