@@ -243,9 +243,12 @@ def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optim
     input gradient); an optimizer step makes the next forward pack again.  Two SGD steps end on
     the float64 reference path's weights."""
     packings = []
+
+    def counted(layout, pack):
+        return lambda cells, width: packings.append(layout) or pack(cells, width)
+
     for layout, pack in list(assembly._LAYOUTS.items()):
-        monkeypatch.setitem(assembly._LAYOUTS, layout,
-                            lambda cells, width, layout=layout, pack=pack: packings.append(layout) or pack(cells, width))
+        monkeypatch.setitem(assembly._LAYOUTS, layout, counted(layout, pack))
     layer = kw_layer(32, 64, 3, (64, 32), padding=1, bias=True).train()
     reference = copy.deepcopy(layer).double()
     x = torch.randn(3, 32, 5, 6)

@@ -7,11 +7,11 @@ copy.  The assembly reads the whole warehouse in every layer.  Given the warehou
 plain matrix, a library GEMM packs it on every call, which costs as much as the product in
 the few-row products of batch 1 (a whole KW resnet18 / resnet50 at batch 1 ran 1.6-1.8x
 slower).  In inference (no gradient needed) the compiled kernel's ``native.mix`` reads a
-copy packed once (as does "inline", in training too), reused while the cells keep their storage, no optimizer has stepped and
-no state dict was loaded since (``_generation``, moved by public hooks) and a sample of
-their values is unchanged (the sample catches most edits by hand; ``cells_changed()``
-says so for any other).  A warehouse may be served from a float16 copy (``serve_half``): half
-the bytes that every layer of its stage reads whole.
+copy packed once (so does "inline", in training too), reused while the cells keep their
+storage, no optimizer has stepped and no state dict was loaded since (``_generation``, moved
+by public hooks) and a sample of their values is unchanged (the sample catches most edits by
+hand; ``cells_changed()`` says so for any other).  A warehouse may be served from a float16
+copy (``serve_half``): half the bytes that every layer of its stage reads whole.
 """
 from __future__ import annotations
 

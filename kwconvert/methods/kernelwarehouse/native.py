@@ -325,7 +325,7 @@ def inline_rows(cells: Tensor, width: int) -> Tensor:
     kernel is ``alpha (1, n) @ rows[q]`` read from one contiguous block.  One permuted copy: through
     ``panel_order`` (two copies) resnet18's stage-4 warehouse (28 MB) took 33 ms, this 11."""
     n, f_e, c_e = cells.shape[:3]
-    return cells.reshape(n, f_e // width, width, c_e).permute(1, 3, 0, 2).reshape(-1, n, width)
+    return cells.reshape(n, f_e // width, width, c_e).permute(1, 3, 0, 2).reshape(-1, n, width).contiguous()
 
 
 @functools.lru_cache(maxsize=512)
