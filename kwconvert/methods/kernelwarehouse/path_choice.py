@@ -23,7 +23,6 @@ from torch import Tensor
 from ... import execution
 from . import assembly
 from .assembly import _needs_grad
-from .assembly import packing, _packing
 from .paths import _available, _inline_trains, _keep_limit, _run, _spec_for
 
 #: Each layer keeps its own choice per input (``layer.path_choices``: input key -> path); a
@@ -261,15 +260,16 @@ def _time_paths(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], nee
             available = tuple(path for path in trainable if path not in ("grouped", "folded")) or trainable
         else:
             available = trainable
-    with packing(_packing.get() and not needs_grad):  # training never uses a packed copy: make none
-        if needs_grad and not small and "inline" in available and len(available) > 1:
-            # "inline" is fast forward, and its backward is the fastest only where kernels are big
-            # (resnet18's layer4 at batch 16: 232-247 ms against 304-441 for "bmm", forward and
-            # backward; layer2: 183-214 against 72-77 for "conv"): the forward-timed best of the
-            # others against it, forward and backward (the winner's backward runs in the step anyway)
-            others = tuple(path for path in available if path != "inline")
-            return _fastest(layer, x, alpha, (_fastest(layer, x, alpha, others), "inline"), backward=True)
-        return _fastest(layer, x, alpha, available, backward=needs_grad and small)
+    # timed as a step runs them: "inline" trains on the stage's packed warehouse copies
+    # (assembly.cached_inline), which its first timing makes
+    if needs_grad and not small and "inline" in available and len(available) > 1:
+        # "inline" is fast forward, and its backward is the fastest only where kernels are big
+        # (resnet18's layer4 at batch 16: 232-247 ms against 304-441 for "bmm", forward and
+        # backward; layer2: 183-214 against 72-77 for "conv"): the forward-timed best of the
+        # others against it, forward and backward (the winner's backward runs in the step anyway)
+        others = tuple(path for path in available if path != "inline")
+        return _fastest(layer, x, alpha, (_fastest(layer, x, alpha, others), "inline"), backward=True)
+    return _fastest(layer, x, alpha, available, backward=needs_grad and small)
 
 
 def _premix_writes_less(layer, x: Tensor) -> bool:
