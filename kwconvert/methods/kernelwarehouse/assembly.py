@@ -44,7 +44,8 @@ _packing: contextvars.ContextVar[bool] = contextvars.ContextVar("kwconvert_packi
 
 @contextlib.contextmanager
 def packing(enabled: bool) -> Iterator[None]:
-    """Allow or forbid packed warehouse copies for inference inside the block (this thread only)."""
+    """Allow or forbid packed warehouse copies inside the block (this thread only): those of the
+    assembly in inference and those "inline" reads, in training too."""
     token = _packing.set(enabled)
     try:
         yield
