@@ -5,7 +5,7 @@ warehouse by that sample's attention (paper Sec. 3.2).
 
 * ``torch.export`` (.pt2) traces the fast CPU paths of :mod:`kwconvert.methods.kernelwarehouse.paths` as they are: the
   compiled kernel is a set of registered operators (``torch.ops.kwconvert.conv``,
-  ``depthwise``, ``mix``) with shape-only fake implementations, and under tracing every
+  ``depthwise``, ``mix``, ``im2col``) with shape-only fake implementations, and under tracing every
   layer takes a path without a Python loop over the batch, so the batch stays dynamic.
   Loading such a program needs ``import kwconvert`` first (it registers the operators);
   where the kernel is not built, the operators compute the same in PyTorch ops.

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 import kwconvert
@@ -454,6 +455,69 @@ def inline_operands(batch: int = 2, grad: bool = False):
     return tiling, cols, alpha, rows, bias
 
 
+#: kernel, stride, dilation, zero padding (top, bottom, left, right), image (H, W): square and
+#: uneven windows, strides that skip pixels, padding on one side only, windows wider than the image
+WINDOWS = [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), (7, 6)), ((3, 3), (2, 2), (1, 1), (1, 1, 1, 1), (9, 8)),
+           ((1, 1), (2, 2), (1, 1), (0, 0, 0, 0), (7, 7)), ((3, 2), (1, 2), (2, 1), (2, 0, 1, 3), (6, 9)),
+           ((7, 7), (2, 2), (1, 1), (3, 3, 3, 3), (5, 4))]
+
+
+def unfolded(x: torch.Tensor, kernel, stride, dilation, padding) -> torch.Tensor:
+    """``F.unfold``'s im2col of the zero-padded image, in the NHWC K order: ``(B, L, kh * kw * C)``."""
+    top, bottom, left, right = padding
+    cols = F.unfold(F.pad(x, (left, right, top, bottom)), kernel, dilation=dilation, stride=stride)
+    batch, channels = x.shape[:2]
+    return cols.view(batch, channels, kernel[0] * kernel[1], -1).permute(0, 3, 2, 1).reshape(
+        batch, cols.shape[2], -1)
+
+
+def folded(cols: torch.Tensor, shape, kernel, stride, dilation, padding) -> torch.Tensor:
+    """``F.fold``'s sum of the rows ``(B, L, kh * kw * C)`` into the padded image, padding cut off."""
+    batch, channels, height, width = shape
+    top, bottom, left, right = padding
+    grid = cols.view(batch, cols.shape[1], kernel[0] * kernel[1], channels).permute(0, 3, 2, 1)
+    image = F.fold(grid.reshape(batch, -1, cols.shape[1]), (height + top + bottom, width + left + right), kernel,
+                   dilation=dilation, stride=stride)
+    return image[:, :, top:top + height, left:left + width]
+
+
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_native), False], ids=["kernel", "pytorch"])
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda window: "k{}x{}-s{}x{}-d{}x{}-p{}{}{}{}-{}x{}".format(
+    *itertools.chain(*window)))
+def test_im2col_and_col2im_equal_unfold_and_fold(window, compiled, monkeypatch):
+    """The compiled im2col (both layouts) and its gradient, and the PyTorch ops that replace them
+    where the kernel is not built, equal F.unfold and F.fold; on three threads, which split the
+    samples' rows between them (5 samples, 3 to 9 rows each)."""
+    kernel, stride, dilation, padding, size = window
+    if not compiled:
+        monkeypatch.setattr(native, "_library", lambda: None)
+    x = torch.randn(5, 6, *size).contiguous(memory_format=torch.channels_last)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        cols = native.im2col(x, kernel, stride, dilation, padding)
+        cols_t = native.im2col(x, kernel, stride, dilation, padding, transposed=True)
+        grad = torch.randn_like(cols)
+        image = native.col2im(grad, x.shape, kernel, stride, dilation, padding)
+    finally:
+        torch.set_num_threads(previous)
+    expected = unfolded(x, kernel, stride, dilation, padding)
+    assert torch.equal(cols, expected) and torch.equal(cols_t, expected.transpose(1, 2))
+    assert image.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(image, folded(grad, x.shape, kernel, stride, dilation, padding)) <= FLOAT32
+
+
+def test_im2col_and_col2im_are_each_others_gradient():
+    """The operators' autograd formulas: float64 gradcheck (the PyTorch ops run; the kernel is
+    float32), through both layouts."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    window = ((3, 2), (2, 1), (1, 2), (1, 2, 0, 1))
+    assert torch.autograd.gradcheck(lambda x: native.im2col(x, *window), (x,))
+    assert torch.autograd.gradcheck(lambda x: native.im2col(x, *window, transposed=True), (x,))
+    cols = native.im2col(x.detach(), *window).requires_grad_()
+    assert torch.autograd.gradcheck(lambda cols: native.col2im(cols, x.shape, *window), (cols,))
+
+
 def depthwise_operands(batch: int = 2, grad: bool = False):
     torch.manual_seed(6)
     x = torch.randn(batch, 20, 9, 8).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
@@ -475,6 +539,13 @@ def test_the_operators_pass_opcheck():
     panels = torch.randn(3, 6, 16, requires_grad=True)
     torch.library.opcheck(torch.ops.kwconvert.mix.default, (alpha, panels))
     torch.library.opcheck(torch.ops.kwconvert.mix.default, (alpha.detach(), panels.detach().half()))
+    x = torch.randn(2, 6, 7, 5, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    kernel, stride, dilation, padding, _ = WINDOWS[3]
+    window = (list(kernel), list(stride), list(dilation), list(padding))
+    for transposed in (False, True):
+        torch.library.opcheck(torch.ops.kwconvert.im2col.default, (x, *window, transposed))
+    cols = native.im2col(x.detach(), *window).requires_grad_()
+    torch.library.opcheck(torch.ops.kwconvert.col2im.default, (cols, list(x.shape), *window))
     tiling, cols, mixtures, rows, bias = inline_operands(grad=True)
     for b in (bias, None):
         torch.library.opcheck(torch.ops.kwconvert.inline_conv.default,

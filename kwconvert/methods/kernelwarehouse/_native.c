@@ -25,6 +25,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -447,12 +448,14 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
 /*
  * dalpha's dot products, S samples x J cells at a time: out[s * out_stride + j] += sum over rows
  * q < count and columns c < NP of w[q * w_stride + s * NP + c] * e[q * e_stride + j * NP + c].
- * The S x J sums are vectors kept in registers across the rows (S, J constants in each case),
- * one vector of columns at a time: each row loads S + J vectors per S x J multiply-adds.  Written
- * as float arrays under `omp simd` (3 x 2 blocks of whole 64-column panels) they lived on the
- * stack, one load and one store per multiply-add; this way fashion_cnn's blocks.2.conv1 weight
- * gradient took 5.7 ms instead of 7.8.  The baseline copy and panels narrower than a vector take
- * plain loops.
+ * The S x J sums are vectors kept in registers across the rows and columns (S, J constants in
+ * each case): each vector of a row loads S + J vectors per S x J multiply-adds, and each sum is
+ * added across its lanes once.  Written as float arrays under `omp simd` (3 x 2 blocks of whole
+ * 64-column panels) they lived on the stack, one load and one store per multiply-add; this way
+ * fashion_cnn's blocks.2.conv1 weight gradient took 5.7 ms instead of 7.8, and with the lanes
+ * added once per block rather than once per vector of columns 0.87-0.90x of that (resnet18's
+ * layers, 128-row chunks, within noise).  The baseline copy and panels narrower than a vector
+ * take plain loops.
  */
 #if KW_VECTOR >= 512
 #define DOT_VEC __m512
@@ -484,12 +487,12 @@ static inline float dot_total(__m256 v)
 #ifdef DOT_VEC
 #define DOT_BLOCK(S, J)                                                                          \
     {                                                                                            \
-        for (int c0 = 0; c0 < NP; c0 += DOT_LANES) {                                             \
-            DOT_VEC part[S][J];                                                                  \
-            for (int s = 0; s < S; s++)                                                          \
-                for (int j = 0; j < J; j++)                                                      \
-                    part[s][j] = DOT_ZERO();                                                     \
-            for (int q = 0; q < count; q++) {                                                    \
+        DOT_VEC part[S][J];                                                                      \
+        for (int s = 0; s < S; s++)                                                              \
+            for (int j = 0; j < J; j++)                                                          \
+                part[s][j] = DOT_ZERO();                                                         \
+        for (int q = 0; q < count; q++)                                                          \
+            for (int c0 = 0; c0 < NP; c0 += DOT_LANES) {                                         \
                 const float *x = w + q * w_stride + c0, *y = e + q * e_stride + c0;              \
                 DOT_VEC cells[J];                                                                \
                 for (int j = 0; j < J; j++)                                                      \
@@ -500,10 +503,9 @@ static inline float dot_total(__m256 v)
                         part[s][j] = DOT_FMA(sample, cells[j], part[s][j]);                      \
                 }                                                                                \
             }                                                                                    \
-            for (int s = 0; s < S; s++)                                                          \
-                for (int j = 0; j < J; j++)                                                      \
-                    out[s * out_stride + j] += dot_total(part[s][j]);                            \
-        }                                                                                        \
+        for (int s = 0; s < S; s++)                                                              \
+            for (int j = 0; j < J; j++)                                                          \
+                out[s * out_stride + j] += dot_total(part[s][j]);                                \
         return;                                                                                  \
     }
 #define DOT_ROWS(J) case 1 * 8 + (J): DOT_BLOCK(1, J) case 2 * 8 + (J): DOT_BLOCK(2, J) \
@@ -761,6 +763,100 @@ int kw_native_depthwise(const float *X, int H, int W, int C, const float *Kw, lo
         const dw_row row = {X + b * (long)H * W * C, Kw + b * k_sample, bias, Y + (b * (long)OH + oh) * OW * C,
                             H, W, C, OW, oh, kh, kw, sh, sw, pt, pl, dh, dw};
         dw_compute_row(&row);
+    }
+    return 0;
+}
+
+/*
+ * The im2col of a channels-last image and its gradient, for the per-sample products above
+ * (paths "inline", "native", "matmul" and "bmm"): X (batch, H, W, C), windows of kh x kw pixels
+ * (stride sh, sw; dilation dh, dw; zeros where a window crosses the top / left padding pt, pl or
+ * any edge), OH x OW of them.  PyTorch builds the same from a padded copy, a strided view and one
+ * more copy (a transposed one for the weight gradient, which read the image 64 floats at a time:
+ * 3.2 ms for the 7 MB of a 28 x 28 net's stage 3 at batch 64), and its gradient from a zeroed
+ * padded image, one strided add per kernel position and a copy out of the padding.
+ *
+ * kw_native_im2col: cols (batch, OH * OW, kh * kw * C) in OHWI's K order, or with `transposed`
+ * (batch, kh * kw * C, OH * OW).  Items (sample x output row) write disjoint rows of cols.
+ */
+#define IM2COL_PIXELS 64 /* output pixels of a row gathered at a time */
+int kw_native_im2col(const float *X, int H, int W, int C, float *cols, int OH, int OW, int kh, int kw, int sh,
+                     int sw, int pt, int pl, int dh, int dw, int transposed, int batch, int threads)
+{
+    const long depth = (long)kh * kw * C, pixels = (long)OH * OW;
+    const long items = (long)batch * OH;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < items; item++) {
+        const long b = item / OH;
+        const int oh = (int)(item % OH);
+        const float *x = X + b * H * W * C;
+        float *out = cols + b * depth * pixels;
+        for (int i = 0; i < kh; i++) {
+            const int ih = oh * sh - pt + i * dh;
+            for (int j = 0; j < kw; j++) {
+                const long k0 = ((long)i * kw + j) * C;
+                for (int ow0 = 0; ow0 < OW; ow0 += IM2COL_PIXELS) {
+                    const int count = OW - ow0 < IM2COL_PIXELS ? OW - ow0 : IM2COL_PIXELS;
+                    const float *src[IM2COL_PIXELS];
+                    for (int p = 0; p < count; p++) {
+                        const int iw = (ow0 + p) * sw - pl + j * dw;
+                        src[p] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((long)ih * W + iw) * C : NULL;
+                    }
+                    const long r = (long)oh * OW + ow0;
+                    if (transposed) { /* each channel's row of `count` pixels; the pixels' channels stay in L1 */
+                        for (int c = 0; c < C; c++) {
+                            float *dst = out + (k0 + c) * pixels + r;
+                            for (int p = 0; p < count; p++)
+                                dst[p] = src[p] ? src[p][c] : 0.0f;
+                        }
+                    } else {
+                        for (int p = 0; p < count; p++) {
+                            float *dst = out + (r + p) * depth + k0;
+                            if (src[p])
+                                memcpy(dst, src[p], C * sizeof(float));
+                            else
+                                memset(dst, 0, C * sizeof(float));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/*
+ * kw_native_col2im: the gradient of the image from the gradient of its cols (batch, OH * OW,
+ * kh * kw * C): each pixel sums the rows of the windows that read it, gathered rather than
+ * scattered, so items (sample x image row) write disjoint pixels and nothing is zeroed first.
+ */
+int kw_native_col2im(const float *cols, int H, int W, int C, float *X, int OH, int OW, int kh, int kw, int sh, int sw,
+                     int pt, int pl, int dh, int dw, int batch, int threads)
+{
+    const long depth = (long)kh * kw * C, pixels = (long)OH * OW;
+    const long items = (long)batch * H;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < items; item++) {
+        const long b = item / H;
+        const int ih = (int)(item % H);
+        const float *rows = cols + b * depth * pixels;
+        for (int iw = 0; iw < W; iw++) {
+            float *dst = X + ((b * H + ih) * W + iw) * C;
+            memset(dst, 0, C * sizeof(float));
+            for (int i = 0; i < kh; i++) {
+                const int t = ih + pt - i * dh;
+                if (t < 0 || t % sh || t / sh >= OH)
+                    continue;
+                for (int j = 0; j < kw; j++) {
+                    const int u = iw + pl - j * dw;
+                    if (u < 0 || u % sw || u / sw >= OW)
+                        continue;
+                    const float *src = rows + ((long)(t / sh) * OW + u / sw) * depth + ((long)i * kw + j) * C;
+                    for (int c = 0; c < C; c++)
+                        dst[c] += src[c];
+                }
+            }
+        }
     }
     return 0;
 }

@@ -117,50 +117,33 @@ def _im2col(spec: ConvSpec, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
 
     A 1x1 stride-1 unpadded convolution needs no copy: the input is the matrix.
     """
-    batch, channels = x.shape[:2]
-    windows = _windows(spec, x)
-    out_h, out_w, kh, kw = windows.shape[1], windows.shape[2], *spec.kernel
-    return windows.permute(0, 1, 2, 4, 5, 3).reshape(batch, out_h * out_w, kh * kw * channels), (out_h, out_w)
+    out_h, out_w = spec.output_size(*x.shape[2:])
+    if _is_pointwise(spec):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], out_h * out_w, x.shape[1]), (out_h, out_w)
+    return native.im2col(x, spec.kernel, spec.stride, spec.dilation, spec.padding), (out_h, out_w)
 
 
 def _im2col_t(spec: ConvSpec, x: Tensor) -> Tensor:
     """``_im2col`` transposed, ``(B, kh * kw * C, OH * OW)``, gathered from the input in one copy."""
-    batch, channels = x.shape[:2]
-    windows = _windows(spec, x)
-    out_h, out_w, kh, kw = windows.shape[1], windows.shape[2], *spec.kernel
-    return windows.permute(0, 4, 5, 3, 1, 2).reshape(batch, kh * kw * channels, out_h * out_w)
+    return native.im2col(x, spec.kernel, spec.stride, spec.dilation, spec.padding, transposed=True)
+
+
+def _is_pointwise(spec: ConvSpec) -> bool:
+    """A 1x1 stride-1 unpadded convolution: its im2col is the channels-last input itself."""
+    return spec.kernel == (1, 1) and spec.stride == (1, 1) and not any(spec.padding)
 
 
 def _windows(spec: ConvSpec, x: Tensor) -> Tensor:
     """The ``(B, OH, OW, C, kh, kw)`` windows of a channels-last input, a view (of the padded input)."""
-    rows = x.permute(0, 2, 3, 1)
-    top, bottom, left, right = spec.padding
-    if top or bottom or left or right:
-        rows = F.pad(rows, (0, 0, left, right, top, bottom))
-    out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
-    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
-    # dilation takes every d-th row of a wider window
-    windows = rows.unfold(1, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(2, dw * (kw - 1) + 1, sw)[..., ::dw]
-    return windows[:, :out_h, :out_w]
+    return native.windows(x, spec.kernel, spec.stride, spec.dilation, spec.padding)
 
 
 def _col2im(spec: ConvSpec, grad_cols: Tensor, shape: torch.Size) -> Tensor:
-    """The gradient of ``_im2col``: strided in-place adds, one per kernel position."""
-    batch, channels, height, width = shape
-    out_h, out_w = spec.output_size(height, width)
-    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
-    top, bottom, left, right = spec.padding
-    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(spec.padding):
+    """The gradient of ``_im2col``: the pixels' sums of the rows that read them."""
+    if _is_pointwise(spec):
+        batch, channels, height, width = shape
         return grad_cols.view(batch, height, width, channels).permute(0, 3, 1, 2)
-    padded = grad_cols.new_zeros(batch, height + top + bottom, width + left + right, channels)
-    windows = grad_cols.view(batch, out_h, out_w, kh, kw, channels)
-    for i in range(kh):
-        for j in range(kw):
-            rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
-            columns = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
-            padded[:, rows, columns].add_(windows[:, :, :, i, j])
-    grad = padded[:, top:top + height, left:left + width].permute(0, 3, 1, 2)
-    return grad.contiguous(memory_format=torch.channels_last)
+    return native.col2im(grad_cols, shape, spec.kernel, spec.stride, spec.dilation, spec.padding)
 
 
 def _matmul_forward(spec: ConvSpec, x: Tensor, kernels: _Kernels, bias: Tensor | None) -> Tensor:
@@ -509,7 +492,7 @@ def _positions_backward(spec: ConvSpec, grad: Tensor, shape: torch.Size) -> Tens
     blocks_in, c_e = tiling.blocks_in, tiling.cell[1]
     top, bottom, left, right = spec.padding
     grid = grad.view(batch, kh, kw, blocks_in, out_h, out_w, c_e).permute(0, 1, 2, 4, 5, 3, 6)
-    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(spec.padding):
+    if _is_pointwise(spec):
         return grid[:, 0, 0].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
     padded = grad.new_zeros(batch, height + top + bottom, width + left + right, blocks_in, c_e)
     for i in range(kh):
