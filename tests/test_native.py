@@ -242,8 +242,9 @@ def test_inline_weight_gradient_is_the_same_on_any_number_of_threads(threads):
 def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optimizer(monkeypatch):
     """Between two optimizer steps, the forward and backward of "inline" read one packed copy of
     the warehouse per layout (rows for the forward and the weight gradient, columns for the
-    input gradient); an optimizer step makes the next forward pack again.  Two SGD steps end on
-    the float64 reference path's weights."""
+    input gradient); an optimizer step drops them (stale copies would otherwise live on into the
+    next backward, beside the fresh ones) and makes the next forward pack again.  Two SGD steps
+    end on the float64 reference path's weights."""
     packings = []
 
     def counted(layout, pack):
@@ -261,10 +262,18 @@ def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optim
             optimizer.zero_grad()
             with use_path(path) if path else reference_path():
                 model(inputs).square().mean().backward()
+            if path:
+                assert {key[1] for key in packed_copies(layer)} == {"rows", "columns"}
             optimizer.step()
+            assert not packed_copies(layer)
     assert sorted(packings) == ["columns", "columns", "rows", "rows"]
     assert relative_error(layer.warehouse.cells, reference.warehouse.cells) <= 4 * FLOAT32
     assert relative_error(layer.attention.fc1.weight, reference.attention.fc1.weight) <= 4 * FLOAT32
+
+
+def packed_copies(layer: KWConv2d) -> dict:
+    """The packed copies of the layer's warehouse alive now: {(width, layout, float16): entry}."""
+    return assembly._packed.get(id(layer.warehouse.cells), {})
 
 
 def assert_inline_trains_like_the_float64_reference(layer: KWConv2d, x: torch.Tensor) -> None:
