@@ -239,12 +239,13 @@ def test_inline_weight_gradient_is_the_same_on_any_number_of_threads(threads):
 
 
 @needs_native
-def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optimizer(monkeypatch):
+@pytest.mark.parametrize("one_copy", [False, True], ids=["two-layouts", "one-copy"])
+def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optimizer(one_copy, monkeypatch):
     """Between two optimizer steps, the forward and backward of "inline" read one packed copy of
-    the warehouse per layout (rows for the forward and the weight gradient, columns for the
-    input gradient); an optimizer step drops them (stale copies would otherwise live on into the
-    next backward, beside the fresh ones) and makes the next forward pack again.  Two SGD steps
-    end on the float64 reference path's weights."""
+    the warehouse per layout (rows for the forward and the weight gradient, columns for the input
+    gradient; rows only for a warehouse too big for two copies); an optimizer step drops them (stale
+    copies would otherwise live on into the next backward, beside the fresh ones) and makes the
+    next forward pack again.  Two SGD steps end on the float64 reference path's weights."""
     packings = []
 
     def counted(layout, pack):
@@ -252,6 +253,8 @@ def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optim
 
     for layout, pack in list(assembly._LAYOUTS.items()):
         monkeypatch.setitem(assembly._LAYOUTS, layout, counted(layout, pack))
+    monkeypatch.setattr(paths, "ONE_COPY_BYTES", 0 if one_copy else paths.ONE_COPY_BYTES)
+    layouts = ["rows"] if one_copy else ["columns", "rows"]
     layer = kw_layer(32, 64, 3, (64, 32), padding=1, bias=True).train()
     reference = copy.deepcopy(layer).double()
     x = torch.randn(3, 32, 5, 6)
@@ -263,10 +266,10 @@ def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optim
             with use_path(path) if path else reference_path():
                 model(inputs).square().mean().backward()
             if path:
-                assert {key[1] for key in packed_copies(layer)} == {"rows", "columns"}
+                assert sorted(key[1] for key in packed_copies(layer)) == layouts
             optimizer.step()
             assert not packed_copies(layer)
-    assert sorted(packings) == ["columns", "columns", "rows", "rows"]
+    assert sorted(packings) == sorted(layouts * 2)
     assert relative_error(layer.warehouse.cells, reference.warehouse.cells) <= 4 * FLOAT32
     assert relative_error(layer.attention.fc1.weight, reference.attention.fc1.weight) <= 4 * FLOAT32
 
@@ -395,6 +398,20 @@ def test_every_copy_this_cpu_runs_equals_the_reference(isa, monkeypatch):
         assert_native_matches_float64_reference(depthwise, torch.randn(2, channels, 11, 10))
     assert_inline_trains_like_the_float64_reference(kw_layer(48, 64, 3, (64, 48), stride=2, padding=1, bias=True),
                                                    torch.randn(7, 48, 5, 6))
+    monkeypatch.setattr(paths, "ONE_COPY_BYTES", 0)  # the input gradient's transposes
+    assert_inline_trains_like_the_float64_reference(kw_layer(48, 192, 3, (192, 48), padding=1), torch.randn(7, 48, 5, 6))
+
+
+@needs_native
+@pytest.mark.parametrize("cout,cin,cell", [(192, 48, (192, 48)), (48, 32, (24, 16)), (64, 64, (64, 32))],
+                         ids=["3-panels-of-64", "3-panels-of-8", "2-input-blocks"])
+def test_inline_input_gradient_from_the_forward_copy_equals_the_reference(cout, cin, cell, monkeypatch):
+    """A warehouse too big for a second packed copy: the input gradient mixes the forward's rows
+    and transposes them, a few output panels at a time (3 panels: a chunk of two, then one), and
+    gives the float64 reference's gradients."""
+    monkeypatch.setattr(paths, "ONE_COPY_BYTES", 0)
+    assert_inline_trains_like_the_float64_reference(kw_layer(cin, cout, 3, cell, padding=1, bias=True),
+                                                   torch.randn(5, cin, 6, 5))
 
 
 def test_a_copy_the_cpu_cannot_execute_is_refused_with_a_warning(monkeypatch):
@@ -569,7 +586,8 @@ def test_the_backward_operators_of_inline_pass_opcheck():
     shapes = (list(tiling.weight_shape), list(tiling.cell))
     grad = torch.randn(cols.shape[0], cols.shape[1], tiling.weight_shape[0])
     columns = native.inline_columns(native.cells_from_rows(rows, tiling.cell), native.input_width(tiling))
-    torch.library.opcheck(torch.ops.kwconvert.inline_input_grad.default, (grad, alpha, columns, *shapes))
+    for warehouse in (rows, columns):
+        torch.library.opcheck(torch.ops.kwconvert.inline_input_grad.default, (grad, alpha, warehouse, *shapes))
     torch.library.opcheck(torch.ops.kwconvert.inline_weight_grad.default,
                           (cols.transpose(1, 2), grad, alpha, rows, *shapes))
 

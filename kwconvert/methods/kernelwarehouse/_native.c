@@ -376,6 +376,39 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
     return failed ? -2 : 0;
 }
 
+/* dst (cols x rows, row stride ld_dst) = src (rows x cols, row stride ld_src) transposed; rows and
+ * cols multiples of 8 (8 x 8 blocks in AVX registers). */
+static void transpose(const float *src, int rows, int cols, long ld_src, float *dst, long ld_dst)
+{
+#if KW_VECTOR >= 256
+    for (int r0 = 0; r0 < rows; r0 += 8)
+        for (int c0 = 0; c0 < cols; c0 += 8) {
+            const float *a = src + (long)r0 * ld_src + c0;
+            __m256 t[8], u[8];
+            for (int i = 0; i < 8; i += 2) {
+                const __m256 lo = _mm256_loadu_ps(a + i * ld_src), hi = _mm256_loadu_ps(a + (i + 1) * ld_src);
+                t[i] = _mm256_unpacklo_ps(lo, hi);
+                t[i + 1] = _mm256_unpackhi_ps(lo, hi);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+            }
+            float *d = dst + (long)c0 * ld_dst + r0;
+            for (int i = 0; i < 4; i++) {
+                _mm256_storeu_ps(d + i * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+                _mm256_storeu_ps(d + (i + 4) * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+            }
+        }
+#else
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++)
+            dst[(long)c * ld_dst + r] = src[(long)r * ld_src + c];
+#endif
+}
+
 /*
  * The backward of "inline" (training), again without writing out a batch of kernels.
  *
@@ -416,6 +449,74 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
                                          per_sample, G + (long)s0 * g_sample + (long)ob * f_e + f0, g_sample, ldg,
                                          D + (long)s0 * d_sample + (long)g * seg_len + (long)cp * QW, d_sample, ldd,
                                          rows, ob == 0 && f0 == 0, NULL);
+                    }
+                }
+            }
+        }
+        free(buffer);
+    }
+    return failed ? -2 : 0;
+}
+
+/*
+ * kw_native_inline_input_grad_rows: the same from the warehouse as the forward reads it (E and NP
+ * as for kw_native_inline), for warehouses too big for a second copy (resnet50's stage 4 at batch
+ * 8: 85 MB more at the training step's peak).  For each output panel P (NP output channels) of a
+ * cell, QW rows of E (QW input channels, each the n cells' NP output channels) are mixed for a few
+ * samples and each sample's QW x NP block is transposed in registers (8 x 8 at a time), up to
+ * INLINE_ROWS output channels of them; then D's QW columns of segment g gain G's columns times
+ * those blocks.  The transposes cost 4-10 % of the gradient on resnet18 / resnet50's stages 3-4,
+ * 13-22 % where cells are few (n = 9-29).
+ */
+int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, const float *E, int n,
+                                     const float *alpha, long alpha_sample, const int64_t *mixtures, int segments,
+                                     int blocks_out, int f_e, int seg_len, int NP, int QW, float *D, long d_sample,
+                                     long ldd, int rows, int batch, int threads)
+{
+    if ((QW != 8 && QW != 16 && QW != 32 && QW != 64) || (NP != 8 && NP != 16 && NP != 32 && NP != 64))
+        return -1;
+    const int input_panels = seg_len / QW;
+    const long items = (long)segments * input_panels;
+    /* output panels per product: K of INLINE_ROWS output channels, as many as the forward's chunks */
+    const int panels = f_e / NP, step = INLINE_ROWS / NP < panels ? INLINE_ROWS / NP : panels;
+    const long mixed = (long)QW * NP, block = (long)step * NP * QW;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        THREAD_BUFFER(buffer, (size_t)MAX_ROWS * (mixed + block) * sizeof(float));
+#pragma omp for schedule(static)
+        for (long item = 0; item < items; item++) {
+            if (buffer == NULL)
+                continue;
+            float *blocks = buffer + MAX_ROWS * mixed; /* each sample's (step * NP) x QW block of W_b */
+            const int g = (int)(item / input_panels), cp = (int)(item % input_panels);
+            for (int s0 = 0; s0 < batch; s0 += MAX_ROWS) {
+                const int samples = batch - s0 < MAX_ROWS ? batch - s0 : MAX_ROWS;
+                for (int ob = 0; ob < blocks_out; ob++) {
+                    const float *a = alpha + (long)s0 * alpha_sample + mixtures[(long)g * blocks_out + ob] * n;
+                    for (int P0 = 0; P0 < panels; P0 += step) {
+                        const int count = panels - P0 < step ? panels - P0 : step;
+                        for (int P = P0; P < P0 + count; P++) {
+                            const float *e = E + ((long)P * seg_len + (long)cp * QW) * n * NP;
+                            for (int c = 0; c < QW; c++) {
+                                const float *e_c = e + (long)c * n * NP;
+                                run_tile(samples, 1, a, alpha_sample, &e_c, 0, 1, n, 0, n, NP, NP,
+                                         buffer + (long)c * NP, mixed, NULL);
+                            }
+                            for (int s = 0; s < samples; s++)
+                                transpose(buffer + s * mixed, QW, NP, NP, blocks + s * block + (long)(P - P0) * NP * QW,
+                                          QW);
+                        }
+                        for (int s = 0; s < samples; s++) {
+                            const float *panel = blocks + s * block;
+                            const float *Gs = G + (long)(s0 + s) * g_sample + (long)ob * f_e + (long)P0 * NP;
+                            float *Ds = D + (long)(s0 + s) * d_sample + (long)g * seg_len + (long)cp * QW;
+                            for (int r0 = 0, R; r0 < rows; r0 += R) {
+                                R = tile_rows(rows, r0);
+                                run_tile(R, ob == 0 && P0 == 0, Gs + (long)r0 * ldg, ldg, &panel, 0, 1, count * NP, 0,
+                                         count * NP, QW, QW, Ds + (long)r0 * ldd, ldd, NULL);
+                            }
+                        }
                     }
                 }
             }

@@ -154,10 +154,10 @@ def _packed_cells(cells: Tensor, panels: int | None = None, layout: str = "mix")
 
 def cached_inline(cells: Tensor, width: int, layout: str = "rows") -> Tensor:
     """The warehouse as ``native.inline_conv`` reads it (``layout="columns"``: as
-    ``native.inline_input_grad`` does): the packed copy where one may serve, else packed now.
-    Training uses the copies too: every layer of a stage reads the same warehouse, forward and
-    backward, between two optimizer steps (packing resnet18's stage-4 warehouse took 33 ms,
-    15 times a step)."""
+    ``native.inline_input_grad`` reads it where a second copy is small): the packed copy where one
+    may serve, else packed now.  Training uses the copies too: every layer of a stage reads the
+    same warehouse, forward and backward, between two optimizer steps (packing resnet18's stage-4
+    warehouse took 33 ms, 15 times a step)."""
     packed = _packed_cells(cells, width, layout)
     return _LAYOUTS[layout](cells, width) if packed is None else packed  # a graph's: differentiable
 

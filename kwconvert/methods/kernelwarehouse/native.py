@@ -83,6 +83,10 @@ def _load(isa: str) -> ctypes.CDLL | None:
     library.kw_native_inline_input_grad.argtypes = [pointer, size, size, pointer, i32, pointer, size, pointer, i32,
                                                     i32, i32, i32, i32, pointer, size, size, i32, i32, i32]
     library.kw_native_inline_input_grad.restype = i32
+    library.kw_native_inline_input_grad_rows.argtypes = [pointer, size, size, pointer, i32, pointer, size, pointer,
+                                                         i32, i32, i32, i32, i32, i32, pointer, size, size, i32, i32,
+                                                         i32]
+    library.kw_native_inline_input_grad_rows.restype = i32
     library.kw_native_inline_weight_grad.argtypes = [pointer, size, pointer, size, pointer, i32, pointer, size,
                                                      pointer, pointer, i32, i32, i32, i32, i32, i32, pointer, size,
                                                      pointer, i32]
@@ -412,8 +416,7 @@ def _inline_grads_in_kernel(tiling: Tiling, cols: Tensor, alpha: Tensor, rows: T
     ``inline_input_grad`` and ``inline_weight_grad``."""
     grad_cols = grad_alpha = grad_rows = grad_bias = None
     if needs[0]:
-        cells = cells_from_rows(rows, tuple(tiling.cell))
-        grad_cols = inline_input_grad(tiling, grad, alpha, inline_columns(cells, input_width(tiling)))
+        grad_cols = inline_input_grad(tiling, grad, alpha, rows)
     if needs[1] or needs[2]:
         grad_alpha, grad_rows = inline_weight_grad(tiling, cols.transpose(1, 2), grad, alpha, rows)
     if needs[3]:
@@ -460,34 +463,37 @@ def _input_grad_mixtures(tiling: Tiling) -> Tensor:
     return ((position * tiling.blocks_out + block_out) * tiling.blocks_in + block_in).contiguous()
 
 
-def inline_input_grad(tiling: Tiling, grad_rows: Tensor, alpha: Tensor, columns: Tensor) -> Tensor:
+def inline_input_grad(tiling: Tiling, grad_rows: Tensor, alpha: Tensor, warehouse: Tensor) -> Tensor:
     """``(B, rows, K)``: the gradient of ``inline_conv``'s im2col rows, ``grad_rows (B, rows, C_out)
-    @ W_b`` per sample, from the attentions and the warehouse as ``inline_columns``.  The operator
-    ``torch.ops.kwconvert.inline_input_grad``."""
-    return _inline_input_grad(grad_rows, alpha, columns, list(tiling.weight_shape), list(tiling.cell))
+    @ W_b`` per sample, from the attentions and the warehouse as ``inline_columns`` (4-d) or as
+    ``inline_rows`` (3-d: the forward's copy; the kernel transposes each mixed block, a little
+    slower, no second copy).  The operator ``torch.ops.kwconvert.inline_input_grad``."""
+    return _inline_input_grad(grad_rows, alpha, warehouse, list(tiling.weight_shape), list(tiling.cell))
 
 
 @torch.library.custom_op("kwconvert::inline_input_grad", mutates_args=())
-def _inline_input_grad(grad_rows: Tensor, alpha: Tensor, columns: Tensor, weight_shape: list[int],
+def _inline_input_grad(grad_rows: Tensor, alpha: Tensor, warehouse: Tensor, weight_shape: list[int],
                        cell: list[int]) -> Tensor:
     tiling = Tiling(tuple(weight_shape), tuple(cell))
-    library = _backward_kernel("inline_input_grad", tiling, grad_rows, alpha, columns)
-    width = input_width(tiling)
+    library = _backward_kernel("inline_input_grad", tiling, grad_rows, alpha, warehouse)
     batch, count, out_channels = grad_rows.shape
     depth = math.prod(tiling.weight_shape[1:])
-    grad_rows, alpha, columns = grad_rows.contiguous(), alpha.contiguous(), columns.contiguous()
+    grad_rows, alpha, warehouse = grad_rows.contiguous(), alpha.contiguous(), warehouse.contiguous()
     out = grad_rows.new_empty(batch, count, depth)
     mixtures = _input_grad_mixtures(tiling)
-    _refused(library.kw_native_inline_input_grad(
-        grad_rows.data_ptr(), count * out_channels, out_channels, columns.data_ptr(), alpha.shape[2],
+    rows_layout = warehouse.dim() == 3
+    widths = [panel_width(tiling), input_width(tiling)] if rows_layout else [input_width(tiling)]
+    kernel = library.kw_native_inline_input_grad_rows if rows_layout else library.kw_native_inline_input_grad
+    _refused(kernel(
+        grad_rows.data_ptr(), count * out_channels, out_channels, warehouse.data_ptr(), alpha.shape[2],
         alpha.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), mixtures.shape[0], tiling.blocks_out,
-        tiling.cell[0], tiling.cell[1], width, out.data_ptr(), count * depth, depth, count, batch,
-        torch.get_num_threads()), f"an inline input gradient of panel width {width}")
+        tiling.cell[0], tiling.cell[1], *widths, out.data_ptr(), count * depth, depth, count, batch,
+        torch.get_num_threads()), f"an inline input gradient of panel widths {widths}")
     return out
 
 
 @_inline_input_grad.register_fake
-def _(grad_rows, alpha, columns, weight_shape, cell):
+def _(grad_rows, alpha, warehouse, weight_shape, cell):
     return grad_rows.new_empty(grad_rows.shape[0], grad_rows.shape[1], math.prod(weight_shape[1:]))
 
 
