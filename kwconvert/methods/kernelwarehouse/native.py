@@ -736,7 +736,8 @@ def _col2im(cols: Tensor, shape: list[int], kernel: list[int], stride: list[int]
     out_h, out_w = output_size((height, width), kernel, stride, dilation, padding)
     library = _kernel_for(cols)
     if library is None:
-        return _col2im_in_torch(cols, shape, kernel, stride, dilation, padding, (out_h, out_w))
+        grid = cols.view(batch, out_h, out_w, *kernel, channels).permute(0, 3, 4, 1, 2, 5)
+        return sum_windows(grid, shape, stride, dilation, padding)
     cols = cols.contiguous()
     image = cols.new_empty(batch, height, width, channels)
     _refused(library.kw_native_col2im(cols.data_ptr(), height, width, channels, image.data_ptr(), out_h, out_w,
@@ -745,21 +746,22 @@ def _col2im(cols: Tensor, shape: list[int], kernel: list[int], stride: list[int]
     return image.permute(0, 3, 1, 2)
 
 
-def _col2im_in_torch(cols: Tensor, shape: list[int], kernel: list[int], stride: list[int], dilation: list[int],
-                     padding: list[int], out_size: tuple[int, int]) -> Tensor:
-    """Strided in-place adds into a padded image, one per kernel position."""
+def sum_windows(grid: Tensor, shape: list[int], stride: list[int], dilation: list[int], padding: list[int]
+                ) -> Tensor:
+    """The channels-last image ``shape (B, C, H, W)`` whose pixels sum what the windows hold:
+    ``grid[:, i, j]`` is ``(B, OH, OW, *channels)`` for kernel position (i, j), the channels
+    flattening to C.  Strided in-place adds into a zeroed padded image, one per kernel position."""
     batch, channels, height, width = shape
-    (kh, kw), (sh, sw), (dh, dw), (out_h, out_w) = kernel, stride, dilation, out_size
+    (sh, sw), (dh, dw), (out_h, out_w) = stride, dilation, grid.shape[3:5]
     top, bottom, left, right = padding
-    padded = cols.new_zeros(batch, height + top + bottom, width + left + right, channels)
-    grid = cols.view(batch, out_h, out_w, kh, kw, channels)
-    for i in range(kh):
-        for j in range(kw):
+    padded = grid.new_zeros(batch, height + top + bottom, width + left + right, *grid.shape[5:])
+    for i in range(grid.shape[1]):
+        for j in range(grid.shape[2]):
             rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
             columns = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
-            padded[:, rows, columns].add_(grid[:, :, :, i, j])
-    image = padded[:, top:top + height, left:left + width].permute(0, 3, 1, 2)
-    return image.contiguous(memory_format=torch.channels_last)
+            padded[:, rows, columns].add_(grid[:, i, j])
+    image = padded.view(batch, *padded.shape[1:3], channels)[:, top:top + height, left:left + width]
+    return image.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
 @_col2im.register_fake

@@ -80,12 +80,7 @@ class ConvSpec:
     path: str
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        top, bottom, left, right = self.padding
-        sizes = []
-        for size, pad, k, s, d in ((height, top + bottom, self.kernel[0], self.stride[0], self.dilation[0]),
-                                   (width, left + right, self.kernel[1], self.stride[1], self.dilation[1])):
-            sizes.append((size + pad - d * (k - 1) - 1) // s + 1)
-        return sizes[0], sizes[1]
+        return native.output_size((height, width), self.kernel, self.stride, self.dilation, self.padding)
 
     @property
     def symmetric(self) -> bool:
@@ -501,20 +496,10 @@ def _positions_backward(spec: ConvSpec, grad: Tensor, shape: torch.Size) -> Tens
     tiling = spec.tiling
     batch, channels, height, width = shape
     out_h, out_w = spec.output_size(height, width)
-    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
-    blocks_in, c_e = tiling.blocks_in, tiling.cell[1]
-    top, bottom, left, right = spec.padding
-    grid = grad.view(batch, kh, kw, blocks_in, out_h, out_w, c_e).permute(0, 1, 2, 4, 5, 3, 6)
+    grid = grad.view(batch, *spec.kernel, tiling.blocks_in, out_h, out_w, tiling.cell[1]).permute(0, 1, 2, 4, 5, 3, 6)
     if _is_pointwise(spec):
         return grid[:, 0, 0].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-    padded = grad.new_zeros(batch, height + top + bottom, width + left + right, blocks_in, c_e)
-    for i in range(kh):
-        for j in range(kw):
-            rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
-            columns = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
-            padded[:, rows, columns].add_(grid[:, i, j])
-    grad = padded.view(batch, *padded.shape[1:3], channels)[:, top:top + height, left:left + width]
-    return grad.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    return native.sum_windows(grid, shape, spec.stride, spec.dilation, spec.padding)
 
 
 def _premix_alpha(tiling: Tiling, alpha: Tensor) -> Tensor:
