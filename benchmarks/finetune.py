@@ -22,10 +22,20 @@ against (a) (batch 64, eval, no grad, interleaved repetitions in this process, m
 The KW arms' fine-tuning recipe (temperature schedule, learning rates of cells and attention)
 is ``RECIPE`` below; ``--sweep`` compares the variants of ``SWEEP`` on one seed.
 
-    .venv/bin/python benchmarks/finetune.py            # the full run, 3 seeds (28 min on 2 cores shared with other jobs)
+    .venv/bin/python benchmarks/finetune.py            # the full run, 3 seeds (5 min on a Zen 5 core, 19 on a slower AVX2 one)
     .venv/bin/python benchmarks/finetune.py --quick    # a smoke run of every piece (< 2 min)
     .venv/bin/python benchmarks/finetune.py --sweep    # KW recipe variants, one seed, short
     .venv/bin/python benchmarks/finetune.py --net mobile   # the MobileNetV2-like net instead
+
+Whether KW pays off depends on how much the original can still learn (README, "Does converting a
+trained model pay off?"); the other regimes measured there:
+
+    R=benchmarks/results
+    .venv/bin/python benchmarks/finetune.py --finetune-epochs 2 --latency-reps 0 --out $R/finetune_2_epochs.json
+    .venv/bin/python benchmarks/finetune.py --pretrain-epochs 6 --finetune-epochs 2 --latency-reps 0 \
+        --out $R/finetune_converged.json
+    .venv/bin/python benchmarks/finetune.py --train-images 0 --arms a b --seeds 2 --latency-reps 0 \
+        --out $R/finetune_all_images.json
 
 ``--net mobile`` pre-trains ``fashion_mnist.MobileCNN`` instead, a depthwise-separable net that
 only the planner's allocator takes well below 1x at b = 1/2, and writes
@@ -525,9 +535,9 @@ def machine(load_start) -> dict:
         pruning_version = importlib.metadata.version("torch-pruning")
     except importlib.metadata.PackageNotFoundError:
         pruning_version = None
-    return {"cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": os.getloadavg(),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_pruning": pruning_version,
-            "native_kernel": native.available()}
+    return {"cpu": bench.cpu_description(), "cpus": os.cpu_count(), "load_average_start": load_start,
+            "load_average_end": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_pruning": pruning_version, "native_kernel": native.available(), "native_isa": native.isa()}
 
 
 if __name__ == "__main__":
