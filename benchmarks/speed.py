@@ -20,7 +20,8 @@ right after building the model, over two steps.
                                          [--methods kernelwarehouse odconv kerneldna | all]
                                          [--without-path inline] [--half-warehouses]
 
-Targets (issue 7) are ratios of KW b = 1 to the plain model in eager NCHW.  The small-image
+Targets (issue 7, and issue 16's tighter ones in their own column) are ratios of KW b = 1 to
+the plain model in eager NCHW.  The small-image
 row (issue 20) trains the accuracy benchmark's residual CNN (``benchmarks/fashion_mnist.py``,
 widths 32/64/128, converted as that benchmark converts it) on 1 x 28 x 28 inputs at batch 64.
 ``--methods`` adds the other methods' conversions (issue 17) as variants of the same
@@ -86,6 +87,13 @@ TARGETS = {("resnet18", 16, "inference"): 1.5, ("resnet18", 1, "inference"): 1.7
            ("resnet50", 1, "inference"): 2.4, ("mobilenet_v2", 16, "inference"): 1.4,
            (SMALL, 64, "training"): 2.0}
 MEMORY_TARGETS = {("resnet50", 8): 1.6}
+#: Issue 16's targets, near the floor the assembly's multiply-adds impose (its points 1 and 2;
+#: DeiT-Tiny's row, a timm model, is not among FULL's workloads): the same keys -> max ratio.
+FLOOR_TARGETS = {("resnet18", 16, "inference"): 1.3, ("resnet18", 1, "inference"): 1.45,
+                 ("resnet50", 8, "inference"): 1.6, ("resnet50", 1, "inference"): 2.0,
+                 ("mobilenet_v2", 16, "inference"): 1.3, ("resnet18", 16, "training"): 1.6,
+                 ("mobilenet_v2", 16, "training"): 1.6}
+FLOOR_MEMORY_TARGETS = {("resnet50", 8): 1.3}
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,7 @@ MEMORY_QUICK = [("resnet18", 16), ("resnet50", 8)]
 
 def target_workloads(methods: tuple[str, ...] = ("kernelwarehouse",)) -> list[tuple[str, int, tuple[str, ...]]]:
     """Every (model, batch, modes) that has a target for one of ``methods``, in FULL's order (``--targets``)."""
-    keys = set(TARGETS) if "kernelwarehouse" in methods else set()
+    keys = set(TARGETS) | set(FLOOR_TARGETS) if "kernelwarehouse" in methods else set()
     keys |= {key[1:] for key in METHOD_TARGETS if key[0] in {v.key for v in method_variants(methods)}}
     return [(name, batch, modes) for name, batch in FULL
             if (modes := tuple(mode for mode in ("inference", "training") if (name, batch, mode) in keys))]
@@ -375,16 +383,15 @@ def render(rows: list[dict], memory: list[dict], settings: dict, method_rows: li
     if memory:
         mem = Table(title="training-step peak RSS above RSS after building, MB: median [min-max] of fresh processes")
         for column in ("model", "batch", "plain MB", "KW b=1 MB", "KW/plain", "reference MB", "reference/plain",
-                       "target"):
+                       "target", "issue 16"):
             mem.add_column(column, justify="left" if column == "model" else "right")
         for row in memory:
-            target = row.get("target")
-            met = "" if target is None else (f"<= {target} " + ("met" if row["ratio"] <= target else "MISSED"))
             mem.add_row(row["model"], str(row["batch"]),
                         f"{row['plain_mb']:.0f} [{row['plain']['min_mb']:.0f}-{row['plain']['max_mb']:.0f}]",
                         f"{row['kw_mb']:.0f} [{row['kw']['min_mb']:.0f}-{row['kw']['max_mb']:.0f}]",
                         f"{row['ratio']:.2f}", f"{row['reference_mb']:.0f}" if row.get("reference_mb") else "",
-                        f"{row['reference_ratio']:.2f}" if row.get("reference_ratio") else "", met)
+                        f"{row['reference_ratio']:.2f}" if row.get("reference_ratio") else "",
+                        target_note(row.get("target"), row["ratio"]), target_note(row.get("floor_target"), row["ratio"]))
         out.print(mem)
 
 
@@ -397,7 +404,7 @@ def kw_table(rows: list[dict], settings: dict, processes: int) -> Table:
     for column in ("model", "batch", "mode", "b", "plain ms", "KW ms", "KW/plain", "KW/plain CL", "KW/compiled",
                    "reference/plain", *(["KW compiled/KW"] if compiled else []),
                    *([f"KW/without {without}"] if without else []),
-                   *(["KW f16/plain", "f16 error"] if half else []), "target"):
+                   *(["KW f16/plain", "f16 error"] if half else []), "target", "issue 16"):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
         table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['budget']:g}",
@@ -407,7 +414,8 @@ def kw_table(rows: list[dict], settings: dict, processes: int) -> Table:
                       *([fmt(row.get("vs_without_path"))] if without else []),
                       *([fmt(row.get("half_vs_plain")), f"{row['half_error']:.1e}" if row.get("half_error") else ""]
                         if half else []),
-                      target_note(row.get("target"), row["vs_plain"]["median"]))
+                      target_note(row.get("target"), row["vs_plain"]["median"]),
+                      target_note(row.get("floor_target"), row["vs_plain"]["median"]))
     return table
 
 
@@ -431,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="resnet18 b16, resnet50 b1, mobilenet_v2 b16, fashion_cnn b64 training; b = 1")
     parser.add_argument("--targets", action="store_true",
-                        help="only the rows with a target (issues 7 and 20) and their memory row; b = 1")
+                        help="only the rows with a target (issues 7, 16 and 20) and their memory row; b = 1")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions [7, quick: 5]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
@@ -509,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 if budget == 1.0:
                     row["reference_vs_plain"] = ratio(runs, "reference_b1", "plain")
                     row["target"] = TARGETS.get((name, batch, mode))
+                    row["floor_target"] = FLOOR_TARGETS.get((name, batch, mode))
                     if spec["compile"]:
                         row["compiled_vs_kw"] = ratio(runs, COMPILED, kw)
                     if spec["without_path"]:
@@ -542,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             kw = measure_memory({**spec, "budget": 1.0}, args.memory_runs)
             row = {"model": name, "batch": batch, "plain_mb": plain["above_mb"], "kw_mb": kw["above_mb"],
                    "ratio": kw["above_mb"] / plain["above_mb"], "plain": plain, "kw": kw,
-                   "target": MEMORY_TARGETS.get((name, batch))}
+                   "target": MEMORY_TARGETS.get((name, batch)), "floor_target": FLOOR_MEMORY_TARGETS.get((name, batch))}
             if not args.no_reference:
                 reference = measure_memory({**spec, "budget": 1.0, "reference": True}, args.memory_runs)
                 row.update(reference_mb=reference["above_mb"], reference_ratio=reference["above_mb"] / plain["above_mb"])

@@ -67,9 +67,11 @@ def test_the_small_image_workload_trains_the_accuracy_benchmarks_net():
 def test_the_default_methods_keep_the_kernelwarehouse_targets_and_kerneldna_adds_its_claim():
     """The default run's workloads are unchanged; KernelDNA's claim (>= 0.9x the plain
     throughput) is a time-ratio target of 1 / 0.9 on issue 17's three inference workloads."""
+    targets = speed.TARGETS.keys() | speed.FLOOR_TARGETS.keys()
     kw_only = [(name, batch, modes) for name, batch in speed.FULL
-               if (modes := tuple(m for m in ("inference", "training") if (name, batch, m) in speed.TARGETS))]
+               if (modes := tuple(m for m in ("inference", "training") if (name, batch, m) in targets))]
     assert speed.target_workloads() == kw_only
+    assert ("mobilenet_v2", 16, ("inference", "training")) in kw_only  # issue 16's training row
     assert speed.target_workloads(("kerneldna",)) == [("resnet18", 16, ("inference",)), ("resnet50", 8, ("inference",)),
                                                       ("mobilenet_v2", 16, ("inference",))]
     assert speed.target_workloads(("odconv",)) == []
@@ -163,3 +165,19 @@ def test_half_warehouses_add_an_inference_variant_with_its_error(tmp_path):
     assert "half_vs_plain" not in training
     assert speed.HALF in data["raw_seconds"][f"{speed.SMALL}/64/inference"][0]
     assert speed.HALF not in data["raw_seconds"][f"{speed.SMALL}/64/training"][0]
+
+
+def test_the_table_shows_issue_16s_tighter_target_beside_issue_7s():
+    """A row can meet issue 7's target and miss issue 16's: the table says both, so a "met" never
+    hides the tighter one (resnet18 batch 16 inference at 1.32: <= 1.5 met, <= 1.3 missed)."""
+    from rich.console import Console
+
+    ratio = {"median": 1.32, "p25": 1.30, "p75": 1.35}
+    row = {"model": "resnet18", "batch": 16, "mode": "inference", "budget": 1.0, "plain_ms": 100.0, "kw_ms": 132.0,
+           "vs_plain": ratio, "vs_plain_cl": None, "target": speed.TARGETS[("resnet18", 16, "inference")],
+           "floor_target": speed.FLOOR_TARGETS[("resnet18", 16, "inference")]}
+    console = Console(width=250, record=True)
+    console.print(speed.kw_table([row], {"threads": 2, "allocator_mode": "default"}, 1))
+    text = console.export_text()
+    assert "<= 1.5 met" in text and "<= 1.3 MISSED" in text and "issue 16" in text
+    assert speed.FLOOR_MEMORY_TARGETS[("resnet50", 8)] == 1.3
