@@ -305,20 +305,28 @@ static inline void prefetch_rows(const float *a, long lda, int rows, int count)
 }
 
 /*
- * One step of "inline" and of its input gradient: `count` rows of a block of every sample's
- * kernel mixed into `buffer` (sample s's rows at s * per_sample, row stride `width`), row q from
- * the n cells' rows at e + q * e_row; then C_s (+)= A_s (rows x count) @ that block for each
- * sample (first: start from bias or 0).
+ * `count` rows of a block of every sample's kernel mixed into `buffer` (sample s's rows at
+ * s * per_sample, row stride `width`), row q from the n cells' rows at e + q * e_row.
  */
-static void mix_and_multiply(int samples, const float *alpha, long alpha_sample, int n, const float *e, long e_row,
-                             int count, int width, float *buffer, long per_sample, const float *A, long a_sample,
-                             long lda, float *C, long c_sample, long ldc, int rows, int first, const float *bias)
+static void mix_rows(int samples, const float *alpha, long alpha_sample, int n, const float *e, long e_row, int count,
+                     int width, float *buffer, long per_sample)
 {
     for (int q = 0; q < count; q++) {
         const float *e_q = e + (long)q * e_row;
         run_tile(samples, 1, alpha, alpha_sample, &e_q, 0, 1, n, 0, n, width, width, buffer + (long)q * width,
                  per_sample, NULL);
     }
+}
+
+/*
+ * One step of "inline" and of its input gradient: `mix_rows`, then C_s (+)= A_s (rows x count) @
+ * that block for each sample (first: start from bias or 0).
+ */
+static void mix_and_multiply(int samples, const float *alpha, long alpha_sample, int n, const float *e, long e_row,
+                             int count, int width, float *buffer, long per_sample, const float *A, long a_sample,
+                             long lda, float *C, long c_sample, long ldc, int rows, int first, const float *bias)
+{
+    mix_rows(samples, alpha, alpha_sample, n, e, e_row, count, width, buffer, per_sample);
     for (int s = 0; s < samples; s++) {
         const float *panel = buffer + s * per_sample;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
@@ -497,12 +505,8 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
                     for (int P0 = 0; P0 < panels; P0 += step) {
                         const int count = panels - P0 < step ? panels - P0 : step;
                         for (int P = P0; P < P0 + count; P++) {
-                            const float *e = E + ((long)P * seg_len + (long)cp * QW) * n * NP;
-                            for (int c = 0; c < QW; c++) {
-                                const float *e_c = e + (long)c * n * NP;
-                                run_tile(samples, 1, a, alpha_sample, &e_c, 0, 1, n, 0, n, NP, NP,
-                                         buffer + (long)c * NP, mixed, NULL);
-                            }
+                            mix_rows(samples, a, alpha_sample, n, E + ((long)P * seg_len + (long)cp * QW) * n * NP,
+                                     (long)n * NP, QW, NP, buffer, mixed);
                             for (int s = 0; s < samples; s++)
                                 transpose(buffer + s * mixed, QW, NP, NP, blocks + s * block + (long)(P - P0) * NP * QW,
                                           QW);
