@@ -246,13 +246,7 @@ def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optim
     gradient; rows only for a warehouse too big for two copies); an optimizer step drops them (stale
     copies would otherwise live on into the next backward, beside the fresh ones) and makes the
     next forward pack again.  Two SGD steps end on the float64 reference path's weights."""
-    packings = []
-
-    def counted(layout, pack):
-        return lambda cells, width: packings.append(layout) or pack(cells, width)
-
-    for layout, pack in list(assembly._LAYOUTS.items()):
-        monkeypatch.setitem(assembly._LAYOUTS, layout, counted(layout, pack))
+    packings = counted_packings(monkeypatch)
     monkeypatch.setattr(paths, "ONE_COPY_BYTES", 0 if one_copy else paths.ONE_COPY_BYTES)
     layouts = ["rows"] if one_copy else ["columns", "rows"]
     layer = kw_layer(32, 64, 3, (64, 32), padding=1, bias=True).train()
@@ -272,6 +266,18 @@ def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optim
     assert sorted(packings) == sorted(layouts * 2)
     assert relative_error(layer.warehouse.cells, reference.warehouse.cells) <= 4 * FLOAT32
     assert relative_error(layer.attention.fc1.weight, reference.attention.fc1.weight) <= 4 * FLOAT32
+
+
+def counted_packings(monkeypatch) -> list[str]:
+    """The layout of every packed warehouse copy made from now on, in order."""
+    packings = []
+
+    def counted(layout, pack):
+        return lambda cells, width: packings.append(layout) or pack(cells, width)
+
+    for layout, pack in list(assembly._LAYOUTS.items()):
+        monkeypatch.setitem(assembly._LAYOUTS, layout, counted(layout, pack))
+    return packings
 
 
 def packed_copies(layer: KWConv2d) -> dict:
@@ -578,6 +584,18 @@ def test_the_operators_pass_opcheck():
                               (cols, mixtures, rows, b, list(tiling.weight_shape), list(tiling.cell)))
 
 
+def test_the_operators_on_packed_copies_pass_opcheck():
+    """``mix_cached`` and ``inline_conv_cached`` (a compiled graph's inference, reading the packed
+    copy of the warehouse they are given): schema, fake implementation, dynamic batch."""
+    tiling, cols, alpha, _, bias = inline_operands()
+    cells = torch.randn(5, 16, 16, 1, 1)
+    for b in (bias, None):
+        torch.library.opcheck(torch.ops.kwconvert.inline_conv_cached.default,
+                              (cols, alpha, cells, b, list(tiling.weight_shape), list(tiling.cell)))
+    for panels in (0, 16):
+        torch.library.opcheck(torch.ops.kwconvert.mix_cached.default, (alpha.reshape(-1, 5), cells, panels))
+
+
 @needs_native
 def test_the_backward_operators_of_inline_pass_opcheck():
     """``inline_input_grad`` and ``inline_weight_grad`` (what inline_conv's autograd formula runs
@@ -706,11 +724,9 @@ def test_compiled_with_a_dynamic_batch_the_model_runs_the_kernel_in_one_graph(kw
     assert torch.ops.kwconvert.conv.default in targets
 
 
-@needs_native
-def test_compiled_for_shapes_tuned_eagerly_each_layer_takes_its_own_choice(kw_resnet18):
-    """A graph compiled for an input the layers have met eagerly (``tune``) runs each layer's
-    choice, not the rule of thumb for a dynamic batch (resnet18 at batch 16 ran 1.36x slower
-    compiled than eager with the rule, 0.95x with its choices), in one graph."""
+def tuned_on(kw_resnet18: nn.Module, path: str) -> tuple[nn.Module, torch.Tensor]:
+    """A copy of the model tuned eagerly on a batch of 2, every convolution's choice set to ``path``,
+    and that batch; no graph compiled before it is kept."""
     torch.compiler.reset()  # a batch size an earlier test's graph varied would stay dynamic
     model = copy.deepcopy(kw_resnet18)
     x = torch.randn(2, 3, 64, 64)
@@ -719,13 +735,46 @@ def test_compiled_for_shapes_tuned_eagerly_each_layer_takes_its_own_choice(kw_re
     for layer in model.modules():
         if isinstance(layer, KWConv2d):
             assert layer.path_choices
-            layer.path_choices.update((key, "inline") for key in layer.path_choices)
+            layer.path_choices.update((key, path) for key in layer.path_choices)
+    return model, x
+
+
+@needs_native
+def test_compiled_for_shapes_tuned_eagerly_each_layer_takes_its_own_choice(kw_resnet18):
+    """A graph compiled for an input the layers have met eagerly (``tune``) runs each layer's
+    choice, not the rule of thumb for a dynamic batch (resnet18 at batch 16 ran 1.36x slower
+    compiled than eager with the rule, 0.95x with its choices), in one graph."""
+    model, x = tuned_on(kw_resnet18, "inline")
     graphs, backend = graph_recorder()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         assert relative_error(compiled(x), model(x)) <= FLOAT32
     targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
-    assert torch.ops.kwconvert.inline_conv.default in targets and torch.ops.kwconvert.conv.default not in targets
+    assert torch.ops.kwconvert.inline_conv_cached.default in targets and torch.ops.kwconvert.conv.default not in targets
+
+
+@needs_native
+@pytest.mark.parametrize("path", ("native", "inline"))
+def test_a_compiled_graph_serves_from_the_packed_copies_and_packs_only_once(kw_resnet18, path, monkeypatch):
+    """In inference a compiled graph reads each warehouse's packed copy, made at its first call and
+    looked up at the next (where it packed the warehouse in every call, resnet50 at batch 1 ran
+    1.57x eager's time), and gives eager's outputs; after an optimizer step it packs again."""
+    model, x = tuned_on(kw_resnet18, path)
+    packings = counted_packings(monkeypatch)
+    assembly.clear_packed()
+    graphs, backend = graph_recorder()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        first = compiled(x)
+        packed = len(packings)
+        assert relative_error(compiled(x), model(x)) <= FLOAT32 and torch.equal(compiled(x), first)
+    assert packed >= 4 and len(packings) == packed  # a copy per stage and layout, made once
+    operator = {"native": torch.ops.kwconvert.mix_cached, "inline": torch.ops.kwconvert.inline_conv_cached}[path]
+    assert operator.default in {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # no gradients: moves nothing, but says the cells changed
+    with torch.no_grad():
+        compiled(x)
+    assert len(packings) == 2 * packed
 
 
 @pytest.mark.parametrize("isa", native.ISAS)

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ... import execution
 from . import native
-from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline
+from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline, inline_product
 from .cells import Tiling
 
 
@@ -735,9 +735,8 @@ def _train_inline(layer, x: Tensor, alpha: Tensor) -> Tensor:
 
 def _native_inline(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
     """``(B, rows, C_out)``: the product with the assembly inside the compiled kernel."""
-    rows = cached_inline(layer.warehouse.cells, native.panel_width(spec.tiling))
     cols, _ = _im2col(spec, x)
-    return native.inline_conv(spec.tiling, cols, alpha, rows, layer.bias)
+    return inline_product(spec.tiling, cols, alpha, layer.warehouse.cells, layer.bias)
 
 
 def _inline_trains(layer, x: Tensor) -> bool:
