@@ -61,6 +61,17 @@ def test_the_small_image_workload_trains_the_accuracy_benchmarks_net():
     assert all(p.grad is not None for name, p in model.named_parameters() if name.endswith("cells"))
 
 
+def test_the_vit_workload_is_deit_tiny_from_timm_with_issue_16s_target():
+    """Issue 16's ViT row: DeiT-Tiny (a timm model, built offline) at batch 16, inference <= 1.15,
+    among ``--targets``' workloads; its KW model converts the ViT's linear layers."""
+    assert ("deit_tiny", 16, ("inference",)) in speed.target_workloads()
+    assert speed.FLOOR_TARGETS[("deit_tiny", 16, "inference")] == 1.15
+    plain, kw = speed.build("deit_tiny", None), speed.build("deit_tiny", 1.0)
+    assert type(plain).__name__ == "VisionTransformer" and type(kw) is type(plain)
+    assert any(type(m).__name__ == "KWLinear" for m in kw.modules())
+    assert speed.inputs_for("deit_tiny", 2)[0].shape == (2, 3, 224, 224)
+
+
 # --- other methods (--methods, issue 17) ----------------------------------------------------
 
 

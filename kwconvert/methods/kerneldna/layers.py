@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..common import batch_norm_any_batch
 from .fitting import fit_scalings, relative_error
-from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3
+from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3, spatial_mean
 
 #: The gate's width: ``max(C_in // REDUCTION, 1)`` (the authors' reduction 4).
 REDUCTION = 4
@@ -59,7 +59,7 @@ class ChannelGate(nn.Module):
         self.excite = nn.Linear(hidden, in_channels, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = x.mean(dim=tuple(range(2, x.dim())))
+        pooled = spatial_mean(x)
         return torch.sigmoid(self.excite(F.relu(batch_norm_any_batch(self.norm, self.squeeze(pooled)))))
 
 

@@ -42,7 +42,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ... import execution
 from ...formatting import dims
-from ...per_sample import PADDING_MODES, PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv, layer_label
+from ...per_sample import (PADDING_MODES, PerSampleConv, Rank1, Rank2, Rank3, as_tuple, check_conv,
+                           grad_in_input_format, layer_label, spatial_mean)
 from . import assembly, path_choice, paths
 from .cells import Tiling, cells_handed_out, cells_in, local_cells, one_to_one_cells, saver_basis
 
@@ -340,7 +341,7 @@ class KWAttention(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """The logits z ``(B, m, n + 1)`` before CAF, in cell order with e_z last."""
-        pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        pooled = spatial_mean(x) if x.dim() > 2 else x
         hidden = F.relu(self._normalise(self.fc1(pooled)))
         if self.basis_ratio is None:
             return self.fc2(hidden).view(-1, self.cells, self.n + 1)
@@ -539,7 +540,7 @@ class _KWConvNd(PerSampleConv, _KWLayer):
         x, unbatched = self._check_input(x)
         alpha = self.attention(x)                  # (B, m, n), Sec. 3.3
         if self._spatial_dims == 2 and not execution.is_reference():
-            out = path_choice.conv2d(self, x, alpha)      # the same as below, faster on CPU
+            out = path_choice.conv2d(self, grad_in_input_format(x), alpha)  # the same as below, faster on CPU
         else:
             weight = self.assemble_kernels(alpha)  # (B, C_out, C_in/g, *k), Sec. 3.2
             out = self._add_bias(self._per_sample_conv(x, weight), channel_dim=1)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common import batch_norm_any_batch
-from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3
+from ...per_sample import PerSampleConv, Rank1, Rank2, Rank3, spatial_mean
 
 #: The authors' attention width: ``max(int(C_in * REDUCTION), MIN_HIDDEN)``.
 REDUCTION = 1 / 16
@@ -122,7 +122,7 @@ class ODAttention(nn.Module):
         return tuple(head for head in (self.channel_fc, self.filter_fc, self.spatial_fc, self.kernel_fc) if head)
 
     def forward(self, x: Tensor) -> Attentions:
-        pooled = x.mean(dim=tuple(range(2, x.dim())))
+        pooled = spatial_mean(x)
         hidden = F.relu(batch_norm_any_batch(self.norm, self.fc(pooled)))
         temperature = self.temperature
 
