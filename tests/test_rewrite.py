@@ -357,3 +357,58 @@ def test_timm_same_padding_and_weight_standardisation_convert_exactly():
     assert n_params(converted) == plan.params_converted  # the gains of the scaled convs are dropped
     with torch.no_grad():
         assert (converted(x) - model(x)).abs().max() <= 1e-5
+
+
+# --- one memory format for the converted model ------------------------------------------------
+
+
+def test_the_plain_convolutions_left_get_channels_last_weights_and_a_contiguous_state_dict(tmp_path):
+    """resnet18's stem stays plain: its weight turns channels-last like the KW layers' maps (so its
+    output and the max pool after it are too), holding the same values; the state dict still holds
+    contiguous tensors (safetensors' save_model takes it), and a saved model loads back the same."""
+    from safetensors.torch import load_model, save_model
+
+    original = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    model = kwconvert.convert(copy.deepcopy(original), 1.0).eval()
+    stem = model.conv1
+    assert type(stem) is nn.Conv2d and stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not stem.weight.is_contiguous() and torch.equal(stem.weight, original.conv1.weight)
+    state = model.state_dict()
+    assert all(value.is_contiguous() for value in state.values())
+    assert model.state_dict(keep_vars=True)["conv1.weight"] is stem.weight
+    save_model(model, str(tmp_path / "state.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem_out = stem(x)
+        assert stem_out.is_contiguous(memory_format=torch.channels_last) and not stem_out.is_contiguous()
+        assert (model(x) - original(x)).abs().max() <= 1e-4 * original(x).abs().max()
+    fresh = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 1.0, init="none")
+    load_model(fresh, str(tmp_path / "state.safetensors"))
+    assert fresh.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    kwconvert.save(model, tmp_path / "saved")
+    loaded = kwconvert.load(tmp_path / "saved", model=torchvision.models.resnet18(weights=None, num_classes=10))
+    assert loaded.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+
+
+class PatchesThenTokens(nn.Module):
+    """A convolution over the image, then Linear layers over its pixels as tokens (a ViT's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, 16, 2, stride=2)
+        self.mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.patches(x).flatten(2).transpose(1, 2)).mean(1)
+
+
+def test_a_model_without_kw_convolutions_keeps_its_convolutions_as_they_are():
+    """Only where KW Conv2d layers set the maps' format: a model whose convolution stays plain
+    (only its Linear layers converted) keeps an NCHW weight."""
+    converted = kwconvert.convert(PatchesThenTokens(), 1.0, example_inputs=(torch.randn(2, 3, 8, 8),),
+                                  exclude=["patches"])
+    kinds = {type(m).__name__ for m in converted.modules()}
+    assert "KWLinear" in kinds and "KWConv2d" not in kinds
+    assert converted.patches.weight.is_contiguous()
