@@ -41,8 +41,9 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # gradient back in the format of the input it read.
 
 
-def _channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def _memory_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -51,16 +52,14 @@ class _SpatialMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.shape, ctx.channels_last = x.shape, _channels_last(x)
+        ctx.shape, ctx.memory_format = x.shape, _memory_format(x)
         return x.mean(dim=tuple(range(2, x.dim())))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         count = math.prod(ctx.shape[2:])
         spread = (grad / count).view(*grad.shape, *(1,) * (len(ctx.shape) - 2)).expand(ctx.shape)
-        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device,
-                          memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
-        return out.copy_(spread)
+        return spread.contiguous(memory_format=ctx.memory_format)
 
 
 def spatial_mean(x: Tensor) -> Tensor:
@@ -77,12 +76,12 @@ class _GradInFormat(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.channels_last = _channels_last(x)
+        ctx.memory_format = _memory_format(x)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+        return grad.contiguous(memory_format=ctx.memory_format)
 
 
 def grad_in_input_format(x: Tensor) -> Tensor:

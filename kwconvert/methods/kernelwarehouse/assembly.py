@@ -187,9 +187,8 @@ def _(alpha, cells, panels):
 @torch.library.custom_op("kwconvert::inline_conv_cached", mutates_args=())
 def _inline_conv_cached(cols: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, weight_shape: list[int],
                         cell: list[int]) -> Tensor:
-    """``native.inline_conv`` on the packed copy of ``cells``, for a compiled graph."""
-    tiling = Tiling(tuple(weight_shape), tuple(cell))
-    return native.inline_conv(tiling, cols, alpha, cached_inline(cells, native.panel_width(tiling)), bias)
+    """``inline_product`` (run when the graph runs, so on the packed copy), for a compiled graph."""
+    return inline_product(Tiling(tuple(weight_shape), tuple(cell)), cols, alpha, cells, bias)
 
 
 @_inline_conv_cached.register_fake
@@ -208,9 +207,10 @@ def inline_product(tiling: Tiling, cols: Tensor, alpha: Tensor, cells: Tensor, b
 def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool, panels: int | None = None) -> Tensor:
     """``alpha (M, n) @ cells (n, cell)`` outside autograd; ``pack``: a packed copy may serve;
     ``panels``: each row comes out in the compiled kernel's panel order."""
-    if pack and alpha.dtype == cells.dtype and _in_graph_reading_copies(cells, alpha):
+    packable = pack and alpha.dtype == cells.dtype
+    if packable and _in_graph_reading_copies(cells, alpha):
         return _mix_cached(alpha, cells, panels or 0)
-    packed = _packed_cells(cells, panels) if pack and alpha.dtype == cells.dtype else None
+    packed = _packed_cells(cells, panels) if packable else None
     if packed is not None:
         return native.mix(alpha.contiguous(), packed)
     if panels is not None and known_true(alpha.shape[0] < cells.shape[0]):

@@ -433,9 +433,8 @@ class _KWConv2dInline(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         ctx.spec = spec
         ctx.save_for_backward(x, alpha, cells)
-        width = native.panel_width(spec.tiling)
         out_h, out_w = spec.output_size(*x.shape[2:])
-        rows = native.inline_conv(spec.tiling, _im2col(spec, x)[0], alpha, cached_inline(cells, width), bias)
+        rows = inline_product(spec.tiling, _im2col(spec, x)[0], alpha, cells, bias)
         return rows.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
     @staticmethod
