@@ -794,6 +794,32 @@ def test_the_assembly_of_every_copy_reads_a_warehouse_in_place(isa, width, monke
 
 
 @pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("threads", (1, 2))
+def test_the_assembly_of_a_large_warehouse_covers_every_block_of_panels(isa, threads, monkeypatch):
+    """A warehouse of more panels than one block (the kernel's items: blocks of 128 kB of panels,
+    every row tile over a block) and not a multiple of it: packed, read in place and in float16,
+    with one and two threads, every row split gives the float64 product."""
+    run_on_isa(isa, monkeypatch)
+    torch.manual_seed(threads)
+    n, count, width = 27, 101, 64  # blocks of 18 panels, the last of 11
+    warehouse = torch.randn(n, count * width)
+    packed = native.mix_panels(warehouse)
+    in_place = warehouse.view(n, count, width).transpose(0, 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 9, 20):
+            alpha = torch.randn(rows, n, dtype=torch.float64)
+            expected = alpha @ warehouse.double()
+            for panels in (packed, in_place):
+                assert relative_error(native.mix(alpha.float(), panels), expected) <= FLOAT32, rows
+            half = native.mix(alpha.float(), packed.half())
+            assert relative_error(half, alpha @ warehouse.half().double()) <= FLOAT32, rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
 @pytest.mark.parametrize("width", (8, 16, 32, 64))
 def test_the_float16_assembly_of_every_copy_equals_float64(isa, width, monkeypatch):
     """``mix`` from a float16 warehouse copy: each copy that converts float16 on load, at every panel
@@ -805,7 +831,7 @@ def test_the_float16_assembly_of_every_copy_equals_float64(isa, width, monkeypat
     n, columns = 13, 4 * width
     cells = torch.randn(n, columns)
     panels = cells.reshape(n, 4, width).transpose(0, 1).contiguous().half()
-    for rows in (1, 5, 6, 7, 13, native._MIX_ROWS_BYTES // (4 * n) + 7):  # the last: two calls of rows
+    for rows in (1, 5, 6, 7, 13, 150):  # 150: 25 row tiles over each block of panels
         alpha = torch.randn(rows, n)
         out = native.mix(alpha, panels)
         expected = torch.einsum("rn,pnw->rpw", alpha.double(), panels.double()).reshape(rows, -1)

@@ -169,32 +169,54 @@ static void run_half_tile(int R, const float *A, long lda, const uint16_t *panel
 }
 #endif
 
+#define MIX_BLOCK_BYTES (128 * 1024)  /* warehouse panels that stay in L2 across a block's row tiles */
+
 /*
- * The assembly from a float16 copy of the warehouse (inference, batch 1-2, where it is bound by
- * memory: every layer of a stage streams the stage's whole warehouse, 36 MB in float32 for each of
- * resnet50's 19 stage-3 layers, and the copy halves that): out (rows x count * NP) = alpha (rows x n)
- * @ the warehouse packed as `count` panels of (n, NP) float16s, converted on load (F16C, which
- * every AVX2 CPU has).  Items are panels; every row tile of a panel runs while it is in L1.
- * Returns 0, or -1 for an unsupported panel width or on the baseline copy (no conversion).
+ * The assembly: out (rows x count * NP) = alpha (rows x n) @ the warehouse as `count` panels of
+ * (n, NP), panel P at panels + P * panel_stride, its rows row_stride apart (float32: packed, or
+ * the warehouse read in place), or packed float16s converted on load (half: F16C, which every AVX2
+ * CPU has; at batch 1-2 the assembly is bound by memory: every layer of a stage streams the
+ * stage's whole warehouse, 36 MB in float32 for each of resnet50's 19 stage-3 layers).
+ * Items are blocks of panels (MIX_BLOCK_BYTES); every row tile runs over its block, which stays
+ * in L2, so at most MAX_ROWS output rows are written at a time, each in a run of the block's
+ * width.  Walking a panel at a time wrote every row at once, rows a cell apart (1 MB in
+ * resnet18's stage 4: the same cache sets); with the warehouse in cache 18 rows of its 27 cells
+ * then ran at 18-25 G multiply-adds/s on a Zen 5 core, 49-60 this way, 9 rows to 144 at 0.5-0.9x
+ * the time on two.  Read from memory (a model at batch 1) both walks take the same time: the
+ * reading bounds them.  Returns 0, or -1 for an unsupported panel width or a float16 copy on the
+ * baseline copy (no conversion).
  */
-int kw_native_mix_half(const float *alpha, int rows, int n, const uint16_t *panels, int count, int NP, float *out,
-                       int threads)
+int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long panel_stride, long row_stride,
+                  int count, int NP, int half, float *out, int threads)
 {
-#if KW_VECTOR >= 256
-    if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
+    if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || (half && !KW_VECTOR))
         return -1;
     const long ldc = (long)count * NP;
+    const long panel_bytes = (long)n * NP * (half ? 2 : 4);
+    long block = MIX_BLOCK_BYTES / panel_bytes;
+    const long share = (count + threads - 1) / threads;  /* every thread gets work */
+    block = block < 1 ? 1 : block > share ? share : block;
+    const long blocks = (count + block - 1) / block;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long P = 0; P < count; P++)
+    for (long item = 0; item < blocks; item++) {
+        const long P0 = item * block, P1 = P0 + block < count ? P0 + block : count;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
             R = tile_rows(rows, r0);
-            run_half_tile(R, alpha + (long)r0 * n, n, panels + P * n * NP, n, NP, out + (long)r0 * ldc + P * NP, ldc);
-        }
-    return 0;
-#else
-    (void)alpha, (void)rows, (void)n, (void)panels, (void)count, (void)NP, (void)out, (void)threads;
-    return -1;
+            const float *a = alpha + (long)r0 * n;
+            for (long P = P0; P < P1; P++) {
+                float *c = out + (long)r0 * ldc + P * NP;
+#if KW_VECTOR >= 256
+                if (half) {
+                    run_half_tile(R, a, n, (const uint16_t *)panels + P * panel_stride, n, NP, c, ldc);
+                    continue;
+                }
 #endif
+                const float *panel = (const float *)panels + P * panel_stride;
+                run_tile(R, 1, a, n, &panel, 0, 1, n, 0, n, NP, row_stride, c, ldc, NULL);
+            }
+        }
+    }
+    return 0;
 }
 
 /*

@@ -91,8 +91,8 @@ def _load(isa: str) -> ctypes.CDLL | None:
                                                      pointer, pointer, i32, i32, i32, i32, i32, i32, pointer, size,
                                                      pointer, i32]
     library.kw_native_inline_weight_grad.restype = i32
-    library.kw_native_mix_half.argtypes = [pointer, i32, i32, pointer, i32, i32, pointer, i32]
-    library.kw_native_mix_half.restype = i32
+    library.kw_native_mix.argtypes = [pointer, i32, i32, pointer, size, size, i32, i32, i32, pointer, i32]
+    library.kw_native_mix.restype = i32
     library.kw_native_depthwise.argtypes = [pointer, i32, i32, i32, pointer, size, pointer, pointer] + [i32] * 12
     library.kw_native_depthwise.restype = i32
     library.kw_native_im2col.argtypes = [pointer, i32, i32, i32, pointer] + [i32] * 13
@@ -805,7 +805,6 @@ def col2im(cols: Tensor, shape: torch.Size, kernel: tuple[int, int], stride: tup
 # the product.  Packed once in panels of ``width`` columns (``mix_panels``), the warehouse
 # is read by the conv kernel as one sample's kernel^T with a single segment.
 
-_MIX_ROWS_BYTES = 256 * 1024  # rows of alpha per call: the rows stay in cache across panels
 
 
 def mix_width(columns: int) -> int | None:
@@ -842,23 +841,10 @@ def _mix(alpha: Tensor, panels: Tensor) -> Tensor:
     alpha = alpha.contiguous()
     if half or panels.stride(2) != 1:  # float32 panels are read in place: rows row_stride apart
         panels = panels.contiguous()
-    panel_stride, row_stride = panels.stride(0), panels.stride(1)
-    rows = alpha.shape[0]
-    out = torch.empty(rows, count * width, dtype=alpha.dtype, device=alpha.device)
-    offsets = None if half else torch.arange(count, dtype=torch.int64) * panel_stride
-    step = max(1, _MIX_ROWS_BYTES // (4 * n))
-    threads = torch.get_num_threads()
-    for first in range(0, rows, step):
-        chunk = min(step, rows - first)
-        if half:
-            code = library.kw_native_mix_half(alpha[first].data_ptr(), chunk, n, panels.data_ptr(), count, width,
-                                              out[first].data_ptr(), threads)
-        else:
-            code = library.kw_native_conv(
-                alpha[first].data_ptr(), chunk * n, n, panels.data_ptr(), panels.numel(), offsets.data_ptr(), count,
-                1, n, width, row_stride, out[first].data_ptr(), chunk * count * width, count * width, None, chunk, 1,
-                threads)
-        _refused(code, f"a{' float16' if half else 'n'} assembly of panel width {width}")
+    out = torch.empty(alpha.shape[0], count * width, dtype=alpha.dtype, device=alpha.device)
+    _refused(library.kw_native_mix(alpha.data_ptr(), alpha.shape[0], n, panels.data_ptr(), panels.stride(0),
+                                   panels.stride(1), count, width, half, out.data_ptr(), torch.get_num_threads()),
+             f"a{' float16' if half else 'n'} assembly of panel width {width}")
     return out
 
 
