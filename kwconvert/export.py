@@ -30,6 +30,7 @@ import contextlib
 import io
 import itertools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -157,7 +158,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", exam
             if format == "onnx":
                 _write_onnx(program, staging, opset)
             else:
-                torch.export.save(program, staging)
+                _save_program(program, staging)
         diffs = _verify(model, staging, format, example_input, batches, tolerance) if check else {}
     taus = {methods.temperature_of(layer) for layer in methods.temperature_layers(model).values()}
     return ExportReport(path=target, format=format, example_shape=tuple(traced.shape), dynamic_batch=dynamic_batch,
@@ -172,6 +173,18 @@ def _torch_export(model: nn.Module, x: Tensor, dynamic_batch: bool) -> torch.exp
             return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
     except Exception as error:
         raise ExportError(f"torch.export failed on an input of size {dims(x.shape)}: {_reason(error)}") from error
+
+
+def _save_program(program: torch.export.ExportedProgram, destination: Path) -> None:
+    """``torch.export.save``, without its warning for a weight that is dense but not contiguous.
+
+    A converted model's plain Conv2d layers hold channels-last weights (rewrite.py); torch's
+    archive cannot call such a weight "complete", warns "No complete tensor found in the group",
+    and writes its storage with its strides all the same.  The check reloads the file and compares.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group", category=UserWarning)
+        torch.export.save(program, destination)
 
 
 def _write_onnx(program: torch.export.ExportedProgram, destination: Path, opset: int) -> None:

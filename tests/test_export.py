@@ -144,6 +144,20 @@ def test_torch_export_keeps_the_batch_dynamic_and_matches_eager(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt2"]
 
 
+def test_a_channels_last_plain_convolution_exports_without_torch_warning(tmp_path, recwarn):
+    """The stem, left plain, holds a channels-last weight (rewrite.py); torch's archive warns about
+    any such weight.  The export says nothing, and the reloaded program holds the same weight."""
+    torch.manual_seed(0)
+    model = kwconvert.convert(TinyCNN().eval(), 1.0, example_inputs=torch.randn(1, 3, 16, 16), stem="plain",
+                              max_params_ratio=100)
+    assert not is_kw_layer(model.stem) and model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.stem.weight.is_contiguous()
+    kwconvert.export(model, tmp_path / "tiny.pt2", format="torch_export")
+    assert not [w for w in recwarn if "complete tensor" in str(w.message)]
+    program = torch.export.load(tmp_path / "tiny.pt2")
+    assert torch.equal(program.state_dict["stem.weight"], model.stem.weight)
+
+
 def test_a_model_never_converted_exports_plain_at_its_default_input_size(tmp_path):
     model = TinyCNN()
     report = kwconvert.export(model, tmp_path / "plain.pt2", format="torch_export")
