@@ -803,8 +803,7 @@ def col2im(cols: Tensor, shape: torch.Size, kernel: tuple[int, int], stride: tup
 # The assembly ``alpha (M, n) @ warehouse (n, cell)`` has few rows at batch 1 and reads the
 # whole warehouse: a library GEMM packs the warehouse on every call, which costs as much as
 # the product.  Packed once in panels of ``width`` columns (``mix_panels``), the warehouse
-# is read by the conv kernel as one sample's kernel^T with a single segment.
-
+# is read by ``kw_native_mix`` a block of panels at a time (every row tile over a block in L2).
 
 
 def mix_width(columns: int) -> int | None:
