@@ -32,6 +32,10 @@ trained model pay off?"); the other regimes measured there:
 
     R=benchmarks/results
     .venv/bin/python benchmarks/finetune.py --finetune-epochs 2 --latency-reps 0 --out $R/finetune_2_epochs.json
+    .venv/bin/python benchmarks/finetune.py --finetune-epochs 4 --latency-reps 0 --out $R/finetune_4_epochs.json
+    .venv/bin/python benchmarks/finetune.py --finetune-epochs 8 --arms a b --latency-reps 0 --out $R/finetune_8_epochs.json
+    .venv/bin/python benchmarks/finetune.py --finetune-epochs 4 --kw-cell-lr 10 --arms a c d --latency-reps 0 \
+        --out $R/finetune_4_epochs_cells10.json      # and --finetune-epochs 8: finetune_8_epochs_cells10.json
     .venv/bin/python benchmarks/finetune.py --pretrain-epochs 6 --finetune-epochs 2 --latency-reps 0 \
         --out $R/finetune_converged.json
     .venv/bin/python benchmarks/finetune.py --train-images 0 --arms a b --seeds 2 --latency-reps 0 \
