@@ -34,7 +34,7 @@ trained model pay off?"); the other regimes measured there:
     .venv/bin/python benchmarks/finetune.py --finetune-epochs 2 --latency-reps 0 --out $R/finetune_2_epochs.json
     .venv/bin/python benchmarks/finetune.py --finetune-epochs 4 --latency-reps 0 --out $R/finetune_4_epochs.json
     .venv/bin/python benchmarks/finetune.py --finetune-epochs 8 --arms a b --latency-reps 0 --out $R/finetune_8_epochs.json
-    .venv/bin/python benchmarks/finetune.py --finetune-epochs 4 --kw-cell-lr 10 --arms a c d --latency-reps 0 \
+    .venv/bin/python benchmarks/finetune.py --finetune-epochs 4 --arms a c d --latency-reps 0 \
         --out $R/finetune_4_epochs_cells10.json      # and --finetune-epochs 8: finetune_8_epochs_cells10.json
     .venv/bin/python benchmarks/finetune.py --pretrain-epochs 6 --finetune-epochs 2 --latency-reps 0 \
         --out $R/finetune_converged.json
@@ -111,7 +111,10 @@ class FinetuneRecipe:
     # --- the KW arms (issue 14, point 2) ---
     kw_tau_fraction: float = field(default=0.0, metadata={
         "help": "tau falls 1 -> 0 over this fraction of the fine-tuning steps; 0: tau = 0 (serving) throughout"})
-    kw_cell_lr: float = field(default=FINE_TUNE.cell_lr_scale, metadata={"help": "warehouse cells' lr, times finetune_lr"})
+    kw_cell_lr: float = field(default=FINE_TUNE.cell_lr_scale, metadata={
+        "help": "lr of the cells of warehouses at b >= 1 (KW 1x), times finetune_lr"})
+    kw_fitted_cell_lr: float = field(default=FINE_TUNE.fitted_cell_lr_scale, metadata={
+        "help": "lr of the cells of warehouses below b = 1 (KW 1/2x), times finetune_lr"})
     kw_attention_lr: float = field(default=FINE_TUNE.attention_lr_scale, metadata={
         "help": "attention's lr, times finetune_lr"})
     kw_attention_norm: str = field(default="auto", metadata={"help": "plan option attention_norm"})
@@ -128,18 +131,23 @@ class FinetuneRecipe:
                          weight_decay=self.weight_decay, lr_warmup_fraction=self.lr_warmup_fraction,
                          temperature_fraction=0.0, subset_seed=self.subset_seed)
 
+    def multipliers(self) -> dict[str, float]:
+        """The KW arms' learning rates, times ``finetune_lr`` (``make_optimizer``)."""
+        return {"cells": self.kw_cell_lr, "fitted cells": self.kw_fitted_cell_lr, "attention": self.kw_attention_lr}
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-#: The defaults: ``kwconvert.training.FINE_TUNE`` (tau = 0 from the start, cells at 3x the lr,
-#: attention at 1x), sized to under 30 minutes for 3 seeds on 2 cores.  How it was chosen: the
-#: sweep below (finetune_sweep*.json, seed 0, 6,000 images, 94 fine-tuning steps, the original
-#: 82.10 % -> 83.40 % fine-tuned) ran when a converted attention held logits of L1 norm 1, where a
-#: logit step moves the mixture weights one for one: at attention lr 1x the 1/2x model lost ground
-#: while fine-tuning (58.99 %), at 0.1x it reached 79.65 %, at 0.01x 82.20 % (82.70 % with cells at
-#: 3x; frozen attention, cells 3x: 82.25 %); annealing tau gained nothing.  The held logits now
-#: have an L1 norm of ``kwconvert.methods.kernelwarehouse.layers.HELD_LOGIT_SCALE`` = 10, which slows the attention's
+#: The defaults: ``kwconvert.training.FINE_TUNE`` (tau = 0 from the start, cells at 3x the lr and
+#: 10x in warehouses below b = 1, attention at 1x), sized to under 30 minutes for 3 seeds on 2
+#: cores.  How it was chosen: the sweep below (finetune_sweep*.json, seed 0, 6,000 images, 94
+#: fine-tuning steps, the original 82.10 % -> 83.40 % fine-tuned) ran when a converted attention
+#: held logits of L1 norm 1, where a logit step moves the mixture weights one for one: at attention
+#: lr 1x the 1/2x model lost ground while fine-tuning (58.99 %), at 0.1x it reached 79.65 %, at
+#: 0.01x 82.20 % (82.70 % with cells at 3x; frozen attention, cells 3x: 82.25 %); annealing tau
+#: gained nothing.  The held logits now have an L1 norm of
+#: ``kwconvert.methods.kernelwarehouse.layers.HELD_LOGIT_SCALE`` = 10, which slows the attention's
 #: learning about 100-fold at the same lr: 1x there matched 0.01x at L1 norm 1 (README).
 RECIPE = FinetuneRecipe()
 #: Recipe variants ``--sweep`` fine-tunes (b) and (c) with, on one seed; name -> changed fields.
@@ -147,7 +155,7 @@ SWEEP: dict[str, dict] = {
     "tau 0, attention lr x1": {"kw_attention_lr": 1.0},
     "tau 0, attention lr x0.1": {"kw_attention_lr": 0.1},
     "tau 1->0 over 20 %, attention lr x1": {"kw_attention_lr": 1.0, "kw_tau_fraction": 0.2},
-    "tau 0, attention lr x1, cells lr x1": {"kw_attention_lr": 1.0, "kw_cell_lr": 1.0},
+    "tau 0, attention lr x1, cells lr x1": {"kw_attention_lr": 1.0, "kw_cell_lr": 1.0, "kw_fitted_cell_lr": 1.0},
     "tau 0, attention frozen": {"kw_attention_lr": 0.0},
 }
 #: ``--quick``: every piece on a few hundred images, one seed, in about a minute.
@@ -171,6 +179,7 @@ def make_optimizer(model: nn.Module, stage: fm.Recipe, multipliers: dict[str, fl
     for the cells and the attention, weight decay on weights of rank >= 2 (reference impl.)."""
     groups = parameter_groups(model, stage.lr, weight_decay=stage.weight_decay,
                               cell_lr_scale=multipliers.get("cells", 1.0),
+                              fitted_cell_lr_scale=multipliers.get("fitted cells", 1.0),
                               attention_lr_scale=multipliers.get("attention", 1.0))
     return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, nesterov=True)
 
@@ -301,7 +310,7 @@ def run_seed(seed: int, recipe: FinetuneRecipe, sets: dict, arms: list[str], con
         info["accuracy_before"] = pretrained_accuracy if arm == "a" else test(model, images, labels)
         kw = arm in BUDGETS
         fit = train(model, *sets["train"], recipe.stage("finetune"), seed + 1000,
-                    multipliers={"cells": recipe.kw_cell_lr, "attention": recipe.kw_attention_lr} if kw else None,
+                    multipliers=recipe.multipliers() if kw else None,
                     tau_fraction=recipe.kw_tau_fraction if kw else 0.0)
         info.update(finetune=fit, accuracy=test(model, images, labels), params=fm.parameter_count(model),
                     macs=macs(model))
@@ -398,7 +407,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
     parser.add_argument("--kw-tau-fraction", type=float, default=d.kw_tau_fraction,
                         help="KW arms: tau 1 -> 0 over this fraction of fine-tuning (0: tau = 0 throughout)")
-    parser.add_argument("--kw-cell-lr", type=float, default=d.kw_cell_lr, help="times --finetune-lr")
+    parser.add_argument("--kw-cell-lr", type=float, default=d.kw_cell_lr,
+                        help="cells of warehouses at b >= 1, times --finetune-lr")
+    parser.add_argument("--kw-fitted-cell-lr", type=float, default=d.kw_fitted_cell_lr,
+                        help="cells of warehouses below b = 1, times --finetune-lr")
     parser.add_argument("--kw-attention-lr", type=float, default=d.kw_attention_lr, help="times --finetune-lr")
     parser.add_argument("--kw-attention-norm", choices=("auto", "batchnorm", "layernorm"), default=d.kw_attention_norm)
     parser.add_argument("--kw-calibration-images", type=int, default=d.kw_calibration_images,
@@ -432,6 +444,7 @@ def recipe_of(args: argparse.Namespace) -> FinetuneRecipe:
     return dataclasses.replace(RECIPE, train_images=args.train_images or None, pretrain_epochs=args.pretrain_epochs,
                                finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                                kw_tau_fraction=args.kw_tau_fraction, kw_cell_lr=args.kw_cell_lr,
+                               kw_fitted_cell_lr=args.kw_fitted_cell_lr,
                                kw_attention_lr=args.kw_attention_lr, kw_attention_norm=args.kw_attention_norm,
                                kw_calibration_images=args.kw_calibration_images)
 
@@ -512,7 +525,7 @@ def sweep(args, recipe: FinetuneRecipe, sets: dict, console: Console, out: Conso
             before = test(model, images, labels)
             kw = arm in BUDGETS
             fit = train(model, *sets["train"], variant.stage("finetune"), 1000,
-                        multipliers={"cells": variant.kw_cell_lr, "attention": variant.kw_attention_lr} if kw else None,
+                        multipliers=variant.multipliers() if kw else None,
                         tau_fraction=variant.kw_tau_fraction if kw else 0.0)
             results[f"{name} / {arm}"] = {"variant": name, "arm": arm, "changes": changes, "accuracy_before": before,
                                            "accuracy": test(model, images, labels), "finetune": fit}

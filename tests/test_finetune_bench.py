@@ -35,6 +35,11 @@ def test_optimizer_groups_take_the_multipliers(net):
     assert lrs["other"] == pytest.approx(finetune.RECIPE.finetune_lr)
     assert lrs["cells"] == pytest.approx(2 * lrs["other"]) and lrs["attention"] == pytest.approx(10 * lrs["other"])
     assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == fm.parameter_count(kw)
+    below = finetune.convert(net, 0.5, finetune.RECIPE)  # every warehouse below b = 1: the fitted cells' rate
+    optimizer = finetune.make_optimizer(below, finetune.RECIPE.stage("finetune"), {"cells": 2.0, "fitted cells": 5.0})
+    cell_lrs = [group["lr"] for group in optimizer.param_groups if group["kind"] == "cells"]
+    assert cell_lrs and cell_lrs == pytest.approx([5 * finetune.RECIPE.finetune_lr] * len(cell_lrs))
+    assert finetune.RECIPE.multipliers()["fitted cells"] == finetune.FINE_TUNE.fitted_cell_lr_scale
 
 
 def test_macs_count_the_kernel_assembly_and_latency_times_every_model(net):

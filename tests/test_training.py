@@ -35,6 +35,35 @@ def test_defaults_are_the_measured_recipe_and_plain_models_get_one_rate():
     groups = parameter_groups(torchvision.models.resnet18(weights=None), 0.1)
     assert {group["kind"] for group in groups} == {"other"} and all(g["lr"] == 0.1 for g in groups)
     assert FINE_TUNE.temperature == 0.0 and FINE_TUNE.attention_lr_scale <= 1 <= FINE_TUNE.cell_lr_scale
+    assert FINE_TUNE.fitted_cell_lr_scale > FINE_TUNE.cell_lr_scale
+
+
+def test_cells_below_b_1_learn_at_the_fitted_rate_and_an_explicit_rate_holds_for_all():
+    """Warehouses below b = 1 (their cells fitted at conversion) get ``fitted_cell_lr_scale``, those
+    at b = 1 ``cell_lr_scale`` (README: 10x and 3x measured on the fine-tune benchmark); a
+    ``cell_lr_scale`` given alone, as from scratch, is every warehouse's."""
+    torch.manual_seed(0)
+    model = kwconvert.convert(torchvision.models.resnet18(weights=None, num_classes=10), 0.5,
+                              warehouses={"stage4.*": {"budget": 1}})
+    budget_of = {id(m.warehouse.cells): m.budget for m in model.modules() if is_kw_layer(m)}
+    assert sorted(set(budget_of.values())) == [0.5, 1.0]
+
+    def cell_rates(**scales) -> dict[float, set[float]]:
+        rates: dict[float, set[float]] = {}
+        for group in parameter_groups(model, 0.1, **scales):
+            for p in group["params"]:
+                if id(p) in budget_of:
+                    assert group["kind"] == "cells"
+                    rates.setdefault(budget_of[id(p)], set()).add(round(group["lr"], 12))
+        return rates
+
+    assert cell_rates() == {0.5: {round(0.1 * FINE_TUNE.fitted_cell_lr_scale, 12)},
+                            1.0: {round(0.1 * FINE_TUNE.cell_lr_scale, 12)}}
+    assert cell_rates(cell_lr_scale=1.0) == {0.5: {0.1}, 1.0: {0.1}}
+    assert cell_rates(cell_lr_scale=2.0, fitted_cell_lr_scale=5.0) == {0.5: {0.5}, 1.0: {0.2}}
+    groups = parameter_groups(model, 0.1)
+    seen = [id(p) for group in groups for p in group["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))
 
 
 def taus(model) -> set[float]:
