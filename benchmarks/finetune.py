@@ -176,10 +176,11 @@ def data(recipe: FinetuneRecipe, test_images: int | None) -> dict[str, tuple[Ten
 
 def make_optimizer(model: nn.Module, stage: fm.Recipe, multipliers: dict[str, float]) -> torch.optim.SGD:
     """SGD Nesterov over ``kwconvert.training.parameter_groups``: lr times ``multipliers[kind]``
-    for the cells and the attention, weight decay on weights of rank >= 2 (reference impl.)."""
+    for the cells ("fitted cells": below b = 1, "cells" if not given) and the attention, weight
+    decay on weights of rank >= 2 (reference impl.)."""
     groups = parameter_groups(model, stage.lr, weight_decay=stage.weight_decay,
                               cell_lr_scale=multipliers.get("cells", 1.0),
-                              fitted_cell_lr_scale=multipliers.get("fitted cells", 1.0),
+                              fitted_cell_lr_scale=multipliers.get("fitted cells", multipliers.get("cells", 1.0)),
                               attention_lr_scale=multipliers.get("attention", 1.0))
     return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, nesterov=True)
 
