@@ -180,7 +180,7 @@ def make_optimizer(model: nn.Module, stage: fm.Recipe, multipliers: dict[str, fl
     decay on weights of rank >= 2 (reference impl.)."""
     groups = parameter_groups(model, stage.lr, weight_decay=stage.weight_decay,
                               cell_lr_scale=multipliers.get("cells", 1.0),
-                              fitted_cell_lr_scale=multipliers.get("fitted cells", multipliers.get("cells", 1.0)),
+                              fitted_cell_lr_scale=multipliers.get("fitted cells"),  # None: the "cells" one
                               attention_lr_scale=multipliers.get("attention", 1.0))
     return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, nesterov=True)
 

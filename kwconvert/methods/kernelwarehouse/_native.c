@@ -222,8 +222,7 @@ int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long 
 /*
  * C[b] (rows x O, row stride ldc) = A[b] (rows x K, row stride lda) @ W_b^T (+ bias) for every
  * sample b < batch; offsets[P * segments + g] locate W_b^T's blocks as described above, rows
- * ldw apart (NP where they are packed; the assembly may read a warehouse's rows in place).
- * Two walks:
+ * NP apart.  Two walks:
  *  - all of W_b^T fits in cache (small K x O, e.g. 1x1 layers on large maps) and there are
  *    enough rows to keep every thread busy: row tiles outside, panels inside, so each output
  *    row is written whole (items: sample x chunk of rows);
@@ -238,7 +237,7 @@ int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long 
  * must be 8, 16, 32 or 64) or too many segments.
  */
 int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long w_sample, const int64_t *offsets,
-                   int num_panels, int segments, int seg_len, int NP, long ldw, float *C, long c_sample, long ldc,
+                   int num_panels, int segments, int seg_len, int NP, float *C, long c_sample, long ldc,
                    const float *bias, int rows, int batch, int threads)
 {
     if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || segments > MAX_SEGMENTS)
@@ -265,7 +264,7 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
                     for (int g = 0; g < segments; g++)
                         panels[g] = W + b * w_sample + offsets[(long)P * segments + g];
                     run_tile(R, 1, a_b + (long)(first + r0) * lda, lda, panels, 0, segments, seg_len, 0, seg_len,
-                             NP, ldw, c_b + (long)(first + r0) * ldc + (long)P * NP, ldc,
+                             NP, NP, c_b + (long)(first + r0) * ldc + (long)P * NP, ldc,
                              bias ? bias + (long)P * NP : NULL);
                 }
             }
@@ -278,7 +277,7 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
         float *c_p = c_b + (long)P * NP;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
             R = tile_rows(rows, r0);
-            run_tile(R, 1, a_b + (long)r0 * lda, lda, panels, 0, segments, seg_len, 0, seg_len, NP, ldw,
+            run_tile(R, 1, a_b + (long)r0 * lda, lda, panels, 0, segments, seg_len, 0, seg_len, NP, NP,
                      c_p + (long)r0 * ldc, ldc, bias_p);
         }
     }

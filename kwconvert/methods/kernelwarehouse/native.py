@@ -74,7 +74,7 @@ def _load(isa: str) -> ctypes.CDLL | None:
         return None
     library = ctypes.CDLL(path)
     pointer, size, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    library.kw_native_conv.argtypes = [pointer, size, size, pointer, size, pointer, i32, i32, i32, i32, size,
+    library.kw_native_conv.argtypes = [pointer, size, size, pointer, size, pointer, i32, i32, i32, i32,
                                        pointer, size, size, pointer, i32, size, i32]
     library.kw_native_conv.restype = i32
     library.kw_native_inline.argtypes = [pointer, size, size, pointer, i32, pointer, size, pointer, pointer, i32, i32,
@@ -261,7 +261,7 @@ def _conv(cols: Tensor, blocks: Tensor, bias: Tensor | None, weight_shape: list[
     panels, segments = offsets.shape
     _refused(library.kw_native_conv(
         cols.data_ptr(), rows * depth, depth, blocks.data_ptr(), blocks[0].numel(), offsets.data_ptr(), panels,
-        segments, tiling.cell[1], width, width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias),
+        segments, tiling.cell[1], width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias),
         rows, batch, torch.get_num_threads()), f"panel width {width} / {segments} segments")
     return out
 
