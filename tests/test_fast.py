@@ -396,6 +396,28 @@ def test_the_unpacked_assembly_in_panel_order_reorders_the_smaller_side(mixtures
     assert relative_error(assembly._mix_rows(alpha, warehouse, pack=False, panels=16), expected) <= FLOAT32
 
 
+@pytest.mark.parametrize("large", (False, True))
+def test_the_training_assembly_and_its_gradients_equal_float64(large, monkeypatch):
+    """``mix`` with a gradient to compute, and its backward (``mix_grads``): in the compiled kernel
+    above ``KERNEL_MACS`` (the library's products below, where the kernel's call costs more), the
+    mixtures, alpha's gradient and the cells' equal float64's."""
+    torch.manual_seed(3)
+    monkeypatch.setattr(assembly, "KERNEL_MACS", 1 if large else 1 << 40)
+    ran = []
+    original = native.mix
+    monkeypatch.setattr(native, "mix", lambda *args: ran.append(1) or original(*args))
+    alpha = torch.randn(30, 7, requires_grad=True)
+    warehouse = torch.randn(7, 32, 16, 1, 1, requires_grad=True)
+    grad = torch.randn(30, 32 * 16)
+    mixed = assembly.mix(alpha, warehouse)
+    grad_alpha, grad_cells = torch.autograd.grad(mixed, (alpha, warehouse), grad)
+    alpha64, warehouse64 = alpha.detach().double(), warehouse.detach().double()
+    assert relative_error(mixed, alpha64 @ warehouse64.view(7, -1)) <= FLOAT32
+    assert relative_error(grad_alpha, grad.double() @ warehouse64.view(7, -1).t()) <= FLOAT32
+    assert relative_error(grad_cells, (alpha64.t() @ grad.double()).view_as(warehouse)) <= FLOAT32
+    assert len(ran) == (2 if large and native.available() else 0)  # the assembly and the cells' gradient
+
+
 def test_use_path_rejects_unknown_names_and_restores_the_previous_setting():
     with pytest.raises(ValueError, match="matmull"):
         with use_path("matmull"):

@@ -325,6 +325,18 @@ static inline void prefetch_rows(const float *a, long lda, int rows, int count)
 #endif
 }
 
+/* Asks for `floats` floats from `p` on, to be written: a row of sums read, added to and stored
+ * back (the weight gradient's rows of dE, which come from memory). */
+static inline void prefetch_for_write(float *p, long floats)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    for (long q = 0; q < floats; q += 16)
+        __builtin_prefetch(p + q, 1, 3);
+#else
+    (void)p, (void)floats;
+#endif
+}
+
 /*
  * `count` rows of a block of every sample's kernel mixed into `buffer` (sample s's rows at
  * s * per_sample, row stride `width`), row q from the n cells' rows at e + q * e_row.
@@ -566,7 +578,10 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
  * resnet18's layer3 10 ms of its 50 at batch 16, layer4 about 35 of 100).  Groups of up to
  * GRAD_SAMPLES samples: dE's register tiles then sum over 32 samples per load and store of their
  * sums, not 16; the chunks of rows are as long as a buffer of GRAD_BUFFER_FLOATS allows (128 rows
- * of 16 samples, 64 of 32).
+ * of 16 samples, 64 of 32).  Both streams that come from memory are asked for ahead: the next row
+ * tile's rows of A^T (a few hundred bytes each, too short for the hardware's prefetcher) and the
+ * next row of dE: the weight gradients of resnet18's layer4 and layer3 convolutions at batch 16
+ * took 0.76-0.81x and 0.76-0.87x the time (both builds in one process, interleaved).
  */
 #define GRAD_SAMPLES 32
 #define GRAD_BUFFER_FLOATS (64 * 32 * 64) /* a thread's chunk of kernel gradients: 512 kB of its L2 */
@@ -700,6 +715,11 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                         const float *a_t = AT + (long)(s0 + s) * at_sample + ((long)g * seg_len + q0) * rows;
                         for (int q = 0, R; q < count; q += R) {
                             R = tile_rows(count, q);
+                            /* the next tile's rows of A^T: this sample's, else the next sample's first */
+                            if (q + R < count)
+                                prefetch_rows(a_t + (long)(q + R) * rows, rows, tile_rows(count, q + R), rows);
+                            else if (s + 1 < samples)
+                                prefetch_rows(a_t + at_sample, rows, tile_rows(count, 0), rows);
                             run_tile(R, 1, a_t + (long)q * rows, rows, &panel, 0, 1, rows, 0, rows, NP, NP,
                                      buffer + ((long)q * group + s) * NP, (long)group * NP, NULL);
                         }
@@ -713,6 +733,8 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                     for (int q = 0; q < count; q++) { /* dE rows: alpha^T (n x samples) @ chunk (samples x NP) */
                         const float *chunk = buffer + (long)q * group * NP;
                         float *de_q = dE + (row0 + q0 + q) * n * NP;
+                        if (q + 1 < count)
+                            prefetch_for_write(de_q + (long)n * NP, (long)n * NP);
                         for (int j = 0, R; j < n; j += R) {
                             R = tile_rows(n, j);
                             run_tile(R, 0, alpha_t + (mixture * n + j) * batch + s0, batch, &chunk, 0, 1, samples, 0,

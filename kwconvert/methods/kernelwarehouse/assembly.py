@@ -218,14 +218,29 @@ def _mix_rows(alpha: Tensor, cells: Tensor, pack: bool, panels: int | None = Non
         # copy): the mixtures put in panel order, not the warehouse
         mixed = _mix_in_place(alpha, cells)
         return native.panel_order(mixed.view(-1, *cells.shape[1:]), panels).view(alpha.shape[0], -1)
+    if panels is None and _worth_the_kernel(alpha, cells):
+        return _mix_in_place(alpha, cells)
     return F.linear(alpha, _cell_columns(cells, panels).t())
+
+
+#: Multiply-adds below which an assembly (or its gradient) runs in the library's GEMM, whose
+#: call costs about 10 us where the compiled kernel's costs 25-40 (mobilenet_v2's assemblies
+#: at batch 16, cells of 32-960 numbers: 5.6 ms a training step in the library, 6.9 in the
+#: kernel); above it the kernel's is 1.2-3.3x faster (resnet18's stages 1-2 at batch 16).
+KERNEL_MACS = 1 << 23
+
+
+def _worth_the_kernel(alpha: Tensor, cells: Tensor) -> bool:
+    return known_true(alpha.shape[0] * cells.numel() >= KERNEL_MACS)
 
 
 def _mix_in_place(alpha: Tensor, cells: Tensor) -> Tensor:
     """``alpha (M, n) @ cells (n, cell)`` in the cells' own order, ``native.mix`` reading the
     warehouse where it lies (its rows a cell apart) where the kernel can: no copy, and none of a
     library GEMM's packing (a layer of resnet50's layer3 at batch 1, 9 mixtures of 138 cells of
-    36 MB: 2.6 ms, F.linear 8.0, F.linear on the warehouse in panel order 23)."""
+    36 MB: 2.6 ms, F.linear 8.0, F.linear on the warehouse in panel order 23).  The same in
+    training, where the inner size n is too short for the library (resnet18's stage 2 at batch
+    16, 144 mixtures of 47 cells of 16,384: 0.64 ms, F.linear 2.1)."""
     flat = cells.reshape(cells.shape[0], -1)
     width = native.mix_width(flat.shape[1])
     if width is None or alpha.dtype != cells.dtype or not _kernel_reads(cells):
@@ -284,11 +299,29 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         alpha, cells = ctx.saved_tensors
-        grad = grad.contiguous()
-        flat = cells.reshape(cells.shape[0], -1)
-        grad_alpha = F.linear(grad, flat) if ctx.needs_input_grad[0] else None
-        grad_cells = F.linear(alpha.t().contiguous(), grad.t()).view_as(cells) if ctx.needs_input_grad[1] else None
-        return grad_alpha, grad_cells
+        return mix_grads(alpha, cells, grad, ctx.needs_input_grad[:2])
+
+
+def mix_grads(alpha: Tensor, cells: Tensor, grad: Tensor, needs: tuple[bool, bool]
+              ) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of the assembly ``alpha (M, n) @ cells (n, *cell)`` from ``grad (M, cell
+    numel)``, those ``needs`` asks for: alpha's ``grad @ cells^T`` and the cells' ``alpha^T @ grad``.
+
+    Both have an inner size a library GEMM runs slowly (resnet18's stage 2 at batch 16: n = 47
+    against 16,384 columns, F.linear 2.2 and 1.9 ms).  The cells' is an assembly itself, of the
+    gradient's M rows (``_mix_in_place``: 0.58 ms); alpha's runs as the product of the warehouse
+    by the gradient transposed, which the library takes faster (1.5 ms; 7.2 against 10.1 in
+    stage 3).  Small ones (``KERNEL_MACS``) keep the library's two products.
+    """
+    grad, flat = grad.contiguous(), cells.reshape(cells.shape[0], -1)
+    large = _worth_the_kernel(alpha, cells)
+    grad_alpha = grad_cells = None
+    if needs[0]:
+        grad_alpha = torch.mm(flat, grad.t()).t().contiguous() if large else F.linear(grad, flat)
+    if needs[1]:
+        grad_cells = _mix_in_place(alpha.t(), grad) if large else F.linear(alpha.t().contiguous(), grad.t())
+        grad_cells = grad_cells.view_as(cells)
+    return grad_alpha, grad_cells
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:

@@ -49,7 +49,8 @@ from torch import Tensor
 
 from ... import execution
 from . import native
-from .assembly import _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline, inline_product
+from .assembly import (_assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline,
+                       inline_product, mix_grads)
 from .cells import Tiling
 
 
@@ -243,12 +244,9 @@ class _KWConv2d(torch.autograd.Function):
         grad_alpha = grad_cells = grad_bias = None
         if grad_blocks is not None:
             batch, mixtures, n = alpha.shape
-            grad_blocks = grad_blocks.view(batch * mixtures, -1)
-            if need_alpha:
-                grad_alpha = F.linear(grad_blocks, cells.reshape(n, -1)).view_as(alpha)
-            if need_cells:
-                alpha_t = alpha.reshape(batch * mixtures, n).t().contiguous()
-                grad_cells = F.linear(alpha_t, grad_blocks.t()).view_as(cells)
+            grad_alpha, grad_cells = mix_grads(alpha.reshape(batch * mixtures, n), cells,
+                                               grad_blocks.view(batch * mixtures, -1), (need_alpha, need_cells))
+            grad_alpha = None if grad_alpha is None else grad_alpha.view_as(alpha)
         if need_bias:
             grad_bias = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_alpha, grad_cells, grad_bias, None
