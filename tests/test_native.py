@@ -539,6 +539,25 @@ def test_im2col_and_col2im_equal_unfold_and_fold(window, compiled, monkeypatch):
     assert relative_error(image, folded(grad, x.shape, kernel, stride, dilation, padding)) <= FLOAT32
 
 
+@pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("stride", (1, 2))
+def test_the_transposed_im2col_of_every_copy_equals_unfold(isa, stride, monkeypatch):
+    """The transposed im2col, which gathers 8 pixels x 8 channels at a time across output rows (a
+    7 x 7 map's rows are shorter than 8), on every copy this CPU runs: 20 channels (two blocks
+    and a tail), up to 130 pixels (blocks of 64 and a partial one), windows off every edge, 2 threads."""
+    run_on_isa(isa, monkeypatch)
+    kernel, dilation, padding = (3, 3), (1, 1), (1, 1, 2, 0)
+    for size in ((7, 7), (10, 13 * stride)):
+        x = torch.randn(3, 20, *size).contiguous(memory_format=torch.channels_last)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            cols_t = native.im2col(x, kernel, (stride, stride), dilation, padding, transposed=True)
+        finally:
+            torch.set_num_threads(previous)
+        assert torch.equal(cols_t, unfolded(x, kernel, (stride, stride), dilation, padding).transpose(1, 2))
+
+
 def test_im2col_and_col2im_are_each_others_gradient():
     """The operators' autograd formulas: float64 gradcheck (the PyTorch ops run; the kernel is
     float32), through both layouts."""

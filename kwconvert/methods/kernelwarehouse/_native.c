@@ -417,6 +417,29 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
     return failed ? -2 : 0;
 }
 
+#if KW_VECTOR >= 256
+/* One 8 x 8 block in AVX registers: row i of `rows` (8 floats each) becomes column i of d. */
+static inline void transpose8(const float *const *rows, float *d, long ld_dst)
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        const __m256 lo = _mm256_loadu_ps(rows[i]), hi = _mm256_loadu_ps(rows[i + 1]);
+        t[i] = _mm256_unpacklo_ps(lo, hi);
+        t[i + 1] = _mm256_unpackhi_ps(lo, hi);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(d + i * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(d + (i + 4) * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+#endif
+
 /* dst (cols x rows, row stride ld_dst) = src (rows x cols, row stride ld_src) transposed; rows and
  * cols multiples of 8 (8 x 8 blocks in AVX registers). */
 static void transpose(const float *src, int rows, int cols, long ld_src, float *dst, long ld_dst)
@@ -424,24 +447,10 @@ static void transpose(const float *src, int rows, int cols, long ld_src, float *
 #if KW_VECTOR >= 256
     for (int r0 = 0; r0 < rows; r0 += 8)
         for (int c0 = 0; c0 < cols; c0 += 8) {
-            const float *a = src + (long)r0 * ld_src + c0;
-            __m256 t[8], u[8];
-            for (int i = 0; i < 8; i += 2) {
-                const __m256 lo = _mm256_loadu_ps(a + i * ld_src), hi = _mm256_loadu_ps(a + (i + 1) * ld_src);
-                t[i] = _mm256_unpacklo_ps(lo, hi);
-                t[i + 1] = _mm256_unpackhi_ps(lo, hi);
-            }
-            for (int i = 0; i < 8; i += 4) {
-                u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-                u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-                u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-                u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-            }
-            float *d = dst + (long)c0 * ld_dst + r0;
-            for (int i = 0; i < 4; i++) {
-                _mm256_storeu_ps(d + i * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
-                _mm256_storeu_ps(d + (i + 4) * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
-            }
+            const float *block[8];
+            for (int i = 0; i < 8; i++)
+                block[i] = src + (long)(r0 + i) * ld_src + c0;
+            transpose8(block, dst + (long)c0 * ld_dst + r0, ld_dst);
         }
 #else
     for (int r = 0; r < rows; r++)
@@ -925,41 +934,64 @@ int kw_native_depthwise(const float *X, int H, int W, int C, const float *Kw, lo
  * padded image, one strided add per kernel position and a copy out of the padding.
  *
  * kw_native_im2col: cols (batch, OH * OW, kh * kw * C) in OHWI's K order, or with `transposed`
- * (batch, kh * kw * C, OH * OW).  Items (sample x output row) write disjoint rows of cols.
+ * (batch, kh * kw * C, OH * OW).  Items (sample x output row, or x block of output pixels when
+ * transposed) write disjoint parts of cols.
  */
-#define IM2COL_PIXELS 64 /* output pixels of a row gathered at a time */
+#define IM2COL_PIXELS 64 /* output pixels gathered at a time */
+
+/* Rows (k, pixels) of the transposed im2col for `count` output pixels of one sample, from each
+ * pixel's C channels at src[p] (NULL: a zero row, the window off the image): 8 pixels x 8
+ * channels at a time transposed in registers, the rest one by one. */
+static void gather_transposed(const float *const *src, int count, int C, float *dst, long ld_dst)
+{
+    int whole_channels = 0, whole_pixels = 0;
+#if KW_VECTOR >= 256
+    static const float zeros[8];
+    whole_channels = C / 8 * 8, whole_pixels = count / 8 * 8;
+    for (int c0 = 0; c0 < whole_channels; c0 += 8)
+        for (int p0 = 0; p0 < whole_pixels; p0 += 8) {
+            const float *block[8];
+            for (int i = 0; i < 8; i++)
+                block[i] = src[p0 + i] ? src[p0 + i] + c0 : zeros;
+            transpose8(block, dst + (long)c0 * ld_dst + p0, ld_dst);
+        }
+#endif
+    for (int c = 0; c < C; c++)
+        for (int p = c < whole_channels ? whole_pixels : 0; p < count; p++)
+            dst[(long)c * ld_dst + p] = src[p] ? src[p][c] : 0.0f;
+}
+
 int kw_native_im2col(const float *X, int H, int W, int C, float *cols, int OH, int OW, int kh, int kw, int sh,
                      int sw, int pt, int pl, int dh, int dw, int transposed, int batch, int threads)
 {
     const long depth = (long)kh * kw * C, pixels = (long)OH * OW;
-    const long items = (long)batch * OH;
+    /* transposed: blocks of IM2COL_PIXELS output pixels, across output rows (a row of a 7 x 7 map
+     * alone is too short for 8-pixel blocks); else one output row per item */
+    const long per_sample = transposed ? (pixels + IM2COL_PIXELS - 1) / IM2COL_PIXELS : OH;
+    const long items = (long)batch * per_sample;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long item = 0; item < items; item++) {
-        const long b = item / OH;
-        const int oh = (int)(item % OH);
+        const long b = item / per_sample, part = item % per_sample;
         const float *x = X + b * H * W * C;
         float *out = cols + b * depth * pixels;
-        for (int i = 0; i < kh; i++) {
-            const int ih = oh * sh - pt + i * dh;
+        const long first = transposed ? part * IM2COL_PIXELS : part * OW;
+        const long last = transposed ? (first + IM2COL_PIXELS < pixels ? first + IM2COL_PIXELS : pixels) : first + OW;
+        for (int i = 0; i < kh; i++)
             for (int j = 0; j < kw; j++) {
                 const long k0 = ((long)i * kw + j) * C;
-                for (int ow0 = 0; ow0 < OW; ow0 += IM2COL_PIXELS) {
-                    const int count = OW - ow0 < IM2COL_PIXELS ? OW - ow0 : IM2COL_PIXELS;
+                for (long r0 = first; r0 < last; r0 += IM2COL_PIXELS) {
+                    const int count = last - r0 < IM2COL_PIXELS ? (int)(last - r0) : IM2COL_PIXELS;
                     const float *src[IM2COL_PIXELS];
                     for (int p = 0; p < count; p++) {
-                        const int iw = (ow0 + p) * sw - pl + j * dw;
+                        const int oh = (int)((r0 + p) / OW), ow = (int)((r0 + p) % OW);
+                        const int ih = oh * sh - pt + i * dh, iw = ow * sw - pl + j * dw;
                         src[p] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((long)ih * W + iw) * C : NULL;
                     }
-                    const long r = (long)oh * OW + ow0;
-                    if (transposed) { /* each channel's row of `count` pixels; the pixels' channels stay in L1 */
-                        for (int c = 0; c < C; c++) {
-                            float *dst = out + (k0 + c) * pixels + r;
-                            for (int p = 0; p < count; p++)
-                                dst[p] = src[p] ? src[p][c] : 0.0f;
-                        }
+                    if (transposed) {
+                        gather_transposed(src, count, C, out + k0 * pixels + r0, pixels);
                     } else {
                         for (int p = 0; p < count; p++) {
-                            float *dst = out + (r + p) * depth + k0;
+                            float *dst = out + (r0 + p) * depth + k0;
                             if (src[p])
                                 memcpy(dst, src[p], C * sizeof(float));
                             else
@@ -968,7 +1000,6 @@ int kw_native_im2col(const float *X, int H, int W, int C, float *cols, int OH, i
                     }
                 }
             }
-        }
     }
     return 0;
 }

@@ -1,12 +1,14 @@
 """KernelWarehouse's assembly on CPU: ``w_i = sum_j alpha_ij e_j`` for every mixture of every
 sample (paper Sec. 3.2), and the packed warehouse copies that make it fast in inference.
 
-Every product is ``F.linear`` (or ``torch.bmm``): a weight given as the transpose view of
-a matrix is read directly, which is what lets the warehouse enter the assembly without a
-copy.  The assembly reads the whole warehouse in every layer.  Given the warehouse as a
-plain matrix, a library GEMM packs it on every call, which costs as much as the product in
-the few-row products of batch 1 (a whole KW resnet18 / resnet50 at batch 1 ran 1.6-1.8x
-slower).  In inference (no gradient needed) the compiled kernel's ``native.mix`` reads a
+The assembly reads the whole warehouse in every layer.  Given the warehouse as a plain
+matrix, a library GEMM packs it on every call, which costs as much as the product in the
+few-row products of batch 1 (a whole KW resnet18 / resnet50 at batch 1 ran 1.6-1.8x slower),
+and its inner size n is too short for the library in training too.  So the compiled kernel's
+``native.mix`` takes the products it can: in training it reads the warehouse (and, for the
+cells' gradient, the kernels' gradient) where it lies (``_mix_in_place``, ``mix_grads``), the
+library's ``F.linear`` keeping the small ones (``KERNEL_MACS``) and the dtypes and devices the
+kernel does not read.  In inference (no gradient needed) ``native.mix`` reads a
 copy packed once (so does "inline", in training too), reused while the cells keep their
 storage, no optimizer has stepped and no state dict was loaded since (``_generation``, moved
 by public hooks) and a sample of their values is unchanged (the sample catches most edits by
