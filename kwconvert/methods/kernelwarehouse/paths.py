@@ -26,7 +26,8 @@ input):
   than convolving);
 * for ``"matmul"`` and ``"conv"`` one autograd node covers assembly and convolution: it
   keeps only the attention, the warehouse and the input, and assembles the kernels again
-  in backward instead of holding a batch of kernels per layer until then;
+  in backward instead of holding a batch of kernels per layer until then (the assembly and
+  its gradients in the compiled kernel where it is built: ``assembly.mix_grads``);
 * ``"native"`` (inference) runs each sample's product in a compiled kernel (:mod:`.native`)
   that reads the kernels straight from the assembly's output: no per-sample weight reorder
   inside a library GEMM, no copy into OHWI order; ``"inline"`` runs the assembly inside that
@@ -34,8 +35,9 @@ input):
   batch of kernels is ever written out (the late stages, where kernels are big); it also trains
   (``_KWConv2dInline``: the backward in the compiled kernel as well).
 
-Everything else is pure PyTorch, and without the extension the other paths run.  Results
-equal the straightforward path to float rounding (tests/test_fast.py, tests/test_native.py).
+The other paths' convolutions are PyTorch's; without the extension every path but ``"native"``
+and ``"inline"`` runs on PyTorch alone.  Results equal the straightforward path to float
+rounding (tests/test_fast.py, tests/test_native.py).
 """
 from __future__ import annotations
 
