@@ -982,8 +982,8 @@ int kw_native_im2col(const float *X, int H, int W, int C, float *cols, int OH, i
                 for (long r0 = first; r0 < last; r0 += IM2COL_PIXELS) {
                     const int count = last - r0 < IM2COL_PIXELS ? (int)(last - r0) : IM2COL_PIXELS;
                     const float *src[IM2COL_PIXELS];
-                    for (int p = 0; p < count; p++) {
-                        const int oh = (int)((r0 + p) / OW), ow = (int)((r0 + p) % OW);
+                    int oh = (int)(r0 / OW), ow = (int)(r0 % OW);
+                    for (int p = 0; p < count; p++, ow = ow + 1 < OW ? ow + 1 : (oh++, 0)) {
                         const int ih = oh * sh - pt + i * dh, iw = ow * sw - pl + j * dw;
                         src[p] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((long)ih * W + iw) * C : NULL;
                     }
