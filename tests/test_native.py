@@ -268,6 +268,53 @@ def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optim
     assert relative_error(layer.attention.fc1.weight, reference.attention.fc1.weight) <= 4 * FLOAT32
 
 
+@needs_native
+def test_a_stage_trained_inline_turns_its_warehouse_gradient_into_the_cells_layout_once(monkeypatch):
+    """Two layers on one warehouse, two batches: accumulated by two backward passes, and summed
+    into one backward pass of both forwards.  The layers' gradients add up in the packed rows'
+    layout, so each backward pass reorders the warehouse gradient once (not once per layer), and
+    every gradient equals the float64 reference path's."""
+    first = kw_layer(32, 32, 3, (32, 32), padding=1, bias=True)
+    second = KWConv2d(32, 32, 3, warehouse=first.warehouse_module, offset=0, budget=1.0, hidden=8, padding=1)
+    second.tau = 0.3
+    model = nn.Sequential(first, nn.ReLU(), second).train()
+    reference = copy.deepcopy(model).double()
+    batches = [torch.randn(2, 32, 5, 6) for _ in range(2)]
+    reorders, reorder = [], native.cells_from_rows
+    monkeypatch.setattr(native, "cells_from_rows", lambda rows, cell: reorders.append(cell) or reorder(rows, cell))
+
+    def grads(net: nn.Module, separately: bool, path: str | None) -> list[torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        with use_path(path) if path else reference_path():
+            losses = [net(x.to(next(net.parameters()).dtype)).square().mean() for x in batches[:1 if separately else 2]]
+            if separately:
+                losses[0].backward()
+                net(batches[1].to(losses[0].dtype)).square().mean().backward()
+            else:
+                sum(losses).backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    for separately, passes in ((True, 2), (False, 1)):
+        reorders.clear()
+        got = grads(model, separately, "inline")
+        assert len(reorders) == passes
+        assert_same_grads(got, grads(reference, separately, None))
+    assert paths._inline_trains(first, batches[0]) and model[0].warehouse is model[2].warehouse
+
+
+@needs_native
+def test_inline_trains_after_an_evaluation_in_inference_mode():
+    """A copy packed under ``torch.inference_mode`` (an evaluation between two training steps)
+    cannot be saved by a training graph: training packs its own, and its gradients equal the
+    float64 reference path's."""
+    layer = kw_layer(32, 32, 3, (32, 32), padding=1, bias=True)
+    x = torch.randn(2, 32, 5, 6)
+    with torch.inference_mode(), use_path("inline"):
+        layer(x)
+    assert any(entry[2].is_inference() for entry in packed_copies(layer).values())
+    assert_inline_trains_like_the_float64_reference(layer, x)
+
+
 def counted_packings(monkeypatch) -> list[str]:
     """The layout of every packed warehouse copy made from now on, in order."""
     packings = []

@@ -52,7 +52,7 @@ from torch import Tensor
 from ... import execution
 from . import native
 from .assembly import (_assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline,
-                       inline_product, mix_grads)
+                       inline_product, mix_grads, training_rows)
 from .cells import Tiling
 
 
@@ -426,36 +426,39 @@ class _KWConv2dInline(torch.autograd.Function):
     and ``native.inline_weight_grad`` (each sample's kernel gradient a chunk at a time, turned at
     once into alpha's and the warehouse's).  No batch of kernels or of kernel gradients exists at
     any point, where ``"bmm"`` writes both and reads them back through three library products with
-    an inner size of n.  Saves the input, alpha and the warehouse.
+    an inner size of n.  Takes the warehouse as the packed rows it reads
+    (``assembly.training_rows``) and returns their gradient in that layout; the cells ride along
+    for the input gradient's second copy (no gradient of their own).  Saves the input, alpha and
+    the warehouse.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+    def forward(ctx, x: Tensor, alpha: Tensor, rows: Tensor, bias: Tensor | None, spec: ConvSpec,
+                cells: Tensor) -> Tensor:
         ctx.spec = spec
-        ctx.save_for_backward(x, alpha, cells)
+        ctx.save_for_backward(x, alpha, rows, cells)
         out_h, out_w = spec.output_size(*x.shape[2:])
-        rows = inline_product(spec.tiling, _im2col(spec, x)[0], alpha, cells, bias)
-        return rows.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+        out = native.inline_conv(spec.tiling, _im2col(spec, x)[0], alpha, rows, bias)
+        return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, alpha, cells = ctx.saved_tensors
+        x, alpha, rows, cells = ctx.saved_tensors
         spec, tiling = ctx.spec, ctx.spec.tiling
-        need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
+        need_x, need_alpha, need_rows, need_bias = ctx.needs_input_grad[:4]
         grad_rows = grad.permute(0, 2, 3, 1).reshape(x.shape[0], -1, grad.shape[1])  # (B, L, C_out)
-        grad_x = grad_alpha = grad_cells = grad_bias = None
-        rows = cached_inline(cells, native.panel_width(tiling))
+        grad_x = grad_alpha = grad_rows_of_cells = grad_bias = None
         if need_x:
             warehouse = rows if _one_copy(cells) else cached_inline(cells, native.input_width(tiling), "columns")
             grad_x = _col2im(spec, native.inline_input_grad(tiling, grad_rows, alpha, warehouse), x.shape)
-        if need_alpha or need_cells:
+        if need_alpha or need_rows:
             grad_alpha, grad_rows_of_cells = native.inline_weight_grad(tiling, _im2col_t(spec, x), grad_rows,
                                                                        alpha, rows)
-            grad_cells = native.cells_from_rows(grad_rows_of_cells, tuple(cells.shape[1:])) if need_cells else None
             grad_alpha = grad_alpha if need_alpha else None
+            grad_rows_of_cells = grad_rows_of_cells if need_rows else None
         if need_bias:
             grad_bias = grad.sum(dim=(0, 2, 3))
-        return grad_x, grad_alpha, grad_cells, grad_bias, None
+        return grad_x, grad_alpha, grad_rows_of_cells, grad_bias, None, None
 
 
 #: A warehouse of more bytes than this trains "inline" on one packed copy: its input gradient
@@ -728,8 +731,10 @@ def _native_dense(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
 
 def _train_inline(layer, x: Tensor, alpha: Tensor) -> Tensor:
     x, spec = _padded(layer, x), _spec_for(layer, "inline")
-    return _KWConv2dInline.apply(x.contiguous(memory_format=torch.channels_last), alpha, layer.warehouse.cells,
-                                 layer.bias, spec)
+    cells = layer.warehouse.cells
+    rows = training_rows(cells, native.panel_width(spec.tiling))
+    return _KWConv2dInline.apply(x.contiguous(memory_format=torch.channels_last), alpha, rows, layer.bias, spec,
+                                 cells)
 
 
 def _native_inline(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
