@@ -285,13 +285,13 @@ def test_a_stage_trained_inline_turns_its_warehouse_gradient_into_the_cells_layo
 
     def grads(net: nn.Module, separately: bool, path: str | None) -> list[torch.Tensor]:
         net.zero_grad(set_to_none=True)
+        dtype = next(net.parameters()).dtype
         with use_path(path) if path else reference_path():
-            losses = [net(x.to(next(net.parameters()).dtype)).square().mean() for x in batches[:1 if separately else 2]]
-            if separately:
-                losses[0].backward()
-                net(batches[1].to(losses[0].dtype)).square().mean().backward()
-            else:
-                sum(losses).backward()
+            if separately:  # a backward pass per batch
+                for x in batches:
+                    net(x.to(dtype)).square().mean().backward()
+            else:  # both forwards, then one backward pass
+                sum(net(x.to(dtype)).square().mean() for x in batches).backward()
         return [p.grad.clone() for p in net.parameters()]
 
     for separately, passes in ((True, 2), (False, 1)):

@@ -193,10 +193,10 @@ def training_rows(cells: Tensor, width: int) -> Tensor:
     Every layer of a stage reads the same packed copy between two optimizer steps, and here they
     also share one node of the graph (``_RowsOfCells``, kept while a graph holds it): the
     gradients of the rows add up in the rows' layout and are turned into the cells' once per
-    backward pass, not once per layer.  Per layer that permuting copy was a fresh tensor of the whole warehouse
-    (resnet50's stage 4 at b = 1: 47 MB, 15 ms in new pages, 8 layers) alive beside the rows'
-    gradient it came from.  Without a packed copy (packing off, a graph being compiled) the
-    rows are packed now, through autograd."""
+    backward pass, not once per layer.  Per layer that permuting copy was a fresh tensor of the
+    whole warehouse (resnet50's stage 4 at b = 1: 47 MB, 15 ms in new pages, 8 layers) alive
+    beside the rows' gradient it came from.  Without a packed copy (packing off, a graph being
+    compiled) the rows are packed now, through autograd."""
     packed = _packed_cells(cells, width, "rows")
     if packed is None or not _needs_grad(cells):
         return _LAYOUTS["rows"](cells, width) if packed is None else packed
