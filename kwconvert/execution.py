@@ -13,7 +13,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Iterator
+from typing import Generic, Iterator, TypeVar
+
+import torch
+
+T = TypeVar("T")
 
 #: Ways a KW Conv2d can run (:mod:`kwconvert.methods.kernelwarehouse.paths`); the first two
 #: are the straightforward formulations every per-sample layer has, for any conv rank.
@@ -29,11 +33,38 @@ def _path_from_environment() -> str | None:
     return path
 
 
-#: The path forced by ``use_path`` in this thread (or task): a context variable, so that
-#: a thread forcing a path for a comparison does not change what another thread serves;
-#: its default is ``KWCONVERT_PATH``'s.
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kwconvert_path",
-                                                                    default=_path_from_environment())
+class ThreadSetting(Generic[T]):
+    """A setting made for the calling thread (or task) only, by ``set_to``: a context variable,
+    so that a thread changing it for a comparison does not change what another thread serves.
+
+    A graph being compiled reads it too, but torch 2.13's Dynamo cannot trace
+    ``ContextVar.get`` (a graph break: an error under ``fullgraph=True``).  Inside a trace the
+    setting is the value last set in any thread, a plain attribute that Dynamo takes as a
+    constant and guards on: the same value where a model is compiled and run in one thread.
+    """
+
+    def __init__(self, name: str, default: T) -> None:
+        self._var: contextvars.ContextVar[T] = contextvars.ContextVar(name, default=default)
+        self._last = default
+
+    def get(self) -> T:
+        if torch.compiler.is_compiling():
+            return self._last
+        return self._var.get()
+
+    @contextlib.contextmanager
+    def set_to(self, value: T) -> Iterator[None]:
+        token, previous = self._var.set(value), self._last
+        self._last = value
+        try:
+            yield
+        finally:
+            self._var.reset(token)
+            self._last = previous
+
+
+#: The path forced by ``use_path`` in this thread; its default is ``KWCONVERT_PATH``'s.
+_forced: ThreadSetting[str | None] = ThreadSetting("kwconvert_path", _path_from_environment())
 
 
 @contextlib.contextmanager
@@ -46,11 +77,8 @@ def use_path(path: str | None) -> Iterator[None]:
     """
     if path is not None and path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
-    token = _forced.set(path)
-    try:
+    with _forced.set_to(path):
         yield
-    finally:
-        _forced.reset(token)
 
 
 def reference_path() -> contextlib.AbstractContextManager:

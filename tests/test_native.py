@@ -790,6 +790,26 @@ def test_compiled_with_a_dynamic_batch_the_model_runs_the_kernel_in_one_graph(kw
     assert torch.ops.kwconvert.conv.default in targets
 
 
+@needs_native
+def test_a_path_forced_around_a_compiled_model_is_the_one_its_graph_runs(kw_resnet18):
+    """``use_path`` reaches a graph being compiled (torch 2.13's Dynamo cannot read the context
+    variable that holds it: ``execution.ThreadSetting``): inside the block the model is compiled
+    again for the forced path, and after it the first graph serves again."""
+    torch.compiler.reset()
+    graphs, backend = graph_recorder()
+    compiled = torch.compile(kw_resnet18, backend=backend, fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        served = compiled(x)
+        with use_path("grouped"):
+            forced = compiled(x)
+            assert relative_error(forced, kw_resnet18(x)) <= FLOAT32
+        assert torch.equal(compiled(x), served)
+    targets = [{node.target for node in graph.graph.nodes if node.op == "call_function"} for graph in graphs]
+    assert len(graphs) == 2
+    assert torch.ops.kwconvert.conv.default in targets[0] and torch.ops.kwconvert.conv.default not in targets[1]
+
+
 def tuned_on(kw_resnet18: nn.Module, path: str) -> tuple[nn.Module, torch.Tensor]:
     """A copy of the model tuned eagerly on a batch of 2, every convolution's choice set to ``path``,
     and that batch; no graph compiled before it is kept."""

@@ -20,7 +20,6 @@ copy (``serve_half``): half the bytes that every layer of its stage reads whole.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import threading
 import weakref
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ...execution import ThreadSetting
 from . import native
 from .cells import Tiling
 
@@ -45,18 +45,15 @@ _half: set[int] = set()
 _generation = 0
 #: (id(cells), panel width) -> weak references to (the packed rows, ``_RowsOfCells``' output on them)
 _training_rows: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
-_packing: contextvars.ContextVar[bool] = contextvars.ContextVar("kwconvert_packing", default=True)
+_packing: ThreadSetting[bool] = ThreadSetting("kwconvert_packing", True)
 
 
 @contextlib.contextmanager
 def packing(enabled: bool) -> Iterator[None]:
     """Allow or forbid packed warehouse copies inside the block (this thread only): those of the
     assembly in inference and those "inline" reads, in training too."""
-    token = _packing.set(enabled)
-    try:
+    with _packing.set_to(enabled):
         yield
-    finally:
-        _packing.reset(token)
 
 
 def clear_packed() -> None:

@@ -12,7 +12,6 @@ guarded by a lock; ``kwconvert.execution.use_path`` forces a path in one thread 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import threading
 import time
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ... import execution
+from ...execution import ThreadSetting
 from . import assembly
 from .assembly import _needs_grad
 from .paths import _available, _inline_trains, _keep_limit, _run, _spec_for
@@ -68,8 +68,7 @@ def forget_paths(model: torch.nn.Module) -> None:
 
 
 #: Paths left out of the timed choice in this thread (``excluding``).
-_excluded: contextvars.ContextVar[frozenset] = contextvars.ContextVar("kwconvert_excluded_paths",
-                                                                     default=frozenset())
+_excluded: ThreadSetting[frozenset] = ThreadSetting("kwconvert_excluded_paths", frozenset())
 
 
 @contextlib.contextmanager
@@ -83,11 +82,8 @@ def excluding(*names: str):
     unknown = sorted(set(names) - set(execution.PATHS))
     if unknown:
         raise ValueError(f"unknown paths {unknown}: the paths are {', '.join(execution.PATHS)}")
-    token = _excluded.set(_excluded.get() | frozenset(names))
-    try:
+    with _excluded.set_to(_excluded.get() | frozenset(names)):
         yield
-    finally:
-        _excluded.reset(token)
 
 
 def conv2d(layer, x: Tensor, alpha: Tensor) -> Tensor:
@@ -108,7 +104,7 @@ def conv2d(layer, x: Tensor, alpha: Tensor) -> Tensor:
 
 
 #: Where ``tune`` collects each layer's path while it runs the model (None: not tuning).
-_recorder: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kwconvert_tuning", default=None)
+_recorder: ThreadSetting[dict | None] = ThreadSetting("kwconvert_tuning", None)
 
 
 def tune(model: torch.nn.Module, *example_inputs, backward: bool = False) -> dict[str, str]:
@@ -121,16 +117,13 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool = False) -> dic
     the chosen path.  Returns ``{layer name: path}``.
     """
     paths: dict[str, str] = {}
-    token = _recorder.set(paths)
-    try:
+    with _recorder.set_to(paths):
         if backward:
             out = model(*example_inputs)
             torch.autograd.backward(_tensors(out), [torch.ones_like(t) for t in _tensors(out)])
         else:
             with torch.no_grad():
                 model(*example_inputs)
-    finally:
-        _recorder.reset(token)
     return paths
 
 
