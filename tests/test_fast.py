@@ -3,8 +3,12 @@ gradients in float64, over the layer grid, whole models, torch.compile; and they
 batch of kernels alive for backward."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import platform
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -496,6 +500,58 @@ def test_allocator_settings_report_what_the_process_runs_with(monkeypatch):
     applied = allocator.keep_freed_memory()
     if settings["libc"].startswith("glibc"):
         assert applied["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+
+
+RSS_AFTER_FREEING = """
+import sys, torch
+from kwconvert import allocator
+
+def rss_mb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+
+def kept_after_freeing():
+    start = rss_mb()
+    block = torch.ones(64 << 18)  # 64 MB, every page touched
+    del block
+    return rss_mb() - start
+
+allocator.keep_freed_memory()
+with allocator.returning_freed_memory():  # first: a block freed before would serve it from the heap
+    inside = kept_after_freeing()
+print(inside, kept_after_freeing())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's mallopt")
+def test_inside_returning_freed_memory_a_freed_block_leaves_the_process_and_outside_it_stays():
+    """``keep_freed_memory`` keeps a freed 64 MB block in the heap; inside ``returning_freed_memory``
+    (where KW layers time their paths) glibc maps it apart and gives it back on free."""
+    done = subprocess.run([sys.executable, "-c", RSS_AFTER_FREEING], capture_output=True, text=True, check=True)
+    inside, outside = map(float, done.stdout.split())
+    assert inside < 8 and outside > 56, (inside, outside)
+
+
+def test_paths_are_timed_with_freed_memory_returned(monkeypatch):
+    """Timing a layer's paths allocates and frees each path's temporaries a few times over: they
+    must not stay in a heap that keeps freed memory (``allocator.returning_freed_memory``)."""
+    inside = []
+
+    @contextlib.contextmanager
+    def recording():
+        inside.append(True)
+        yield
+        inside.append(False)
+
+    monkeypatch.setattr(allocator, "returning_freed_memory", recording)
+    timed_inside = []
+    original = path_choice._time_paths
+    monkeypatch.setattr(path_choice, "_time_paths",
+                        lambda *args: timed_inside.append(inside[-1:] == [True]) or original(*args))
+    path_choice.clear_caches()
+    layer = kw_conv(8, 16, 3, padding=1, dtype=torch.float32)
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 10, 10))
+    assert timed_inside == [True] and inside == [True, False]
 
 
 # --- torch.compile -------------------------------------------------------------------------

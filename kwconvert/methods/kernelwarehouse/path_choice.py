@@ -19,7 +19,7 @@ import time
 import torch
 from torch import Tensor
 
-from ... import execution
+from ... import allocator, execution
 from ...execution import ThreadSetting
 from . import assembly
 from .assembly import _needs_grad
@@ -206,7 +206,8 @@ def _path_for(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...]) -> st
             path = _timed.get(configuration)
             if path is None:
                 needs_grad = _training(layer, x, alpha)
-                path = _timed[configuration] = _time_paths(layer, x, alpha, available, needs_grad)
+                with allocator.returning_freed_memory():  # timing's temporaries stay out of the heap
+                    path = _timed[configuration] = _time_paths(layer, x, alpha, available, needs_grad)
             layer.path_choices[key] = path
     return path
 
