@@ -40,6 +40,17 @@ def test_spatial_mean_is_the_mean_and_its_gradient_keeps_the_inputs_format(shape
         assert spatial_mean(x).grad_fn is None
 
 
+def test_spatial_mean_can_leave_its_gradient_a_broadcast_view_that_is_never_written_out():
+    """For a KW layer, whose convolution branch hands back the input's format: the pooled branch's
+    gradient is a view with zero strides over the spatial dims, the mean's gradient all the same."""
+    x = in_format(torch.randn(3, 5, 4, 6, dtype=torch.float64), True).requires_grad_()
+    grad = torch.randn(3, 5, dtype=torch.float64)
+    got, = torch.autograd.grad(spatial_mean(x, gradient_in_format=False), x, grad)
+    expected, = torch.autograd.grad(x.mean(dim=(2, 3)), x, grad)
+    assert got.stride()[2:] == (0, 0)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_grad_in_input_format_is_the_identity_with_the_gradient_in_the_inputs_format(channels_last):
     x = in_format(torch.randn(2, 3, 4, 5), channels_last).requires_grad_()

@@ -341,7 +341,8 @@ class KWAttention(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """The logits z ``(B, m, n + 1)`` before CAF, in cell order with e_z last."""
-        pooled = spatial_mean(x) if x.dim() > 2 else x
+        # the layer's convolution branch hands x's gradient back in x's format, the sum keeps it
+        pooled = spatial_mean(x, gradient_in_format=False) if x.dim() > 2 else x
         hidden = F.relu(self._normalise(self.fc1(pooled)))
         if self.basis_ratio is None:
             return self.fc2(hidden).view(-1, self.cells, self.n + 1)
