@@ -48,7 +48,7 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 class _SpatialMean(torch.autograd.Function):
     """``x.mean`` over the spatial dims (2 onwards), whose gradient, the broadcast of the pooled
-    gradient, is written once in ``x``'s memory format, or (``memory_format`` None) left a
+    gradient, is written once in ``x``'s memory format, or (``in_format`` False) left a
     broadcast view, for autograd to add to the other branch's gradient."""
 
     @staticmethod
