@@ -271,17 +271,14 @@ def test_inline_training_packs_the_warehouse_once_per_step_and_follows_the_optim
 @needs_native
 def test_a_stage_trained_inline_turns_its_warehouse_gradient_into_the_cells_layout_once(monkeypatch):
     """Two layers on one warehouse, two batches: accumulated by two backward passes, and summed
-    into one backward pass of both forwards.  The layers' gradients add up in the packed rows'
-    layout, so each backward pass reorders the warehouse gradient once (not once per layer), and
-    every gradient equals the float64 reference path's."""
-    first = kw_layer(32, 32, 3, (32, 32), padding=1, bias=True)
-    second = KWConv2d(32, 32, 3, warehouse=first.warehouse_module, offset=0, budget=1.0, hidden=8, padding=1)
-    second.tau = 0.3
-    model = nn.Sequential(first, nn.ReLU(), second).train()
-    reference = copy.deepcopy(model).double()
-    batches = [torch.randn(2, 32, 5, 6) for _ in range(2)]
+    into one backward pass of both forwards.  The layers' gradients add up in one tensor of the
+    packed rows' layout per pass (the first layer's; the others add into it), which each pass
+    reorders once (not once per layer), and every gradient equals the float64 reference path's."""
+    model, reference, batches = two_layers_on_one_warehouse()
     reorders, reorder = [], native.cells_from_rows
     monkeypatch.setattr(native, "cells_from_rows", lambda rows, cell: reorders.append(cell) or reorder(rows, cell))
+    new_sums, new_sum = [], native._inline_weight_grad
+    monkeypatch.setattr(native, "_inline_weight_grad", lambda *args: new_sums.append(1) or new_sum(*args))
 
     def grads(net: nn.Module, separately: bool, path: str | None) -> list[torch.Tensor]:
         net.zero_grad(set_to_none=True)
@@ -296,10 +293,38 @@ def test_a_stage_trained_inline_turns_its_warehouse_gradient_into_the_cells_layo
 
     for separately, passes in ((True, 2), (False, 1)):
         reorders.clear()
+        new_sums.clear()
         got = grads(model, separately, "inline")
-        assert len(reorders) == passes
+        assert len(reorders) == len(new_sums) == passes
         assert_same_grads(got, grads(reference, separately, None))
-    assert paths._inline_trains(first, batches[0]) and model[0].warehouse is model[2].warehouse
+    assert paths._inline_trains(model[0], batches[0]) and model[0].warehouse is model[2].warehouse
+
+
+def two_layers_on_one_warehouse() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """Two inline-trainable KW layers on one warehouse, a float64 copy, and two batches."""
+    first = kw_layer(32, 32, 3, (32, 32), padding=1, bias=True)
+    second = KWConv2d(32, 32, 3, warehouse=first.warehouse_module, offset=0, budget=1.0, hidden=8, padding=1)
+    second.tau = 0.3
+    model = nn.Sequential(first, nn.ReLU(), second).train()
+    return model, copy.deepcopy(model).double(), [torch.randn(2, 32, 5, 6) for _ in range(2)]
+
+
+@needs_native
+def test_a_backward_pass_that_stops_short_of_the_warehouse_leaves_no_gradient_behind():
+    """A pass asking only for the input's gradient (a saliency map, a gradient penalty) runs the
+    layers' backward but not the warehouse's node: the gradient its layers start is dropped with
+    the pass, and the next pass gives the warehouse the gradient a lone backward pass gives it."""
+    model, _, batches = two_layers_on_one_warehouse()
+    alone = copy.deepcopy(model)
+    x = batches[0].clone().requires_grad_()
+    with use_path("inline"):
+        loss = model(x).square().mean()
+        torch.autograd.grad(loss, x, retain_graph=True)
+        loss.backward()
+        alone(x).square().mean().backward()
+    assert model[0].warehouse.cells.grad.abs().max() > 0
+    for got, expected in zip(model.parameters(), alone.parameters()):
+        assert torch.equal(got.grad, expected.grad)
 
 
 @needs_native
@@ -665,15 +690,26 @@ def test_the_operators_on_packed_copies_pass_opcheck():
 @needs_native
 def test_the_backward_operators_of_inline_pass_opcheck():
     """``inline_input_grad`` and ``inline_weight_grad`` (what inline_conv's autograd formula runs
-    where the kernel can, in a compiled graph too): schema, fake implementation, dynamic batch."""
+    where the kernel can, in a compiled graph too), and ``inline_weight_grad_into`` (the layers of
+    a stage adding up their warehouse gradients in eager training): schema, fake implementation,
+    dynamic batch; the last adds exactly what the first returns."""
     tiling, cols, alpha, rows, _ = inline_operands(batch=3)
     shapes = (list(tiling.weight_shape), list(tiling.cell))
     grad = torch.randn(cols.shape[0], cols.shape[1], tiling.weight_shape[0])
     columns = native.inline_columns(native.cells_from_rows(rows, tiling.cell), native.input_width(tiling))
     for warehouse in (rows, columns):
         torch.library.opcheck(torch.ops.kwconvert.inline_input_grad.default, (grad, alpha, warehouse, *shapes))
-    torch.library.opcheck(torch.ops.kwconvert.inline_weight_grad.default,
-                          (cols.transpose(1, 2), grad, alpha, rows, *shapes))
+    cols_t = cols.transpose(1, 2)
+    torch.library.opcheck(torch.ops.kwconvert.inline_weight_grad.default, (cols_t, grad, alpha, rows, *shapes))
+    torch.library.opcheck(torch.ops.kwconvert.inline_weight_grad_into.default,
+                          (cols_t, grad, alpha, rows, torch.randn(rows.shape), *shapes))
+    grad_alpha, grad_rows = native.inline_weight_grad(tiling, cols_t, grad, alpha, rows)
+    start = torch.randn(rows.shape)
+    added_alpha, total = native.inline_weight_grad(tiling, cols_t, grad, alpha, rows, into=start.clone())
+    assert torch.equal(added_alpha, grad_alpha)
+    assert relative_error(total, start + grad_rows) <= FLOAT32
+    with pytest.raises(ValueError, match="must be contiguous and of the rows' shape"):
+        native.inline_weight_grad(tiling, cols_t, grad, alpha, rows, into=torch.zeros(rows.shape).transpose(0, 1))
 
 
 @pytest.mark.parametrize("path", ("grouped", "conv", "matmul", "bmm", "premix", "inline"))

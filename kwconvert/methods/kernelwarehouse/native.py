@@ -497,17 +497,50 @@ def _(grad_rows, alpha, warehouse, weight_shape, cell):
     return grad_rows.new_empty(grad_rows.shape[0], grad_rows.shape[1], math.prod(weight_shape[1:]))
 
 
-def inline_weight_grad(tiling: Tiling, cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor
-                       ) -> tuple[Tensor, Tensor]:
+def inline_weight_grad(tiling: Tiling, cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor,
+                       into: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The gradients of ``inline_conv``'s attentions ``(B, m, n)`` and warehouse (as ``inline_rows``)
     from the im2col transposed ``(B, K, rows)``, with no sample's kernel gradient stored whole.
-    The operator ``torch.ops.kwconvert.inline_weight_grad``."""
-    return _inline_weight_grad(cols_t, grad_rows, alpha, rows, list(tiling.weight_shape), list(tiling.cell))
+    ``into``: a warehouse gradient (as ``inline_rows``) the kernel adds this one to, returned in
+    place of a new one.  The operators ``torch.ops.kwconvert.inline_weight_grad`` and
+    ``inline_weight_grad_into``."""
+    shape = [list(tiling.weight_shape), list(tiling.cell)]
+    if into is None:
+        return _inline_weight_grad(cols_t, grad_rows, alpha, rows, *shape)
+    return _inline_weight_grad_into(cols_t, grad_rows, alpha, rows, into, *shape), into
 
 
 @torch.library.custom_op("kwconvert::inline_weight_grad", mutates_args=())
 def _inline_weight_grad(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor, weight_shape: list[int],
                         cell: list[int]) -> tuple[Tensor, Tensor]:
+    grad_warehouse = rows.new_zeros(rows.shape)
+    return _weight_grad_adding(cols_t, grad_rows, alpha, rows, grad_warehouse, weight_shape, cell), grad_warehouse
+
+
+@_inline_weight_grad.register_fake
+def _(cols_t, grad_rows, alpha, rows, weight_shape, cell):
+    return alpha.new_empty(alpha.shape), rows.new_empty(rows.shape)
+
+
+@torch.library.custom_op("kwconvert::inline_weight_grad_into", mutates_args=("grad_warehouse",))
+def _inline_weight_grad_into(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor, grad_warehouse: Tensor,
+                             weight_shape: list[int], cell: list[int]) -> Tensor:
+    if grad_warehouse.shape != rows.shape or grad_warehouse.dtype != rows.dtype \
+            or not grad_warehouse.is_contiguous():
+        raise ValueError(f"kwconvert::inline_weight_grad_into: grad_warehouse {tuple(grad_warehouse.shape)} "
+                         f"{grad_warehouse.dtype} must be contiguous and of the rows' shape {tuple(rows.shape)} "
+                         f"and dtype {rows.dtype}")
+    return _weight_grad_adding(cols_t, grad_rows, alpha, rows, grad_warehouse, weight_shape, cell)
+
+
+@_inline_weight_grad_into.register_fake
+def _(cols_t, grad_rows, alpha, rows, grad_warehouse, weight_shape, cell):
+    return alpha.new_empty(alpha.shape)
+
+
+def _weight_grad_adding(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor, grad_warehouse: Tensor,
+                        weight_shape: list[int], cell: list[int]) -> Tensor:
+    """alpha's gradient; the warehouse's is added into ``grad_warehouse`` (the kernel sums into it)."""
     tiling = Tiling(tuple(weight_shape), tuple(cell))
     library = _backward_kernel("inline_weight_grad", tiling, cols_t, grad_rows, alpha, rows)
     width = panel_width(tiling)
@@ -518,19 +551,13 @@ def _inline_weight_grad(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: 
     alpha_t = alpha.permute(1, 2, 0).contiguous()  # (m, n, B)
     threads = torch.get_num_threads()
     grad_alpha = alpha.new_zeros(threads, *alpha.shape)
-    grad_warehouse = rows.new_zeros(rows.shape)
     mixtures, rows_at = _inline_tables(tiling, width)
     _refused(library.kw_native_inline_weight_grad(
         cols_t.data_ptr(), depth * count, grad_panels.data_ptr(), grad_panels[0].numel(), rows.data_ptr(),
         alpha.shape[2], alpha_t.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), rows_at.data_ptr(), panels,
         mixtures.shape[1], tiling.cell[1], width, count, batch, grad_alpha.data_ptr(), alpha.numel(),
         grad_warehouse.data_ptr(), threads), f"an inline weight gradient of panel width {width}")
-    return grad_alpha.sum(0), grad_warehouse
-
-
-@_inline_weight_grad.register_fake
-def _(cols_t, grad_rows, alpha, rows, weight_shape, cell):
-    return alpha.new_empty(alpha.shape), rows.new_empty(rows.shape)
+    return grad_alpha.sum(0)
 
 
 def trains_inline(tiling: Tiling, *tensors: Tensor) -> bool:

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ... import execution
 from . import native
-from .assembly import (_assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline,
+from .assembly import (RowsGradient, _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline,
                        inline_product, mix_grads, training_rows)
 from .cells import Tiling
 
@@ -427,15 +427,16 @@ class _KWConv2dInline(torch.autograd.Function):
     once into alpha's and the warehouse's).  No batch of kernels or of kernel gradients exists at
     any point, where ``"bmm"`` writes both and reads them back through three library products with
     an inner size of n.  Takes the warehouse as the packed rows it reads
-    (``assembly.training_rows``) and returns their gradient in that layout; the cells ride along
-    for the input gradient's second copy (no gradient of their own).  Saves the input, alpha and
-    the warehouse.
+    (``assembly.training_rows``) and returns their gradient in that layout, or adds it into the
+    sum the backward pass's layers share (``rows_gradient``) and returns none; the cells ride
+    along for the input gradient's second copy (no gradient of their own).  Saves the input,
+    alpha and the warehouse.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, rows: Tensor, bias: Tensor | None, spec: ConvSpec,
-                cells: Tensor) -> Tensor:
-        ctx.spec = spec
+                cells: Tensor, rows_gradient: RowsGradient | None) -> Tensor:
+        ctx.spec, ctx.rows_gradient = spec, rows_gradient
         ctx.save_for_backward(x, alpha, rows, cells)
         out_h, out_w = spec.output_size(*x.shape[2:])
         out = native.inline_conv(spec.tiling, _im2col(spec, x)[0], alpha, rows, bias)
@@ -452,13 +453,17 @@ class _KWConv2dInline(torch.autograd.Function):
             warehouse = rows if _one_copy(cells) else cached_inline(cells, native.input_width(tiling), "columns")
             grad_x = _col2im(spec, native.inline_input_grad(tiling, grad_rows, alpha, warehouse), x.shape)
         if need_alpha or need_rows:
+            shared = ctx.rows_gradient if need_rows else None
+            total = None if shared is None else shared.sum_so_far()
             grad_alpha, grad_rows_of_cells = native.inline_weight_grad(tiling, _im2col_t(spec, x), grad_rows,
-                                                                       alpha, rows)
+                                                                       alpha, rows, into=total)
             grad_alpha = grad_alpha if need_alpha else None
-            grad_rows_of_cells = grad_rows_of_cells if need_rows else None
+            if shared is not None and total is None:
+                shared.started(grad_rows_of_cells)
+            grad_rows_of_cells = grad_rows_of_cells if need_rows and total is None else None
         if need_bias:
             grad_bias = grad.sum(dim=(0, 2, 3))
-        return grad_x, grad_alpha, grad_rows_of_cells, grad_bias, None, None
+        return grad_x, grad_alpha, grad_rows_of_cells, grad_bias, None, None, None
 
 
 #: A warehouse of more bytes than this trains "inline" on one packed copy: its input gradient
@@ -732,9 +737,9 @@ def _native_dense(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
 def _train_inline(layer, x: Tensor, alpha: Tensor) -> Tensor:
     x, spec = _padded(layer, x), _spec_for(layer, "inline")
     cells = layer.warehouse.cells
-    rows = training_rows(cells, native.panel_width(spec.tiling))
+    rows, rows_gradient = training_rows(cells, native.panel_width(spec.tiling))
     return _KWConv2dInline.apply(x.contiguous(memory_format=torch.channels_last), alpha, rows, layer.bias, spec,
-                                 cells)
+                                 cells, rows_gradient)
 
 
 def _native_inline(layer, spec: ConvSpec, x: Tensor, alpha: Tensor) -> Tensor:
