@@ -13,9 +13,15 @@ import os
 import platform
 from typing import Iterator
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 #: glibc's own M_MMAP_MAX: how many blocks it serves with mmap at once
 _GLIBC_MMAP_MAX = 65536
+#: The smallest block ``returning_freed_memory`` maps apart: from 128 kB on (glibc's first
+#: threshold), paths with medium-sized temporaries paid for fresh pages in their timing that
+#: they do not pay when they run, and lost to others (the 28 x 28 net's last layer: "premix"
+#: to "inline", 4 % on its training step); from 32 MB on, resnet50's timing still fragmented
+#: the heap (peak 1524-1727 MB against 1275-1341 at 8 MB).
+_MAPPED_BYTES = 8 << 20
 _allocator_applied: dict | None = None
 
 
@@ -63,21 +69,21 @@ def keeps_freed_memory() -> bool:
 
 @contextlib.contextmanager
 def returning_freed_memory() -> Iterator[None]:
-    """Inside the block glibc serves big blocks with mmap again and gives them back when they
-    are freed, where ``keep_freed_memory()`` keeps them; outside it nothing changes.
+    """Inside the block glibc serves blocks of 8 MB and more with mmap again and gives them back
+    when they are freed, where ``keep_freed_memory()`` keeps them; outside it nothing changes.
 
-    For work done once whose temporaries must not stay in the heap: timing a KW layer's paths
-    allocates each path's outputs and kernels a few times over.  Kept, they left the heap at
-    the size of the timing's peak for the life of the process, and the timing itself ran on
-    recycled pages that the paths keeping big temporaries do not get in a default process
-    (resnet50 at batch 8, two training steps in fresh processes: peak 1659-1837 MB above the
-    built model with the timing in the heap, 1307-1387 without, plain 1109-1246; the step took
-    0.96x the time, interleaved).  The rest of the process keeps the setting it had.
+    For work done once whose big temporaries must not stay in the heap: timing a KW layer's
+    paths allocates each path's outputs and kernels a few times over, and kept, they left the
+    heap fragmented at the size of the timing's peak for the life of the process (resnet50 at
+    batch 8, two training steps in fresh processes: peak 1659-1837 MB above the built model,
+    1275-1341 with the timing's big blocks mapped apart, plain 1109-1246).  The paths then
+    chosen (no ``grouped`` or ``bmm`` on its first layers) stepped 0.95x the time, interleaved.
     """
     libc = _glibc()
     if libc is None or not keeps_freed_memory():
         yield
         return
+    libc.mallopt(_M_MMAP_THRESHOLD, _MAPPED_BYTES)
     libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
     try:
         yield
