@@ -503,7 +503,7 @@ def test_allocator_settings_report_what_the_process_runs_with(monkeypatch):
 
 
 RSS_AFTER_FREEING = """
-import sys, torch
+import torch
 from kwconvert import allocator
 
 def rss_mb():

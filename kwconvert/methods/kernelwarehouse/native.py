@@ -525,11 +525,9 @@ def _(cols_t, grad_rows, alpha, rows, weight_shape, cell):
 @torch.library.custom_op("kwconvert::inline_weight_grad_into", mutates_args=("grad_warehouse",))
 def _inline_weight_grad_into(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor, grad_warehouse: Tensor,
                              weight_shape: list[int], cell: list[int]) -> Tensor:
-    if grad_warehouse.shape != rows.shape or grad_warehouse.dtype != rows.dtype \
-            or not grad_warehouse.is_contiguous():
+    if grad_warehouse.shape != rows.shape or not grad_warehouse.is_contiguous():
         raise ValueError(f"kwconvert::inline_weight_grad_into: grad_warehouse {tuple(grad_warehouse.shape)} "
-                         f"{grad_warehouse.dtype} must be contiguous and of the rows' shape {tuple(rows.shape)} "
-                         f"and dtype {rows.dtype}")
+                         f"must be contiguous and of the rows' shape {tuple(rows.shape)}")
     return _weight_grad_adding(cols_t, grad_rows, alpha, rows, grad_warehouse, weight_shape, cell)
 
 
@@ -542,7 +540,7 @@ def _weight_grad_adding(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: 
                         weight_shape: list[int], cell: list[int]) -> Tensor:
     """alpha's gradient; the warehouse's is added into ``grad_warehouse`` (the kernel sums into it)."""
     tiling = Tiling(tuple(weight_shape), tuple(cell))
-    library = _backward_kernel("inline_weight_grad", tiling, cols_t, grad_rows, alpha, rows)
+    library = _backward_kernel("inline_weight_grad", tiling, cols_t, grad_rows, alpha, rows, grad_warehouse)
     width = panel_width(tiling)
     batch, depth, count = cols_t.shape
     panels = tiling.weight_shape[0] // width

@@ -458,9 +458,10 @@ class _KWConv2dInline(torch.autograd.Function):
             grad_alpha, grad_rows_of_cells = native.inline_weight_grad(tiling, _im2col_t(spec, x), grad_rows,
                                                                        alpha, rows, into=total)
             grad_alpha = grad_alpha if need_alpha else None
-            if shared is not None and total is None:
+            if not need_rows or total is not None:  # none asked for, or added into the pass's sum
+                grad_rows_of_cells = None
+            elif shared is not None:  # the pass's first: the others add into it
                 shared.started(grad_rows_of_cells)
-            grad_rows_of_cells = grad_rows_of_cells if need_rows and total is None else None
         if need_bias:
             grad_bias = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_alpha, grad_rows_of_cells, grad_bias, None, None, None
