@@ -492,6 +492,18 @@ def test_inline_input_gradient_from_the_forward_copy_equals_the_reference(cout, 
                                                    torch.randn(5, cin, 6, 5))
 
 
+@needs_native
+@pytest.mark.parametrize("one_copy", [False, True], ids=["own-copy", "forward-copy"])
+def test_an_input_gradient_split_by_samples_equals_the_reference(one_copy, monkeypatch):
+    """A 1x1 layer has a single (segment, input panel) pair: its input gradient is split into
+    blocks of samples (20 samples: groups of 6, 6, 6 and 2), each item writing its own samples'
+    rows, and still gives the float64 reference's gradients, from either packed copy."""
+    if one_copy:
+        monkeypatch.setattr(paths, "ONE_COPY_BYTES", 0)
+    assert_inline_trains_like_the_float64_reference(kw_layer(32, 64, 1, (32, 32), stride=2, bias=True),
+                                                   torch.randn(20, 32, 6, 5))
+
+
 def test_a_copy_the_cpu_cannot_execute_is_refused_with_a_warning(monkeypatch):
     """Loading it would end the process with an illegal instruction: a warning, and the best it can."""
     monkeypatch.setattr(native, "cpu_isas", lambda: ("baseline",))
