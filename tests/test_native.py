@@ -504,6 +504,14 @@ def test_an_input_gradient_split_by_samples_equals_the_reference(one_copy, monke
                                                    torch.randn(20, 32, 6, 5))
 
 
+@needs_native
+def test_a_weight_gradient_over_two_groups_of_samples_equals_the_reference():
+    """70 samples: the weight gradient sums a group of 64 and one of 6 into the same rows of the
+    warehouse's gradient, and gives the float64 reference's gradients."""
+    assert_inline_trains_like_the_float64_reference(kw_layer(16, 32, 3, (32, 16), padding=1),
+                                                   torch.randn(70, 16, 4, 4))
+
+
 def test_a_copy_the_cpu_cannot_execute_is_refused_with_a_warning(monkeypatch):
     """Loading it would end the process with an illegal instruction: a warning, and the best it can."""
     monkeypatch.setattr(native, "cpu_isas", lambda: ("baseline",))
