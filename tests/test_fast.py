@@ -251,6 +251,19 @@ def test_fused_paths_keep_no_batch_of_kernels_for_backward(path, monkeypatch):
     assert saved_bytes(layer, x.clone(), path) < kernels / 2
 
 
+def test_premix_keeps_its_mixed_inputs_up_to_the_limit_and_computes_the_same(monkeypatch):
+    """Up to ``KEEP_KERNELS_BYTES`` "premix" keeps the im2col and the mixed inputs for backward
+    (more bytes saved); without them it gathers and mixes again.  Both give the reference's
+    gradients in float64 (a strided layer of two input and two output blocks)."""
+    layer = kw_conv(16, 32, 3, stride=2, padding=1, budget=0.5).train()
+    x = torch.randn(3, 16, 7, 7, dtype=torch.float64)
+    kept = saved_bytes(layer, x.clone(), "premix")
+    assert_same_as_reference(layer, x, "premix", tolerance=1e-10)
+    monkeypatch.setattr(paths, "KEEP_KERNELS_BYTES", 0)
+    assert saved_bytes(layer, x.clone(), "premix") < kept
+    assert_same_as_reference(layer, x, "premix", tolerance=1e-10)
+
+
 def test_bmm_keeps_a_small_batch_of_kernels_and_computes_the_same(monkeypatch):
     """Up to ``KEEP_KERNELS_BYTES`` the batched path keeps its kernels for backward instead
     of assembling them again; the gradients are the same (float64)."""

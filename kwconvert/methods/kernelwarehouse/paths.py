@@ -526,15 +526,23 @@ def _premixed(tiling: Tiling, mixed: Tensor, length: int) -> Tensor:
     return grid.reshape(batch * tiling.blocks_out * length, n * tiling.cell[1])
 
 
-def _premix_forward(spec: ConvSpec, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None) -> Tensor:
-    """``y = sum_j (sum_i alpha_ij x_i) e_j^T``: the inputs mixed per cell, then one product
-    with the whole warehouse (see ``_KWConv2dPremixed``)."""
-    tiling = spec.tiling
-    batch, n = x.shape[0], cells.shape[0]
-    f_e, c_e = tiling.cell[:2]
+def _premix_inputs(spec: ConvSpec, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """The im2col by position (``_positions``) and the product's rows: every pixel's inputs
+    mixed per cell, ``(B * OB * L, n * c_e)``."""
+    positions = _positions(spec, x)
     out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
+    return positions, _premixed(spec.tiling, torch.bmm(_premix_alpha(spec.tiling, alpha), positions), out_h * out_w)
+
+
+def _premix_product(spec: ConvSpec, mixed: Tensor, cells: Tensor, bias: Tensor | None, x_shape: torch.Size
+                    ) -> Tensor:
+    """``y = sum_j (sum_i alpha_ij x_i) e_j^T`` from the mixed inputs: one product with the whole
+    warehouse (see ``_KWConv2dPremixed``)."""
+    tiling = spec.tiling
+    batch, n = x_shape[0], cells.shape[0]
+    f_e, c_e = tiling.cell[:2]
+    out_h, out_w = spec.output_size(x_shape[2], x_shape[3])
     length = out_h * out_w
-    mixed = _premixed(tiling, torch.bmm(_premix_alpha(tiling, alpha), _positions(spec, x)), length)
     warehouse = native.panel_order(cells, f_e).view(n * c_e, f_e)  # rows (cell, input channel)
     if tiling.blocks_out == 1 and bias is not None:
         out = torch.addmm(bias, mixed, warehouse)
@@ -544,6 +552,10 @@ def _premix_forward(spec: ConvSpec, x: Tensor, alpha: Tensor, cells: Tensor, bia
     if tiling.blocks_out > 1 and bias is not None:
         out = out + bias
     return out.permute(0, 3, 1, 2)
+
+
+def _premix_forward(spec: ConvSpec, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None) -> Tensor:
+    return _premix_product(spec, _premix_inputs(spec, x, alpha)[1], cells, bias, x.shape)
 
 
 @_keeps_autocast
@@ -559,20 +571,27 @@ class _KWConv2dPremixed(torch.autograd.Function):
     ``n * K * C_out + L * K * C_out`` for assembling the kernels and convolving (L output
     pixels, K = kh * kw * C_in): less where L is small (the 4 x 4 and 7 x 7 maps of 28 x 28
     images), and it never writes a batch of kernels (B x C_out x K floats, far more than
-    such a map's activations).  Saves alpha, the warehouse and the input only.
+    such a map's activations).  Saves alpha, the warehouse and the input, and, up to the bytes
+    a path may keep (``KEEP_KERNELS_BYTES``), the im2col by position and the mixed inputs, which
+    the gradients of alpha and the warehouse read: kept, the backward neither gathers nor mixes
+    again (the 28 x 28 net's 4 x 4 layer at batch 64, 9.4 MB: 0.89x its forward and backward).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         ctx.spec = spec
-        ctx.save_for_backward(x, alpha, cells)
-        return _premix_forward(spec, x, alpha, cells, bias)
+        positions, mixed = _premix_inputs(spec, x, alpha)
+        kept = (positions.numel() + mixed.numel()) * mixed.element_size() <= _keep_limit(x)
+        ctx.save_for_backward(x, alpha, cells, *((positions, mixed) if kept else (None, None)))
+        return _premix_product(spec, mixed, cells, bias, x.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, alpha, cells = ctx.saved_tensors
+        x, alpha, cells, positions, mixed = ctx.saved_tensors
         spec, tiling = ctx.spec, ctx.spec.tiling
         need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
+        if positions is None and (need_alpha or need_cells):
+            positions, mixed = _premix_inputs(spec, x, alpha)
         batch, mixtures, n = alpha.shape
         f_e, c_e = tiling.cell[:2]
         blocks_out = tiling.blocks_out
@@ -581,13 +600,10 @@ class _KWConv2dPremixed(torch.autograd.Function):
         grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, length, blocks_out, f_e).transpose(1, 2)
         grad_rows = grad_rows.reshape(batch * blocks_out * length, f_e)
         warehouse = native.panel_order(cells, f_e).view(n * c_e, f_e)
-        positions = _positions(spec, x) if need_alpha or need_cells else None
         weights = _premix_alpha(tiling, alpha)  # (B, OB * n, S * IB)
         grad_x = grad_alpha = grad_cells = grad_bias = None
         if need_cells:
-            mixed = _premixed(tiling, torch.bmm(weights, positions), length)
             grad_cells = torch.mm(mixed.t(), grad_rows).view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)
-            mixed = None  # noqa: F841
         if need_x or need_alpha:
             grad_mixed = torch.mm(grad_rows, warehouse.t())  # (B * OB * L, n * c_e)
             grid = grad_mixed.view(batch, blocks_out, length, n, c_e).transpose(2, 3)
