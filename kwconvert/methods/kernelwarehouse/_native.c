@@ -316,9 +316,11 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
  * c_e <= 64 has a single pair: without the split one thread of two sat idle (the 28 x 28 net's
  * downsample layers: their input gradient takes 0.61-0.66x the time with it, 3 x 3 layers of nine
  * pairs the same).  Blocks differ by at most one group of samples. */
+static inline int sample_groups(int batch) { return (batch + MAX_ROWS - 1) / MAX_ROWS; }
+
 static long input_grad_items(long pairs, int batch, int threads, int *blocks)
 {
-    const int groups = (batch + MAX_ROWS - 1) / MAX_ROWS;
+    const int groups = sample_groups(batch);
     long wanted = (4L * threads + pairs - 1) / pairs;
     *blocks = (int)(wanted > groups ? groups : wanted < 1 ? 1 : wanted);
     return pairs * *blocks;
@@ -327,10 +329,19 @@ static long input_grad_items(long pairs, int batch, int threads, int *blocks)
 /* Samples [*s_lo, *s_hi) of block `block` of `blocks` (whole groups of MAX_ROWS). */
 static void sample_block(int block, int blocks, int batch, int *s_lo, int *s_hi)
 {
-    const int groups = (batch + MAX_ROWS - 1) / MAX_ROWS;
+    const int groups = sample_groups(batch);
     const int end = ((block + 1) * groups / blocks) * MAX_ROWS;
     *s_lo = (block * groups / blocks) * MAX_ROWS;
     *s_hi = end < batch ? end : batch;
+}
+
+/* Item `item` of input_grad_items: segment *g, input-channel panel *cp, samples [*s_lo, *s_hi). */
+static void input_grad_item(long item, int blocks, int input_panels, int batch, int *g, int *cp, int *s_lo,
+                            int *s_hi)
+{
+    const long pair = item / blocks;
+    *g = (int)(pair / input_panels), *cp = (int)(pair % input_panels);
+    sample_block((int)(item % blocks), blocks, batch, s_lo, s_hi);
 }
 
 /* Asks for `rows` rows of `count` floats (lda apart) ahead of use: the inline walks read the
@@ -402,7 +413,7 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
 {
     if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
         return -1;
-    const int groups = (batch + MAX_ROWS - 1) / MAX_ROWS;
+    const int groups = sample_groups(batch);
     int blocks = (2 * threads + num_panels - 1) / num_panels; /* enough items for every thread */
     blocks = blocks > groups ? groups : (blocks < 1 ? 1 : blocks);
     const long items = (long)num_panels * blocks;
@@ -511,10 +522,8 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
         for (long item = 0; item < items; item++) {
             if (buffer == NULL)
                 continue;
-            const long pair = item / blocks;
-            const int g = (int)(pair / input_panels), cp = (int)(pair % input_panels);
-            int s_lo, s_hi;
-            sample_block((int)(item % blocks), blocks, batch, &s_lo, &s_hi);
+            int g, cp, s_lo, s_hi;
+            input_grad_item(item, blocks, input_panels, batch, &g, &cp, &s_lo, &s_hi);
             for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS) {
                 const int samples = s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS;
                 for (int ob = 0; ob < blocks_out; ob++) {
@@ -567,10 +576,8 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
             if (buffer == NULL)
                 continue;
             float *blocks = buffer + MAX_ROWS * mixed; /* each sample's (step * NP) x QW block of W_b */
-            const long pair = item / sample_blocks;
-            const int g = (int)(pair / input_panels), cp = (int)(pair % input_panels);
-            int s_lo, s_hi;
-            sample_block((int)(item % sample_blocks), sample_blocks, batch, &s_lo, &s_hi);
+            int g, cp, s_lo, s_hi;
+            input_grad_item(item, sample_blocks, input_panels, batch, &g, &cp, &s_lo, &s_hi);
             for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS) {
                 const int samples = s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS;
                 for (int ob = 0; ob < blocks_out; ob++) {
@@ -619,8 +626,8 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
  * GRAD_SAMPLES samples: dE's register tiles then sum over up to 64 samples per load and store of
  * their sums, not 16; the chunks of rows are as long as a buffer of GRAD_BUFFER_FLOATS allows (128
  * rows of 16 samples, 32 of 64: groups of 64 rather than 32 at batch 64 took 0.94-0.99x the time
- * on the 28 x 28 net's layers, dE's rows read and written half as often).  Both streams that come from memory are asked for ahead: the next row
- * tile's rows of A^T (a few hundred bytes each, too short for the hardware's prefetcher) and the
+ * on the 28 x 28 net's layers, dE's rows read and written half as often).  Both streams that
+ * come from memory are asked for ahead: the next row tile's rows of A^T (a few hundred bytes each, too short for the hardware's prefetcher) and the
  * next row of dE: the weight gradients of resnet18's layer4 and layer3 convolutions at batch 16
  * took 0.76-0.81x and 0.76-0.87x the time (both builds in one process, interleaved).
  */

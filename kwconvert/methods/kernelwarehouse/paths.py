@@ -555,6 +555,7 @@ def _premix_product(spec: ConvSpec, mixed: Tensor, cells: Tensor, bias: Tensor |
 
 
 def _premix_forward(spec: ConvSpec, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None) -> Tensor:
+    """The ``"premix"`` convolution outside autograd: the inputs mixed per cell, then the product."""
     return _premix_product(spec, _premix_inputs(spec, x, alpha)[1], cells, bias, x.shape)
 
 
@@ -581,7 +582,8 @@ class _KWConv2dPremixed(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         ctx.spec = spec
         positions, mixed = _premix_inputs(spec, x, alpha)
-        kept = (positions.numel() + mixed.numel()) * mixed.element_size() <= _keep_limit(x)
+        kept = (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) \
+            and (positions.numel() + mixed.numel()) * mixed.element_size() <= _keep_limit(x)
         ctx.save_for_backward(x, alpha, cells, *((positions, mixed) if kept else (None, None)))
         return _premix_product(spec, mixed, cells, bias, x.shape)
 
