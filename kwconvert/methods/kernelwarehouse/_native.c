@@ -314,7 +314,7 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
  * blocks of whole groups of MAX_ROWS samples (mixing a chunk of the warehouse still serves a
  * register tile of samples) until every thread has at least four items.  A 1x1 convolution of
  * c_e <= 64 has a single pair: without the split one thread of two sat idle (the 28 x 28 net's
- * downsample layers: their input gradient takes 0.61-0.66x the time with it, 3 x 3 layers of nine
+ * downsample layers: their input gradient takes 0.58-0.67x the time with it, 3 x 3 layers of nine
  * pairs the same).  Blocks differ by at most one group of samples. */
 static inline int sample_groups(int batch) { return (batch + MAX_ROWS - 1) / MAX_ROWS; }
 
