@@ -310,20 +310,19 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
         _Pragma("omp atomic write") failed = 1;   \
     }
 
-/* Work items of the input gradients: each (segment, input-channel panel) pair, split into `*blocks`
- * blocks of whole groups of MAX_ROWS samples (mixing a chunk of the warehouse still serves a
- * register tile of samples) until every thread has at least four items.  A 1x1 convolution of
- * c_e <= 64 has a single pair: without the split one thread of two sat idle (the 28 x 28 net's
- * downsample layers: their input gradient takes 0.58-0.67x the time with it, 3 x 3 layers of nine
- * pairs the same).  Blocks differ by at most one group of samples. */
 static inline int sample_groups(int batch) { return (batch + MAX_ROWS - 1) / MAX_ROWS; }
 
-static long input_grad_items(long pairs, int batch, int threads, int *blocks)
+/* Blocks of whole groups of MAX_ROWS samples to split each of `units` units of work into, so
+ * that there are about `wanted` work items (mixing a chunk of the warehouse still serves a
+ * register tile of samples).  The input gradients have as few units as one (segment, input-channel
+ * panel) pair: a 1x1 convolution of c_e <= 64, which without the split left one thread of two idle
+ * (the 28 x 28 net's downsample layers: their input gradient takes 0.58-0.67x the time with it,
+ * 3 x 3 layers of nine pairs the same).  Blocks differ by at most one group of samples. */
+static int sample_blocks(long units, int batch, long wanted)
 {
     const int groups = sample_groups(batch);
-    long wanted = (4L * threads + pairs - 1) / pairs;
-    *blocks = (int)(wanted > groups ? groups : wanted < 1 ? 1 : wanted);
-    return pairs * *blocks;
+    const long blocks = (wanted + units - 1) / units;
+    return (int)(blocks > groups ? groups : blocks < 1 ? 1 : blocks);
 }
 
 /* Samples [*s_lo, *s_hi) of block `block` of `blocks` (whole groups of MAX_ROWS). */
@@ -335,7 +334,7 @@ static void sample_block(int block, int blocks, int batch, int *s_lo, int *s_hi)
     *s_hi = end < batch ? end : batch;
 }
 
-/* Item `item` of input_grad_items: segment *g, input-channel panel *cp, samples [*s_lo, *s_hi). */
+/* Item `item` of an input gradient: segment *g, input-channel panel *cp, samples [*s_lo, *s_hi). */
 static void input_grad_item(long item, int blocks, int input_panels, int batch, int *g, int *cp, int *s_lo,
                             int *s_hi)
 {
@@ -413,9 +412,7 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
 {
     if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
         return -1;
-    const int groups = sample_groups(batch);
-    int blocks = (2 * threads + num_panels - 1) / num_panels; /* enough items for every thread */
-    blocks = blocks > groups ? groups : (blocks < 1 ? 1 : blocks);
+    const int blocks = sample_blocks(num_panels, batch, 2L * threads); /* enough items for every thread */
     const long items = (long)num_panels * blocks;
     const size_t buffer_bytes = (size_t)MAX_ROWS * INLINE_ROWS * NP * sizeof(float);
     int failed = 0;
@@ -500,7 +497,7 @@ static void transpose(const float *src, int rows, int cols, long ld_src, float *
  * every input-channel panel cp and output channel f of a cell the n cells' QW input channels side
  * by side, so a chunk of W_b's rows (output channels f) over QW columns of segment g is one
  * register tile per row.  mixtures[g * blocks_out + ob] is the mixture of output block ob in
- * segment g.  Items (segment x input-channel panel x block of samples, input_grad_items) write
+ * segment g.  Items (segment x input-channel panel x block of samples, sample_blocks) write
  * disjoint blocks of D.
  */
 int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const float *ET, int n, const float *alpha,
@@ -511,8 +508,8 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
     if (QW != 8 && QW != 16 && QW != 32 && QW != 64)
         return -1;
     const int input_panels = seg_len / QW;
-    int blocks;
-    const long items = input_grad_items((long)segments * input_panels, batch, threads, &blocks);
+    const int blocks = sample_blocks((long)segments * input_panels, batch, 4L * threads);
+    const long items = (long)segments * input_panels * blocks;
     const long per_sample = (long)INLINE_ROWS * QW;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -562,8 +559,8 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
     if ((QW != 8 && QW != 16 && QW != 32 && QW != 64) || (NP != 8 && NP != 16 && NP != 32 && NP != 64))
         return -1;
     const int input_panels = seg_len / QW;
-    int sample_blocks;
-    const long items = input_grad_items((long)segments * input_panels, batch, threads, &sample_blocks);
+    const int split = sample_blocks((long)segments * input_panels, batch, 4L * threads);
+    const long items = (long)segments * input_panels * split;
     /* output panels per product: K of INLINE_ROWS output channels, as many as the forward's chunks */
     const int panels = f_e / NP, step = INLINE_ROWS / NP < panels ? INLINE_ROWS / NP : panels;
     const long mixed = (long)QW * NP, block = (long)step * NP * QW;
@@ -577,7 +574,7 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
                 continue;
             float *blocks = buffer + MAX_ROWS * mixed; /* each sample's (step * NP) x QW block of W_b */
             int g, cp, s_lo, s_hi;
-            input_grad_item(item, sample_blocks, input_panels, batch, &g, &cp, &s_lo, &s_hi);
+            input_grad_item(item, split, input_panels, batch, &g, &cp, &s_lo, &s_hi);
             for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS) {
                 const int samples = s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS;
                 for (int ob = 0; ob < blocks_out; ob++) {
@@ -627,8 +624,8 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
  * their sums, not 16; the chunks of rows are as long as a buffer of GRAD_BUFFER_FLOATS allows (128
  * rows of 16 samples, 32 of 64: groups of 64 rather than 32 at batch 64 took 0.94-0.99x the time
  * on the 28 x 28 net's layers, dE's rows read and written half as often).  Both streams that
- * come from memory are asked for ahead: the next row tile's rows of A^T (a few hundred bytes each, too short for the hardware's prefetcher) and the
- * next row of dE: the weight gradients of resnet18's layer4 and layer3 convolutions at batch 16
+ * come from memory are asked for ahead: the next row tile's rows of A^T (a few hundred bytes
+ * each, too short for the hardware's prefetcher) and the next row of dE: the weight gradients of resnet18's layer4 and layer3 convolutions at batch 16
  * took 0.76-0.81x and 0.76-0.87x the time (both builds in one process, interleaved).
  */
 #define GRAD_SAMPLES 64

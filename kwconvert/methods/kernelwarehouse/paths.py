@@ -526,12 +526,16 @@ def _premixed(tiling: Tiling, mixed: Tensor, length: int) -> Tensor:
     return grid.reshape(batch * tiling.blocks_out * length, n * tiling.cell[1])
 
 
-def _premix_inputs(spec: ConvSpec, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-    """The im2col by position (``_positions``) and the product's rows: every pixel's inputs
-    mixed per cell, ``(B * OB * L, n * c_e)``."""
-    positions = _positions(spec, x)
-    out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
-    return positions, _premixed(spec.tiling, torch.bmm(_premix_alpha(spec.tiling, alpha), positions), out_h * out_w)
+def _premix_rows(spec: ConvSpec, positions: Tensor, alpha: Tensor, x_shape: torch.Size) -> Tensor:
+    """The product's rows from the im2col by position (``_positions``): every pixel's inputs mixed
+    per cell, ``(B * OB * L, n * c_e)``."""
+    out_h, out_w = spec.output_size(x_shape[2], x_shape[3])
+    return _premixed(spec.tiling, torch.bmm(_premix_alpha(spec.tiling, alpha), positions), out_h * out_w)
+
+
+def _premix_warehouse(cells: Tensor, f_e: int) -> Tensor:
+    """The warehouse stacked ``(n * c_e, f_e)``, rows (cell, input channel): the product's right side."""
+    return native.panel_order(cells, f_e).view(cells.shape[0] * cells.shape[2], f_e)
 
 
 def _premix_product(spec: ConvSpec, mixed: Tensor, cells: Tensor, bias: Tensor | None, x_shape: torch.Size
@@ -539,11 +543,10 @@ def _premix_product(spec: ConvSpec, mixed: Tensor, cells: Tensor, bias: Tensor |
     """``y = sum_j (sum_i alpha_ij x_i) e_j^T`` from the mixed inputs: one product with the whole
     warehouse (see ``_KWConv2dPremixed``)."""
     tiling = spec.tiling
-    batch, n = x_shape[0], cells.shape[0]
-    f_e, c_e = tiling.cell[:2]
+    batch, f_e = x_shape[0], tiling.cell[0]
     out_h, out_w = spec.output_size(x_shape[2], x_shape[3])
     length = out_h * out_w
-    warehouse = native.panel_order(cells, f_e).view(n * c_e, f_e)  # rows (cell, input channel)
+    warehouse = _premix_warehouse(cells, f_e)
     if tiling.blocks_out == 1 and bias is not None:
         out = torch.addmm(bias, mixed, warehouse)
     else:
@@ -556,7 +559,7 @@ def _premix_product(spec: ConvSpec, mixed: Tensor, cells: Tensor, bias: Tensor |
 
 def _premix_forward(spec: ConvSpec, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None) -> Tensor:
     """The ``"premix"`` convolution outside autograd: the inputs mixed per cell, then the product."""
-    return _premix_product(spec, _premix_inputs(spec, x, alpha)[1], cells, bias, x.shape)
+    return _premix_product(spec, _premix_rows(spec, _positions(spec, x), alpha, x.shape), cells, bias, x.shape)
 
 
 @_keeps_autocast
@@ -581,10 +584,14 @@ class _KWConv2dPremixed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         ctx.spec = spec
-        positions, mixed = _premix_inputs(spec, x, alpha)
-        kept = (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) \
-            and (positions.numel() + mixed.numel()) * mixed.element_size() <= _keep_limit(x)
-        ctx.save_for_backward(x, alpha, cells, *((positions, mixed) if kept else (None, None)))
+        positions = _positions(spec, x)
+        mixed = _premix_rows(spec, positions, alpha, x.shape)
+        # the gradient of alpha reads the positions, the warehouse's both
+        need_positions, need_mixed = ctx.needs_input_grad[1] or ctx.needs_input_grad[2], ctx.needs_input_grad[2]
+        kept = (positions.numel() * need_positions + mixed.numel() * need_mixed) * mixed.element_size() \
+            <= _keep_limit(x)
+        ctx.save_for_backward(x, alpha, cells, positions if kept and need_positions else None,
+                              mixed if kept and need_mixed else None)
         return _premix_product(spec, mixed, cells, bias, x.shape)
 
     @staticmethod
@@ -593,7 +600,9 @@ class _KWConv2dPremixed(torch.autograd.Function):
         spec, tiling = ctx.spec, ctx.spec.tiling
         need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
         if positions is None and (need_alpha or need_cells):
-            positions, mixed = _premix_inputs(spec, x, alpha)
+            positions = _positions(spec, x)
+        if mixed is None and need_cells:
+            mixed = _premix_rows(spec, positions, alpha, x.shape)
         batch, mixtures, n = alpha.shape
         f_e, c_e = tiling.cell[:2]
         blocks_out = tiling.blocks_out
@@ -601,13 +610,12 @@ class _KWConv2dPremixed(torch.autograd.Function):
         # the output's gradient as the product's rows (B * OB * L, f_e)
         grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, length, blocks_out, f_e).transpose(1, 2)
         grad_rows = grad_rows.reshape(batch * blocks_out * length, f_e)
-        warehouse = native.panel_order(cells, f_e).view(n * c_e, f_e)
         weights = _premix_alpha(tiling, alpha)  # (B, OB * n, S * IB)
         grad_x = grad_alpha = grad_cells = grad_bias = None
         if need_cells:
             grad_cells = torch.mm(mixed.t(), grad_rows).view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)
         if need_x or need_alpha:
-            grad_mixed = torch.mm(grad_rows, warehouse.t())  # (B * OB * L, n * c_e)
+            grad_mixed = torch.mm(grad_rows, _premix_warehouse(cells, f_e).t())  # (B * OB * L, n * c_e)
             grid = grad_mixed.view(batch, blocks_out, length, n, c_e).transpose(2, 3)
             grad_mixed = grid.reshape(batch, blocks_out * n, length * c_e)
             if need_alpha:
