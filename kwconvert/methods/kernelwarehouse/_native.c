@@ -62,6 +62,9 @@ static inline int tile_rows(int rows, int r0)
     return index < extra ? base + 1 : base;
 }
 
+#define KW_CAT2(a, b) a##b
+#define KW_CAT(a, b) KW_CAT2(a, b)
+
 /* Register tiles, one per vector width: acc (R rows x NV vectors) over segments [g0, g1), rows
  * [q0, q1) of each, for the panel columns [col, col + NV * width); first: start from bias or 0. */
 #if KW_VECTOR >= 256
@@ -156,18 +159,63 @@ static void run_tile(int R, int first, const float *A, long lda, const float *co
 #endif
 }
 
-#if KW_VECTOR >= 256
-/* run_tile's assembly case (one segment of n rows, sums from 0) on a float16 warehouse copy. */
-static void run_half_tile(int R, const float *A, long lda, const uint16_t *panel, int n, int NP, float *C, long ldc)
-{
-    const uint16_t *const *panels = &panel;
-    const int first = 1, g0 = 0, g1 = 1, seg_len = n, q0 = 0, q1 = n;
-    const long ldw = NP;
-    const float *bias = NULL;
-    WIDE_TILES(h)
-    NARROW_TILES(h)
-}
+#define MIX_CASE(NAME, R, NV) case (R) * 8 + (NV): \
+    NAME(R, NV, alpha, lda, n, (const W_TYPE *)w, w_step, ldw, count, col, out, out_step, ldo); break;
+#define MIX_ROWS(NAME, NV) MIX_CASE(NAME, 1, NV) MIX_CASE(NAME, 2, NV) MIX_CASE(NAME, 3, NV) \
+    MIX_CASE(NAME, 4, NV) MIX_CASE(NAME, 5, NV) MIX_CASE(NAME, 6, NV)
+/* The assembly tiles' dispatch, as WIDE_TILES / NARROW_TILES (W_TYPE: the element type of SUFFIX's copy). */
+#if KW_VECTOR >= 512
+#define WIDE_MIX(SUFFIX)                                                                                        \
+    if (NP >= 16) {                                                                                             \
+        const int col = 0;                                                                                      \
+        switch (R * 8 + NP / 16) { MIX_ROWS(tile512##SUFFIX##_mix, 1) MIX_ROWS(tile512##SUFFIX##_mix, 2)        \
+                                   MIX_ROWS(tile512##SUFFIX##_mix, 4) default: break; }                         \
+        return;                                                                                                 \
+    }
+#else
+#define WIDE_MIX(SUFFIX)
 #endif
+#define NARROW_MIX(SUFFIX)                                                                                      \
+    const int NV = NP == 8 ? 1 : 2;                                                                             \
+    for (int col = 0; col < NP; col += 8 * NV)                                                                  \
+        switch (R * 8 + NV) { MIX_ROWS(tile256##SUFFIX##_mix, 1) MIX_ROWS(tile256##SUFFIX##_mix, 2) default: break; }
+
+/*
+ * The assembly of `count` blocks of NP columns for R <= MAX_ROWS samples: out[t * out_step + r * ldo + j]
+ * = sum over k < n of alpha[r * lda + k] * w[t * w_step + k * ldw + j] (elements of w: float32, or
+ * float16 where `half`, which the baseline copy cannot convert and never gets).
+ */
+static void run_mix(int R, const float *alpha, long lda, int n, const void *w, int half, long w_step, long ldw,
+                    int count, int NP, float *out, long out_step, long ldo)
+{
+#if KW_VECTOR >= 256
+    if (half) {
+#define W_TYPE uint16_t
+        WIDE_MIX(h)
+        NARROW_MIX(h)
+#undef W_TYPE
+        return;
+    }
+#define W_TYPE float
+    WIDE_MIX()
+    NARROW_MIX()
+#undef W_TYPE
+#else
+    (void)half;
+    const float *wf = w;
+    for (int t = 0; t < count; t++)
+        for (int r = 0; r < R; r++) {
+            float *c = out + t * out_step + r * ldo;
+            for (int j = 0; j < NP; j++)
+                c[j] = 0.0f;
+            for (int k = 0; k < n; k++) {
+                const float x = alpha[r * lda + k], *row = wf + t * w_step + k * ldw;
+                for (int j = 0; j < NP; j++)
+                    c[j] += x * row[j];
+            }
+        }
+#endif
+}
 
 #define MIX_BLOCK_BYTES (128 * 1024)  /* warehouse panels that stay in L2 across a block's row tiles */
 
@@ -200,20 +248,11 @@ int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long item = 0; item < blocks; item++) {
         const long P0 = item * block, P1 = P0 + block < count ? P0 + block : count;
+        const long element = half ? 2 : 4;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
             R = tile_rows(rows, r0);
-            const float *a = alpha + (long)r0 * n;
-            for (long P = P0; P < P1; P++) {
-                float *c = out + (long)r0 * ldc + P * NP;
-#if KW_VECTOR >= 256
-                if (half) {
-                    run_half_tile(R, a, n, (const uint16_t *)panels + P * panel_stride, n, NP, c, ldc);
-                    continue;
-                }
-#endif
-                const float *panel = (const float *)panels + P * panel_stride;
-                run_tile(R, 1, a, n, &panel, 0, 1, n, 0, n, NP, row_stride, c, ldc, NULL);
-            }
+            run_mix(R, alpha + (long)r0 * n, n, n, (const char *)panels + P0 * panel_stride * element, half,
+                    panel_stride, half ? NP : row_stride, (int)(P1 - P0), NP, out + (long)r0 * ldc + P0 * NP, NP, ldc);
         }
     }
     return 0;
@@ -377,11 +416,7 @@ static inline void prefetch_for_write(float *p, long floats)
 static void mix_rows(int samples, const float *alpha, long alpha_sample, int n, const float *e, long e_row, int count,
                      int width, float *buffer, long per_sample)
 {
-    for (int q = 0; q < count; q++) {
-        const float *e_q = e + (long)q * e_row;
-        run_tile(samples, 1, alpha, alpha_sample, &e_q, 0, 1, n, 0, n, width, width, buffer + (long)q * width,
-                 per_sample, NULL);
-    }
+    run_mix(samples, alpha, alpha_sample, n, e, 0, e_row, width, count, width, buffer, width, per_sample);
 }
 
 /*
