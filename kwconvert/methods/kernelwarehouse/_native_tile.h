@@ -8,8 +8,8 @@
  * C[r, col + j] (+)= sum over segments g in [g0, g1), rows q in [q0, q1) of
  * A[r, g * seg_len + q] * panels[g][q * ldw + col + j] (ldw: the panels' row stride, NP where
  * they are packed), for R rows and NV vectors of columns;
- * first: the sums start from the bias (or 0) instead of C.  TILE_NAME##_mix, below, is the
- * assembly's tile.
+ * first: the sums start from the bias (or 0) instead of C.  TILE_NAME##_run, below, runs
+ * short ones back to back.
  */
 static inline __attribute__((always_inline)) void TILE_NAME(
     const int R, const int NV, int first, const float *A, long lda, const TILE_WTYPE *const *panels, int g0, int g1,
@@ -41,23 +41,25 @@ static inline __attribute__((always_inline)) void TILE_NAME(
 
 
 /*
- * The assembly's tile, TILE_NAME##_mix: for each of `count` blocks t, out[t * out_step + r * ldo + col + j]
- * = sum over k < n of alpha[r * lda + k] * w[t * w_step + k * ldw + col + j], for R rows (samples)
- * and NV vectors of columns.  The loop over blocks is inside: with only n = 9-56 multiply-adds
- * per sum, a call per block (run_tile's) spent a fifth of the time setting up and draining its
- * tile (one Zen 4 core, 6 x 64 tiles at n = 27: 40 G multiply-adds/s that way, 48-51 this way;
- * resnet18's layer4 "inline" at batch 16 0.95x the time, the 28 x 28 net's layers in training
- * 0.96-0.97x, mobilenet_v2's last 1x1 layers 0.92-0.98x, bit-identical results).
+ * A run of short tiles, TILE_NAME##_run: for each of `count` tiles t, out_t[r, col + j] (+)= sum over
+ * k < n of alpha_t[r * lda + k] * w_t[k * ldw + col + j], for R rows and NV vectors of columns, where
+ * alpha_t = alpha + t * a_step, w_t = w + t * w_step and out_t = out + t * out_step (rows ldo apart);
+ * add: the sums start from out_t instead of 0.  The assembly (alpha fixed, a block of the warehouse
+ * per tile) and the inline weight gradient's short products (n = the samples or the output pixels)
+ * have only 9-64 multiply-adds per sum: a call per tile (run_tile's) spent a fifth of the time setting
+ * up and draining it (one Zen 4 core, 6 x 64 tiles at n = 27: 40 G multiply-adds/s that way, 48-51
+ * with the loop over tiles inside; resnet18's layer4 "inline" at batch 16 0.95x the time, the 28 x 28
+ * net's layers in training 0.96-0.97x, mobilenet_v2's last 1x1 layers 0.92-0.98x, bit-identical).
  */
-static inline __attribute__((always_inline)) void KW_CAT(TILE_NAME, _mix)(
-    const int R, const int NV, const float *alpha, long lda, int n, const TILE_WTYPE *w, long w_step, long ldw,
-    int count, int col, float *out, long out_step, long ldo)
+static inline __attribute__((always_inline)) void KW_CAT(TILE_NAME, _run)(
+    const int R, const int NV, int add, const float *alpha, long lda, long a_step, int n, const TILE_WTYPE *w,
+    long w_step, long ldw, int count, int col, float *out, long out_step, long ldo)
 {
-    for (int t = 0; t < count; t++, w += w_step, out += out_step) {
+    for (int t = 0; t < count; t++, alpha += a_step, w += w_step, out += out_step) {
         TILE_VEC acc[MAX_ROWS][TILE_MAX_VECTORS];
         for (int r = 0; r < R; r++)
             for (int v = 0; v < NV; v++)
-                acc[r][v] = TILE_ZERO();
+                acc[r][v] = add ? TILE_LOAD(out + r * ldo + col + TILE_WIDTH * v) : TILE_ZERO();
         const TILE_WTYPE *row = w + col;
         for (int k = 0; k < n; k++, row += ldw) {
             TILE_VEC wv[TILE_MAX_VECTORS];
