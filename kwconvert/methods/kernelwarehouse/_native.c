@@ -338,11 +338,14 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
 
 /*
  * The assembly inside the product (path "inline"): C[b] = A[b] @ W_b^T (+ bias), where W_b is
- * never written out.  For each output panel P and segment g, chunks of INLINE_ROWS rows of W_b^T's block are
- * mixed from the warehouse into a buffer of the thread's (L1/L2-sized) and multiplied at once:
- * a whole batch of kernels (151 MB for resnet18's layer4 at batch 16) never goes through main
- * memory, and each chunk of the warehouse is read once for up to MAX_ROWS samples.  Chunks of 128
- * rows measured faster than 64 (fewer passes over the output sums) and 16-32 slower still.
+ * never written out.  For each output panel P, chunks of INLINE_ROWS rows of W_b^T are mixed from
+ * the warehouse into a buffer of the thread's (L1/L2-sized) and multiplied at once: a whole batch
+ * of kernels (151 MB for resnet18's layer4 at batch 16) never goes through main memory, and each
+ * chunk of the warehouse is read once for up to MAX_ROWS samples.  Chunks of 128 rows measured
+ * faster than 64 (fewer passes over the output sums) and 16-32 slower still; so a chunk runs on
+ * across segments where cells have fewer input channels (a 3 x 3 layer of 32-channel cells: three
+ * passes over the sums, not nine; the 28 x 28 net's layers 0.94-0.98x the time, resnet18's
+ * layer2 0.97x).
  *
  * E is the warehouse packed as (cell rows, n, NP): for every row q of a cell in panel order
  * (one input channel of NP output channels), the n cells' rows side by side, so that mixing
@@ -395,9 +398,10 @@ static void sample_block(int block, int blocks, int batch, int *s_lo, int *s_hi)
 /* Item `item` of an input gradient: segment *g, input-channel panel *cp, samples [*s_lo, *s_hi).
  * Items run block by block of samples, all `pairs` (segment, input panel) pairs of a block in a
  * row, so a thread's items keep to its own samples' rows of G and D where the blocks split the
- * batch between threads: pair by pair, both threads read and wrote every sample (the 28 x 28
- * net's 3 x 3 layers at batch 64: 0.85-0.92x the time this way, resnet18's layer1 at batch 16
- * 0.76-0.91x; others within noise). */
+ * batch between threads: pair by pair, both threads read and wrote every sample (kernel alone,
+ * with sample_blocks' even count of items: resnet18's layer1 at batch 16 mostly 0.85x the time,
+ * 0.76-1.0x; the 28 x 28 net's 3 x 3 layers at batch 64 mostly 0.92-0.98x, 0.85-1.07x over four
+ * runs; others within noise). */
 static void input_grad_item(long item, int blocks, long pairs, int input_panels, int batch, int *g, int *cp,
                             int *s_lo, int *s_hi)
 {
@@ -444,14 +448,13 @@ static void mix_rows(int samples, const float *alpha, long alpha_sample, int n, 
 }
 
 /*
- * One step of "inline" and of its input gradient: `mix_rows`, then C_s (+)= A_s (rows x count) @
- * that block for each sample (first: start from bias or 0).
+ * C_s (+)= A_s (rows x count) @ the block of sample s in `buffer` (count x width, at s * per_sample)
+ * for each sample (first: start from bias or 0), the next row tile's rows of A asked for ahead.
  */
-static void mix_and_multiply(int samples, const float *alpha, long alpha_sample, int n, const float *e, long e_row,
-                             int count, int width, float *buffer, long per_sample, const float *A, long a_sample,
-                             long lda, float *C, long c_sample, long ldc, int rows, int first, const float *bias)
+static void multiply_rows(int samples, const float *buffer, long per_sample, int count, int width, const float *A,
+                          long a_sample, long lda, float *C, long c_sample, long ldc, int rows, int first,
+                          const float *bias)
 {
-    mix_rows(samples, alpha, alpha_sample, n, e, e_row, count, width, buffer, per_sample);
     for (int s = 0; s < samples; s++) {
         const float *panel = buffer + s * per_sample;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
@@ -464,6 +467,15 @@ static void mix_and_multiply(int samples, const float *alpha, long alpha_sample,
     }
 }
 
+/* One step of inline's input gradient: `mix_rows`, then `multiply_rows`. */
+static void mix_and_multiply(int samples, const float *alpha, long alpha_sample, int n, const float *e, long e_row,
+                             int count, int width, float *buffer, long per_sample, const float *A, long a_sample,
+                             long lda, float *C, long c_sample, long ldc, int rows, int first, const float *bias)
+{
+    mix_rows(samples, alpha, alpha_sample, n, e, e_row, count, width, buffer, per_sample);
+    multiply_rows(samples, buffer, per_sample, count, width, A, a_sample, lda, C, c_sample, ldc, rows, first, bias);
+}
+
 int kw_native_inline(const float *A, long a_sample, long lda, const float *E, int n, const float *alpha,
                     long alpha_sample, const int64_t *mixtures, const int64_t *rows_at, int num_panels, int segments,
                     int seg_len, int NP, float *C, long c_sample, long ldc, const float *bias, int rows, int batch,
@@ -473,6 +485,7 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
         return -1;
     const int blocks = sample_blocks(num_panels, batch, 2L * threads, threads); /* enough items for every thread */
     const long items = (long)num_panels * blocks;
+    const long depth = (long)segments * seg_len; /* A's columns: the segments in a row */
     const size_t buffer_bytes = (size_t)MAX_ROWS * INLINE_ROWS * NP * sizeof(float);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -486,18 +499,22 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
             int s_lo, s_hi;
             sample_block((int)(item % blocks), blocks, batch, &s_lo, &s_hi);
             const float *bias_p = bias ? bias + (long)P * NP : NULL;
-            for (int g = 0; g < segments; g++) {
-                const float *e_g = E + rows_at[(long)P * segments + g] * n * NP;
-                const long mixture = mixtures[(long)P * segments + g];
-                for (int q0 = 0; q0 < seg_len; q0 += INLINE_ROWS) {
-                    const int count = seg_len - q0 < INLINE_ROWS ? seg_len - q0 : INLINE_ROWS;
-                    for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS)
-                        mix_and_multiply(s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS,
-                                         alpha + (long)s0 * alpha_sample + mixture * n, alpha_sample, n,
-                                         e_g + (long)q0 * n * NP, (long)n * NP, count, NP, buffer,
-                                         (long)INLINE_ROWS * NP, A + (long)s0 * a_sample + (long)g * seg_len + q0,
-                                         a_sample, lda, C + (long)s0 * c_sample + (long)P * NP, c_sample, ldc, rows,
-                                         g == 0 && q0 == 0, bias_p);
+            for (long k0 = 0; k0 < depth; k0 += INLINE_ROWS) {
+                const int count = depth - k0 < INLINE_ROWS ? (int)(depth - k0) : INLINE_ROWS;
+                for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS) {
+                    const int samples = s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS;
+                    for (long k = k0; k < k0 + count;) { /* the chunk's rows, segment by segment */
+                        const int g = (int)(k / seg_len), q = (int)(k % seg_len);
+                        const int piece = seg_len - q < k0 + count - k ? seg_len - q : (int)(k0 + count - k);
+                        const long block = (long)P * segments + g;
+                        mix_rows(samples, alpha + (long)s0 * alpha_sample + mixtures[block] * n, alpha_sample, n,
+                                 E + (rows_at[block] + q) * n * NP, (long)n * NP, piece, NP, buffer + (k - k0) * NP,
+                                 (long)INLINE_ROWS * NP);
+                        k += piece;
+                    }
+                    multiply_rows(samples, buffer, (long)INLINE_ROWS * NP, count, NP, A + (long)s0 * a_sample + k0,
+                                  a_sample, lda, C + (long)s0 * c_sample + (long)P * NP, c_sample, ldc, rows, k0 == 0,
+                                  bias_p);
                 }
             }
         }
