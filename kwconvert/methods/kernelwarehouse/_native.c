@@ -1062,6 +1062,37 @@ static void gather_transposed(const float *const *src, int count, int C, float *
             dst[(long)c * ld_dst + p] = src[p] ? src[p][c] : 0.0f;
 }
 
+/* One row of the im2col (output pixel oh, ow: its kh * kw windows' C channels, in K order), a
+ * kernel row at a time: with unit dilation the row's taps inside the image are adjacent pixels
+ * of the input, one copy of up to kw * C floats (a copy per tap and pixel, 128 bytes each on the
+ * 28 x 28 net's 32-channel layers, cost more in calls than in bytes). */
+static void im2col_row(const float *x, int H, int W, int C, float *dst, int oh, int ow, int kh, int kw, int sh, int sw,
+                       int pt, int pl, int dh, int dw)
+{
+    for (int i = 0; i < kh; i++, dst += (long)kw * C) {
+        const int ih = oh * sh - pt + i * dh;
+        if (ih < 0 || ih >= H) {
+            memset(dst, 0, (size_t)kw * C * sizeof(float));
+            continue;
+        }
+        const float *row = x + (long)ih * W * C;
+        int j = 0;
+        while (j < kw) {
+            const int iw = ow * sw - pl + j * dw;
+            if (iw < 0 || iw >= W) {
+                memset(dst + (long)j * C, 0, (size_t)C * sizeof(float));
+                j++;
+                continue;
+            }
+            int run = 1; /* taps j, j + 1, ... on adjacent input pixels inside the image */
+            while (dw == 1 && j + run < kw && iw + run < W)
+                run++;
+            memcpy(dst + (long)j * C, row + (long)iw * C, (size_t)run * C * sizeof(float));
+            j += run;
+        }
+    }
+}
+
 int kw_native_im2col(const float *X, int H, int W, int C, float *cols, int OH, int OW, int kh, int kw, int sh,
                      int sw, int pt, int pl, int dh, int dw, int transposed, int batch, int threads)
 {
@@ -1077,6 +1108,11 @@ int kw_native_im2col(const float *X, int H, int W, int C, float *cols, int OH, i
         float *out = cols + b * depth * pixels;
         const long first = transposed ? part * IM2COL_PIXELS : part * OW;
         const long last = transposed ? (first + IM2COL_PIXELS < pixels ? first + IM2COL_PIXELS : pixels) : first + OW;
+        if (!transposed) {
+            for (long r = first; r < last; r++)
+                im2col_row(x, H, W, C, out + r * depth, (int)(r / OW), (int)(r % OW), kh, kw, sh, sw, pt, pl, dh, dw);
+            continue;
+        }
         for (int i = 0; i < kh; i++)
             for (int j = 0; j < kw; j++) {
                 const long k0 = ((long)i * kw + j) * C;
@@ -1088,17 +1124,7 @@ int kw_native_im2col(const float *X, int H, int W, int C, float *cols, int OH, i
                         const int ih = oh * sh - pt + i * dh, iw = ow * sw - pl + j * dw;
                         src[p] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((long)ih * W + iw) * C : NULL;
                     }
-                    if (transposed) {
-                        gather_transposed(src, count, C, out + k0 * pixels + r0, pixels);
-                    } else {
-                        for (int p = 0; p < count; p++) {
-                            float *dst = out + (r0 + p) * depth + k0;
-                            if (src[p])
-                                memcpy(dst, src[p], C * sizeof(float));
-                            else
-                                memset(dst, 0, C * sizeof(float));
-                        }
-                    }
+                    gather_transposed(src, count, C, out + k0 * pixels + r0, pixels);
                 }
             }
     }
