@@ -265,7 +265,8 @@ int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long 
         for (int r0 = 0, R; r0 < rows; r0 += R) {
             R = tile_rows(rows, r0);
             run_tiles(R, 0, alpha + (long)r0 * n, n, 0, n, (const char *)panels + P0 * panel_stride * element, half,
-                      panel_stride, half ? NP : row_stride, (int)(P1 - P0), NP, out + (long)r0 * ldc + P0 * NP, NP, ldc);
+                      panel_stride, half ? NP : row_stride, (int)(P1 - P0), NP, out + (long)r0 * ldc + P0 * NP, NP,
+                      ldc);
         }
     }
     return 0;
@@ -448,6 +449,26 @@ static void mix_rows(int samples, const float *alpha, long alpha_sample, int n, 
 }
 
 /*
+ * `mix_rows` for rows [k0, k0 + count) of a reduction made of blocks of `block_len` rows (inline's
+ * segments, or its input gradient's output blocks), into buffer rows 0..count: block i mixes with
+ * alpha's mixture mixtures[i] from the warehouse rows e + (first_rows[i] + q) * n * width (first_rows
+ * NULL: from row q).  A chunk runs on across blocks so that one product covers it.
+ */
+static void mix_chunk(int samples, const float *alpha, long alpha_sample, int n, const int64_t *mixtures,
+                      const int64_t *first_rows, const float *e, int width, long k0, int count, int block_len,
+                      float *buffer, long per_sample)
+{
+    for (long k = k0; k < k0 + count;) {
+        const int i = (int)(k / block_len), q = (int)(k % block_len);
+        const int piece = block_len - q < k0 + count - k ? block_len - q : (int)(k0 + count - k);
+        const long row = (first_rows ? first_rows[i] : 0) + q;
+        mix_rows(samples, alpha + mixtures[i] * n, alpha_sample, n, e + row * n * width, (long)n * width, piece, width,
+                 buffer + (k - k0) * width, per_sample);
+        k += piece;
+    }
+}
+
+/*
  * C_s (+)= A_s (rows x count) @ the block of sample s in `buffer` (count x width, at s * per_sample)
  * for each sample (first: start from bias or 0), the next row tile's rows of A asked for ahead.
  */
@@ -494,15 +515,8 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
                 const int count = depth - k0 < INLINE_ROWS ? (int)(depth - k0) : INLINE_ROWS;
                 for (int s0 = s_lo; s0 < s_hi; s0 += MAX_ROWS) {
                     const int samples = s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS;
-                    for (long k = k0; k < k0 + count;) { /* the chunk's rows, segment by segment */
-                        const int g = (int)(k / seg_len), q = (int)(k % seg_len);
-                        const int piece = seg_len - q < k0 + count - k ? seg_len - q : (int)(k0 + count - k);
-                        const long block = (long)P * segments + g;
-                        mix_rows(samples, alpha + (long)s0 * alpha_sample + mixtures[block] * n, alpha_sample, n,
-                                 E + (rows_at[block] + q) * n * NP, (long)n * NP, piece, NP, buffer + (k - k0) * NP,
-                                 (long)INLINE_ROWS * NP);
-                        k += piece;
-                    }
+                    mix_chunk(samples, alpha + (long)s0 * alpha_sample, alpha_sample, n, mixtures + (long)P * segments,
+                              rows_at + (long)P * segments, E, NP, k0, count, seg_len, buffer, (long)INLINE_ROWS * NP);
                     multiply_rows(samples, buffer, (long)INLINE_ROWS * NP, count, NP, A + (long)s0 * a_sample + k0,
                                   a_sample, lda, C + (long)s0 * c_sample + (long)P * NP, c_sample, ldc, rows, k0 == 0,
                                   bias_p);
@@ -594,14 +608,9 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
                 const int samples = s_hi - s0 < MAX_ROWS ? s_hi - s0 : MAX_ROWS;
                 for (long k0 = 0; k0 < outputs; k0 += INLINE_ROWS) { /* chunks across output blocks, as inline's */
                     const int count = outputs - k0 < INLINE_ROWS ? (int)(outputs - k0) : INLINE_ROWS;
-                    for (long k = k0; k < k0 + count;) {
-                        const int ob = (int)(k / f_e), f = (int)(k % f_e);
-                        const int piece = f_e - f < k0 + count - k ? f_e - f : (int)(k0 + count - k);
-                        mix_rows(samples, alpha + (long)s0 * alpha_sample + mixtures[(long)g * blocks_out + ob] * n,
-                                 alpha_sample, n, ET + ((long)cp * f_e + f) * n * QW, (long)n * QW, piece, QW,
-                                 buffer + (k - k0) * QW, per_sample);
-                        k += piece;
-                    }
+                    mix_chunk(samples, alpha + (long)s0 * alpha_sample, alpha_sample, n,
+                              mixtures + (long)g * blocks_out, NULL, ET + (long)cp * f_e * n * QW, QW, k0, count, f_e,
+                              buffer, per_sample);
                     multiply_rows(samples, buffer, per_sample, count, QW, G + (long)s0 * g_sample + k0, g_sample, ldg,
                                   D + (long)s0 * d_sample + (long)g * seg_len + (long)cp * QW, d_sample, ldd, rows,
                                   k0 == 0, NULL);
@@ -836,7 +845,8 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                         const float *a_t = AT + (long)(s0 + s) * at_sample + ((long)g * seg_len + q0) * rows;
                         if (s + 1 < samples) /* the next sample's first tile of A^T (the rest follows in order) */
                             prefetch_rows(a_t + at_sample, rows, tile_rows(count, 0), rows);
-                        run_row_tiles(count, 0, a_t, rows, rows, panel, NP, NP, buffer + (long)s * NP, (long)group * NP);
+                        run_row_tiles(count, 0, a_t, rows, rows, panel, NP, NP, buffer + (long)s * NP,
+                                      (long)group * NP);
                     }
                     for (int s = 0; s < samples; s += DOT_SAMPLES) /* dalpha: the chunk against every cell */
                         for (int j = 0; j < n; j += DOT_CELLS)
@@ -849,7 +859,8 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                         float *de_q = dE + (row0 + q0 + q) * n * NP;
                         if (q + 1 < count)
                             prefetch_for_write(de_q + (long)n * NP, (long)n * NP);
-                        run_row_tiles(n, 1, alpha_t + mixture * n * batch + s0, batch, samples, chunk, NP, NP, de_q, NP);
+                        run_row_tiles(n, 1, alpha_t + mixture * n * batch + s0, batch, samples, chunk, NP, NP, de_q,
+                                      NP);
                     }
                 }
             }
