@@ -81,6 +81,7 @@ static inline int tile_rows(int rows, int r0)
 #define TILE_WLOAD _mm256_loadu_ps
 #include "_native_tile.h"
 #define TILE_NAME tile256h
+#define TILE_RUNS_ONLY
 #define TILE_WTYPE uint16_t
 #define TILE_WLOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #include "_native_tile.h"
@@ -107,6 +108,7 @@ static inline int tile_rows(int rows, int r0)
 #define TILE_WLOAD _mm512_loadu_ps
 #include "_native_tile.h"
 #define TILE_NAME tile512h
+#define TILE_RUNS_ONLY
 #define TILE_WTYPE uint16_t
 #define TILE_WLOAD(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #include "_native_tile.h"
@@ -117,31 +119,33 @@ static inline int tile_rows(int rows, int r0)
 #define TILE_ROWS(NAME, NV) TILE_CASE(NAME, 1, NV) TILE_CASE(NAME, 2, NV) TILE_CASE(NAME, 3, NV) \
     TILE_CASE(NAME, 4, NV) TILE_CASE(NAME, 5, NV) TILE_CASE(NAME, 6, NV)
 
-/* The vector tiles' dispatch for R rows of one panel, NP columns (SUFFIX: empty for float32 panels, h for
- * float16 ones): AVX-512 tiles of up to 64 columns, else AVX2 tiles of 8 or 16 across the panel. */
+/* The vector tiles' dispatch for R rows of one panel, NP columns: ROWS(NAME, NV) expands one case per
+ * row count of the tiles tile512##SUFFIX / tile256##SUFFIX (SUFFIX: empty for run_tile's, _run for the
+ * runs on float32, h_run on float16): AVX-512 tiles of up to 64 columns, else AVX2 tiles of 8 or 16
+ * across the panel. */
 #if KW_VECTOR >= 512
-#define WIDE_TILES(SUFFIX)                                                                                      \
+#define WIDE_TILES(ROWS, SUFFIX)                                                                                \
     if (NP >= 16) {                                                                                             \
         const int col = 0;                                                                                      \
-        switch (R * 8 + NP / 16) { TILE_ROWS(tile512##SUFFIX, 1) TILE_ROWS(tile512##SUFFIX, 2)                  \
-                                   TILE_ROWS(tile512##SUFFIX, 4) default: break; }                              \
+        switch (R * 8 + NP / 16) { ROWS(tile512##SUFFIX, 1) ROWS(tile512##SUFFIX, 2) ROWS(tile512##SUFFIX, 4)   \
+                                   default: break; }                                                            \
         return;                                                                                                 \
     }
 #else
-#define WIDE_TILES(SUFFIX)
+#define WIDE_TILES(ROWS, SUFFIX)
 #endif
-#define NARROW_TILES(SUFFIX)                                                                                    \
+#define NARROW_TILES(ROWS, SUFFIX)                                                                              \
     const int NV = NP == 8 ? 1 : 2;                                                                             \
     for (int col = 0; col < NP; col += 8 * NV)                                                                  \
-        switch (R * 8 + NV) { TILE_ROWS(tile256##SUFFIX, 1) TILE_ROWS(tile256##SUFFIX, 2) default: break; }
+        switch (R * 8 + NV) { ROWS(tile256##SUFFIX, 1) ROWS(tile256##SUFFIX, 2) default: break; }
 
 /* R rows of one panel (NP = 8, 16, 32 or 64 columns) in the widest tiles that fit in registers. */
 static void run_tile(int R, int first, const float *A, long lda, const float *const *panels, int g0, int g1,
                      int seg_len, int q0, int q1, int NP, long ldw, float *C, long ldc, const float *bias)
 {
 #if KW_VECTOR >= 256
-    WIDE_TILES()
-    NARROW_TILES()
+    WIDE_TILES(TILE_ROWS, )
+    NARROW_TILES(TILE_ROWS, )
 #else
     for (int r = 0; r < R; r++) {
         float *c = C + r * ldc;
@@ -159,26 +163,11 @@ static void run_tile(int R, int first, const float *A, long lda, const float *co
 #endif
 }
 
+/* run_tiles' cases (W_TYPE: the element type of the copy dispatched to, float or uint16_t) */
 #define RUN_CASE(NAME, R, NV) case (R) * 8 + (NV): \
     NAME(R, NV, add, alpha, lda, a_step, n, (const W_TYPE *)w, w_step, ldw, count, col, out, out_step, ldo); break;
 #define RUN_ROWS(NAME, NV) RUN_CASE(NAME, 1, NV) RUN_CASE(NAME, 2, NV) RUN_CASE(NAME, 3, NV) \
     RUN_CASE(NAME, 4, NV) RUN_CASE(NAME, 5, NV) RUN_CASE(NAME, 6, NV)
-/* The runs' dispatch, as WIDE_TILES / NARROW_TILES (W_TYPE: the element type of SUFFIX's copy). */
-#if KW_VECTOR >= 512
-#define WIDE_RUN(SUFFIX)                                                                                        \
-    if (NP >= 16) {                                                                                             \
-        const int col = 0;                                                                                      \
-        switch (R * 8 + NP / 16) { RUN_ROWS(tile512##SUFFIX##_run, 1) RUN_ROWS(tile512##SUFFIX##_run, 2)        \
-                                   RUN_ROWS(tile512##SUFFIX##_run, 4) default: break; }                         \
-        return;                                                                                                 \
-    }
-#else
-#define WIDE_RUN(SUFFIX)
-#endif
-#define NARROW_RUN(SUFFIX)                                                                                      \
-    const int NV = NP == 8 ? 1 : 2;                                                                             \
-    for (int col = 0; col < NP; col += 8 * NV)                                                                  \
-        switch (R * 8 + NV) { RUN_ROWS(tile256##SUFFIX##_run, 1) RUN_ROWS(tile256##SUFFIX##_run, 2) default: break; }
 
 /*
  * `count` tiles of R <= MAX_ROWS rows and NP columns back to back (_native_tile.h's TILE_NAME##_run):
@@ -192,14 +181,14 @@ static void run_tiles(int R, int add, const float *alpha, long lda, long a_step,
 #if KW_VECTOR >= 256
     if (half) {
 #define W_TYPE uint16_t
-        WIDE_RUN(h)
-        NARROW_RUN(h)
+        WIDE_TILES(RUN_ROWS, h_run)
+        NARROW_TILES(RUN_ROWS, h_run)
 #undef W_TYPE
         return;
     }
 #define W_TYPE float
-    WIDE_RUN()
-    NARROW_RUN()
+    WIDE_TILES(RUN_ROWS, _run)
+    NARROW_TILES(RUN_ROWS, _run)
 #undef W_TYPE
 #else
     (void)half;
@@ -253,7 +242,8 @@ int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long 
     if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || (half && !KW_VECTOR))
         return -1;
     const long ldc = (long)count * NP;
-    const long panel_bytes = (long)n * NP * (half ? 2 : 4);
+    const long element = half ? 2 : 4; /* bytes */
+    const long panel_bytes = (long)n * NP * element;
     long block = MIX_BLOCK_BYTES / panel_bytes;
     const long share = (count + threads - 1) / threads;  /* every thread gets work */
     block = block < 1 ? 1 : block > share ? share : block;
@@ -261,7 +251,6 @@ int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long item = 0; item < blocks; item++) {
         const long P0 = item * block, P1 = P0 + block < count ? P0 + block : count;
-        const long element = half ? 2 : 4;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
             R = tile_rows(rows, r0);
             run_tiles(R, 0, alpha + (long)r0 * n, n, 0, n, (const char *)panels + P0 * panel_stride * element, half,

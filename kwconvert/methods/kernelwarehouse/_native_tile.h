@@ -2,8 +2,9 @@
  * The register tiles of kw_native_conv and of the assembly, written once for every vector width: _native.c
  * defines TILE_NAME, TILE_VEC, TILE_WIDTH (floats per vector), TILE_MAX_VECTORS, the
  * TILE_* intrinsics and the panels' element type TILE_WTYPE with its TILE_WLOAD (float32, or
- * float16 converted on load: a half-size warehouse copy), then includes this file (C's
- * stand-in for a template).  It undefines the three that vary per copy; _native.c the rest.
+ * float16 converted on load: a half-size warehouse copy, which only the assembly reads, so its copies
+ * define TILE_RUNS_ONLY), then includes this file (C's stand-in for a template).  It undefines the
+ * four that vary per copy; _native.c the rest.
  *
  * C[r, col + j] (+)= sum over segments g in [g0, g1), rows q in [q0, q1) of
  * A[r, g * seg_len + q] * panels[g][q * ldw + col + j] (ldw: the panels' row stride, NP where
@@ -11,6 +12,7 @@
  * first: the sums start from the bias (or 0) instead of C.  TILE_NAME##_run, below, runs
  * short ones back to back.
  */
+#ifndef TILE_RUNS_ONLY
 static inline __attribute__((always_inline)) void TILE_NAME(
     const int R, const int NV, int first, const float *A, long lda, const TILE_WTYPE *const *panels, int g0, int g1,
     int seg_len, int q0, int q1, int NP, long ldw, int col, float *C, long ldc, const float *bias)
@@ -38,7 +40,7 @@ static inline __attribute__((always_inline)) void TILE_NAME(
         for (int v = 0; v < NV; v++)
             TILE_STORE(C + r * ldc + col + TILE_WIDTH * v, acc[r][v]);
 }
-
+#endif
 
 /*
  * A run of short tiles, TILE_NAME##_run: for each of `count` tiles t, out_t[r, col + j] (+)= sum over
@@ -80,3 +82,4 @@ static inline __attribute__((always_inline)) void KW_CAT(TILE_NAME, _run)(
 #undef TILE_NAME
 #undef TILE_WTYPE
 #undef TILE_WLOAD
+#undef TILE_RUNS_ONLY
