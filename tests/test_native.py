@@ -223,6 +223,15 @@ def test_inline_in_training_gives_the_reference_gradients(cin, cout, kernel, cel
 
 
 @needs_native
+def test_inline_in_training_without_the_forwards_im2col_gathers_it_again_with_the_same_gradients(monkeypatch):
+    """Up to the bytes a path may keep, the weight gradient reads the forward's im2col transposed in
+    place; past them (none kept here) it gathers a transposed copy: the same reference gradients."""
+    monkeypatch.setattr(paths, "KEEP_KERNELS_BYTES", 0)
+    layer = kw_layer(32, 64, 3, (64, 32), stride=2, padding=1, bias=True)
+    assert_inline_trains_like_the_float64_reference(layer, torch.randn(7, 32, 5, 6))
+
+
+@needs_native
 @pytest.mark.parametrize("threads", [2, 3])
 def test_inline_weight_gradient_is_the_same_on_any_number_of_threads(threads):
     """The threads of ``inline_weight_grad`` share one warehouse gradient, each writing its own
@@ -510,6 +519,89 @@ def test_a_weight_gradient_over_two_groups_of_samples_equals_the_reference():
     warehouse's gradient, and gives the float64 reference's gradients."""
     assert_inline_trains_like_the_float64_reference(kw_layer(16, 32, 3, (32, 16), padding=1),
                                                    torch.randn(70, 16, 4, 4))
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_the_weight_gradient_of_every_copy_reads_an_im2col_transposed_in_place(isa, monkeypatch):
+    """The im2col ``(B, rows, K)`` viewed transposed is read where it lies (elements K apart along
+    each of A^T's rows): the same sums, to the bit, as from a transposed copy; past
+    ``IN_PLACE_ROWS`` rows the operator takes a copy."""
+    run_on_isa(isa, monkeypatch)
+    tiling, cols, alpha, rows, _ = inline_operands(batch=8)
+    grad = torch.randn(cols.shape[0], cols.shape[1], tiling.weight_shape[0])
+    in_place = native.inline_weight_grad(tiling, cols.transpose(1, 2), grad, alpha, rows)
+    copied = native.inline_weight_grad(tiling, cols.transpose(1, 2).contiguous(), grad, alpha, rows)
+    assert all(torch.equal(a, b) for a, b in zip(in_place, copied))
+    monkeypatch.setattr(native, "IN_PLACE_ROWS", cols.shape[1] - 1)
+    assert all(torch.equal(a, b) for a, b in
+               zip(native.inline_weight_grad(tiling, cols.transpose(1, 2), grad, alpha, rows), copied))
+
+
+#: premix's operands: batch, output pixels L, segments S (kernel positions x input blocks), c_e,
+#: output blocks, cells n; row tiles of every height (n = 1, 7, 13), several panels per pixel
+PREMIX_SHAPES = [(3, 16, 9, 128, 1, 9), (2, 5, 18, 64, 2, 13), (4, 3, 2, 16, 3, 7), (1, 1, 9, 48, 1, 1)]
+
+
+def premix_float64(cols, weights, n, c_e):
+    """``premix``'s rows ``(B * OB * L, n * c_e)`` in float64 einsums."""
+    batch, length, depth = cols.shape
+    grid = weights.double().view(batch, -1, n, weights.shape[2])  # (B, OB, n, S)
+    mixed = torch.einsum("bojs,blsc->boljc", grid, cols.double().view(batch, length, -1, c_e))
+    return mixed.reshape(-1, n * c_e)
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_the_premix_operators_of_every_copy_equal_float64_products(isa, monkeypatch):
+    """``premix`` (each pixel's im2col row mixed per cell) and its two gradients, in the kernel and
+    in the PyTorch fallback, against float64 einsums: output blocks, input blocks, partial tiles."""
+    run_on_isa(isa, monkeypatch)
+    torch.manual_seed(3)
+    for batch, length, segments, c_e, blocks_out, n in PREMIX_SHAPES:
+        assert native.premixes(c_e)
+        cols = torch.randn(batch, length, segments * c_e, dtype=torch.float64)
+        weights = torch.randn(batch, blocks_out * n, segments, dtype=torch.float64)
+        grad = torch.randn(batch * blocks_out * length, n * c_e, dtype=torch.float64)
+        expected = (premix_float64(cols, weights, n, c_e),
+                    *torch.autograd.functional.vjp(lambda c, w: premix_float64(c, w, n, c_e), (cols, weights), grad)[1])
+        cols, weights, grad = cols.float(), weights.float(), grad.float()
+        for compiled in (True, False):
+            with monkeypatch.context() as patched:
+                if not compiled:
+                    patched.setattr(native, "_library", lambda: None)
+                got = (native.premix(cols, weights, n, c_e), native.premix_input_grad(grad, weights, length, c_e),
+                       native.premix_weight_grad(grad, cols, n, c_e))
+            for index, (g, e) in enumerate(zip(got, expected)):
+                assert g.shape == e.shape and relative_error(g, e) <= FLOAT32, (c_e, compiled, index)
+
+
+@needs_native
+def test_the_premix_operators_pass_opcheck():
+    """premix and its gradients: schema, fake implementation, dynamic batch."""
+    batch, length, segments, c_e, blocks_out, n = PREMIX_SHAPES[1]
+    cols, weights = torch.randn(batch, length, segments * c_e), torch.randn(batch, blocks_out * n, segments)
+    grad = torch.randn(batch * blocks_out * length, n * c_e)
+    torch.library.opcheck(torch.ops.kwconvert.premix.default, (cols, weights, n, c_e))
+    torch.library.opcheck(torch.ops.kwconvert.premix_input_grad.default, (grad, weights, length, c_e))
+    torch.library.opcheck(torch.ops.kwconvert.premix_weight_grad.default, (grad, cols, n, c_e))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "gathered-again"])
+def test_premix_of_every_copy_trains_like_the_float64_reference(isa, keep, monkeypatch):
+    """"premix" in float32 mixes the inputs and takes both their gradients in the compiled kernel:
+    a 3x3 layer, a strided one of two output and two input blocks, a 1x1 one of three input blocks:
+    output and every gradient equal the float64 reference's, whether backward finds the im2col
+    and the mixed inputs kept or gathers and mixes them again."""
+    run_on_isa(isa, monkeypatch)
+    if not keep:
+        monkeypatch.setattr(paths, "KEEP_KERNELS_BYTES", 0)
+    for layer, x in ((kw_layer(32, 32, 3, (32, 32), padding=1, bias=True), torch.randn(5, 32, 4, 4)),
+                     (kw_layer(32, 32, 3, (16, 16), stride=2, padding=1), torch.randn(3, 32, 7, 7)),
+                     (kw_layer(48, 16, 1, (16, 16), bias=True), torch.randn(4, 48, 3, 5))):
+        layer.train()
+        assert native.premixes(layer.tiling.cell[1]) and "premix" in paths._available(layer, x)
+        assert_same_grads(grads_on(layer, x, "premix"), grads_on(copy.deepcopy(layer).double(), x.double(), None))
 
 
 def test_a_copy_the_cpu_cannot_execute_is_refused_with_a_warning(monkeypatch):

@@ -165,20 +165,23 @@ static void run_tile(int R, int first, const float *A, long lda, const float *co
 
 /* run_tiles' cases (W_TYPE: the element type of the copy dispatched to, float or uint16_t) */
 #define RUN_CASE(NAME, R, NV) case (R) * 8 + (NV): \
-    NAME(R, NV, add, alpha, lda, a_step, n, (const W_TYPE *)w, w_step, ldw, count, col, out, out_step, ldo); break;
+    NAME(R, NV, add, alpha, lda, RUN_AK, a_step, n, (const W_TYPE *)w, w_step, ldw, count, col, out, out_step, ldo); break;
 #define RUN_ROWS(NAME, NV) RUN_CASE(NAME, 1, NV) RUN_CASE(NAME, 2, NV) RUN_CASE(NAME, 3, NV) \
     RUN_CASE(NAME, 4, NV) RUN_CASE(NAME, 5, NV) RUN_CASE(NAME, 6, NV)
 
 /*
  * `count` tiles of R <= MAX_ROWS rows and NP columns back to back (_native_tile.h's TILE_NAME##_run):
- * out_t (+)= alpha_t @ w_t with alpha_t = alpha + t * a_step (rows lda apart), w_t = w + t * w_step
- * (n rows ldw apart; elements float32, or float16 where `half`, which the baseline copy cannot convert
- * and never gets), out_t = out + t * out_step (rows ldo apart); add: onto out_t instead of over it.
+ * out_t (+)= alpha_t @ w_t with alpha_t = alpha + t * a_step (rows lda apart, elements along a row ak
+ * apart: 1, or a matrix read transposed in place), w_t = w + t * w_step (n rows ldw apart; elements
+ * float32, or float16 where `half`, which the baseline copy cannot convert and never gets, read with
+ * ak 1), out_t = out + t * out_step (rows ldo apart); add: onto out_t instead of over it.  ak = 1
+ * has its own instances of the tiles: the same code as without the step.
  */
-static void run_tiles(int R, int add, const float *alpha, long lda, long a_step, int n, const void *w, int half,
-                      long w_step, long ldw, int count, int NP, float *out, long out_step, long ldo)
+static void run_tiles(int R, int add, const float *alpha, long lda, long ak, long a_step, int n, const void *w,
+                      int half, long w_step, long ldw, int count, int NP, float *out, long out_step, long ldo)
 {
 #if KW_VECTOR >= 256
+#define RUN_AK 1
     if (half) {
 #define W_TYPE uint16_t
         WIDE_TILES(RUN_ROWS, h_run)
@@ -187,8 +190,16 @@ static void run_tiles(int R, int add, const float *alpha, long lda, long a_step,
         return;
     }
 #define W_TYPE float
+    if (ak == 1) {
+        WIDE_TILES(RUN_ROWS, _run)
+        NARROW_TILES(RUN_ROWS, _run)
+        return;
+    }
+#undef RUN_AK
+#define RUN_AK ak
     WIDE_TILES(RUN_ROWS, _run)
     NARROW_TILES(RUN_ROWS, _run)
+#undef RUN_AK
 #undef W_TYPE
 #else
     (void)half;
@@ -199,7 +210,7 @@ static void run_tiles(int R, int add, const float *alpha, long lda, long a_step,
                 for (int j = 0; j < NP; j++)
                     c[j] = 0.0f;
             for (int k = 0; k < n; k++) {
-                const float x = alpha[t * a_step + r * lda + k], *row = (const float *)w + t * w_step + k * ldw;
+                const float x = alpha[t * a_step + r * lda + k * ak], *row = (const float *)w + t * w_step + k * ldw;
                 for (int j = 0; j < NP; j++)
                     c[j] += x * row[j];
             }
@@ -208,15 +219,16 @@ static void run_tiles(int R, int add, const float *alpha, long lda, long a_step,
 }
 
 /* `rows` rows of alpha and of out in tile_rows' tiles, each run of equal height in one run_tiles. */
-static void run_row_tiles(int rows, int add, const float *alpha, long lda, int n, const float *w, long ldw, int NP,
-                          float *out, long ldo)
+static void run_row_tiles(int rows, int add, const float *alpha, long lda, long ak, int n, const float *w, long ldw,
+                          int NP, float *out, long ldo)
 {
     const int tiles = (rows + MAX_ROWS - 1) / MAX_ROWS, base = rows / tiles, extra = rows % tiles;
     const long high = (long)extra * (base + 1);
     if (extra)
-        run_tiles(base + 1, add, alpha, lda, (base + 1) * lda, n, w, 0, 0, ldw, extra, NP, out, (base + 1) * ldo, ldo);
-    run_tiles(base, add, alpha + high * lda, lda, base * lda, n, w, 0, 0, ldw, tiles - extra, NP, out + high * ldo,
-              base * ldo, ldo);
+        run_tiles(base + 1, add, alpha, lda, ak, (base + 1) * lda, n, w, 0, 0, ldw, extra, NP, out, (base + 1) * ldo,
+                  ldo);
+    run_tiles(base, add, alpha + high * lda, lda, ak, base * lda, n, w, 0, 0, ldw, tiles - extra, NP,
+              out + high * ldo, base * ldo, ldo);
 }
 
 #define MIX_BLOCK_BYTES (128 * 1024)  /* warehouse panels that stay in L2 across a block's row tiles */
@@ -253,7 +265,7 @@ int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long 
         const long P0 = item * block, P1 = P0 + block < count ? P0 + block : count;
         for (int r0 = 0, R; r0 < rows; r0 += R) {
             R = tile_rows(rows, r0);
-            run_tiles(R, 0, alpha + (long)r0 * n, n, 0, n, (const char *)panels + P0 * panel_stride * element, half,
+            run_tiles(R, 0, alpha + (long)r0 * n, n, 1, 0, n, (const char *)panels + P0 * panel_stride * element, half,
                       panel_stride, half ? NP : row_stride, (int)(P1 - P0), NP, out + (long)r0 * ldc + P0 * NP, NP,
                       ldc);
         }
@@ -434,7 +446,7 @@ static inline void prefetch_for_write(float *p, long floats)
 static void mix_rows(int samples, const float *alpha, long alpha_sample, int n, const float *e, long e_row, int count,
                      int width, float *buffer, long per_sample)
 {
-    run_tiles(samples, 0, alpha, alpha_sample, 0, n, e, 0, e_row, width, count, width, buffer, width, per_sample);
+    run_tiles(samples, 0, alpha, alpha_sample, 1, 0, n, e, 0, e_row, width, count, width, buffer, width, per_sample);
 }
 
 /*
@@ -680,7 +692,10 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
 /*
  * kw_native_inline_weight_grad: the gradients of alpha and of the warehouse, through each
  * sample's kernel gradient dW_b = A[b]^T @ G[b] taken a chunk at a time and never stored whole.
- * AT is the im2col transposed, (batch, K, rows); GP the output gradient per panel, (batch,
+ * A^T is the im2col read transposed in place: element (k, row) of sample b at A + b * a_sample +
+ * k * a_k + row * a_row (the forward's NHWC im2col: a_k 1, a_row K, read by the tiles with a step;
+ * gathering a transposed copy took 1.3-2x as long as the im2col itself, resnet18's maps and the
+ * 28 x 28 net's); GP the output gradient per panel, (batch,
  * panels, rows, NP); E, mixtures and rows_at as for kw_native_inline; alpha_t is alpha as
  * (m, n, batch).  For each (panel, segment) item and chunk of rows, the chunk of dW for a group of
  * samples (in `buffer` as [row][sample][NP]) gives dalpha[b, mixture, j] += <dW_b, E_j> and
@@ -798,7 +813,8 @@ static void dot_block(int S, int J, const float *w, long w_stride, const float *
         }
 }
 
-int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *GP, long gp_sample, const float *E,
+int kw_native_inline_weight_grad(const float *A, long a_sample, long a_k, long a_row, const float *GP, long gp_sample,
+                                 const float *E,
                                  int n, const float *alpha_t, long m_n, const int64_t *mixtures, const int64_t *rows_at,
                                  int num_panels, int segments, int seg_len, int NP, int rows, int batch,
                                  float *dalpha, long dalpha_size, float *dE, int threads)
@@ -831,10 +847,14 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                     const int samples = batch - s0 < group ? batch - s0 : group;
                     for (int s = 0; s < samples; s++) { /* dW chunk: rows q of A^T times G's panel */
                         const float *panel = GP + (long)(s0 + s) * gp_sample + (long)P * rows * NP;
-                        const float *a_t = AT + (long)(s0 + s) * at_sample + ((long)g * seg_len + q0) * rows;
-                        if (s + 1 < samples) /* the next sample's first tile of A^T (the rest follows in order) */
-                            prefetch_rows(a_t + at_sample, rows, tile_rows(count, 0), rows);
-                        run_row_tiles(count, 0, a_t, rows, rows, panel, NP, NP, buffer + (long)s * NP,
+                        const float *a_t = A + (long)(s0 + s) * a_sample + ((long)g * seg_len + q0) * a_k;
+                        if (s + 1 < samples) { /* the next sample's first tile of A^T (the rest follows in order) */
+                            if (a_row == 1)
+                                prefetch_rows(a_t + a_sample, a_k, tile_rows(count, 0), rows);
+                            else
+                                prefetch_rows(a_t + a_sample, a_row, rows, tile_rows(count, 0));
+                        }
+                        run_row_tiles(count, 0, a_t, a_k, a_row, rows, panel, NP, NP, buffer + (long)s * NP,
                                       (long)group * NP);
                     }
                     for (int s = 0; s < samples; s += DOT_SAMPLES) /* dalpha: the chunk against every cell */
@@ -848,7 +868,7 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
                         float *de_q = dE + (row0 + q0 + q) * n * NP;
                         if (q + 1 < count)
                             prefetch_for_write(de_q + (long)n * NP, (long)n * NP);
-                        run_row_tiles(n, 1, alpha_t + mixture * n * batch + s0, batch, samples, chunk, NP, NP, de_q,
+                        run_row_tiles(n, 1, alpha_t + mixture * n * batch + s0, batch, 1, samples, chunk, NP, NP, de_q,
                                       NP);
                     }
                 }
@@ -857,6 +877,89 @@ int kw_native_inline_weight_grad(const float *AT, long at_sample, const float *G
         free(buffer);
     }
     return failed ? -2 : 0;
+}
+
+/*
+ * "premix" (paths.py's _KWConv2dPremixed): on small maps the inputs are mixed per cell instead of
+ * assembling each sample's kernel.  cols is the NHWC im2col (batch, L, S * c_e): S = kernel
+ * positions x input blocks, each c_e channels; weights (batch, OB * n, S) hold, per output block
+ * and cell, the attention of each (position, input block).  The sums are only S = 9-18 long: the
+ * runs of register tiles (run_tiles) take them, where torch.bmm ran these shapes at a seventh of
+ * its speed on longer ones and the layouts its products need cost two transposing copies.
+ * `NP` is the panel width (8, 16, 32 or 64, dividing c_e); each returns 0, or -1 if it cannot.
+ */
+
+/* mixed (batch, OB, L, n, c_e): for every (b, ob, l), weights[b, ob] (n x S) @ cols[b, l] (S x c_e),
+ * the rows of the product with the stacked warehouse.  Items: (b, ob, l). */
+int kw_native_premix(const float *cols, const float *weights, float *mixed, int batch, int L, int S, int c_e,
+                     int OB, int n, int NP, int threads)
+{
+    if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || c_e % NP)
+        return -1;
+    const long depth = (long)S * c_e, items = (long)batch * OB * L;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < items; item++) {
+        const long block = item / L, b = block / OB;  /* block: (b, ob) */
+        const int l = (int)(item % L);
+        const float *w = weights + block * n * S, *x = cols + (b * L + l) * depth;
+        float *out = mixed + item * n * c_e;
+        for (int r0 = 0, R; r0 < n; r0 += R) {
+            R = tile_rows(n, r0);
+            run_tiles(R, 0, w + (long)r0 * S, S, 1, 0, S, x, 0, NP, c_e, c_e / NP, NP, out + (long)r0 * c_e, NP, c_e);
+        }
+    }
+    return 0;
+}
+
+/* The gradient of kw_native_premix's cols: grad_cols[b, l] (S x c_e) = sum over ob of
+ * weights_t[b, ob] (S x n, the weights transposed) @ grad_mixed[b, ob, l] (n x c_e).  Items: (b, l). */
+int kw_native_premix_input_grad(const float *grad_mixed, const float *weights_t, float *grad_cols, int batch, int L,
+                                int S, int c_e, int OB, int n, int NP, int threads)
+{
+    if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || c_e % NP)
+        return -1;
+    const long depth = (long)S * c_e, items = (long)batch * L;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < items; item++) {
+        const long b = item / L;
+        const int l = (int)(item % L);
+        float *out = grad_cols + item * depth;
+        for (int ob = 0; ob < OB; ob++) {
+            const long block = b * OB + ob;
+            const float *w = weights_t + block * S * n, *g = grad_mixed + (block * L + l) * n * c_e;
+            for (int r0 = 0, R; r0 < S; r0 += R) {
+                R = tile_rows(S, r0);
+                run_tiles(R, ob > 0, w + (long)r0 * n, n, 1, 0, n, g, 0, NP, c_e, c_e / NP, NP, out + (long)r0 * c_e,
+                          NP, c_e);
+            }
+        }
+    }
+    return 0;
+}
+
+/* The gradient of kw_native_premix's weights: grad_weights[b, ob] (n x S) = sum over l of
+ * grad_mixed[b, ob, l] (n x c_e) @ cols[b, l]^T, in dot_block's blocks of rows.  c_e must be a
+ * multiple of the vector width (16 covers every copy).  Items: (b, ob). */
+int kw_native_premix_weight_grad(const float *grad_mixed, const float *cols, float *grad_weights, int batch, int L,
+                                 int S, int c_e, int OB, int n, int threads)
+{
+    if (c_e % 16)
+        return -1;
+    const long depth = (long)S * c_e, items = (long)batch * OB;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < items; item++) {
+        const long b = item / OB;
+        const float *g = grad_mixed + item * L * n * c_e, *x = cols + b * L * depth;
+        float *out = grad_weights + item * n * S;
+        memset(out, 0, (size_t)n * S * sizeof(float));
+        for (int j0 = 0; j0 < n; j0 += DOT_SAMPLES)
+            for (int s0 = 0; s0 < S; s0 += DOT_CELLS) {
+                const int J = n - j0 < DOT_SAMPLES ? n - j0 : DOT_SAMPLES, C = S - s0 < DOT_CELLS ? S - s0 : DOT_CELLS;
+                dot_block(J, C, g + (long)j0 * c_e, (long)n * c_e, x + (long)s0 * c_e, depth, L, c_e,
+                          out + (long)j0 * S + s0, S);
+            }
+    }
+    return 0;
 }
 
 /*

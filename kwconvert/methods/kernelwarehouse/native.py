@@ -87,12 +87,19 @@ def _load(isa: str) -> ctypes.CDLL | None:
                                                          i32, i32, i32, i32, i32, i32, pointer, size, size, i32, i32,
                                                          i32]
     library.kw_native_inline_input_grad_rows.restype = i32
-    library.kw_native_inline_weight_grad.argtypes = [pointer, size, pointer, size, pointer, i32, pointer, size,
-                                                     pointer, pointer, i32, i32, i32, i32, i32, i32, pointer, size,
-                                                     pointer, i32]
+    library.kw_native_inline_weight_grad.argtypes = [pointer, size, size, size, pointer, size, pointer, i32, pointer,
+                                                     size, pointer, pointer, i32, i32, i32, i32, i32, i32, pointer,
+                                                     size, pointer, i32]
     library.kw_native_inline_weight_grad.restype = i32
     library.kw_native_mix.argtypes = [pointer, i32, i32, pointer, size, size, i32, i32, i32, pointer, i32]
     library.kw_native_mix.restype = i32
+    premix = [pointer, pointer, pointer] + [i32] * 8
+    library.kw_native_premix.argtypes = premix
+    library.kw_native_premix.restype = i32
+    library.kw_native_premix_input_grad.argtypes = premix
+    library.kw_native_premix_input_grad.restype = i32
+    library.kw_native_premix_weight_grad.argtypes = premix[:-1]
+    library.kw_native_premix_weight_grad.restype = i32
     library.kw_native_depthwise.argtypes = [pointer, i32, i32, i32, pointer, size, pointer, pointer] + [i32] * 12
     library.kw_native_depthwise.restype = i32
     library.kw_native_im2col.argtypes = [pointer, i32, i32, i32, pointer] + [i32] * 13
@@ -497,10 +504,19 @@ def _(grad_rows, alpha, warehouse, weight_shape, cell):
     return grad_rows.new_empty(grad_rows.shape[0], grad_rows.shape[1], math.prod(weight_shape[1:]))
 
 
+#: Output pixels up to which the weight gradient reads the im2col ``(B, rows, K)`` transposed in
+#: place (``inline_weight_grad``); a sample's row tiles then read a few floats per pixel, K apart,
+#: which stay in L2 on small maps (resnet18's layer3 and layer4 at batch 16: the same time as from a
+#: transposed copy) and not on large ones (its layer1, 3136 pixels: 33 ms against 20), which get a
+#: transposed copy.
+IN_PLACE_ROWS = 256
+
+
 def inline_weight_grad(tiling: Tiling, cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: Tensor,
                        into: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The gradients of ``inline_conv``'s attentions ``(B, m, n)`` and warehouse (as ``inline_rows``)
-    from the im2col transposed ``(B, K, rows)``, with no sample's kernel gradient stored whole.
+    from the im2col transposed ``(B, K, rows)`` (a transposed view of the im2col is read in place up
+    to ``IN_PLACE_ROWS`` rows), with no sample's kernel gradient stored whole.
     ``into``: a warehouse gradient (as ``inline_rows``) the kernel adds this one to, returned in
     place of a new one.  The operators ``torch.ops.kwconvert.inline_weight_grad`` and
     ``inline_weight_grad_into``."""
@@ -544,14 +560,16 @@ def _weight_grad_adding(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: 
     width = panel_width(tiling)
     batch, depth, count = cols_t.shape
     panels = tiling.weight_shape[0] // width
-    cols_t, rows = cols_t.contiguous(), rows.contiguous()
+    if cols_t.stride(2) != 1 and (cols_t.stride(1) != 1 or count > IN_PLACE_ROWS):
+        cols_t = cols_t.contiguous()
+    rows = rows.contiguous()
     grad_panels = grad_rows.reshape(batch, count, panels, width).transpose(1, 2).contiguous()  # (B, P, rows, NP)
     alpha_t = alpha.permute(1, 2, 0).contiguous()  # (m, n, B)
     threads = torch.get_num_threads()
     grad_alpha = alpha.new_zeros(threads, *alpha.shape)
     mixtures, rows_at = _inline_tables(tiling, width)
     _refused(library.kw_native_inline_weight_grad(
-        cols_t.data_ptr(), depth * count, grad_panels.data_ptr(), grad_panels[0].numel(), rows.data_ptr(),
+        cols_t.data_ptr(), *cols_t.stride(), grad_panels.data_ptr(), grad_panels[0].numel(), rows.data_ptr(),
         alpha.shape[2], alpha_t.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), rows_at.data_ptr(), panels,
         mixtures.shape[1], tiling.cell[1], width, count, batch, grad_alpha.data_ptr(), alpha.numel(),
         grad_warehouse.data_ptr(), threads), f"an inline weight gradient of panel width {width}")
@@ -898,3 +916,122 @@ def mix(alpha: Tensor, panels: Tensor) -> Tensor:
     in alpha's dtype; ``panels`` may be a float16 copy (``mixes_half``).  The operator
     ``torch.ops.kwconvert.mix``."""
     return _mix(alpha, panels)
+
+
+# --- mixing the inputs instead of the kernels (paths.py's "premix") --------------------------
+#
+# On small maps a sample's kernel costs more than its convolution: "premix" mixes the im2col
+# rows per cell with the attentions, ``mixed[b, ob, l] (n, c_e) = weights[b, ob] (n, S) @
+# cols[b, l] (S, c_e)`` (S = kernel positions x input blocks), and multiplies them by the whole
+# warehouse in one product.  These sums are S = 9-18 long, which the register tiles' runs take.
+
+
+def premixes(c_e: int) -> bool:
+    """Whether the compiled kernel mixes inputs of c_e channels per cell (a multiple of 16, which
+    every copy's dot products and panels divide)."""
+    return available() and c_e % 16 == 0
+
+
+def _positions_of(cols: Tensor, depth: int) -> Tensor:
+    """cols ``(B, L, S * c_e)`` as ``(B, S, L * c_e)``: the PyTorch fallbacks' batched products' layout."""
+    batch, length = cols.shape[:2]
+    return cols.view(batch, length, -1, depth).transpose(1, 2).reshape(batch, -1, length * depth)
+
+
+def _mixed_by_cell(grad_mixed: Tensor, batch: int, length: int, n: int, c_e: int) -> Tensor:
+    """grad_mixed ``(B * OB * L, n * c_e)`` as ``(B, OB * n, L * c_e)`` (the fallbacks' layout)."""
+    grid = grad_mixed.view(batch, -1, length, n, c_e)  # (B, OB, L, n, c_e)
+    return grid.transpose(2, 3).reshape(batch, -1, length * c_e)
+
+
+@torch.library.custom_op("kwconvert::premix", mutates_args=())
+def _premix(cols: Tensor, weights: Tensor, n: int, c_e: int) -> Tensor:
+    _check("cols", cols, 3)
+    _check("weights", weights, 3)
+    batch, length, _ = cols.shape
+    library = _kernel_for(cols, weights)
+    if library is None or not premixes(c_e):
+        mixed = torch.bmm(weights, _positions_of(cols, c_e))  # (B, OB * n, L * c_e)
+        grid = mixed.view(batch, -1, n, length, c_e).transpose(2, 3)
+        return grid.reshape(-1, n * c_e)
+    cols, weights = cols.contiguous(), weights.contiguous()
+    blocks_out, segments = weights.shape[1] // n, weights.shape[2]
+    out = cols.new_empty(batch * blocks_out * length, n * c_e)
+    _refused(library.kw_native_premix(cols.data_ptr(), weights.data_ptr(), out.data_ptr(), batch, length, segments,
+                                      c_e, blocks_out, n, mix_width(c_e), torch.get_num_threads()),
+             f"mixing inputs of {c_e} channels")
+    return out
+
+
+@_premix.register_fake
+def _(cols, weights, n, c_e):
+    return cols.new_empty(cols.shape[0] * (weights.shape[1] // n) * cols.shape[1], n * c_e)
+
+
+@torch.library.custom_op("kwconvert::premix_input_grad", mutates_args=())
+def _premix_input_grad(grad_mixed: Tensor, weights: Tensor, length: int, c_e: int) -> Tensor:
+    _check("grad_mixed", grad_mixed, 2)
+    _check("weights", weights, 3)
+    batch, rows, segments = weights.shape
+    n = grad_mixed.shape[1] // c_e
+    library = _kernel_for(grad_mixed, weights)
+    if library is None or not premixes(c_e):
+        grad = torch.bmm(weights.transpose(1, 2), _mixed_by_cell(grad_mixed, batch, length, n, c_e))  # (B, S, L * c_e)
+        return grad.view(batch, segments, length, c_e).transpose(1, 2).reshape(batch, length, segments * c_e)
+    grad_mixed = grad_mixed.contiguous()
+    weights_t = weights.view(batch, rows // n, n, segments).transpose(2, 3).contiguous()
+    out = grad_mixed.new_empty(batch, length, segments * c_e)
+    _refused(library.kw_native_premix_input_grad(grad_mixed.data_ptr(), weights_t.data_ptr(), out.data_ptr(), batch,
+                                                 length, segments, c_e, rows // n, n, mix_width(c_e),
+                                                 torch.get_num_threads()),
+             f"the gradient of mixing inputs of {c_e} channels")
+    return out
+
+
+@_premix_input_grad.register_fake
+def _(grad_mixed, weights, length, c_e):
+    return grad_mixed.new_empty(weights.shape[0], length, weights.shape[2] * c_e)
+
+
+@torch.library.custom_op("kwconvert::premix_weight_grad", mutates_args=())
+def _premix_weight_grad(grad_mixed: Tensor, cols: Tensor, n: int, c_e: int) -> Tensor:
+    _check("grad_mixed", grad_mixed, 2)
+    _check("cols", cols, 3)
+    batch, length, depth = cols.shape
+    segments, blocks_out = depth // c_e, grad_mixed.shape[0] // (batch * length)
+    library = _kernel_for(grad_mixed, cols)
+    if library is None or not premixes(c_e):
+        return torch.bmm(_mixed_by_cell(grad_mixed, batch, length, n, c_e), _positions_of(cols, c_e).transpose(1, 2))
+    grad_mixed, cols = grad_mixed.contiguous(), cols.contiguous()
+    out = cols.new_empty(batch, blocks_out * n, segments)
+    _refused(library.kw_native_premix_weight_grad(grad_mixed.data_ptr(), cols.data_ptr(), out.data_ptr(), batch,
+                                                  length, segments, c_e, blocks_out, n, torch.get_num_threads()),
+             f"the attentions' gradient of mixing inputs of {c_e} channels")
+    return out
+
+
+@_premix_weight_grad.register_fake
+def _(grad_mixed, cols, n, c_e):
+    batch, length, depth = cols.shape
+    return cols.new_empty(batch, grad_mixed.shape[0] // (batch * length) * n, depth // c_e)
+
+
+def premix(cols: Tensor, weights: Tensor, n: int, c_e: int) -> Tensor:
+    """The rows ``(B * OB * L, n * c_e)``, laid out ``(B, OB, L, n, c_e)``, of every pixel's inputs
+    mixed per cell: ``weights[b, ob] (n, S) @ cols[b, l] (S, c_e)`` for the NHWC im2col ``cols
+    (B, L, S * c_e)`` and ``weights (B, OB * n, S)``.  The operator ``torch.ops.kwconvert.premix``;
+    its gradients are ``premix_input_grad`` and ``premix_weight_grad`` (the caller's autograd
+    node runs them)."""
+    return _premix(cols, weights, n, c_e)
+
+
+def premix_input_grad(grad_mixed: Tensor, weights: Tensor, length: int, c_e: int) -> Tensor:
+    """``(B, L, S * c_e)``: the gradient of ``premix``'s cols, ``sum_ob weights[b, ob]^T @
+    grad_mixed[b, ob, l]``."""
+    return _premix_input_grad(grad_mixed, weights, length, c_e)
+
+
+def premix_weight_grad(grad_mixed: Tensor, cols: Tensor, n: int, c_e: int) -> Tensor:
+    """``(B, OB * n, S)``: the gradient of ``premix``'s weights, ``sum_l grad_mixed[b, ob, l] @
+    cols[b, l]^T``."""
+    return _premix_weight_grad(grad_mixed, cols, n, c_e)

@@ -131,11 +131,6 @@ def _is_pointwise(spec: ConvSpec) -> bool:
     return spec.kernel == (1, 1) and spec.stride == (1, 1) and not any(spec.padding)
 
 
-def _windows(spec: ConvSpec, x: Tensor) -> Tensor:
-    """The ``(B, OH, OW, C, kh, kw)`` windows of a channels-last input, a view (of the padded input)."""
-    return native.windows(x, spec.kernel, spec.stride, spec.dilation, spec.padding)
-
-
 def _col2im(spec: ConvSpec, grad_cols: Tensor, shape: torch.Size) -> Tensor:
     """The gradient of ``_im2col``: the pixels' sums of the rows that read them."""
     if _is_pointwise(spec):
@@ -421,7 +416,9 @@ class _KWConv2dBatched(torch.autograd.Function):
 class _KWConv2dInline(torch.autograd.Function):
     """Path ``"inline"`` in training: forward and backward in the compiled kernel, assembly inside.
 
-    Forward is ``native.inline_conv``; backward takes the im2col again and runs
+    Forward is ``native.inline_conv``; backward takes the forward's im2col (kept up to the bytes a
+    path may keep, ``_keep_limit``: the 28 x 28 net's training step 0.99x the time) or gathers it
+    again transposed, and runs
     ``native.inline_input_grad`` (the rows' gradient, kernels mixed transposed chunk by chunk)
     and ``native.inline_weight_grad`` (each sample's kernel gradient a chunk at a time, turned at
     once into alpha's and the warehouse's).  No batch of kernels or of kernel gradients exists at
@@ -430,21 +427,24 @@ class _KWConv2dInline(torch.autograd.Function):
     (``assembly.training_rows``) and returns their gradient in that layout, or adds it into the
     sum the backward pass's layers share (``rows_gradient``) and returns none; the cells ride
     along for the input gradient's second copy (no gradient of their own).  Saves the input,
-    alpha and the warehouse.
+    alpha, the warehouse and maybe the im2col.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, rows: Tensor, bias: Tensor | None, spec: ConvSpec,
                 cells: Tensor, rows_gradient: RowsGradient | None) -> Tensor:
         ctx.spec, ctx.rows_gradient = spec, rows_gradient
-        ctx.save_for_backward(x, alpha, rows, cells)
         out_h, out_w = spec.output_size(*x.shape[2:])
-        out = native.inline_conv(spec.tiling, _im2col(spec, x)[0], alpha, rows, bias)
+        cols = _im2col(spec, x)[0]
+        kept = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        kept = kept and cols.numel() * cols.element_size() <= _keep_limit(x)
+        ctx.save_for_backward(x, alpha, rows, cells, cols if kept else None)
+        out = native.inline_conv(spec.tiling, cols, alpha, rows, bias)
         return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, alpha, rows, cells = ctx.saved_tensors
+        x, alpha, rows, cells, cols = ctx.saved_tensors
         spec, tiling = ctx.spec, ctx.spec.tiling
         need_x, need_alpha, need_rows, need_bias = ctx.needs_input_grad[:4]
         grad_rows = grad.permute(0, 2, 3, 1).reshape(x.shape[0], -1, grad.shape[1])  # (B, L, C_out)
@@ -455,8 +455,9 @@ class _KWConv2dInline(torch.autograd.Function):
         if need_alpha or need_rows:
             shared = ctx.rows_gradient if need_rows else None
             total = None if shared is None else shared.sum_so_far()
-            grad_alpha, grad_rows_of_cells = native.inline_weight_grad(tiling, _im2col_t(spec, x), grad_rows,
-                                                                       alpha, rows, into=total)
+            cols_t = _im2col_t(spec, x) if cols is None else cols.transpose(1, 2)
+            grad_alpha, grad_rows_of_cells = native.inline_weight_grad(tiling, cols_t, grad_rows, alpha, rows,
+                                                                       into=total)
             grad_alpha = grad_alpha if need_alpha else None
             if not need_rows or total is not None:  # none asked for, or added into the pass's sum
                 grad_rows_of_cells = None
@@ -483,54 +484,26 @@ def _one_copy(cells: Tensor) -> bool:
 # --- mixing the inputs instead of the kernels (late stages of small images) ------------------
 
 
-def _positions(spec: ConvSpec, x: Tensor) -> Tensor:
-    """The im2col by kernel position and input block: ``(B, S * IB, L * c_e)``.
-
-    Row ``(s, ib)`` of a sample holds, for every output pixel l, the c_e channels of input
-    block ib that kernel position s reads there.  No copy for a 1x1 stride-1 unpadded
-    convolution with one input block (the channels-last input is that matrix).
-    """
-    tiling = spec.tiling
-    batch = x.shape[0]
-    blocks_in, c_e = tiling.blocks_in, tiling.cell[1]
-    windows = _windows(spec, x)  # (B, OH, OW, C, kh, kw)
-    out_h, out_w = windows.shape[1:3]
-    windows = windows.unflatten(3, (blocks_in, c_e)).permute(0, 5, 6, 3, 1, 2, 4)  # (B, kh, kw, IB, OH, OW, c_e)
-    return windows.reshape(batch, tiling.spatial * blocks_in, out_h * out_w * c_e)
-
-
-def _positions_backward(spec: ConvSpec, grad: Tensor, shape: torch.Size) -> Tensor:
-    """The gradient of ``_positions``: strided in-place adds, one per kernel position."""
-    tiling = spec.tiling
-    batch, channels, height, width = shape
-    out_h, out_w = spec.output_size(height, width)
-    grid = grad.view(batch, *spec.kernel, tiling.blocks_in, out_h, out_w, tiling.cell[1]).permute(0, 1, 2, 4, 5, 3, 6)
-    if _is_pointwise(spec):
-        return grid[:, 0, 0].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-    return native.sum_windows(grid, shape, spec.stride, spec.dilation, spec.padding)
-
-
 def _premix_alpha(tiling: Tiling, alpha: Tensor) -> Tensor:
     """alpha ``(B, m, n)`` as ``(B, OB * n, S * IB)``: per output block and cell, the
-    attention of every (kernel position, input block) mixture."""
+    attention of every (kernel position, input block) mixture, in the im2col's K order."""
     batch, _, n = alpha.shape
     grid = alpha.reshape(batch, tiling.spatial, tiling.blocks_out, tiling.blocks_in, n)
     return grid.permute(0, 2, 4, 1, 3).reshape(batch, tiling.blocks_out * n, tiling.spatial * tiling.blocks_in)
 
 
-def _premixed(tiling: Tiling, mixed: Tensor, length: int) -> Tensor:
-    """``bmm`` output ``(B, OB * n, L * c_e)`` as the product's rows ``(B * OB * L, n * c_e)``."""
-    batch, rows = mixed.shape[0], mixed.shape[1]
+def _premix_alpha_grad(tiling: Tiling, grad_weights: Tensor) -> Tensor:
+    """The gradient of ``_premix_alpha``'s input from its output's: ``(B, OB * n, S * IB)`` as ``(B, m, n)``."""
+    batch, rows, _ = grad_weights.shape
     n = rows // tiling.blocks_out
-    grid = mixed.view(batch, tiling.blocks_out, n, length, tiling.cell[1]).transpose(2, 3)
-    return grid.reshape(batch * tiling.blocks_out * length, n * tiling.cell[1])
+    grid = grad_weights.view(batch, tiling.blocks_out, n, tiling.spatial, tiling.blocks_in)
+    return grid.permute(0, 3, 1, 4, 2).reshape(batch, -1, n)
 
 
-def _premix_rows(spec: ConvSpec, positions: Tensor, alpha: Tensor, x_shape: torch.Size) -> Tensor:
-    """The product's rows from the im2col by position (``_positions``): every pixel's inputs mixed
-    per cell, ``(B * OB * L, n * c_e)``."""
-    out_h, out_w = spec.output_size(x_shape[2], x_shape[3])
-    return _premixed(spec.tiling, torch.bmm(_premix_alpha(spec.tiling, alpha), positions), out_h * out_w)
+def _premix_rows(spec: ConvSpec, cols: Tensor, alpha: Tensor) -> Tensor:
+    """The product's rows from the im2col: every pixel's inputs mixed per cell,
+    ``(B * OB * L, n * c_e)`` laid out ``(B, OB, L, n, c_e)``."""
+    return native.premix(cols, _premix_alpha(spec.tiling, alpha), alpha.shape[2], spec.tiling.cell[1])
 
 
 def _premix_warehouse(cells: Tensor, f_e: int) -> Tensor:
@@ -559,7 +532,7 @@ def _premix_product(spec: ConvSpec, mixed: Tensor, cells: Tensor, bias: Tensor |
 
 def _premix_forward(spec: ConvSpec, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None) -> Tensor:
     """The ``"premix"`` convolution outside autograd: the inputs mixed per cell, then the product."""
-    return _premix_product(spec, _premix_rows(spec, _positions(spec, x), alpha, x.shape), cells, bias, x.shape)
+    return _premix_product(spec, _premix_rows(spec, _im2col(spec, x)[0], alpha), cells, bias, x.shape)
 
 
 @_keeps_autocast
@@ -568,62 +541,57 @@ class _KWConv2dPremixed(torch.autograd.Function):
 
     Each mixture i (kernel position s, output block o, input block ib) is
     ``w_i = sum_j alpha_ij e_j``, so a sample's output block o is
-    ``sum_j (sum_(s, ib) alpha_(s,o,ib),j X_(s,ib)) e_j^T``: the im2col columns are mixed per
-    cell with the attentions (one small batched product), then multiplied by the warehouse
-    stacked ``(n * c_e, f_e)`` in one plain product over the whole batch.  It costs
+    ``sum_j (sum_(s, ib) alpha_(s,o,ib),j X_(s,ib)) e_j^T``: every pixel's im2col row is mixed per
+    cell with the attentions (``native.premix``: sums of S * IB terms), then multiplied by the
+    warehouse stacked ``(n * c_e, f_e)`` in one plain product over the whole batch.  It costs
     ``L * n * (K * OB + c_e * C_out)`` multiply-adds per sample against
     ``n * K * C_out + L * K * C_out`` for assembling the kernels and convolving (L output
     pixels, K = kh * kw * C_in): less where L is small (the 4 x 4 and 7 x 7 maps of 28 x 28
     images), and it never writes a batch of kernels (B x C_out x K floats, far more than
     such a map's activations).  Saves alpha, the warehouse and the input, and, up to the bytes
-    a path may keep (``KEEP_KERNELS_BYTES``), the im2col by position and the mixed inputs, which
-    the gradients of alpha and the warehouse read: kept, the backward neither gathers nor mixes
+    a path may keep (``KEEP_KERNELS_BYTES``), the im2col and the mixed inputs, which the
+    gradients of alpha and the warehouse read: kept, the backward neither gathers nor mixes
     again (the 28 x 28 net's 4 x 4 layer at batch 64, 9.4 MB: 0.89x its forward and backward).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, cells: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         ctx.spec = spec
-        positions = _positions(spec, x)
-        mixed = _premix_rows(spec, positions, alpha, x.shape)
-        # the gradient of alpha reads the positions, the warehouse's both
-        need_positions, need_mixed = ctx.needs_input_grad[1] or ctx.needs_input_grad[2], ctx.needs_input_grad[2]
-        kept = (positions.numel() * need_positions + mixed.numel() * need_mixed) * mixed.element_size() \
-            <= _keep_limit(x)
-        ctx.save_for_backward(x, alpha, cells, positions if kept and need_positions else None,
+        cols = _im2col(spec, x)[0]
+        mixed = _premix_rows(spec, cols, alpha)
+        # the gradient of alpha reads the im2col, the warehouse's the mixed inputs
+        need_cols, need_mixed = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        kept = (cols.numel() * need_cols + mixed.numel() * need_mixed) * mixed.element_size() <= _keep_limit(x)
+        ctx.save_for_backward(x, alpha, cells, cols if kept and need_cols else None,
                               mixed if kept and need_mixed else None)
         return _premix_product(spec, mixed, cells, bias, x.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, alpha, cells, positions, mixed = ctx.saved_tensors
+        x, alpha, cells, cols, mixed = ctx.saved_tensors
         spec, tiling = ctx.spec, ctx.spec.tiling
         need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
-        if positions is None and (need_alpha or need_cells):
-            positions = _positions(spec, x)
+        if cols is None and (need_alpha or (need_cells and mixed is None)):
+            cols = _im2col(spec, x)[0]
         if mixed is None and need_cells:
-            mixed = _premix_rows(spec, positions, alpha, x.shape)
-        batch, mixtures, n = alpha.shape
+            mixed = _premix_rows(spec, cols, alpha)
+        batch, _, n = alpha.shape
         f_e, c_e = tiling.cell[:2]
         blocks_out = tiling.blocks_out
         length = grad.shape[2] * grad.shape[3]
         # the output's gradient as the product's rows (B * OB * L, f_e)
         grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, length, blocks_out, f_e).transpose(1, 2)
         grad_rows = grad_rows.reshape(batch * blocks_out * length, f_e)
-        weights = _premix_alpha(tiling, alpha)  # (B, OB * n, S * IB)
         grad_x = grad_alpha = grad_cells = grad_bias = None
         if need_cells:
             grad_cells = torch.mm(mixed.t(), grad_rows).view(n, c_e, f_e).transpose(1, 2).reshape(cells.shape)
         if need_x or need_alpha:
             grad_mixed = torch.mm(grad_rows, _premix_warehouse(cells, f_e).t())  # (B * OB * L, n * c_e)
-            grid = grad_mixed.view(batch, blocks_out, length, n, c_e).transpose(2, 3)
-            grad_mixed = grid.reshape(batch, blocks_out * n, length * c_e)
             if need_alpha:
-                grad_weights = torch.bmm(grad_mixed, positions.transpose(1, 2))  # (B, OB * n, S * IB)
-                grid = grad_weights.view(batch, blocks_out, n, tiling.spatial, tiling.blocks_in)
-                grad_alpha = grid.permute(0, 3, 1, 4, 2).reshape(batch, mixtures, n)
+                grad_alpha = _premix_alpha_grad(tiling, native.premix_weight_grad(grad_mixed, cols, n, c_e))
             if need_x:
-                grad_x = _positions_backward(spec, torch.bmm(weights.transpose(1, 2), grad_mixed), x.shape)
+                grad_cols = native.premix_input_grad(grad_mixed, _premix_alpha(tiling, alpha), length, c_e)
+                grad_x = _col2im(spec, grad_cols, x.shape)
         if need_bias:
             grad_bias = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_alpha, grad_cells, grad_bias, None
