@@ -910,6 +910,14 @@ def test_the_operators_check_their_operands():
     tiling, cols, alpha, rows, bias = inline_operands()
     with pytest.raises(ValueError, match=r"kwconvert::inline_conv: .* do not fit a kernel \(32, 32, 3, 3\)"):
         native.inline_conv(tiling, cols, alpha[:, :, :-1], rows, bias)
+    cols, weights = torch.randn(2, 5, 9 * 16), torch.randn(2, 7, 9)
+    with pytest.raises(ValueError, match=r"kwconvert::premix: cols \(2, 5, 144\), weights \(2, 7, 9\) do not fit "
+                                         r"7 cells of 32 input channels"):
+        native.premix(cols, weights, 7, 32)
+    with pytest.raises(ValueError, match="kwconvert::premix_input_grad: .* do not fit 7 cells of 16"):
+        native.premix_input_grad(torch.randn(69, 7 * 16), weights, 5, 16)
+    with pytest.raises(ValueError, match="kwconvert::premix_weight_grad: .* do not fit 7 cells of 16"):
+        native.premix_weight_grad(torch.randn(10, 6 * 16), cols, 7, 16)
 
 
 def graph_recorder():

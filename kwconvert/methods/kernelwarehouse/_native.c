@@ -165,7 +165,8 @@ static void run_tile(int R, int first, const float *A, long lda, const float *co
 
 /* run_tiles' cases (W_TYPE: the element type of the copy dispatched to, float or uint16_t) */
 #define RUN_CASE(NAME, R, NV) case (R) * 8 + (NV): \
-    NAME(R, NV, add, alpha, lda, RUN_AK, a_step, n, (const W_TYPE *)w, w_step, ldw, count, col, out, out_step, ldo); break;
+    NAME(R, NV, add, alpha, lda, RUN_AK, a_step, n, (const W_TYPE *)w, w_step, ldw, count, col, out, out_step, ldo); \
+    break;
 #define RUN_ROWS(NAME, NV) RUN_CASE(NAME, 1, NV) RUN_CASE(NAME, 2, NV) RUN_CASE(NAME, 3, NV) \
     RUN_CASE(NAME, 4, NV) RUN_CASE(NAME, 5, NV) RUN_CASE(NAME, 6, NV)
 
@@ -692,11 +693,11 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
 /*
  * kw_native_inline_weight_grad: the gradients of alpha and of the warehouse, through each
  * sample's kernel gradient dW_b = A[b]^T @ G[b] taken a chunk at a time and never stored whole.
- * A^T is the im2col read transposed in place: element (k, row) of sample b at A + b * a_sample +
- * k * a_k + row * a_row (the forward's NHWC im2col: a_k 1, a_row K, read by the tiles with a step;
- * gathering a transposed copy took 1.3-2x as long as the im2col itself, resnet18's maps and the
- * 28 x 28 net's); GP the output gradient per panel, (batch,
- * panels, rows, NP); E, mixtures and rows_at as for kw_native_inline; alpha_t is alpha as
+ * A^T is the im2col transposed: element (k, row) of sample b at A + b * a_sample + k * a_k + row *
+ * a_row, either a transposed copy (a_k rows, a_row 1) or the forward's NHWC im2col read in place
+ * (a_k 1, a_row K: the tiles step along its rows; gathering the copy took 1.3-2x as long as the
+ * im2col itself on resnet18's maps and the 28 x 28 net's); GP the output gradient per panel,
+ * (batch, panels, rows, NP); E, mixtures and rows_at as for kw_native_inline; alpha_t is alpha as
  * (m, n, batch).  For each (panel, segment) item and chunk of rows, the chunk of dW for a group of
  * samples (in `buffer` as [row][sample][NP]) gives dalpha[b, mixture, j] += <dW_b, E_j> and
  * dE[rows, j] += sum_b alpha[b, mixture, j] dW_b.  Items of different panels share mixtures, so
@@ -814,10 +815,9 @@ static void dot_block(int S, int J, const float *w, long w_stride, const float *
 }
 
 int kw_native_inline_weight_grad(const float *A, long a_sample, long a_k, long a_row, const float *GP, long gp_sample,
-                                 const float *E,
-                                 int n, const float *alpha_t, long m_n, const int64_t *mixtures, const int64_t *rows_at,
-                                 int num_panels, int segments, int seg_len, int NP, int rows, int batch,
-                                 float *dalpha, long dalpha_size, float *dE, int threads)
+                                 const float *E, int n, const float *alpha_t, long m_n, const int64_t *mixtures,
+                                 const int64_t *rows_at, int num_panels, int segments, int seg_len, int NP, int rows,
+                                 int batch, float *dalpha, long dalpha_size, float *dE, int threads)
 {
     if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
         return -1;

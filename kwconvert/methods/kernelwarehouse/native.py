@@ -932,10 +932,17 @@ def premixes(c_e: int) -> bool:
     return available() and c_e % 16 == 0
 
 
-def _positions_of(cols: Tensor, depth: int) -> Tensor:
+def _positions_of(cols: Tensor, c_e: int) -> Tensor:
     """cols ``(B, L, S * c_e)`` as ``(B, S, L * c_e)``: the PyTorch fallbacks' batched products' layout."""
     batch, length = cols.shape[:2]
-    return cols.view(batch, length, -1, depth).transpose(1, 2).reshape(batch, -1, length * depth)
+    return cols.view(batch, length, -1, c_e).transpose(1, 2).reshape(batch, -1, length * c_e)
+
+
+def _premix_operands(op: str, fits: bool, n: int, c_e: int, **operands: Tensor) -> None:
+    """What ``premix`` and its gradients assume of their operands' shapes, said as an error."""
+    if not fits:
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in operands.items())
+        raise ValueError(f"kwconvert::{op}: {shapes} do not fit {n} cells of {c_e} input channels")
 
 
 def _mixed_by_cell(grad_mixed: Tensor, batch: int, length: int, n: int, c_e: int) -> Tensor:
@@ -948,7 +955,9 @@ def _mixed_by_cell(grad_mixed: Tensor, batch: int, length: int, n: int, c_e: int
 def _premix(cols: Tensor, weights: Tensor, n: int, c_e: int) -> Tensor:
     _check("cols", cols, 3)
     _check("weights", weights, 3)
-    batch, length, _ = cols.shape
+    batch, length, depth = cols.shape
+    _premix_operands("premix", weights.shape[0] == batch and weights.shape[1] % n == 0
+                     and depth == weights.shape[2] * c_e, n, c_e, cols=cols, weights=weights)
     library = _kernel_for(cols, weights)
     if library is None or not premixes(c_e):
         mixed = torch.bmm(weights, _positions_of(cols, c_e))  # (B, OB * n, L * c_e)
@@ -974,6 +983,9 @@ def _premix_input_grad(grad_mixed: Tensor, weights: Tensor, length: int, c_e: in
     _check("weights", weights, 3)
     batch, rows, segments = weights.shape
     n = grad_mixed.shape[1] // c_e
+    _premix_operands("premix_input_grad", n * c_e == grad_mixed.shape[1] and n > 0 and rows % n == 0
+                     and grad_mixed.shape[0] == batch * rows // n * length, n, c_e, grad_mixed=grad_mixed,
+                     weights=weights)
     library = _kernel_for(grad_mixed, weights)
     if library is None or not premixes(c_e):
         grad = torch.bmm(weights.transpose(1, 2), _mixed_by_cell(grad_mixed, batch, length, n, c_e))  # (B, S, L * c_e)
@@ -998,7 +1010,10 @@ def _premix_weight_grad(grad_mixed: Tensor, cols: Tensor, n: int, c_e: int) -> T
     _check("grad_mixed", grad_mixed, 2)
     _check("cols", cols, 3)
     batch, length, depth = cols.shape
-    segments, blocks_out = depth // c_e, grad_mixed.shape[0] // (batch * length)
+    segments, blocks_out = depth // c_e, grad_mixed.shape[0] // max(batch * length, 1)
+    _premix_operands("premix_weight_grad", depth % c_e == 0 and grad_mixed.shape[1] == n * c_e
+                     and grad_mixed.shape[0] == batch * blocks_out * length, n, c_e, grad_mixed=grad_mixed,
+                     cols=cols)
     library = _kernel_for(grad_mixed, cols)
     if library is None or not premixes(c_e):
         return torch.bmm(_mixed_by_cell(grad_mixed, batch, length, n, c_e), _positions_of(cols, c_e).transpose(1, 2))
@@ -1013,7 +1028,7 @@ def _premix_weight_grad(grad_mixed: Tensor, cols: Tensor, n: int, c_e: int) -> T
 @_premix_weight_grad.register_fake
 def _(grad_mixed, cols, n, c_e):
     batch, length, depth = cols.shape
-    return cols.new_empty(batch, grad_mixed.shape[0] // (batch * length) * n, depth // c_e)
+    return cols.new_empty(batch, grad_mixed.shape[0] // max(batch * length, 1) * n, depth // c_e)
 
 
 def premix(cols: Tensor, weights: Tensor, n: int, c_e: int) -> Tensor:
