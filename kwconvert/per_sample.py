@@ -211,6 +211,12 @@ class PerSampleConv:
                              f"{self._spatial_dims} spatial dims, got {tuple(x.shape)}")
         return x, unbatched
 
+    def _empty_batch(self, x: Tensor) -> Tensor:
+        """The output of an empty batch (a detection head given no proposals), as torch's
+        convolution returns it: empty, of the output's shape; no sample needs an attention or a
+        kernel, and the per-sample paths cannot split a batch of none."""
+        return self._shared_conv(x, x.new_zeros(self.per_sample_shape))
+
     def _convolve(self, x: Tensor, weight: Tensor, groups: int) -> Tensor:
         """torch's convolution with this layer's geometry; padding modes other than zeros pad first."""
         padding = self.padding

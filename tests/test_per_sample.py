@@ -88,3 +88,43 @@ def test_a_kw_layers_input_gradient_comes_back_in_the_inputs_format_on_every_pat
         expected, = torch.autograd.grad(block(x), x, grad)
     assert is_channels_last(got) == channels_last and (channels_last or got.is_contiguous())
     assert (got - expected).abs().max() <= FLOAT32 * expected.abs().max()
+
+
+def small_classifier() -> nn.Module:
+    """Three 3x3 convolutions (two of one shape, for KernelDNA to derive one from the other) and
+    two linear layers, for 8 input channels."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 10))
+
+
+@pytest.mark.parametrize("method, budget, options", [("kernelwarehouse", 1.0, {"stem": "warehouse"}),
+                                                     ("odconv", 4, {"stem": "convert"}), ("kerneldna", None, {})],
+                         ids=["kernelwarehouse", "odconv", "kerneldna"])
+def test_an_empty_batch_gives_an_empty_output_as_the_original_does(method, budget, options):
+    """A batch of no sample (a detection head given no proposals) runs through every converted layer
+    and comes out empty, of the original's output shape, where the per-sample paths cannot split it."""
+    model = small_classifier().eval()
+    x = torch.randn(0, 8, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        converted = kwconvert.convert(model, budget, method=method, example_inputs=(torch.randn(2, 8, 6, 6),),
+                                      inplace=False, **options).eval()
+        dynamic = [m for m in converted.modules() if hasattr(m, "_empty_batch")]
+        assert dynamic
+        for path in (None, "grouped", "inline") if method == "kernelwarehouse" else (None,):
+            with use_path(path) if path else torch.no_grad():
+                out = converted(x)
+            assert out.shape == expected.shape == (0, 10) and out.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (0, 5, 8), (3, 0, 8)])
+def test_an_empty_batch_or_sequence_through_a_kw_linear_layer_comes_out_empty(shape):
+    """As nn.Linear's: no sample, or samples of no row, give an empty output of out_features columns."""
+    warehouse = kwconvert.Warehouse(4, (6, 8))
+    layer = kwconvert.KWLinear(8, 6, warehouse=warehouse, offset=0, budget=1, hidden=16).eval()
+    with torch.no_grad():
+        out = layer(torch.randn(shape))
+    assert out.shape == (*shape[:-1], 6)

@@ -139,6 +139,8 @@ class _KDNAConvNd(PerSampleConv, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
+        if x.shape[0] == 0:
+            return self._empty_batch(x)
         gate = self.gate(x)
         out = self._shared_conv(x * gate.view(*gate.shape, *(1,) * self._spatial_dims), self.kernel())
         if self.bias is not None:

@@ -539,6 +539,8 @@ class _KWConvNd(PerSampleConv, _KWLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
+        if x.shape[0] == 0:
+            return self._empty_batch(x)
         alpha = self.attention(x)                  # (B, m, n), Sec. 3.3
         if self._spatial_dims == 2 and not execution.is_reference():
             out = path_choice.conv2d(self, grad_in_input_format(x), alpha)  # the same as below, faster on CPU
@@ -589,6 +591,8 @@ class KWLinear(_KWLayer):
         batch = x.unsqueeze(0) if single else x
         if batch.shape[-1] != self.in_features:
             raise ValueError(f"{self._label}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        if batch.numel() == 0:  # no sample or no row: empty, as nn.Linear's output
+            return F.linear(x, x.new_zeros(self.out_features, self.in_features))
         rows = batch.reshape(batch.shape[0], -1, self.in_features)    # (B, L, in)
         alpha = self.attention(rows.transpose(1, 2))                   # (B, m, n), pooled over L
         if rows.device.type == "cpu" and not execution.is_reference():

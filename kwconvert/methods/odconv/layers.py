@@ -227,6 +227,8 @@ class _ODConvNd(PerSampleConv, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
+        if x.shape[0] == 0:
+            return self._empty_batch(x)
         attentions = self.attention(x)
         ones = (1,) * self._spatial_dims
         x = x * attentions.channel.view(*attentions.channel.shape, *ones)
