@@ -53,6 +53,9 @@
 
 const char *kw_native_isa(void) { return KW_ISA; }
 
+/* The panel widths the tiles take: 8, 16, 32 or 64 columns. */
+static inline int is_panel_width(int NP) { return NP == 8 || NP == 16 || NP == 32 || NP == 64; }
+
 /* Row tiles of near-equal height (49 rows: 6,6,6,6,5,5,5,5,5, not eight of 6 and a slow one of 1). */
 static inline int tile_rows(int rows, int r0)
 {
@@ -232,6 +235,19 @@ static void run_row_tiles(int rows, int add, const float *alpha, long lda, long 
               out + high * ldo, base * ldo, ldo);
 }
 
+/* out (+)= alpha (rows x n, rows lda apart) @ `count` panels of NP columns (w + t * w_step, rows ldw
+ * apart), written side by side into out (rows ldo apart): a row tile of tile_rows' heights at a time,
+ * each run over the panels. */
+static void run_rows_by_panels(int rows, int add, const float *alpha, long lda, int n, const void *w, int half,
+                               long w_step, long ldw, int count, int NP, float *out, long ldo)
+{
+    for (int r0 = 0, R; r0 < rows; r0 += R) {
+        R = tile_rows(rows, r0);
+        run_tiles(R, add, alpha + (long)r0 * lda, lda, 1, 0, n, w, half, w_step, ldw, count, NP, out + (long)r0 * ldo,
+                  NP, ldo);
+    }
+}
+
 #define MIX_BLOCK_BYTES (128 * 1024)  /* warehouse panels that stay in L2 across a block's row tiles */
 
 /*
@@ -252,7 +268,7 @@ static void run_row_tiles(int rows, int add, const float *alpha, long lda, long 
 int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long panel_stride, long row_stride,
                   int count, int NP, int half, float *out, int threads)
 {
-    if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || (half && !KW_VECTOR))
+    if (!is_panel_width(NP) || (half && !KW_VECTOR))
         return -1;
     const long ldc = (long)count * NP;
     const long element = half ? 2 : 4; /* bytes */
@@ -264,12 +280,8 @@ int kw_native_mix(const float *alpha, int rows, int n, const void *panels, long 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long item = 0; item < blocks; item++) {
         const long P0 = item * block, P1 = P0 + block < count ? P0 + block : count;
-        for (int r0 = 0, R; r0 < rows; r0 += R) {
-            R = tile_rows(rows, r0);
-            run_tiles(R, 0, alpha + (long)r0 * n, n, 1, 0, n, (const char *)panels + P0 * panel_stride * element, half,
-                      panel_stride, half ? NP : row_stride, (int)(P1 - P0), NP, out + (long)r0 * ldc + P0 * NP, NP,
-                      ldc);
-        }
+        run_rows_by_panels(rows, 0, alpha, n, n, (const char *)panels + P0 * panel_stride * element, half, panel_stride,
+                           half ? NP : row_stride, (int)(P1 - P0), NP, out + P0 * NP, ldc);
     }
     return 0;
 }
@@ -295,7 +307,7 @@ int kw_native_conv(const float *A, long a_sample, long lda, const float *W, long
                    int num_panels, int segments, int seg_len, int NP, float *C, long c_sample, long ldc,
                    const float *bias, int rows, int batch, int threads)
 {
-    if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || segments > MAX_SEGMENTS)
+    if (!is_panel_width(NP) || segments > MAX_SEGMENTS)
         return -1;
     const long panel_bytes = (long)segments * seg_len * NP * (long)sizeof(float);
     /* rows outside when all of W_b stays in cache, unless that leaves threads idle (batch 1, few rows) */
@@ -495,7 +507,7 @@ int kw_native_inline(const float *A, long a_sample, long lda, const float *E, in
                     int seg_len, int NP, float *C, long c_sample, long ldc, const float *bias, int rows, int batch,
                     int threads)
 {
-    if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
+    if (!is_panel_width(NP))
         return -1;
     const int blocks = sample_blocks(num_panels, batch, 2L * threads, threads); /* enough items for every thread */
     const long items = (long)num_panels * blocks;
@@ -590,7 +602,7 @@ int kw_native_inline_input_grad(const float *G, long g_sample, long ldg, const f
                                 int seg_len, int QW, float *D, long d_sample, long ldd, int rows, int batch,
                                 int threads)
 {
-    if (QW != 8 && QW != 16 && QW != 32 && QW != 64)
+    if (!is_panel_width(QW))
         return -1;
     const int input_panels = seg_len / QW;
     const int blocks = sample_blocks((long)segments * input_panels, batch, 4L * threads, threads);
@@ -639,7 +651,7 @@ int kw_native_inline_input_grad_rows(const float *G, long g_sample, long ldg, co
                                      int blocks_out, int f_e, int seg_len, int NP, int QW, float *D, long d_sample,
                                      long ldd, int rows, int batch, int threads)
 {
-    if ((QW != 8 && QW != 16 && QW != 32 && QW != 64) || (NP != 8 && NP != 16 && NP != 32 && NP != 64))
+    if (!is_panel_width(QW) || !is_panel_width(NP))
         return -1;
     const int input_panels = seg_len / QW;
     const int split = sample_blocks((long)segments * input_panels, batch, 4L * threads, threads);
@@ -819,7 +831,7 @@ int kw_native_inline_weight_grad(const float *A, long a_sample, long a_k, long a
                                  const int64_t *rows_at, int num_panels, int segments, int seg_len, int NP, int rows,
                                  int batch, float *dalpha, long dalpha_size, float *dE, int threads)
 {
-    if (NP != 8 && NP != 16 && NP != 32 && NP != 64)
+    if (!is_panel_width(NP))
         return -1;
     const long items = (long)num_panels * segments;
     const int group = batch < GRAD_SAMPLES ? batch : GRAD_SAMPLES;
@@ -894,7 +906,7 @@ int kw_native_inline_weight_grad(const float *A, long a_sample, long a_k, long a
 int kw_native_premix(const float *cols, const float *weights, float *mixed, int batch, int L, int S, int c_e,
                      int OB, int n, int NP, int threads)
 {
-    if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || c_e % NP)
+    if (!is_panel_width(NP) || c_e % NP)
         return -1;
     const long depth = (long)S * c_e, items = (long)batch * OB * L;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -903,10 +915,7 @@ int kw_native_premix(const float *cols, const float *weights, float *mixed, int 
         const int l = (int)(item % L);
         const float *w = weights + block * n * S, *x = cols + (b * L + l) * depth;
         float *out = mixed + item * n * c_e;
-        for (int r0 = 0, R; r0 < n; r0 += R) {
-            R = tile_rows(n, r0);
-            run_tiles(R, 0, w + (long)r0 * S, S, 1, 0, S, x, 0, NP, c_e, c_e / NP, NP, out + (long)r0 * c_e, NP, c_e);
-        }
+        run_rows_by_panels(n, 0, w, S, S, x, 0, NP, c_e, c_e / NP, NP, out, c_e);
     }
     return 0;
 }
@@ -916,7 +925,7 @@ int kw_native_premix(const float *cols, const float *weights, float *mixed, int 
 int kw_native_premix_input_grad(const float *grad_mixed, const float *weights_t, float *grad_cols, int batch, int L,
                                 int S, int c_e, int OB, int n, int NP, int threads)
 {
-    if ((NP != 8 && NP != 16 && NP != 32 && NP != 64) || c_e % NP)
+    if (!is_panel_width(NP) || c_e % NP)
         return -1;
     const long depth = (long)S * c_e, items = (long)batch * L;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -927,11 +936,7 @@ int kw_native_premix_input_grad(const float *grad_mixed, const float *weights_t,
         for (int ob = 0; ob < OB; ob++) {
             const long block = b * OB + ob;
             const float *w = weights_t + block * S * n, *g = grad_mixed + (block * L + l) * n * c_e;
-            for (int r0 = 0, R; r0 < S; r0 += R) {
-                R = tile_rows(S, r0);
-                run_tiles(R, ob > 0, w + (long)r0 * n, n, 1, 0, n, g, 0, NP, c_e, c_e / NP, NP, out + (long)r0 * c_e,
-                          NP, c_e);
-            }
+            run_rows_by_panels(S, ob > 0, w, n, n, g, 0, NP, c_e, c_e / NP, NP, out, c_e);
         }
     }
     return 0;
