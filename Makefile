@@ -83,7 +83,7 @@ bench-budgets: $(VENV)/.installed
 
 # Speed and memory of KW models against the plain models (issue 7's targets); 30-60 min.
 bench-speed: $(VENV)/.installed
-	$(BIN)/python benchmarks/speed.py --compile
+	$(BIN)/python benchmarks/speed.py --compile --half-warehouses
 
 # KernelDNA against the plain models (issue 17: inference at >= 0.9x their throughput) on resnet18 b16,
 # resnet50 b8, mobilenet_v2 b16, inference and training steps; about 20 min.

@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -344,6 +345,29 @@ def test_excluded_paths_are_left_out_of_the_choice_and_time_apart():
         with path_choice.excluding("fastest"):
             pass
     path_choice.clear_caches()
+
+
+def test_two_paths_timed_close_go_to_a_runoff_of_same_moment_ratios(monkeypatch):
+    """A path's best time among five rounds can be one lucky run: where two paths' best lie within
+    ``RUNOFF_MARGIN``, the path faster in most back-to-back rounds wins (a clock scripted per path:
+    "a" ran once in 0.85 and otherwise in 1.0, "b" always in 0.9; far apart, no runoff runs)."""
+    layer, x = kw_conv(8, 8, 3, padding=1, dtype=torch.float32).eval(), torch.randn(1, 8, 5, 5)
+    clock = [0.0]
+    runs = {"a": iter([1.0, 0.85] + [1.0] * 20), "b": iter([0.9] * 22), "c": iter([0.5] * 22)}
+    calls = []
+
+    def run(layer, x, alpha, path):
+        calls.append(path)
+        clock[0] += next(runs[path])
+        return x
+
+    monkeypatch.setattr(path_choice, "_run", run)
+    monkeypatch.setattr(path_choice, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    alpha = torch.zeros(1, 1, 1)
+    assert path_choice._fastest(layer, x, alpha, ("a", "b")) == "b"
+    assert calls.count("a") == calls.count("b") == 1 + 5 + 6  # warm-up, the rounds, the runoff
+    calls.clear()
+    assert path_choice._fastest(layer, x, alpha, ("b", "c")) == "c" and len(calls) == 12
 
 
 def test_each_layer_keeps_its_choice_per_input_and_identical_layers_time_once(monkeypatch):

@@ -196,3 +196,19 @@ def test_the_table_shows_issue_16s_tighter_target_beside_issue_7s():
     text = console.export_text()
     assert "<= 1.5 met" in text and "<= 1.3 MISSED" in text and "issue 16" in text
     assert speed.FLOOR_MEMORY_TARGETS[("resnet50", 8)] == 1.3
+
+
+def test_resnet50_batch_1_is_judged_on_float16_warehouses_only_within_the_error_allowed():
+    """Issue 16 lets resnet50 at batch 1 (bound by reading its warehouses) meet its target with an
+    opt-in narrower storage type whose output stays within 1e-3 of float32's: the column judges the
+    float16-served model then, says so, and judges the float32 one when the error is above that or
+    on rows the issue does not allow it."""
+    kw, half = {"median": 2.10, "p25": 2.0, "p75": 2.2}, {"median": 1.71, "p25": 1.65, "p75": 1.77}
+    row = {"model": "resnet50", "batch": 1, "mode": "inference", "budget": 1.0, "vs_plain": kw,
+           "floor_target": speed.FLOOR_TARGETS[("resnet50", 1, "inference")], "half_vs_plain": half,
+           "half_error": 3.8e-4}
+    assert speed.half_judged(row) and speed.floor_note(row) == "<= 2.0 met (float16 warehouses)"
+    assert speed.floor_note({**row, "half_error": 2e-3}) == "<= 2.0 MISSED"
+    assert speed.floor_note({k: v for k, v in row.items() if k != "half_vs_plain"}) == "<= 2.0 MISSED"
+    resnet18 = {**row, "model": "resnet18", "floor_target": speed.FLOOR_TARGETS[("resnet18", 1, "inference")]}
+    assert not speed.half_judged(resnet18) and speed.floor_note(resnet18) == "<= 1.45 MISSED"

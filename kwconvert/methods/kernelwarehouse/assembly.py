@@ -111,9 +111,11 @@ def _kernel_reads(cells: Tensor) -> bool:
     return cells.device.type == "cpu" and cells.dtype == torch.float32 and native.available()
 
 
-def _probe(cells: Tensor) -> Tensor:
+def _sample(cells: Tensor) -> Tensor:
+    """About ``_PROBES`` of the cells' values, a view: compared with a copy taken at packing, one
+    operator tells whether a copy still serves (taking a new sample every call took six)."""
     flat = cells.detach().reshape(-1)
-    return flat[::max(1, flat.numel() // _PROBES)].clone()
+    return flat[::max(1, flat.numel() // _PROBES)]
 
 
 def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
@@ -137,16 +139,18 @@ def _packed_cells(cells: Tensor, panels: int | None = None, layout: str = "mix")
             and (layout != "mix" or native.mix_width(math.prod(cells.shape[1:])) is not None)):
         return None
     key = (cells.data_ptr(), _generation, tuple(cells.shape))
-    probe = _probe(cells)
     half = layout == "mix" and id(cells) in _half and native.mixes_half()
     with _lock:
         entries = _packed.get(id(cells))
         entry = None if entries is None else entries.get((panels, layout, half))
-        if entry is not None and entry[0] == key and torch.equal(entry[1], probe) \
+        # the sample is a view of the storage the key names: it reads the cells' values now
+        if entry is not None and entry[0] == key and torch.equal(entry[1], entry[3]) \
                 and (torch.is_inference_mode_enabled() or not entry[2].is_inference()):
             return entry[2]  # (one packed in inference mode cannot be saved by a training graph)
         if entry is not None:  # stale: not kept alive beside the copy that replaces it
             del entries[(panels, layout, half)]
+    sample = _sample(cells)
+    probe = sample.clone()
     packed = _LAYOUTS[layout](cells.detach(), panels)
     if half:
         packed = packed.half()
@@ -155,7 +159,7 @@ def _packed_cells(cells: Tensor, panels: int | None = None, layout: str = "mix")
         if entries is None:
             weakref.finalize(cells, _packed.pop, id(cells), None)
             entries = _packed[id(cells)] = {}
-        entries[(panels, layout, half)] = (key, probe, packed)
+        entries[(panels, layout, half)] = (key, probe, packed, sample)
     return packed
 
 

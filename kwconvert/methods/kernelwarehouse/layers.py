@@ -195,8 +195,10 @@ def contrasting_attention(logits: Tensor, beta: Tensor, tau: float, eps: float =
     their signs: negative attentions let mixtures contrast cells, which is why CAF beats
     softmax and sigmoid.  At tau = 1 the result is exactly beta.
     """
-    normalised = logits / (logits.abs().sum(dim=-1, keepdim=True) + eps)
-    return tau * beta + (1.0 - tau) * normalised
+    # in place on the temporaries: three fewer operators than the formula written out, the same
+    # values (every layer runs CAF per forward; at batch 1 each operator is a few microseconds)
+    normalised = logits / logits.abs().sum(dim=-1, keepdim=True).add_(eps)
+    return normalised.mul_(1.0 - tau).add_(beta, alpha=tau)
 
 
 #: L1 norm of the held logits of a mixture (``holding_logits``).  A logit step moves a mixture's

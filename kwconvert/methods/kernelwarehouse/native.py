@@ -227,9 +227,15 @@ def _kernel_for(*tensors: Tensor | None) -> ctypes.CDLL | None:
     """The compiled kernel when it can take these tensors (float32 on the CPU), else None: the
     operator then computes the same in PyTorch ops (a program exported where the kernel ran,
     run where it is not built, on another device or in another dtype)."""
-    if all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors):
-        return _library()
-    return None
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            return None
+    return _library()
+
+
+def _sample_numel(tensor: Tensor) -> int:
+    """Elements per sample (dim 0), without the view ``tensor[0]`` would make (an operator call)."""
+    return math.prod(tensor.shape[1:])
 
 
 def _refused(code: int, what: str) -> None:
@@ -267,7 +273,7 @@ def _conv(cols: Tensor, blocks: Tensor, bias: Tensor | None, weight_shape: list[
     out = torch.empty(batch, rows, out_channels, dtype=cols.dtype, device=cols.device)
     panels, segments = offsets.shape
     _refused(library.kw_native_conv(
-        cols.data_ptr(), rows * depth, depth, blocks.data_ptr(), blocks[0].numel(), offsets.data_ptr(), panels,
+        cols.data_ptr(), rows * depth, depth, blocks.data_ptr(), _sample_numel(blocks), offsets.data_ptr(), panels,
         segments, tiling.cell[1], width, out.data_ptr(), rows * out_channels, out_channels, _pointer(bias),
         rows, batch, torch.get_num_threads()), f"panel width {width} / {segments} segments")
     return out
@@ -381,7 +387,7 @@ def _inline_conv(cols: Tensor, alpha: Tensor, rows: Tensor, bias: Tensor | None,
     out = torch.empty(batch, count, out_channels, dtype=cols.dtype, device=cols.device)
     panels, segments = mixtures.shape
     _refused(library.kw_native_inline(
-        cols.data_ptr(), count * depth, depth, rows.data_ptr(), n, alpha.data_ptr(), alpha[0].numel(),
+        cols.data_ptr(), count * depth, depth, rows.data_ptr(), n, alpha.data_ptr(), _sample_numel(alpha),
         mixtures.data_ptr(), rows_at.data_ptr(), panels, segments, tiling.cell[1], width, out.data_ptr(),
         count * out_channels, out_channels, _pointer(bias), count, batch, torch.get_num_threads()),
         f"an inline assembly of panel width {width}")
@@ -493,7 +499,7 @@ def _inline_input_grad(grad_rows: Tensor, alpha: Tensor, warehouse: Tensor, weig
     kernel = library.kw_native_inline_input_grad_rows if rows_layout else library.kw_native_inline_input_grad
     _refused(kernel(
         grad_rows.data_ptr(), count * out_channels, out_channels, warehouse.data_ptr(), alpha.shape[2],
-        alpha.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), mixtures.shape[0], tiling.blocks_out,
+        alpha.data_ptr(), _sample_numel(alpha), mixtures.data_ptr(), mixtures.shape[0], tiling.blocks_out,
         tiling.cell[0], tiling.cell[1], *widths, out.data_ptr(), count * depth, depth, count, batch,
         torch.get_num_threads()), f"an inline input gradient of panel widths {widths}")
     return out
@@ -569,8 +575,8 @@ def _weight_grad_adding(cols_t: Tensor, grad_rows: Tensor, alpha: Tensor, rows: 
     grad_alpha = alpha.new_zeros(threads, *alpha.shape)
     mixtures, rows_at = _inline_tables(tiling, width)
     _refused(library.kw_native_inline_weight_grad(
-        cols_t.data_ptr(), *cols_t.stride(), grad_panels.data_ptr(), grad_panels[0].numel(), rows.data_ptr(),
-        alpha.shape[2], alpha_t.data_ptr(), alpha[0].numel(), mixtures.data_ptr(), rows_at.data_ptr(), panels,
+        cols_t.data_ptr(), *cols_t.stride(), grad_panels.data_ptr(), _sample_numel(grad_panels), rows.data_ptr(),
+        alpha.shape[2], alpha_t.data_ptr(), _sample_numel(alpha), mixtures.data_ptr(), rows_at.data_ptr(), panels,
         mixtures.shape[1], tiling.cell[1], width, count, batch, grad_alpha.data_ptr(), alpha.numel(),
         grad_warehouse.data_ptr(), threads), f"an inline weight gradient of panel width {width}")
     return grad_alpha.sum(0)
@@ -602,7 +608,7 @@ def _depthwise(x: Tensor, blocks: Tensor, bias: Tensor | None, stride: list[int]
     _check("x", x, 4)
     _check("blocks", blocks, 3)
     batch, channels, height, width = x.shape
-    if blocks.shape[0] != batch or blocks[0].numel() != math.prod(kernel) * channels \
+    if blocks.shape[0] != batch or _sample_numel(blocks) != math.prod(kernel) * channels \
             or math.prod(kernel) > _MAX_TAPS or (bias is not None and bias.shape != (channels,)):
         raise ValueError(f"kwconvert::depthwise: x {tuple(x.shape)}, blocks {tuple(blocks.shape)} and bias do "
                          f"not fit a {tuple(kernel)} depthwise kernel")
@@ -617,7 +623,7 @@ def _depthwise(x: Tensor, blocks: Tensor, bias: Tensor | None, stride: list[int]
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(batch, channels, *out_size, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     _refused(library.kw_native_depthwise(
-        x.data_ptr(), height, width, channels, blocks.data_ptr(), blocks[0].numel(), _pointer(bias), out.data_ptr(),
+        x.data_ptr(), height, width, channels, blocks.data_ptr(), _sample_numel(blocks), _pointer(bias), out.data_ptr(),
         *out_size, *kernel, *stride, *padding, *dilation, batch, torch.get_num_threads()),
         f"a {tuple(kernel)} depthwise kernel")
     return out

@@ -699,9 +699,11 @@ def _native(layer, x: Tensor, alpha: Tensor, inline: bool = False) -> Tensor:
         out = dense(layer, spec, x, alpha)
     else:
         step = _native_slice(spec, x, out_h * out_w, kernels=not inline)
-        parts = [dense(layer, spec, x[start:start + step], alpha[start:start + step])
-                 for start in range(0, x.shape[0], step)]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if step >= x.shape[0]:  # one slice: no views of the whole batch to make
+            out = dense(layer, spec, x, alpha)
+        else:
+            out = torch.cat([dense(layer, spec, x[start:start + step], alpha[start:start + step])
+                             for start in range(0, x.shape[0], step)])
     return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
