@@ -193,8 +193,8 @@ def _path_for(layer, x: Tensor, alpha: Tensor) -> str:
     """The layer's path for this input: its own choice, else the one timed for its
     configuration in this process (``_timed``), else the fastest, timed now.  Under
     ``torch.compile`` no timing runs: a rule of thumb picks the path.  The paths available
-    are worked out only where a choice is made (a layer's own choice, found, costs the
-    lookup alone: batch 1 runs a few hundred microseconds of such work per layer)."""
+    are worked out only where a choice is made (about 10 us of every layer's forward before:
+    at batch 1 a layer's work outside its kernels is counted in such microseconds)."""
     if torch.compiler.is_compiling():
         return _compiled_path(layer, x, alpha, _choosable(layer, x))
     key = _input_key(layer, x, alpha)
@@ -299,7 +299,8 @@ def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeat
     per-sample paths loop over the batch twice, ``"grouped"`` and ``"bmm"`` keep their
     kernels).  Each path is timed with its output made channels-last, the layout the next
     KW layer reads: ``"grouped"`` leaves NCHW, and the copy it costs downstream would
-    otherwise go uncounted.
+    otherwise go uncounted.  The best two, where they lie within ``RUNOFF_MARGIN``, go to a
+    runoff (``_runoff``).
     """
     if len(available) == 1:
         return available[0]
