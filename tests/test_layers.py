@@ -14,8 +14,9 @@ from torch import nn
 
 from kwconvert.methods.kernelwarehouse import cells
 from kwconvert.methods.kernelwarehouse.cells import Tiling
-from kwconvert.methods.kernelwarehouse.layers import (KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse, blocks_to_kernel,
-                              is_kw_layer, kernel_to_blocks, set_temperature, temperature_at)
+from kwconvert.methods.kernelwarehouse.layers import (CAF_EPS, KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse,
+                              blocks_to_kernel, contrasting_attention, is_kw_layer, kernel_to_blocks,
+                              set_temperature, temperature_at)
 
 STATIC_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 KW_FOR = {nn.Conv1d: KWConv1d, nn.Conv2d: KWConv2d, nn.Conv3d: KWConv3d, nn.Linear: KWLinear}
@@ -259,6 +260,24 @@ def test_caf_normalises_over_the_cells_and_e_z_and_keeps_signs():
     assert torch.allclose(alpha, expected[..., :-1], atol=1e-7)
     layer.tau = 0.0
     assert (layer.attention(x) < 0).any()
+
+
+def test_caf_in_place_gives_the_formula_and_its_dtype_under_autocast():
+    """CAF runs in place on its temporaries: the values of the formula written out, alpha still
+    differentiable to the logits, and under autocast (bfloat16 logits) alpha in beta's float32
+    as the formula gives it, not the logits' bfloat16."""
+    layer, _ = random_layer(tau=0.3)
+    attention = layer.attention
+    x = torch.randn(2, 8, 5, 5)
+    logits = attention.logits(x).detach().requires_grad_()
+    written_out = 0.3 * attention.beta + 0.7 * (logits / (logits.abs().sum(-1, keepdim=True) + CAF_EPS))
+    alpha = contrasting_attention(logits, attention.beta, 0.3)
+    assert torch.allclose(alpha, written_out, rtol=0, atol=1e-7)
+    (grad,) = torch.autograd.grad(alpha.square().sum(), logits)
+    (expected,) = torch.autograd.grad(written_out.square().sum(), logits)
+    assert torch.allclose(grad, expected, rtol=1e-5, atol=1e-7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention.logits(x).dtype == torch.bfloat16 and attention(x).dtype == torch.float32
 
 
 @pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])

@@ -195,9 +195,11 @@ def contrasting_attention(logits: Tensor, beta: Tensor, tau: float, eps: float =
     their signs: negative attentions let mixtures contrast cells, which is why CAF beats
     softmax and sigmoid.  At tau = 1 the result is exactly beta.
     """
+    normalised = logits / logits.abs().sum(dim=-1, keepdim=True).add_(eps)
+    if normalised.dtype != beta.dtype:  # autocast's bfloat16 logits: alpha in beta's float32, as the
+        return tau * beta + (1.0 - tau) * normalised  # formula written out promotes it
     # in place on the temporaries: three fewer operators than the formula written out, the same
     # values (every layer runs CAF per forward; at batch 1 each operator is a few microseconds)
-    normalised = logits / logits.abs().sum(dim=-1, keepdim=True).add_(eps)
     return normalised.mul_(1.0 - tau).add_(beta, alpha=tau)
 
 
