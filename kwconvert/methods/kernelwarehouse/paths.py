@@ -695,15 +695,13 @@ def _native(layer, x: Tensor, alpha: Tensor, inline: bool = False) -> Tensor:
                                 (top, left), spec.dilation, spec.kernel, spec.output_size(*x.shape[2:]))
     out_h, out_w = spec.output_size(*x.shape[2:])
     dense = _native_inline if inline else _native_dense
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # no loop over a symbolic batch
+    symbolic = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no loop over a symbolic batch
+    step = x.shape[0] if symbolic else _native_slice(spec, x, out_h * out_w, kernels=not inline)
+    if step >= x.shape[0]:  # one call: no views of a batch that fits it
         out = dense(layer, spec, x, alpha)
     else:
-        step = _native_slice(spec, x, out_h * out_w, kernels=not inline)
-        if step >= x.shape[0]:  # one slice: no views of the whole batch to make
-            out = dense(layer, spec, x, alpha)
-        else:
-            out = torch.cat([dense(layer, spec, x[start:start + step], alpha[start:start + step])
-                             for start in range(0, x.shape[0], step)])
+        out = torch.cat([dense(layer, spec, x[start:start + step], alpha[start:start + step])
+                         for start in range(0, x.shape[0], step)])
     return out.view(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
