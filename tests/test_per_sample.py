@@ -90,6 +90,19 @@ def test_a_kw_layers_input_gradient_comes_back_in_the_inputs_format_on_every_pat
     assert (got - expected).abs().max() <= FLOAT32 * expected.abs().max()
 
 
+@pytest.mark.parametrize("path", PATHS + ("reference",))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_channels_last_input_gives_a_channels_last_output_on_every_path(path, training):
+    """As torch's convolution does, so the norm, activation and residual sum after a layer run
+    in one format; the folded batch of the grouped and reference paths came out NCHW."""
+    block = converted_block().train(training)
+    x = in_format(torch.randn(3, 16, 8, 8), True)
+    with kwconvert.reference_path() if path == "reference" else use_path(path), torch.set_grad_enabled(training):
+        dense = block[0](x)
+        assert is_channels_last(dense) and is_channels_last(block[3](in_format(dense, True)))
+        assert block[0](in_format(x, False)).shape == dense.shape
+
+
 def small_classifier() -> nn.Module:
     """Three 3x3 convolutions (two of one shape, for KernelDNA to derive one from the other) and
     two linear layers, for 8 input channels."""
