@@ -100,7 +100,8 @@ def test_a_channels_last_input_gives_a_channels_last_output_on_every_path(path, 
     with kwconvert.reference_path() if path == "reference" else use_path(path), torch.set_grad_enabled(training):
         dense = block[0](x)
         assert is_channels_last(dense) and is_channels_last(block[3](in_format(dense, True)))
-        assert block[0](in_format(x, False)).shape == dense.shape
+        same_in_nchw = block[0](in_format(x, False))
+    assert (dense - same_in_nchw).abs().max() <= FLOAT32 * same_in_nchw.abs().max()  # the format alone
 
 
 def small_classifier() -> nn.Module:
