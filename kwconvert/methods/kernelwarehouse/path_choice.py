@@ -298,8 +298,8 @@ def _fastest(layer, x: Tensor, alpha: Tensor, available: tuple[str, ...], repeat
     backward in training: there the paths' backwards differ more than their forwards (the
     per-sample paths loop over the batch twice, ``"grouped"`` and ``"bmm"`` keep their
     kernels).  Each path is timed with its output made channels-last, the layout the next
-    KW layer reads: ``"grouped"`` leaves NCHW, and the copy it costs downstream would
-    otherwise go uncounted.  The best two, where they lie within ``RUNOFF_MARGIN``, go to a
+    KW layer reads: ``"grouped"`` gives an NCHW input an NCHW output, and the copy it costs
+    downstream would otherwise go uncounted.  The best two, where they lie within ``RUNOFF_MARGIN``, go to a
     runoff (``_runoff``).
     """
     if len(available) == 1:
