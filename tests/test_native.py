@@ -305,7 +305,7 @@ def test_a_stage_trained_inline_turns_its_warehouse_gradient_into_the_cells_layo
         new_sums.clear()
         got = grads(model, separately, "inline")
         assert len(reorders) == len(new_sums) == passes
-        assert_same_grads(got, grads(reference, separately, None))
+        assert_same_grads(got, grads(reference, separately, None), grads(model, separately, None))
     assert paths._inline_trains(model[0], batches[0]) and model[0].warehouse is model[2].warehouse
 
 
@@ -372,7 +372,7 @@ def assert_inline_trains_like_the_float64_reference(layer: KWConv2d, x: torch.Te
     got = grads_on(layer, x, "inline")
     expected = grads_on(copy.deepcopy(layer).double(), x.double(), None)
     assert len(got) == len(expected) == 2 + 1 + len([p for p in layer.parameters() if p.requires_grad])
-    assert_same_grads(got, expected)
+    assert_same_grads(got, expected, grads_on(layer, x, None))
 
 
 @needs_native
@@ -601,7 +601,8 @@ def test_premix_of_every_copy_trains_like_the_float64_reference(isa, keep, monke
                      (kw_layer(48, 16, 1, (16, 16), bias=True), torch.randn(4, 48, 3, 5))):
         layer.train()
         assert native.premixes(layer.tiling.cell[1]) and "premix" in paths._available(layer, x)
-        assert_same_grads(grads_on(layer, x, "premix"), grads_on(copy.deepcopy(layer).double(), x.double(), None))
+        assert_same_grads(grads_on(layer, x, "premix"), grads_on(copy.deepcopy(layer).double(), x.double(), None),
+                          grads_on(layer, x, None))
 
 
 def test_a_copy_the_cpu_cannot_execute_is_refused_with_a_warning(monkeypatch):
@@ -842,9 +843,15 @@ def compiled_for_training(layer: KWConv2d, x: torch.Tensor, path: str) -> nn.Mod
     return torch.compile(layer, backend="aot_eager", fullgraph=True)
 
 
-def assert_same_grads(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+def assert_same_grads(got: list[torch.Tensor], expected: list[torch.Tensor],
+                      float32: list[torch.Tensor] | None = None) -> None:
+    """Every tensor within 4 * FLOAT32 of ``expected`` (0: the output, 1: x's gradient, then the
+    parameters'), or within twice the error of ``float32``, the reference path's own float32
+    result, where the formula cancels more than that on this CPU's kernels (the second layer's
+    attention in ``two_layers_on_one_warehouse``: 9.7e-5 on an Intel Xeon with AMX)."""
     for index, (g, e) in enumerate(zip(got, expected)):
-        assert relative_error(g, e) <= 4 * FLOAT32, index  # 0: the output, 1: x's gradient, then parameters'
+        bound = 4 * FLOAT32 if float32 is None else max(4 * FLOAT32, 2 * relative_error(float32[index], e))
+        assert relative_error(g, e) <= bound, index
 
 
 @needs_native
