@@ -337,6 +337,29 @@ def test_a_backward_pass_that_stops_short_of_the_warehouse_leaves_no_gradient_be
 
 
 @needs_native
+@pytest.mark.parametrize("path", ["bmm", "premix"])
+def test_batched_and_premixed_training_put_the_warehouse_in_panel_order_once_per_step(path, monkeypatch):
+    """Two layers on one warehouse, two SGD steps on "bmm" or "premix", which read the whole
+    warehouse in panel order in every forward and backward: it is put in that order once per
+    step (the packed copy, not four copies), rebuilt after each step, so that both steps end
+    on the float64 reference path's warehouse."""
+    model, reference, batches = two_layers_on_one_warehouse()
+    packings, orders, order = counted_packings(monkeypatch), [], native.panel_order
+    monkeypatch.setattr(native, "panel_order", lambda cells, width: orders.append(width) or order(cells, width))
+    for net, net_path in ((model, path), (reference, None)):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        dtype = next(net.parameters()).dtype
+        for x in batches:
+            optimizer.zero_grad()
+            with use_path(net_path) if net_path else reference_path():
+                net(x.to(dtype)).square().mean().backward()
+            optimizer.step()
+        if net is model:
+            assert packings.count("panels") == len(batches) and not orders
+    assert relative_error(model[0].warehouse.cells, reference[0].warehouse.cells) <= 4 * FLOAT32
+
+
+@needs_native
 def test_inline_trains_after_an_evaluation_in_inference_mode():
     """A copy packed under ``torch.inference_mode`` (an evaluation between two training steps)
     cannot be saved by a training graph: training packs its own, and its gradients equal the

@@ -126,7 +126,7 @@ def _cell_columns(cells: Tensor, panels: int | None) -> Tensor:
 
 #: How each layout of a packed copy is made from the cells (and the panel width).
 _LAYOUTS = {"mix": lambda cells, panels: native.mix_panels(_cell_columns(cells, panels)),
-            "rows": native.inline_rows, "columns": native.inline_columns}
+            "rows": native.inline_rows, "columns": native.inline_columns, "panels": native.panel_order}
 
 
 def _packed_cells(cells: Tensor, panels: int | None = None, layout: str = "mix") -> Tensor | None:
@@ -161,6 +161,15 @@ def _packed_cells(cells: Tensor, panels: int | None = None, layout: str = "mix")
             entries = _packed[id(cells)] = {}
         entries[(panels, layout, half)] = (key, probe, packed, sample)
     return packed
+
+
+def panel_ordered(cells: Tensor, width: int) -> Tensor:
+    """``native.panel_order(cells, width)`` outside autograd, from the packed copy where one may
+    serve: the batched and premixed paths read the whole warehouse in that order in every layer's
+    forward and backward, and copying it each time cost resnet50's training step at batch 8 its
+    stage-3 warehouse (35 MB) 26 times, 259 ms of 2.2 s on an Intel Xeon."""
+    packed = _packed_cells(cells, width, "panels")
+    return native.panel_order(cells.detach(), width) if packed is None else packed
 
 
 def cached_inline(cells: Tensor, width: int, layout: str = "rows") -> Tensor:

@@ -52,7 +52,7 @@ from torch import Tensor
 from ... import execution
 from . import native
 from .assembly import (RowsGradient, _assembled, _keeps_autocast, _Kernels, _needs_grad, _ohwi_grid, cached_inline,
-                       inline_product, mix_grads, training_rows)
+                       inline_product, mix_grads, panel_ordered, training_rows)
 from .cells import Tiling
 
 
@@ -361,7 +361,7 @@ class _KWConv2dBatched(torch.autograd.Function):
         ctx.spec = spec
         tiling = spec.tiling
         batch = alpha.shape[0]
-        columns = native.panel_order(cells, tiling.cell[0]).t()  # (c_e * f_e, n): each cell transposed
+        columns = panel_ordered(cells, tiling.cell[0]).t()  # (c_e * f_e, n): each cell transposed
         alpha = _block_major(tiling, alpha)
         sample_bytes = math.prod(tiling.weight_shape) * cells.element_size()
         keep = ctx.needs_input_grad[0] and batch * sample_bytes <= _keep_limit(x)
@@ -380,7 +380,7 @@ class _KWConv2dBatched(torch.autograd.Function):
         need_x, need_alpha, need_cells, need_bias = ctx.needs_input_grad[:4]
         batch, mixtures, n = alpha.shape
         f_e, c_e = tiling.cell[:2]
-        columns = native.panel_order(cells, f_e)  # (n, c_e * f_e)
+        columns = panel_ordered(cells, f_e)  # (n, c_e * f_e)
         grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, -1, grad.shape[1])  # (B, L, C_out)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
         grad_alpha = torch.empty_like(alpha) if need_alpha else None
@@ -508,7 +508,7 @@ def _premix_rows(spec: ConvSpec, cols: Tensor, alpha: Tensor) -> Tensor:
 
 def _premix_warehouse(cells: Tensor, f_e: int) -> Tensor:
     """The warehouse stacked ``(n * c_e, f_e)``, rows (cell, input channel): the product's right side."""
-    return native.panel_order(cells, f_e).view(cells.shape[0] * cells.shape[2], f_e)
+    return panel_ordered(cells, f_e).view(cells.shape[0] * cells.shape[2], f_e)
 
 
 def _premix_product(spec: ConvSpec, mixed: Tensor, cells: Tensor, bias: Tensor | None, x_shape: torch.Size
