@@ -282,7 +282,8 @@ def test_a_stage_trained_inline_turns_its_warehouse_gradient_into_the_cells_layo
     """Two layers on one warehouse, two batches: accumulated by two backward passes, and summed
     into one backward pass of both forwards.  The layers' gradients add up in one tensor of the
     packed rows' layout per pass (the first layer's; the others add into it), which each pass
-    reorders once (not once per layer), and every gradient equals the float64 reference path's."""
+    reorders once (not once per layer), and every gradient equals the float64 reference path's
+    (as closely as that path's own float32 gradients, where they cancel: ``assert_same_grads``)."""
     model, reference, batches = two_layers_on_one_warehouse()
     reorders, reorder = [], native.cells_from_rows
     monkeypatch.setattr(native, "cells_from_rows", lambda rows, cell: reorders.append(cell) or reorder(rows, cell))
