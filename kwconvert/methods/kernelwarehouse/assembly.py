@@ -164,18 +164,17 @@ def _packed_cells(cells: Tensor, panels: int | None = None, layout: str = "mix")
 
 
 def panel_ordered(cells: Tensor, width: int) -> Tensor:
-    """``native.panel_order(cells, width)`` outside autograd, from the packed copy where one may
-    serve: the batched and premixed paths read the whole warehouse in that order in every layer's
-    forward and backward, and copying it each time cost resnet50's training step at batch 8 its
-    stage-3 warehouse (35 MB) 26 times, 259 ms of 2.2 s on an Intel Xeon."""
-    packed = _packed_cells(cells, width, "panels")
-    return native.panel_order(cells.detach(), width) if packed is None else packed
+    """``native.panel_order(cells, width)``, from the packed copy where one may serve
+    (``cached_inline``): the batched and premixed paths read the whole warehouse in that order in
+    every layer's forward and backward, and copying it each time cost resnet50's training step at
+    batch 8 its stage-3 warehouse (35 MB) 26 times, 259 ms of 2.2 s on an Intel Xeon."""
+    return cached_inline(cells, width, "panels")
 
 
 def cached_inline(cells: Tensor, width: int, layout: str = "rows") -> Tensor:
     """The warehouse as ``native.inline_conv`` reads it (``layout="columns"``: as
-    ``native.inline_input_grad`` reads it where a second copy is small): the packed copy where one
-    may serve, else packed now.  Training uses the copies too: every layer of a stage reads the
+    ``native.inline_input_grad`` reads it where a second copy is small; ``"panels"``: as
+    ``panel_ordered`` reads it): the packed copy where one may serve, else packed now.  Training uses the copies too: every layer of a stage reads the
     same warehouse, forward and backward, between two optimizer steps (packing resnet18's stage-4
     warehouse took 33 ms, 15 times a step)."""
     packed = _packed_cells(cells, width, layout)
